@@ -1,0 +1,97 @@
+"""Command line: the only place options are parsed; wires data, engine and tracking."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from normlab.data import DATASETS, DataError
+from normlab.models import NORMS, ConfigError
+from normlab.train import Callbacks, EpochRecord, TrainConfig
+
+DEFAULTS = TrainConfig()
+
+
+class Progress(Callbacks):
+    """A bar per epoch on a terminal; one line per epoch otherwise (logs, CI, mlflow run)."""
+
+    def __init__(self, epochs: int, stream=None):
+        self.epochs = epochs
+        self.stream = stream or sys.stdout
+        self.bar = None
+
+    def epoch_started(self, epoch: int, steps: int) -> None:
+        if self.stream.isatty():
+            self.bar = click.progressbar(length=steps, label=f"epoch {epoch}/{self.epochs}", file=self.stream)
+            self.bar.__enter__()
+
+    def step_done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def epoch_done(self, record: EpochRecord) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+        click.echo(
+            f"epoch {record.epoch:>3}/{self.epochs}  train_loss {record.train_loss:.4f}  "
+            f"train_acc {record.train_acc:6.2f}%  test_loss {record.test_loss:.4f}  "
+            f"test_acc {record.test_acc:6.2f}%  ({record.seconds:.1f} s)",
+            file=self.stream,
+        )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="normlab", message="normlab %(version)s")
+def main() -> None:
+    """normlab: normalization experiments on small CNNs, tracked in MLflow."""
+
+
+@main.command()
+@click.option("--norm", type=click.Choice(list(NORMS)), default=DEFAULTS.norm,
+              help="Normalization after each 3x3 conv: batch, layer, group, instance or none.")
+@click.option("--groups", type=int, default=DEFAULTS.groups,
+              help="Groups for --norm gn; must divide every normalized channel count.")
+@click.option("--l1", type=float, default=DEFAULTS.l1,
+              help="L1 weight: lambda x sum |w| over all trainable parameters is added to the loss.")
+@click.option("--dataset", type=click.Choice(list(DATASETS)), default=DEFAULTS.dataset,
+              help="Dataset, downloaded by torchvision into --data-dir when missing.")
+@click.option("--data-dir", default="data", help="Folder holding (or receiving) the datasets.")
+@click.option("--epochs", type=int, default=DEFAULTS.epochs, help="Training epochs.")
+@click.option("--batch-size", type=int, default=DEFAULTS.batch_size, help="Training batch size.")
+@click.option("--lr", type=float, default=DEFAULTS.lr, help="Peak learning rate of the one-cycle schedule.")
+@click.option("--seed", type=int, default=DEFAULTS.seed, help="Seed for weights, shuffling, augmentation, dropout.")
+@click.option("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--experiment", default="normlab", help="MLflow experiment (ignored under `mlflow run`).")
+def train(norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed, device, experiment) -> None:
+    """Train one variant as one MLflow run: params, per-epoch metrics, mistakes, model."""
+    from normlab import tracking
+    from normlab.data import DeviceData, load_raw
+    from normlab.train import CallbackList, Trainer, fit, resolve_device
+
+    config = TrainConfig(norm=norm, groups=groups, l1=l1, dataset=dataset, epochs=epochs,
+                         batch_size=batch_size, lr=lr, seed=seed)
+    try:
+        config.validate()
+        torch_device = resolve_device(device)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    try:
+        data = DeviceData(load_raw(dataset, data_dir), torch_device)
+    except DataError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        trainer = Trainer(config, data)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+    click.echo(f"{config.label} on {dataset} ({data.train_size} train / {data.test_size} test), "
+               f"{config.epochs} epochs, device {torch_device}")
+    with tracking.start_training_run(config, experiment) as run:
+        click.echo(f"MLflow run {run.info.run_id} ({config.run_name})")
+        tracking.log_run_setup(config, data, trainer.model, data_dir)
+        result = fit(trainer, CallbackList(tracking.MetricLogger(), Progress(config.epochs)))
+        tracking.log_results(config, data, result)
+    final = result.records[-1]
+    click.echo(f"done: test accuracy {final.test_acc:.2f}%, test loss {final.test_loss:.4f}")

@@ -1,0 +1,245 @@
+"""Datasets by name: torchvision download and parsing, then whole splits as device tensors.
+
+Training never goes through a DataLoader: each split is one tensor on the training device,
+an epoch is one ``randperm`` plus one batched augmentation call (``affine_grid`` +
+``grid_sample``) over the whole split, and batches are slices of that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from normlab.models import ConfigError
+
+
+class DataError(RuntimeError):
+    """Data that is missing, unreadable or corrupt; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    folder: str  # under --data-dir, as torchvision lays it out
+    expected_files: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+    augmentation: str  # human-readable, logged as a param
+    source: str  # where torchvision downloads it from
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "mnist": DatasetSpec(
+        name="mnist",
+        folder="MNIST/raw",
+        expected_files=(
+            "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+        ),
+        mean=(0.1307,),
+        std=(0.3081,),
+        classes=tuple(str(d) for d in range(10)),
+        augmentation="random rotation +-7 deg",
+        source="https://ossci-datasets.s3.amazonaws.com/mnist/",
+    ),
+    "cifar10": DatasetSpec(
+        name="cifar10",
+        folder="cifar-10-batches-py",
+        expected_files=tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta"),
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        augmentation="random crop (4 px padding) + horizontal flip",
+        source="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    ),
+}
+
+
+def check_dataset(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+@dataclass(frozen=True)
+class RawSplits:
+    """Both splits as uint8 images (N, C, H, W) and int64 labels, on the CPU."""
+
+    spec: DatasetSpec
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+    def digest(self) -> str:
+        """Content hash of all four tensors: the same digest means the same data."""
+        h = hashlib.sha256()
+        for t in (self.train_images, self.train_labels, self.test_images, self.test_labels):
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def _missing_data_message(spec: DatasetSpec, root: Path, reason: str) -> str:
+    folder = root / spec.folder
+    files = ", ".join(spec.expected_files)
+    return (
+        f"{spec.name} data is not in {folder} and could not be downloaded ({reason}).\n"
+        f"Expected files in {folder}: {files}.\n"
+        f"Provide them by running once on a machine with internet (torchvision downloads "
+        f"from {spec.source}) and copying the folder, or point --data-dir at a folder "
+        f"that already holds {spec.folder}/."
+    )
+
+
+def _check_writable(root: Path) -> None:
+    """A download needs a writable folder; say so before torchvision fails obscurely."""
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise DataError(f"data folder {root} is not writable, so data cannot be downloaded there; "
+                        f"choose another --data-dir or make it writable")
+
+
+IDX_DTYPES = {0x08: 1}  # unsigned byte, the only type MNIST uses
+
+
+def check_idx_file(path: Path) -> None:
+    """Refuse a truncated or mangled IDX file by its header, naming the file.
+
+    torchvision parses whatever bytes are there and fails with a reshape error deep
+    inside; the header says exactly how many bytes the file must have.
+    """
+    with open(path, "rb") as f:
+        header = f.read(4)
+        if len(header) < 4 or header[0] != 0 or header[1] != 0 or header[2] not in IDX_DTYPES:
+            raise DataError(f"{path} is not an IDX file (bad magic number): the file is corrupt; "
+                            f"delete it and download again")
+        ndim = header[3]
+        dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+    expected = 4 + 4 * ndim + math.prod(dims) * IDX_DTYPES[header[2]]
+    actual = path.stat().st_size
+    if actual != expected:
+        raise DataError(f"{path} has {actual} bytes but its header {list(dims)} needs {expected}: "
+                        f"the file is truncated or corrupt; delete it and download again")
+
+
+def load_raw(name: str, data_dir: str | os.PathLike, download: bool = True) -> RawSplits:
+    """Both splits through torchvision's dataset classes (download, md5 checks, parsing)."""
+    import torchvision  # deferred: importing it costs a second and `--help` needs none of it
+
+    spec = check_dataset(name)
+    root = Path(data_dir)
+    folder = root / spec.folder
+    present = folder.is_dir() and all((folder / f).exists() for f in spec.expected_files)
+    if not present:
+        if not download:
+            raise DataError(_missing_data_message(spec, root, "download disabled"))
+        _check_writable(root)
+    elif name == "mnist":
+        for f in spec.expected_files:
+            check_idx_file(folder / f)
+
+    cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]
+    try:
+        train = cls(str(root), train=True, download=download and not present)
+        test = cls(str(root), train=False, download=False)
+    except (RuntimeError, OSError) as exc:  # torchvision raises both for failed downloads/md5
+        if present:
+            raise DataError(f"{spec.name} files in {folder} failed torchvision's checks: {exc}") from exc
+        raise DataError(_missing_data_message(spec, root, str(exc).splitlines()[0])) from exc
+
+    def images(ds) -> torch.Tensor:
+        data = torch.as_tensor(ds.data)
+        return data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2).contiguous()
+
+    def labels(ds) -> torch.Tensor:
+        return torch.as_tensor(ds.targets, dtype=torch.int64)
+
+    return RawSplits(spec, images(train), labels(train), images(test), labels(test))
+
+
+def random_rotation(x: torch.Tensor, degrees: float, generator: torch.Generator) -> torch.Tensor:
+    """Rotate each image by its own angle in [-degrees, degrees], zero (black) fill."""
+    n = x.shape[0]
+    angle = (torch.rand(n, device=x.device, generator=generator) * 2 - 1) * math.radians(degrees)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    theta = torch.stack([cos, -sin, zero, sin, cos, zero], dim=1).view(n, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crop from the zero-padded image plus a random horizontal flip.
+
+    A crop at offset (dx, dy) of the padded image is the image shifted by whole pixels,
+    so both become one affine transform, sampled with ``nearest`` (exact pixel copies).
+    """
+    n, _, h, w = x.shape
+    shift = torch.randint(-padding, padding + 1, (n, 2), device=x.device, generator=generator)
+    flip = torch.rand(n, device=x.device, generator=generator) < 0.5
+    sign = 1.0 - 2.0 * flip.to(x.dtype)
+    zero, one = torch.zeros_like(sign), torch.ones_like(sign)
+    tx, ty = shift[:, 0].to(x.dtype) * 2 / w, shift[:, 1].to(x.dtype) * 2 / h
+    theta = torch.stack([sign, zero, tx, zero, one, ty], dim=1).view(n, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+AUGMENTATIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
+    "mnist": lambda x, g: random_rotation(x, 7.0, g),
+    "cifar10": lambda x, g: random_crop_flip(x, 4, g),
+}
+
+
+class DeviceData:
+    """Both splits resident on the training device, as float tensors.
+
+    Training images stay in [0, 1] so augmentation fills with true black; they are
+    normalized after augmentation. Test images are normalized once.
+    """
+
+    def __init__(self, raw: RawSplits, device: torch.device | str):
+        self.raw = raw
+        self.spec = raw.spec
+        self.device = torch.device(device)
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(raw.spec.mean, device=self.device).view(shape)
+        self.std = torch.tensor(raw.spec.std, device=self.device).view(shape)
+        self.train_x = raw.train_images.to(self.device).float().div_(255)
+        self.train_y = raw.train_labels.to(self.device)
+        self.test_x = self.normalize(raw.test_images.to(self.device).float().div_(255))
+        self.test_y = raw.test_labels.to(self.device)
+        self._augment = AUGMENTATIONS[raw.spec.name]
+
+    @property
+    def train_size(self) -> int:
+        return self.train_y.shape[0]
+
+    @property
+    def test_size(self) -> int:
+        return self.test_y.shape[0]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def training_epoch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One epoch's inputs: shuffled, augmented per sample, normalized; on the device."""
+        order = torch.randperm(self.train_size, device=self.device, generator=generator)
+        x = self._augment(self.train_x[order], generator)
+        return self.normalize(x), self.train_y[order]
+
+
+def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
+    """Consecutive slices covering n items; the last may be short (like drop_last=False)."""
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))

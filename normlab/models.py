@@ -1,0 +1,193 @@
+"""The normalization registry and the one CNN family built from it.
+
+Every norm layer here has learnable per-channel scale and shift (gamma, beta), so all
+variants of a model have the same parameter count except ``none``. What differs is the set
+of elements that share one mean and variance:
+
+- ``bn``: per channel, over the batch and all pixels (N, H, W). Batch-dependent; keeps
+  running statistics for evaluation.
+- ``ln``: per sample, over all channels and pixels (C, H, W): ``GroupNorm`` with one
+  group. Its statistics equal ``torch.nn.LayerNorm((C, H, W))``; unlike that layer, its
+  affine is per channel (C values) rather than per element (C*H*W values).
+- ``gn``: per sample, over each group of C/G channels and all pixels.
+- ``in``: per sample and per channel, over the pixels (H, W): ``GroupNorm`` with C groups.
+- ``none``: identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class ConfigError(ValueError):
+    """A user-supplied setting that cannot work; raised before any expensive work."""
+
+
+@dataclass(frozen=True)
+class Norm:
+    """One entry of the registry: how to build the layer and how to name it for readers."""
+
+    label: str
+    statistics_over: str
+    make: Callable[[int, int], nn.Module]  # (channels, groups) -> layer
+
+
+NORMS: dict[str, Norm] = {
+    "bn": Norm("BN", "(N, H, W) per channel", lambda c, g: nn.BatchNorm2d(c)),
+    "ln": Norm("LN", "(C, H, W) per sample", lambda c, g: nn.GroupNorm(1, c)),
+    "gn": Norm("GN", "(C/G, H, W) per sample and group", lambda c, g: nn.GroupNorm(g, c)),
+    "in": Norm("IN", "(H, W) per sample and channel", lambda c, g: nn.GroupNorm(c, c)),
+    "none": Norm("no norm", "nothing", lambda c, g: nn.Identity()),
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Channel plan of the reference network for one input size.
+
+    ``widths`` are the output channels of: conv1, conv2 (3x3), transition (1x1, then
+    max-pool), conv3, conv4, conv5 (3x3), conv6 (padded 3x3). The head is global average
+    pooling and a 1x1 conv to the classes.
+    """
+
+    in_channels: int
+    image_size: int
+    widths: tuple[int, int, int, int, int, int, int]
+    classes: int = 10
+
+    @property
+    def norm_channels(self) -> tuple[int, ...]:
+        """Channel counts of the layers that get a norm (every 3x3 conv)."""
+        c1, c2, _, c3, c4, c5, c6 = self.widths
+        return (c1, c2, c3, c4, c5, c6)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    # The reference notebooks' best MNIST model: 7,750 parameters with BN.
+    "mnist": Architecture(in_channels=1, image_size=28, widths=(10, 20, 10, 20, 10, 10, 10)),
+    # The same family, wider, for 32x32 RGB: ~38.5k parameters with BN.
+    "cifar10": Architecture(in_channels=3, image_size=32, widths=(16, 32, 16, 32, 32, 32, 32)),
+}
+
+
+def valid_groups(dataset: str) -> list[int]:
+    """Group counts that divide every normalized channel count of the dataset's model."""
+    channels = ARCHITECTURES[dataset].norm_channels
+    return [g for g in range(1, min(channels) + 1) if all(c % g == 0 for c in channels)]
+
+
+def check_norm(norm: str, groups: int, dataset: str) -> None:
+    """Raise ConfigError naming the valid choices when norm or groups cannot be built."""
+    if norm not in NORMS:
+        raise ConfigError(f"unknown norm {norm!r}; valid choices: {', '.join(NORMS)}")
+    if dataset not in ARCHITECTURES:
+        raise ConfigError(f"unknown dataset {dataset!r}; valid choices: {', '.join(ARCHITECTURES)}")
+    if norm == "gn" and groups not in valid_groups(dataset):
+        channels = sorted(set(ARCHITECTURES[dataset].norm_channels))
+        choices = ", ".join(map(str, valid_groups(dataset)))
+        raise ConfigError(
+            f"--groups {groups} does not divide the {dataset} model's channel counts "
+            f"{channels}; valid choices: {choices}"
+        )
+
+
+def variant_label(norm: str, groups: int = 2, l1: float = 0.0) -> str:
+    """How a reader names a variant: 'GN (2 groups)', 'LN', 'BN + L1 (1e-05)'."""
+    label = NORMS[norm].label
+    if norm == "gn":
+        label += f" ({groups} group{'s' if groups != 1 else ''})"
+    if l1 > 0:
+        label += f" + L1 ({l1:g})"
+    return label
+
+
+def _block(c_in: int, c_out: int, norm: str, groups: int, dropout: float, padding: int = 0):
+    """3x3 conv (no bias), ReLU, norm, dropout: the reference notebooks' block order."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=padding, bias=False),
+        nn.ReLU(),
+        NORMS[norm].make(c_out, groups),
+        nn.Dropout(dropout),
+    )
+
+
+class Net(nn.Sequential):
+    """The reference CNN: conv1-conv2, 1x1 transition + pool, conv3-conv6, GAP, 1x1 head.
+
+    Returns log-probabilities, so the loss is ``nll_loss`` and ``exp`` gives confidences.
+    """
+
+    def __init__(self, dataset: str = "mnist", norm: str = "bn", groups: int = 2, dropout: float = 0.05):
+        check_norm(norm, groups, dataset)
+        arch = ARCHITECTURES[dataset]
+        c1, c2, t, c3, c4, c5, c6 = arch.widths
+        super().__init__()
+        self.add_module("conv1", _block(arch.in_channels, c1, norm, groups, dropout))
+        self.add_module("conv2", _block(c1, c2, norm, groups, dropout))
+        self.add_module("transition", nn.Sequential(nn.Conv2d(c2, t, 1, bias=False), nn.MaxPool2d(2)))
+        self.add_module("conv3", _block(t, c3, norm, groups, dropout))
+        self.add_module("conv4", _block(c3, c4, norm, groups, dropout))
+        self.add_module("conv5", _block(c4, c5, norm, groups, dropout))
+        self.add_module("conv6", _block(c5, c6, norm, groups, dropout, padding=1))
+        self.add_module("gap", nn.AdaptiveAvgPool2d(1))
+        self.add_module("head", nn.Conv2d(c6, arch.classes, 1, bias=False))
+        self.add_module("flatten", nn.Flatten())
+        self.add_module("log_softmax", nn.LogSoftmax(dim=1))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str
+    output_shape: tuple[int, ...]
+    parameters: int
+    mult_adds: int
+
+
+def summarize(model: Net, dataset: str = "mnist") -> list[LayerRow]:
+    """Per top-level layer: output shape for one sample, parameters, conv mult-adds.
+
+    Mult-adds count convolutions only (each output element costs in_channels/groups x
+    kh x kw of them); norms, activations and pooling are negligible and count as 0.
+    """
+    arch = ARCHITECTURES[dataset]
+    conv_mult_adds: dict[nn.Module, int] = {}
+
+    def record(conv: nn.Conv2d, _inputs, output: torch.Tensor) -> None:
+        per_output = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+        conv_mult_adds[conv] = output[0].numel() * per_output
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    rows: list[LayerRow] = []
+    x = torch.zeros(1, arch.in_channels, arch.image_size, arch.image_size)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for name, layer in model.named_children():
+                x = layer(x)
+                mult_adds = sum(conv_mult_adds.get(m, 0) for m in layer.modules())
+                rows.append(LayerRow(name, tuple(x.shape[1:]), count_parameters(layer), mult_adds))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return rows
+
+
+def summary_text(model: Net, dataset: str = "mnist") -> str:
+    """The per-layer table as fixed-width text, with totals."""
+    rows = summarize(model, dataset)
+    lines = [f"{'layer':<12}{'output shape':>16}{'parameters':>12}{'mult-adds':>12}"]
+    for r in rows:
+        shape = "x".join(map(str, r.output_shape))
+        lines.append(f"{r.name:<12}{shape:>16}{r.parameters:>12,}{r.mult_adds:>12,}")
+    lines.append(f"{'total':<12}{'':>16}{sum(r.parameters for r in rows):>12,}{sum(r.mult_adds for r in rows):>12,}")
+    return "\n".join(lines)

@@ -1,0 +1,265 @@
+"""The training engine: config, L1 penalty, one epoch, evaluation, misclassified samples.
+
+It reports through callbacks and returns records; it imports neither mlflow nor
+matplotlib, so it can be tested and timed on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from normlab.data import DeviceData, batch_slices, check_dataset
+from normlab.models import ConfigError, Net, check_norm, variant_label
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run's result (not where data lives or runs)."""
+
+    norm: str = "bn"
+    groups: int = 2
+    l1: float = 0.0
+    dataset: str = "mnist"
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    dropout: float = 0.05
+    seed: int = 1
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError for anything that cannot train; checks needing no data."""
+        check_dataset(self.dataset)
+        check_norm(self.norm, self.groups, self.dataset)
+        for name in ("epochs", "batch_size", "lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.l1 < 0:
+            raise ConfigError(f"--l1 must be zero or positive, got {self.l1}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+    def check_fits(self, train_size: int) -> None:
+        if self.batch_size > train_size:
+            raise ConfigError(f"--batch-size {self.batch_size} is larger than the training split "
+                              f"({train_size} images); choose at most {train_size}")
+
+    @property
+    def label(self) -> str:
+        return variant_label(self.norm, self.groups, self.l1)
+
+    @property
+    def run_name(self) -> str:
+        """Short, unique per variant and seed: 'gn2-s1', 'bn-l1_1e-05-s3'."""
+        name = self.norm + (str(self.groups) if self.norm == "gn" else "")
+        if self.l1 > 0:
+            name += f"-l1_{self.l1:g}"
+        if self.batch_size != TrainConfig.batch_size:
+            name += f"-b{self.batch_size}"
+        return f"{name}-s{self.seed}"
+
+    def config_hash(self) -> str:
+        """Stable id of the config; groups only counts for gn (elsewhere it changes nothing)."""
+        d = asdict(self)
+        if self.norm != "gn":
+            d["groups"] = None
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def resolve_device(requested: str) -> torch.device:
+    """'auto' picks CUDA when present; asking for CUDA without a GPU is an error."""
+    choices = ("auto", "cpu", "cuda")
+    if requested not in choices and not requested.startswith("cuda:"):
+        raise ConfigError(f"unknown device {requested!r}; valid choices: {', '.join(choices)}")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested} was requested but no CUDA GPU is available here; "
+                          f"use --device cpu or auto")
+    return torch.device(requested)
+
+
+def l1_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of |w| over all tensors, as one fused foreach reduction (differentiable)."""
+    return torch.stack(torch._foreach_norm(params, 1)).sum()
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int  # 1-based
+    train_loss: float  # mean NLL over the epoch's training samples (L1 term excluded)
+    train_acc: float  # percent, on the augmented training samples, in train mode
+    test_loss: float  # mean NLL over the full test split
+    test_acc: float  # percent
+    lr: float  # learning rate at the end of the epoch
+    seconds: float  # wall time of training plus evaluation
+
+    def metrics(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float
+    accuracy: float
+    predictions: torch.Tensor  # (N,) predicted class per test sample
+    confidence: torch.Tensor  # (N,) probability of the predicted class
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> Evaluation:
+    """Mean NLL and accuracy over the whole split, in eval mode; one host sync at the end."""
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device)
+    preds, confs = [], []
+    for s in batch_slices(len(y), batch_size):
+        log_probs = model(x[s])
+        loss_sum += F.nll_loss(log_probs, y[s], reduction="sum")
+        conf, pred = log_probs.max(dim=1)
+        preds.append(pred)
+        confs.append(conf.exp())
+    predictions = torch.cat(preds)
+    correct = (predictions == y).sum()
+    return Evaluation(
+        loss=loss_sum.item() / len(y),
+        accuracy=100.0 * correct.item() / len(y),
+        predictions=predictions,
+        confidence=torch.cat(confs),
+    )
+
+
+@dataclass(frozen=True)
+class Misclassified:
+    index: int  # position in the test split
+    true: int
+    pred: int
+    confidence: float  # probability given to the wrong prediction
+
+
+def most_confident_mistakes(evaluation: Evaluation, labels: torch.Tensor, k: int = 10) -> list[Misclassified]:
+    """The k wrong test predictions the model was most sure of (fewer if it made fewer)."""
+    wrong = (evaluation.predictions != labels).nonzero().flatten()
+    order = evaluation.confidence[wrong].argsort(descending=True)[:k]
+    picked = wrong[order].tolist()
+    return [
+        Misclassified(i, int(labels[i]), int(evaluation.predictions[i]), float(evaluation.confidence[i]))
+        for i in picked
+    ]
+
+
+class Callbacks:
+    """Hooks the engine calls; the CLI and tracking layer override what they need."""
+
+    def epoch_started(self, epoch: int, steps: int) -> None: ...
+
+    def step_done(self) -> None: ...
+
+    def epoch_done(self, record: EpochRecord) -> None: ...
+
+
+class CallbackList(Callbacks):
+    """Several callbacks called in order."""
+
+    def __init__(self, *callbacks: Callbacks):
+        self.callbacks = callbacks
+
+    def epoch_started(self, epoch: int, steps: int) -> None:
+        for c in self.callbacks:
+            c.epoch_started(epoch, steps)
+
+    def step_done(self) -> None:
+        for c in self.callbacks:
+            c.step_done()
+
+    def epoch_done(self, record: EpochRecord) -> None:
+        for c in self.callbacks:
+            c.epoch_done(record)
+
+
+@dataclass
+class FitResult:
+    model: Net
+    records: list[EpochRecord]
+    mistakes: list[Misclassified] = field(default_factory=list)
+
+
+class Trainer:
+    """Model, optimizer, schedule and RNG for one config; one call of run_epoch per epoch."""
+
+    def __init__(self, config: TrainConfig, data: DeviceData):
+        config.validate().check_fits(data.train_size)
+        self.config = config
+        self.data = data
+        device = data.device
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.model = Net(config.dataset, config.norm, config.groups, config.dropout).to(device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
+                                         foreach=True)
+        self.steps_per_epoch = -(-data.train_size // config.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=config.lr, epochs=config.epochs,
+            steps_per_epoch=self.steps_per_epoch, pct_start=0.2,
+        )
+        self.epoch = 0
+        self.last_evaluation: Evaluation | None = None
+
+    def train_epoch(self, callbacks: Callbacks) -> tuple[float, float]:
+        """One pass over the shuffled, augmented training split; returns (loss, acc %)."""
+        self.model.train()
+        x, y = self.data.training_epoch(self.generator)
+        loss_sum = torch.zeros((), device=x.device)
+        correct = torch.zeros((), device=x.device, dtype=torch.int64)
+        l1 = self.config.l1
+        for s in batch_slices(len(y), self.config.batch_size):
+            log_probs = self.model(x[s])
+            nll = F.nll_loss(log_probs, y[s])
+            loss = nll + l1 * l1_norm(self.params) if l1 > 0 else nll
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            loss_sum += nll.detach() * (s.stop - s.start)
+            correct += (log_probs.argmax(dim=1) == y[s]).sum()
+            callbacks.step_done()
+        return loss_sum.item() / len(y), 100.0 * correct.item() / len(y)
+
+    def run_epoch(self, callbacks: Callbacks) -> EpochRecord:
+        start = time.perf_counter()
+        callbacks.epoch_started(self.epoch + 1, self.steps_per_epoch)
+        train_loss, train_acc = self.train_epoch(callbacks)
+        self.last_evaluation = evaluate(self.model, self.data.test_x, self.data.test_y)
+        self.epoch += 1
+        record = EpochRecord(
+            epoch=self.epoch,
+            train_loss=train_loss,
+            train_acc=train_acc,
+            test_loss=self.last_evaluation.loss,
+            test_acc=self.last_evaluation.accuracy,
+            lr=self.optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - start,
+        )
+        callbacks.epoch_done(record)
+        return record
+
+    def mistakes(self, k: int = 10) -> list[Misclassified]:
+        if self.last_evaluation is None:
+            self.last_evaluation = evaluate(self.model, self.data.test_x, self.data.test_y)
+        return most_confident_mistakes(self.last_evaluation, self.data.test_y, k)
+
+
+def fit(trainer: Trainer, callbacks: Callbacks | None = None) -> FitResult:
+    """Train the remaining epochs; every epoch is reported to callbacks and returned."""
+    callbacks = callbacks or Callbacks()
+    records = [trainer.run_epoch(callbacks) for _ in range(trainer.epoch, trainer.config.epochs)]
+    return FitResult(trainer.model, records, trainer.mistakes())
