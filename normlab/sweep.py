@@ -26,7 +26,8 @@ import normlab
 from normlab.models import NORMS, ConfigError
 from normlab.train import TrainConfig
 
-POLL_S = 2.0  # how often a worker re-reads the sweep while it waits on children
+POLL_S = 2.0
+BATCH_SIZE_FIGURE = "batch_size.png"  # final test accuracy vs batch size, on the parent  # how often a worker re-reads the sweep while it waits on children
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,6 @@ class Grid:
         for norm in self.norms + self.l1_on:
             if norm not in NORMS:
                 raise ConfigError(f"unknown norm {norm!r}; valid choices: {', '.join(NORMS)}")
-        if self.l1_on and self.l1 > 0 and not set(self.l1_on) & set(self.norms):
-            raise ConfigError(f"--l1-on {','.join(self.l1_on)} names no norm of --norms {','.join(self.norms)}")
         configs = self.configs()
         for config in configs:
             try:
@@ -420,7 +419,14 @@ def compare_children(store, grid: Grid, configs: list[TrainConfig], done: dict[s
 
     with tempfile.TemporaryDirectory(prefix="normlab-compare-") as tmp:
         target = Path(out_dir) if out_dir else Path(tmp)
-        run_comparison(target, experiment=store.client.get_experiment(store.experiment_id).name,
-                       parent_run_id=store.parent_id, run_ids=run_ids, log_to_run_id=store.parent_id)
+        comparison = run_comparison(target, experiment=store.experiment_name(), parent_run_id=store.parent_id,
+                                    run_ids=run_ids, log_to_run_id=store.parent_id)
+        if len(grid.batch_sizes) > 1 and BATCH_SIZE_FIGURE not in comparison.files:
+            from normlab import plots
+
+            figure = plots.batch_size_figure(comparison.history)
+            figure.savefig(target / BATCH_SIZE_FIGURE, dpi=110, bbox_inches="tight")
+            plots.plt.close(figure)
+            store.log_file(target / BATCH_SIZE_FIGURE, "comparison")
     store.set_tag(store.parent_id, COMPARED, fingerprint)
     echo(f"comparison: logged on parent run {store.parent_id}")
