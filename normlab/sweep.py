@@ -384,7 +384,7 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, jobs: 
     store = SweepStore(experiment, grid.sweep_hash())
     parent_id, resumed = store.open_parent(grid.run_name(), grid.params())
     echo(f"sweep {grid.sweep_hash()}: {len(configs)} children, parent run {parent_id}"
-         f"{' (resumed)' if resumed else ''}; this worker: {len(share)} (shard {shard_k}/{shard_n}), "
+         f"{' (existing: resuming or joining it)' if resumed else ''}; this worker: {len(share)} (shard {shard_k}/{shard_n}), "
          f"--jobs {jobs}")
     with tempfile.TemporaryDirectory(prefix="normlab-sweep-") as logs:
         worker = SweepWorker(store, grid, share, jobs=jobs, data_dir=data_dir, device=device,
@@ -397,7 +397,11 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, jobs: 
     outcome = replace(outcome, resumed=resumed)
     complete = all(c.config_hash() in outcome.done for c in configs)
     if complete:
-        compare_children(store, grid, configs, outcome.done, out_dir, echo)
+        try:
+            compare_children(store, grid, configs, outcome.done, out_dir, worker.worker, echo)
+        except Exception:
+            store.finish_parent("FAILED")
+            raise
         store.finish_parent("FINISHED")
     elif outcome.failures:
         store.finish_parent("FAILED")
@@ -405,15 +409,28 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, jobs: 
 
 
 def compare_children(store, grid: Grid, configs: list[TrainConfig], done: dict[str, str],
-                     out_dir: Path | None, echo: Callable[[str], None]) -> None:
-    """The comparison of the finished children, logged on the parent (once per set of children)."""
-    from normlab.sweep_tracking import COMPARED
+                     out_dir: Path | None, worker, echo: Callable[[str], None]) -> None:
+    """The comparison of the finished children, logged on the parent.
+
+    Once per set of children: a worker claims it like a child (so two workers finishing
+    together do not write the same artifacts at once), and a claim whose owner died is
+    taken over by the next sweep.
+    """
+    from normlab.sweep_tracking import COMPARE_PREFIX, COMPARED, claim_alive
 
     run_ids = [done[c.config_hash()] for c in configs]
     fingerprint = hashlib.sha256(",".join(sorted(run_ids)).encode()).hexdigest()[:12]
     _, tags = store.status(store.parent_id)
     if tags.get(COMPARED) == fingerprint:
         echo("comparison: already logged on the parent for these children")
+        return
+    claims = store.claims(COMPARE_PREFIX).get(fingerprint, [])
+    latest = max(claims, key=lambda c: c.attempt, default=None)
+    if latest is not None and claim_alive(latest, time.time(), worker.host):
+        echo(f"comparison: being made by worker {latest.owner}")
+        return
+    if not store.claim_param(f"{COMPARE_PREFIX}{fingerprint}.{latest.attempt + 1 if latest else 1}", worker):
+        echo("comparison: another worker claimed it first")
         return
     from normlab.compare import run_comparison
 

@@ -38,7 +38,8 @@ from normlab.train import TrainConfig
 
 HEARTBEAT_S = 20.0  # how often a supervising sweep refreshes its children's heartbeat
 STALE_S = 180.0  # a RUNNING child on another host with an older heartbeat is dead
-CLAIM_PREFIX = "claim."
+CLAIM_PREFIX = "claim."  # claim.<config hash>.<attempt>: who trains that attempt
+COMPARE_PREFIX = "compare."  # compare.<children fingerprint>.<attempt>: who makes the comparison
 
 # tags
 SWEEP_HASH = "sweep_hash"
@@ -129,6 +130,14 @@ def _commit_matches(child: Child, commit: str | None) -> bool:
     return commit is None or theirs is None or theirs == commit
 
 
+def claim_alive(claim: Claim, now: float, host: str) -> bool:
+    """The claimer may still be working: its process lives here, or elsewhere it is recent."""
+    owner = claim.owner
+    if owner is not None and owner.host == host:
+        return pid_alive(owner.pid)
+    return now - claim.claimed_at <= STALE_S
+
+
 def is_dead(child: Child, now: float, host: str) -> bool:
     """A RUNNING child whose supervising process (and the child itself) is gone."""
     worker = Worker.parse(child.tags.get(WORKER, ""))
@@ -158,9 +167,7 @@ def config_state(claims: list[Claim], children: list[Child], *, commit: str | No
     nxt = claim.attempt + 1
     child = next((c for c in children if c.attempt == claim.attempt), None)
     if child is None:
-        owner = claim.owner
-        gone = owner is None or (owner.host == host and not pid_alive(owner.pid)) or now - claim.claimed_at > STALE_S
-        return State(OPEN, next_attempt=nxt) if gone else State(ACTIVE)
+        return State(ACTIVE) if claim_alive(claim, now, host) else State(OPEN, next_attempt=nxt)
     if child.status in ("RUNNING", "SCHEDULED"):
         return State(DEAD, next_attempt=nxt, child=child) if is_dead(child, now, host) else State(ACTIVE, child=child)
     if child.status == "FAILED" and child.tags.get(OUTCOME, "error") == "error" \
@@ -258,14 +265,7 @@ class SweepStore:
 
     def snapshot(self) -> tuple[dict[str, list[Claim]], dict[str, list[Child]]]:
         """All claims (parent params) and all child runs, grouped by config hash."""
-        params = self.client.get_run(self.parent_id).data.params
-        claims: dict[str, list[Claim]] = {}
-        for key, value in params.items():
-            if key.startswith(CLAIM_PREFIX):
-                config_hash, attempt = key[len(CLAIM_PREFIX):].rsplit(".", 1)
-                owner_text, _, at = value.partition("@")
-                claims.setdefault(config_hash, []).append(
-                    Claim(int(attempt), Worker.parse(owner_text), float(at or 0)))
+        claims = self.claims(CLAIM_PREFIX)
         children: dict[str, list[Child]] = {}
         token = None
         while True:
@@ -286,11 +286,24 @@ class SweepStore:
             if not token:
                 return claims, children
 
+    def claims(self, prefix: str) -> dict[str, list[Claim]]:
+        """Claims logged as '<prefix><subject>.<attempt>' params of the parent, by subject."""
+        found: dict[str, list[Claim]] = {}
+        for key, value in self.client.get_run(self.parent_id).data.params.items():
+            if key.startswith(prefix):
+                subject, attempt = key[len(prefix):].rsplit(".", 1)
+                owner_text, _, at = value.partition("@")
+                found.setdefault(subject, []).append(Claim(int(attempt), Worker.parse(owner_text), float(at or 0)))
+        return found
+
     # -- claiming and running children --------------------------------------------------
 
     def claim(self, config: TrainConfig, attempt: int, worker: Worker) -> bool:
-        """Log the claim param; True for exactly one worker per (config, attempt)."""
-        key = f"{CLAIM_PREFIX}{config.config_hash()}.{attempt}"
+        """Claim a child: True for exactly one worker per (config, attempt)."""
+        return self.claim_param(f"{CLAIM_PREFIX}{config.config_hash()}.{attempt}", worker)
+
+    def claim_param(self, key: str, worker: Worker) -> bool:
+        """Log `key` = owner on the parent; params never change, so one owner wins."""
         try:
             self.client.log_param(self.parent_id, key, f"{worker}@{time.time():.0f}")
             return True

@@ -257,7 +257,7 @@ def test_sweep_killed_midway_resumes_and_then_has_nothing_to_do(tmp_path, tracki
     before = {r.info.run_id: r.info.start_time for r in children.values()}
     third = run_cli(*args, cwd=tmp_path, **FAST)
     assert third.returncode == 0, third.stdout + third.stderr
-    assert "(resumed)" in third.stdout and "0 trained now" in third.stdout
+    assert "(existing: resuming or joining it)" in third.stdout and "0 trained now" in third.stdout
     assert "comparison: already logged" in third.stdout
     _, children = sweep_runs(client)
     assert {r.info.run_id: r.info.start_time for r in children.values()} == before
