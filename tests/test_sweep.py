@@ -103,6 +103,31 @@ def test_cli_rejects_bad_options_before_creating_anything(tmp_path, tracking_uri
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_batch_size_figure_has_a_line_per_norm_over_batch_sizes():
+    import pandas as pd
+
+    from normlab import plots
+
+    rows = []
+    for norm, l1 in (("bn", 1e-5), ("gn", 0.0)):
+        for batch in (2, 8, 128):
+            for seed in (1, 2, 3):
+                for epoch in (1, 2):  # only the last epoch counts
+                    value = 50.0 if epoch == 1 else 90 + seed + (batch / 64 if norm == "bn" else 0)
+                    rows.append(dict(run_id=f"{norm}{batch}-{seed}", variant=f"{norm.upper()}, batch {batch}",
+                                     norm=norm, groups=2, l1=l1, batch_size=batch, seed=seed,
+                                     metric="test_acc", epoch=epoch, value=value))
+    figure = plots.batch_size_figure(pd.DataFrame(rows))
+    ax = figure.axes[0]
+    assert ax.get_xscale() == "log"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["BN + L1 (1e-05) (3 seeds)", "GN (2 groups) (3 seeds)"]
+    means = {bars.get_label(): bars.lines[0].get_ydata() for bars in ax.containers}
+    assert [list(bars.lines[0].get_xdata()) for bars in ax.containers] == [[2, 8, 128]] * 2
+    assert list(means["GN (2 groups) (3 seeds)"]) == [92.0, 92.0, 92.0]
+    assert list(means["BN + L1 (1e-05) (3 seeds)"]) == pytest.approx([92 + 2 / 64, 92 + 8 / 64, 94.0])
+
+
 # -- the rules that decide what a worker does -----------------------------------------------
 
 def child(status, attempt=1, **tags) -> st.Child:
@@ -335,7 +360,10 @@ def mlflow_server(tmp_path, monkeypatch):
 
 def test_two_sweeps_with_two_jobs_on_a_tracking_server_train_each_child_once(
         tmp_path, mlflow_server, small_mnist_dir):
-    args = ("sweep", *SMALL, "--jobs", "2", "--data-dir", str(small_mnist_dir))
+    """The batch-size study's shape (2 norms x 2 batch sizes), so its figure is checked too."""
+    grid = Grid(norms=("bn", "ln"), batch_sizes=(50, 100), epochs=1)
+    args = ("sweep", "--norms", "bn,ln", "--batch-sizes", "50,100", "--epochs", "1", "--jobs", "2",
+            "--data-dir", str(small_mnist_dir))
     workers = [subprocess.Popen([sys.executable, "-m", "normlab", *args], cwd=tmp_path,
                                 env=cli_env(MLFLOW_TRACKING_URI=mlflow_server, **FAST),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -348,8 +376,9 @@ def test_two_sweeps_with_two_jobs_on_a_tracking_server_train_each_child_once(
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 4  # each config trained exactly once, across both workers
     assert {r.data.tags[st.ATTEMPT] for r in children.values()} == {"1"}
-    assert_one_finished_child_per_config(client, SMALL_GRID, children)
+    assert_one_finished_child_per_config(client, grid, children)
     trained = [int(out.split(" trained now")[0].rsplit("sweep: ", 1)[1]) for out, _ in outputs]
     assert sum(trained) == 4, trained
+    assert sum("comparison: logged" in out for out, _ in outputs) == 1
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "comparison")}
-    assert "comparison/results.csv" in artifacts
+    assert {"comparison/results.csv", "comparison/batch_size.png"} <= artifacts, artifacts
