@@ -26,8 +26,8 @@ import normlab
 from normlab.models import NORMS, ConfigError
 from normlab.train import TrainConfig
 
-POLL_S = 2.0
-BATCH_SIZE_FIGURE = "batch_size.png"  # final test accuracy vs batch size, on the parent  # how often a worker re-reads the sweep while it waits on children
+POLL_S = 5.0  # how often a worker re-reads the sweep while it waits (at once when a child exits)
+BATCH_SIZE_FIGURE = "batch_size.png"  # final test accuracy vs batch size, on the parent
 
 
 @dataclass(frozen=True)
