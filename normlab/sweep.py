@@ -18,11 +18,12 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import normlab
+from normlab import sweep_tracking as st
 from normlab.models import NORMS, ConfigError
 from normlab.train import TrainConfig
 
@@ -155,9 +156,7 @@ class Outcome:
     done: dict[str, str]  # config hash -> finished child run id (whole grid)
     trained: list[str]  # run ids this worker trained to FINISHED
     failures: list[Failure]
-    elsewhere: int  # children of this worker's share still running in other workers
     parent_id: str
-    resumed: bool
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -176,10 +175,8 @@ class SweepWorker:
 
     def __init__(self, store, grid: Grid, share: list[TrainConfig], *, jobs: int, data_dir: str,
                  device: str, log_dir: Path, echo: Callable[[str], None] = print):
-        from normlab import sweep_tracking as st
         from normlab.tracking import git_commit
 
-        self.st = st
         self.store = store
         self.grid = grid
         self.all_configs = grid.configs()
@@ -212,15 +209,15 @@ class SweepWorker:
                 states = self._states()
                 for config in self.share:
                     state = states[config.config_hash()]
-                    if state.kind == self.st.DEAD:
+                    if state.kind == st.DEAD:
                         self.echo(f"{config.run_name}: run {state.child.run_id} was left RUNNING by a dead "
                                   f"worker; marking it FAILED and running it again")
                         self.store.mark_unsuccessful(state.child.run_id, "FAILED", "abandoned",
                                                      "its sweep process or training process died")
-                        states[config.config_hash()] = self.st.State(self.st.OPEN, state.next_attempt)
+                        states[config.config_hash()] = st.State(st.OPEN, state.next_attempt)
                 self._launch(states, tried)
                 waiting = [h for h in (c.config_hash() for c in self.share)
-                           if h not in self.running and states[h].kind == self.st.ACTIVE]
+                           if h not in self.running and states[h].kind == st.ACTIVE]
                 finished_any = self._reap(trained, failures, timeout=POLL_S)
                 if not self.running and not waiting and not finished_any and not self._launchable(states, tried):
                     break
@@ -232,27 +229,25 @@ class SweepWorker:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         states = self._states()
-        done = {h: s.child.run_id for h, s in states.items() if s.kind == self.st.DONE}
-        share_hashes = {c.config_hash() for c in self.share}
+        done = {h: s.child.run_id for h, s in states.items() if s.kind == st.DONE}
         failed_ids = {f.config.config_hash() for f in failures}
         for config in self.share:  # failed in another worker during this sweep: report too
             s = states[config.config_hash()]
-            if s.kind == self.st.FAILED and config.config_hash() not in failed_ids:
-                failures.append(Failure(config, s.child.run_id, s.child.tags.get(self.st.ERROR, "failed")))
-        elsewhere = sum(1 for h in share_hashes if states[h].kind == self.st.ACTIVE)
-        return Outcome(done, trained, failures, elsewhere, self.store.parent_id, False)
+            if s.kind == st.FAILED and config.config_hash() not in failed_ids:
+                failures.append(Failure(config, s.child.run_id, s.child.tags.get(st.ERROR, "failed")))
+        return Outcome(done, trained, failures, self.store.parent_id)
 
-    def _states(self) -> dict[str, "object"]:
+    def _states(self) -> dict[str, st.State]:
         claims, children = self.store.snapshot()
         now = time.time()
-        return {c.config_hash(): self.st.config_state(claims.get(c.config_hash(), []),
+        return {c.config_hash(): st.config_state(claims.get(c.config_hash(), []),
                                                       children.get(c.config_hash(), []),
                                                       commit=self.commit, now=now,
                                                       started_at=self.started_at, host=self.worker.host)
                 for c in self.all_configs}
 
     def _launchable(self, states, tried) -> bool:
-        return any(states[c.config_hash()].kind == self.st.OPEN and c.config_hash() not in tried
+        return any(states[c.config_hash()].kind == st.OPEN and c.config_hash() not in tried
                    for c in self.share)
 
     def _launch(self, states, tried: set[str]) -> None:
@@ -261,7 +256,7 @@ class SweepWorker:
                 return
             h = config.config_hash()
             state = states[h]
-            if h in self.running or h in tried or state.kind != self.st.OPEN:
+            if h in self.running or h in tried or state.kind != st.OPEN:
                 continue
             if not self.store.claim(config, state.next_attempt, self.worker):
                 continue  # another worker got it first
@@ -284,7 +279,7 @@ class SweepWorker:
         with open(log_path, "wb") as log:
             process = subprocess.Popen(train_command(config, self.data_dir, self.device), env=env,
                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.store.set_tag(run_id, self.st.CHILD_PID, str(process.pid))
+        self.store.set_tag(run_id, st.CHILD_PID, str(process.pid))
         with self.lock:
             self.running[config.config_hash()] = Job(config, run_id, attempt, slot, process, log_path)
         where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in env and self.gpus else ""
@@ -309,7 +304,7 @@ class SweepWorker:
         code = job.process.returncode
         status, tags = self.store.status(job.run_id)
         seconds = time.time() - job.started
-        if code == 0 and status == "FINISHED" and tags.get(self.st.CONFIG_HASH) == job.config.config_hash():
+        if code == 0 and status == "FINISHED" and tags.get(st.CONFIG_HASH) == job.config.config_hash():
             acc = self.store.final_test_acc(job.run_id)
             self.echo(f"finished {job.config.run_name} (run {job.run_id}): test_acc "
                       f"{acc:.2f}% in {seconds:.0f} s")
@@ -320,7 +315,7 @@ class SweepWorker:
         elif code != 0:
             why = f"exited with status {code}"
         else:
-            why = (f"logged config_hash {tags.get(self.st.CONFIG_HASH)} instead of "
+            why = (f"logged config_hash {tags.get(st.CONFIG_HASH)} instead of "
                    f"{job.config.config_hash()} (status {status})")
         reason = f"{why}; last output:\n{tail(job.log_path)}"
         self.store.mark_unsuccessful(job.run_id, "FAILED", "error", reason, job.log_path)
@@ -330,7 +325,7 @@ class SweepWorker:
     # -- heartbeat and interruption ------------------------------------------------------
 
     def _heartbeat(self) -> None:
-        while not self.stop_beating.wait(self.st.HEARTBEAT_S):
+        while not self.stop_beating.wait(st.HEARTBEAT_S):
             with self.lock:
                 run_ids = [j.run_id for j in self.running.values()]
             for run_id in run_ids:
@@ -376,16 +371,14 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, jobs: 
               shard_k: int = 1, shard_n: int = 1, out_dir: Path | None = None,
               echo: Callable[[str], None] = print) -> Outcome:
     """Validate, open the parent, run this worker's share, then compare when the grid is done."""
-    from normlab.sweep_tracking import SweepStore
-
     configs = grid.validate()
     share = shard(configs, shard_k, shard_n)
     check_resources(configs, data_dir, device)
-    store = SweepStore(experiment, grid.sweep_hash())
+    store = st.SweepStore(experiment, grid.sweep_hash())
     parent_id, resumed = store.open_parent(grid.run_name(), grid.params())
     echo(f"sweep {grid.sweep_hash()}: {len(configs)} children, parent run {parent_id}"
-         f"{' (existing: resuming or joining it)' if resumed else ''}; this worker: {len(share)} (shard {shard_k}/{shard_n}), "
-         f"--jobs {jobs}")
+         f"{' (existing: resuming or joining it)' if resumed else ''}; "
+         f"this worker: {len(share)} (shard {shard_k}/{shard_n}), --jobs {jobs}")
     with tempfile.TemporaryDirectory(prefix="normlab-sweep-") as logs:
         worker = SweepWorker(store, grid, share, jobs=jobs, data_dir=data_dir, device=device,
                              log_dir=Path(logs), echo=echo)
@@ -394,7 +387,6 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, jobs: 
         except Interrupted:
             store.finish_parent("KILLED")
             raise
-    outcome = replace(outcome, resumed=resumed)
     complete = all(c.config_hash() in outcome.done for c in configs)
     if complete:
         try:
@@ -416,20 +408,18 @@ def compare_children(store, grid: Grid, configs: list[TrainConfig], done: dict[s
     together do not write the same artifacts at once), and a claim whose owner died is
     taken over by the next sweep.
     """
-    from normlab.sweep_tracking import COMPARE_PREFIX, COMPARED, claim_alive
-
     run_ids = [done[c.config_hash()] for c in configs]
     fingerprint = hashlib.sha256(",".join(sorted(run_ids)).encode()).hexdigest()[:12]
     _, tags = store.status(store.parent_id)
-    if tags.get(COMPARED) == fingerprint:
+    if tags.get(st.COMPARED) == fingerprint:
         echo("comparison: already logged on the parent for these children")
         return
-    claims = store.claims(COMPARE_PREFIX).get(fingerprint, [])
+    claims = store.claims(st.COMPARE_PREFIX).get(fingerprint, [])
     latest = max(claims, key=lambda c: c.attempt, default=None)
-    if latest is not None and claim_alive(latest, time.time(), worker.host):
+    if latest is not None and st.claim_alive(latest, time.time(), worker.host):
         echo(f"comparison: being made by worker {latest.owner}")
         return
-    if not store.claim_param(f"{COMPARE_PREFIX}{fingerprint}.{latest.attempt + 1 if latest else 1}", worker):
+    if not store.claim_param(f"{st.COMPARE_PREFIX}{fingerprint}.{latest.attempt + 1 if latest else 1}", worker):
         echo("comparison: another worker claimed it first")
         return
     from normlab.compare import run_comparison
@@ -445,5 +435,5 @@ def compare_children(store, grid: Grid, configs: list[TrainConfig], done: dict[s
             figure.savefig(target / BATCH_SIZE_FIGURE, dpi=110, bbox_inches="tight")
             plots.plt.close(figure)
             store.log_file(target / BATCH_SIZE_FIGURE, "comparison")
-    store.set_tag(store.parent_id, COMPARED, fingerprint)
+    store.set_tag(store.parent_id, st.COMPARED, fingerprint)
     echo(f"comparison: logged on parent run {store.parent_id}")
