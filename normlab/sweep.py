@@ -231,10 +231,18 @@ class SweepWorker:
         states = self._states()
         done = {h: s.child.run_id for h, s in states.items() if s.kind == st.DONE}
         failed_ids = {f.config.config_hash() for f in failures}
-        for config in self.share:  # failed in another worker during this sweep: report too
+        for config in self.share:  # whatever of the share is not done is reported, with why
             s = states[config.config_hash()]
-            if s.kind == st.FAILED and config.config_hash() not in failed_ids:
+            if s.kind == st.DONE or config.config_hash() in failed_ids:
+                continue
+            if s.kind == st.FAILED:  # failed in another worker during this sweep
                 failures.append(Failure(config, s.child.run_id, s.child.tags.get(st.ERROR, "failed")))
+            elif s.child is not None and s.child.status == "FINISHED":
+                failures.append(Failure(config, s.child.run_id, (
+                    f"finished with code version {s.child.tags.get(st.GIT_COMMIT)}, but this sweep runs "
+                    f"{self.commit}: the code changed during the sweep; run again to retrain it")))
+            else:
+                failures.append(Failure(config, s.child.run_id if s.child else "-", f"not finished ({s.kind})"))
         return Outcome(done, trained, failures, self.store.parent_id)
 
     def _states(self) -> dict[str, st.State]:
@@ -315,8 +323,8 @@ class SweepWorker:
         elif code != 0:
             why = f"exited with status {code}"
         else:
-            why = (f"logged config_hash {tags.get(st.CONFIG_HASH)} instead of "
-                   f"{job.config.config_hash()} (status {status})")
+            why = (f"exited 0 but its run is {status} with config_hash {tags.get(st.CONFIG_HASH)} "
+                   f"(expected FINISHED with {job.config.config_hash()})")
         reason = f"{why}; last output:\n{tail(job.log_path)}"
         self.store.mark_unsuccessful(job.run_id, "FAILED", "error", reason, job.log_path)
         failures.append(Failure(job.config, job.run_id, reason))

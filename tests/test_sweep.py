@@ -228,7 +228,7 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def test_sweep_killed_midway_resumes_and_then_has_nothing_to_do(tmp_path, tracking_uri, small_mnist_dir):
+def test_sweep_killed_then_interrupted_resumes_and_then_has_nothing_to_do(tmp_path, tracking_uri, small_mnist_dir):
     args = ("sweep", *SMALL, "--data-dir", str(small_mnist_dir))
     client = MlflowClient()
     log = open(tmp_path / "first.log", "w")
@@ -250,10 +250,26 @@ def test_sweep_killed_midway_resumes_and_then_has_nothing_to_do(tmp_path, tracki
     killed = training[0].info.run_id
     assert client.get_run(killed).info.status == "RUNNING"  # left dangling by the kill
 
-    second = run_cli(*args, cwd=tmp_path, **FAST)
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert "left RUNNING by a dead worker" in second.stdout
-    assert "database is locked" not in second.stdout + second.stderr
+    # Ctrl-C or a scheduler's SIGTERM to the sweep alone: it stops its child and marks it KILLED
+    second = subprocess.Popen([sys.executable, "-m", "normlab", *args], cwd=tmp_path, env=cli_env(**FAST),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def retrying():
+        _, children = sweep_runs(client)
+        return [r for r in children.values() if r.info.status == "RUNNING" and st.CHILD_PID in r.data.tags
+                and r.info.run_id != killed]
+    interrupted = wait_for(retrying, 300, "the sweep to retrain the killed child")[0]
+    second.send_signal(signal.SIGTERM)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 130, out + err
+    assert "left RUNNING by a dead worker" in out and "run the same command again to resume" in err
+    assert not st.pid_alive(int(interrupted.data.tags[st.CHILD_PID]))
+    stopped = client.get_run(interrupted.info.run_id)
+    assert (stopped.info.status, stopped.data.tags[st.OUTCOME]) == ("KILLED", "interrupted")
+
+    third = run_cli(*args, cwd=tmp_path, **FAST)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "database is locked" not in third.stdout + third.stderr
     parents, children = sweep_runs(client)
     assert len(parents) == 1
     parent = parents[0]
@@ -264,7 +280,7 @@ def test_sweep_killed_midway_resumes_and_then_has_nothing_to_do(tmp_path, tracki
     assert client.get_run(killed).data.tags[st.OUTCOME] == "abandoned"
     finished = assert_one_finished_child_per_config(client, SMALL_GRID, children)
     assert finished[done[0].data.tags[st.CONFIG_HASH]] == done[0].info.run_id  # not trained again
-    assert len(children) == 5  # 4 configs + the killed attempt
+    assert len(children) == 6  # 4 configs + the attempts killed with SIGKILL and with SIGTERM
     for run in children.values():
         tags = run.data.tags
         assert tags["mlflow.parentRunId"] == parent.info.run_id == tags[st.SWEEP_PARENT]
@@ -279,10 +295,10 @@ def test_sweep_killed_midway_resumes_and_then_has_nothing_to_do(tmp_path, tracki
     assert sorted(compared.split(",")) == sorted(finished.values())
 
     before = {r.info.run_id: r.info.start_time for r in children.values()}
-    third = run_cli(*args, cwd=tmp_path, **FAST)
-    assert third.returncode == 0, third.stdout + third.stderr
-    assert "(existing: resuming or joining it)" in third.stdout and "0 trained now" in third.stdout
-    assert "comparison: already logged" in third.stdout
+    fourth = run_cli(*args, cwd=tmp_path, **FAST)
+    assert fourth.returncode == 0, fourth.stdout + fourth.stderr
+    assert "(existing: resuming or joining it)" in fourth.stdout and "0 trained now" in fourth.stdout
+    assert "comparison: already logged" in fourth.stdout
     _, children = sweep_runs(client)
     assert {r.info.run_id: r.info.start_time for r in children.values()} == before
 
