@@ -225,12 +225,11 @@ class SweepStore:
         self.client.set_tag(candidate, SWEEP_HASH, self.sweep_hash)
         self.client.set_tag(candidate, SWEEP_ROLE, "parent")
         winner = self._elect(candidate)
-        if winner != candidate:
-            if created:
-                self.client.delete_run(candidate)
-            else:  # the `mlflow run` launcher lost: point it at the sweep it resumed
-                self.client.set_tag(candidate, SWEEP_ROLE, "launcher")
-                self.client.set_tag(candidate, SWEEP_PARENT, winner)
+        if created and winner != candidate:
+            self.client.delete_run(candidate)
+        if launcher and launcher != winner:  # `mlflow run`'s run: point it at the sweep it resumed
+            self.client.set_tag(launcher, SWEEP_ROLE, "launcher")
+            self.client.set_tag(launcher, SWEEP_PARENT, winner)
         already = self.client.get_run(winner).data.params
         fresh = {k: v for k, v in params.items() if k not in already}
         for key, value in fresh.items():
