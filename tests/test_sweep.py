@@ -186,6 +186,25 @@ def test_claims_and_parent_election_are_atomic_in_the_store(tracking_uri):
     assert store_b.open_parent("sweep-test", {"norms": "bn"}) == (parent, True)
 
 
+def test_workers_opening_a_new_sweep_at_once_agree_on_one_parent(tracking_uri):
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    st.SweepStore("race", "beef00000002")  # the experiment exists; the parent does not
+    barrier = Barrier(4)
+
+    def open_parent(_):
+        store = st.SweepStore("race", "beef00000002")
+        barrier.wait()
+        return store.open_parent("sweep-race", {"norms": "ln"})[0]
+    with ThreadPoolExecutor(4) as pool:
+        parents = list(pool.map(open_parent, range(4)))
+    assert len(set(parents)) == 1
+    client = MlflowClient()
+    active = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert [r.info.run_id for r in active] == parents[:1]  # the losers' candidates are deleted
+
+
 # -- real sweeps --------------------------------------------------------------------------
 
 def sweep_runs(client: MlflowClient, experiment: str = "normlab"):
