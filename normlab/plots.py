@@ -46,10 +46,12 @@ def final_values(df, metric: str = "test_acc"):
 
 def _norm_label(norm: str, groups=None, l1=None) -> str:
     """'BN + L1', 'GN (4 groups)': a line per norm setting, whatever the batch size."""
+    import pandas as pd
+
     label = str(norm).upper()
-    if label == "GN" and groups is not None and groups == groups:
+    if label == "GN" and pd.notna(groups):
         label += f" ({int(groups)} groups)"
-    if l1 is not None and l1 == l1 and float(l1) > 0:
+    if pd.notna(l1) and float(l1) > 0:
         label += f" + L1 ({float(l1):g})"
     return label
 
@@ -65,7 +67,7 @@ def batch_size_figure(df, metric: str = "test_acc") -> Figure:
     final = final_values(df, metric)
     keys = [c for c in ("norm", "groups", "l1") if c in final.columns]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for key, runs in final.groupby(keys, sort=False, observed=True):
+    for key, runs in final.groupby(keys, sort=False, observed=True, dropna=False):  # groups is NA but for gn
         key = key if isinstance(key, tuple) else (key,)
         stats = runs.groupby("batch_size")["value"].agg(["mean", "min", "max"]).sort_index()
         line = ax.errorbar(stats.index, stats["mean"],

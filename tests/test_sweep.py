@@ -114,7 +114,7 @@ def test_batch_size_figure_has_a_line_per_norm_over_batch_sizes():
                 for epoch in (1, 2):  # only the last epoch counts
                     value = 50.0 if epoch == 1 else 90 + seed + (batch / 64 if norm == "bn" else 0)
                     rows.append(dict(run_id=f"{norm}{batch}-{seed}", variant=f"{norm.upper()}, batch {batch}",
-                                     norm=norm, groups=2, l1=l1, batch_size=batch, seed=seed,
+                                     norm=norm, groups=2 if norm == "gn" else None, l1=l1, batch_size=batch, seed=seed,
                                      metric="test_acc", epoch=epoch, value=value))
     figure = plots.batch_size_figure(pd.DataFrame(rows))
     ax = figure.axes[0]
