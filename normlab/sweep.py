@@ -124,9 +124,8 @@ def job_environment(slot: int, jobs: int, device: str, gpus: list[str], cpus: in
 
 
 def train_command(config: TrainConfig, data_dir: str, device: str) -> list[str]:
-    """The `normlab train` command line that reproduces `config` exactly."""
-    if (config.momentum, config.dropout) != (TrainConfig.momentum, TrainConfig.dropout):
-        raise ConfigError("momentum and dropout are not options of `normlab train`; a sweep cannot vary them")
+    """The `normlab train` command line for `config` (the child's config_hash tag is checked
+    against the sweep's, so a drift between the two would show as a failed child)."""
     return [sys.executable, "-m", "normlab", "train", "--norm", config.norm, "--groups", str(config.groups),
             "--l1", repr(config.l1), "--dataset", config.dataset, "--data-dir", str(data_dir),
             "--epochs", str(config.epochs), "--batch-size", str(config.batch_size), "--lr", repr(config.lr),
@@ -277,10 +276,9 @@ class SweepWorker:
         env = dict(os.environ)
         package_root = str(Path(normlab.__file__).resolve().parents[1])
         env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
-        env.update(job_environment(slot, self.jobs, self.device, self.gpus, self.cpus))
-        import mlflow
-
-        env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+        pinned = job_environment(slot, self.jobs, self.device, self.gpus, self.cpus)
+        env.update(pinned)
+        env["MLFLOW_TRACKING_URI"] = self.store.client.tracking_uri  # the store this sweep uses
         env["MLFLOW_RUN_ID"] = run_id
         env["PYTHONUNBUFFERED"] = "1"
         log_path = self.log_dir / f"{config.run_name}-{run_id}.log"
@@ -290,7 +288,7 @@ class SweepWorker:
         self.store.set_tag(run_id, st.CHILD_PID, str(process.pid))
         with self.lock:
             self.running[config.config_hash()] = Job(config, run_id, attempt, slot, process, log_path)
-        where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in env and self.gpus else ""
+        where = f" on GPU {pinned['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in pinned else ""
         self.echo(f"started  {config.run_name} (run {run_id}, attempt {attempt}){where}")
 
     def _reap(self, trained: list[str], failures: list[Failure], timeout: float) -> bool:
