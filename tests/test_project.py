@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -20,12 +21,16 @@ METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 
 
 def mlflow_run(*params: str, experiment: str = "project-test", timeout: float = 900) -> subprocess.CompletedProcess:
+    """`mlflow run ROOT` from another folder, without this checkout on PYTHONPATH: as in the
+    environment MLflow builds from conda.yaml, the project runs from its own folder."""
     args = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
             "--experiment-name", experiment]
     for p in params:
         args += ["-P", p]
     env = cli_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    env.pop("PYTHONPATH")
+    return subprocess.run(args, env=env, cwd=Path(tempfile.gettempdir()), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def runs_of(experiment: str):
