@@ -35,6 +35,9 @@ LAYER_NAMES = {"bn": "nn.BatchNorm2d({c})", "ln": "nn.GroupNorm(1, {c})", "gn": 
                "in": "nn.GroupNorm({c}, {c})"}
 
 
+FIGURE_ORDER = ("bn", "ln", "in", "gn")  # as in the Group Normalization paper's Figure 2
+
+
 def valid_example_groups(channels: int = EXAMPLE.shape[1]) -> list[int]:
     return [g for g in range(1, channels + 1) if channels % g == 0]
 
@@ -249,6 +252,25 @@ def explain(norms: tuple[str, ...] = EXPLAINED, groups: int = 2, x: torch.Tensor
         running=running_statistics(x),
         layernorm_parameters=sum(p.numel() for p in nn.LayerNorm((c, h, w)).parameters()),
     )
+
+
+def all_checks_pass(e: Explanation) -> bool:
+    return e.running.check.ok and all(c.ok for ne in e.norms for c in ne.checks)
+
+
+def figure_panels(groups: int = 2, shape: tuple[int, int, int, int] = tuple(EXAMPLE.shape)):
+    """(title, mask) per norm for ``plots.normalization_sets``: mask (N, C, H*W) marks set 0,
+    the set that holds the first element, as in the worked example's tables."""
+    n, c, h, w = shape
+    panels = []
+    for norm in FIGURE_ORDER:
+        set_of = statistic_sets(norm, shape, groups).reshape(n, c, h * w)
+        mask = (set_of == 0).numpy()
+        name = f"{NORMS[norm].label} ({FULL_NAMES[norm]}{f', G={groups}' if norm == 'gn' else ''})"
+        panels.append((f"{name}\n1 of {int(set_of.max()) + 1} sets: {int(mask.sum())} elements", mask))
+    title = (f"Elements that share one mean and variance (blue), for the example's N={n}, C={c}, "
+             f"H x W = {h} x {w} (drawn as one axis of {h * w})")
+    return panels, title
 
 
 def _num(value: float) -> str:
