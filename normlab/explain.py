@@ -179,7 +179,8 @@ def _reference_layers(norm: str, shape: tuple[int, ...], groups: int) -> dict[st
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max())
+    """Largest absolute difference; infinite when even the number of values differs."""
+    return float((a - b).abs().max()) if a.shape == b.shape else float("inf")
 
 
 def explain_norm(norm: str, x: torch.Tensor = EXAMPLE, groups: int = 2) -> NormExplanation:
