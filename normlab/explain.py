@@ -126,7 +126,8 @@ class RunningStatistics:
     """What BatchNorm2d keeps after one training batch, starting from mean 0 and variance 1."""
 
     batch_mean: torch.Tensor  # (C,)
-    unbiased_var: torch.Tensor  # (C,): divided by count - 1
+    batch_var: torch.Tensor  # (C,): divided by count, as used for normalizing
+    unbiased_var: torch.Tensor  # (C,): divided by count - 1, as used for the running variance
     count: int  # elements per channel: N x H x W
     running_mean: torch.Tensor
     running_var: torch.Tensor
@@ -227,7 +228,8 @@ def running_statistics(x: torch.Tensor = EXAMPLE) -> RunningStatistics:
     per_channel = x.transpose(0, 1).reshape(c, -1)
     count = per_channel.shape[1]
     batch_mean = per_channel.mean(1)
-    unbiased_var = ((per_channel - batch_mean[:, None]) ** 2).sum(1) / (count - 1)
+    batch_var = ((per_channel - batch_mean[:, None]) ** 2).mean(1)
+    unbiased_var = batch_var * count / (count - 1)
     running_mean = (1 - MOMENTUM) * 0.0 + MOMENTUM * batch_mean
     running_var = (1 - MOMENTUM) * 1.0 + MOMENTUM * unbiased_var
     layer = NORMS["bn"].make(c, 1).double().train()
@@ -235,7 +237,7 @@ def running_statistics(x: torch.Tensor = EXAMPLE) -> RunningStatistics:
         layer(x)
     diff = max(_max_diff(running_mean, layer.running_mean), _max_diff(running_var, layer.running_var))
     check = Check("running mean and variance", f"nn.BatchNorm2d({c}) buffers after one training batch", diff)
-    return RunningStatistics(batch_mean, unbiased_var, count, running_mean, running_var, check)
+    return RunningStatistics(batch_mean, batch_var, unbiased_var, count, running_mean, running_var, check)
 
 
 def explain(norms: tuple[str, ...] = EXPLAINED, groups: int = 2, x: torch.Tensor = EXAMPLE) -> Explanation:
@@ -354,9 +356,8 @@ def render_counts(e: Explanation, large_batch: int = 128) -> str:
     lines += [
         f"  Only BN's count is fixed by C; the others grow with the batch, because each sample gets its own.",
         f"  Parameters never grow with the batch: they are sized by C when the layer is built, before any",
-        f"  batch exists. normlab's LN (GroupNorm with 1 group) has a per-channel affine ({2 * c} here);",
-        f"  nn.LayerNorm(({c}, {h}, {w})) has one per element ({e.layernorm_parameters} here) - the statistics are",
-        f"  the same, the affine is not.",
+        f"  batch exists. LN here is GroupNorm with 1 group: its affine is per channel ({2 * c} here), while",
+        f"  nn.LayerNorm(({c}, {h}, {w}))'s is per element ({e.layernorm_parameters} here). Same statistics, different affine.",
     ]
     return "\n".join(lines)
 
@@ -370,21 +371,26 @@ def render_modes(e: Explanation) -> str:
         f"  BN in training mode uses the batch's statistics (so a sample's output depends on the other",
         f"  samples in its batch) and updates running statistics, starting from mean 0 and variance 1:",
         f"    running_mean = {1 - m:g} x running_mean + {m:g} x batch mean",
-        f"    running_var  = {1 - m:g} x running_var  + {m:g} x batch variance x n / (n - 1)   "
-        f"(unbiased; n = N x H x W = {r.count})",
+        f"    running_var  = {1 - m:g} x running_var  + {m:g} x batch variance x n / (n - 1)",
+        f"  (the running variance is the unbiased one; n = N x H x W = {r.count} elements per channel)",
         f"  after this one batch:",
     ]
     for j in range(c):
+        mean, var, unbiased = (_num(float(t[j])) for t in (r.batch_mean, r.batch_var, r.unbiased_var))
         lines.append(
-            f"    channel {j}: running_mean = {m:g} x {_num(float(r.batch_mean[j]))} = {_num(float(r.running_mean[j]))}"
-            f"   running_var = {1 - m:g} + {m:g} x {_num(float(r.unbiased_var[j]))} = {_num(float(r.running_var[j]))}"
+            f"    channel {j}: running_mean = {1 - m:g} x 0 + {m:g} x {mean} = {_num(float(r.running_mean[j]))}"
+        )
+        lines.append(
+            f"               running_var  = {1 - m:g} x 1 + {m:g} x {var} x {r.count}/{r.count - 1} "
+            f"= {1 - m:g} + {m:g} x {unbiased} = {_num(float(r.running_var[j]))}"
         )
     lines += [
         f"    checked against {r.check.against}: max |difference| {_diff(r.check.max_abs_diff)}  "
         f"{'OK' if r.check.ok else 'MISMATCH'}",
         "  In evaluation mode BN normalizes with these running statistics instead, so one image gets one",
         "  answer whatever it is batched with. LN, GN and IN keep no running statistics: they compute them",
-        "  from each sample alone, identically in both modes.",
+        "  from each sample alone, identically in both modes. (BN's difference is large here because after",
+        "  one batch its running statistics are still mostly their starting values, 0 and 1.)",
         f"    {'norm':<6}{'max |eval - train output|':>27}{'max |sample 0 alone - in the batch|':>38}",
     ]
     for ne in e.norms:

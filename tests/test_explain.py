@@ -17,7 +17,8 @@ from normlab import explain as worked
 from normlab import plots
 from normlab.cli import main
 from normlab.explain import EXAMPLE
-from normlab.models import ARCHITECTURES, NORMS, Net, count_parameters
+from normlab.models import ARCHITECTURES, NORMS, Net, count_parameters, valid_groups
+from tests.conftest import ROOT
 
 N, C, H, W = EXAMPLE.shape
 NUMBER = r"-?\d+(?:\.\d+)?"
@@ -163,16 +164,19 @@ def test_counts_parameters_running_statistics_and_modes(printed):
         "IN": (str(N * C), str(128 * C), str(layer_params["in"])),
     }
     assert set(layer_params.values()) == {2 * C}
-    assert f"nn.LayerNorm(({C}, {H}, {W})) has one per element ({2 * C * H * W} here)" in printed
+    layernorm_params = sum(p.numel() for p in nn.LayerNorm((C, H, W)).parameters())
+    assert layernorm_params == 2 * C * H * W
+    assert f"per channel ({2 * C} here), while\n  nn.LayerNorm(({C}, {H}, {W}))'s is per element ({layernorm_params} here)" in printed
 
     bn = nn.BatchNorm2d(C).double().train()
     with torch.no_grad():
         train_out = bn(EXAMPLE)
         eval_out = bn.eval()(EXAMPLE)
         alone = nn.BatchNorm2d(C).double().train()(EXAMPLE[:1])
-    running = re.findall(rf"channel (\d): running_mean = .* = ({NUMBER}) +running_var = .* = ({NUMBER})$", printed, re.M)
-    assert [float(m) for _, m, _ in running] == pytest.approx(bn.running_mean.tolist(), abs=1e-4)
-    assert [float(v) for _, _, v in running] == pytest.approx(bn.running_var.tolist(), abs=1e-4)
+    running_mean = re.findall(rf"channel \d: running_mean = .* = ({NUMBER})$", printed, re.M)
+    running_var = re.findall(rf"^ +running_var  = .* = ({NUMBER})$", printed, re.M)
+    assert [float(m) for m in running_mean] == pytest.approx(bn.running_mean.tolist(), abs=1e-4)
+    assert [float(v) for v in running_var] == pytest.approx(bn.running_var.tolist(), abs=1e-4)
 
     modes = {m[0]: (float(m[1]), float(m[2]))
              for m in re.findall(r"^    (BN|LN|GN|IN) +(\S+) +(\S+)$", printed, re.M)}
@@ -257,3 +261,29 @@ def test_ln_in_the_actual_model_has_layernorm_statistics_over_chw(dataset):
     with torch.no_grad():
         model(torch.randn(3, arch.in_channels, arch.image_size, arch.image_size))
     assert tuple(seen) == arch.norm_channels
+
+
+def readme_block(command: str) -> str:
+    """The output pasted under `$ COMMAND` in the README's section on the normalizations."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## How the normalizations work", 1)[1].split("\n## ", 1)[0]
+    return section.split(f"$ {command}\n", 1)[1].split("```", 1)[0]
+
+
+def without_rounding_noise(text: str) -> str:
+    """float64 differences of a few ulps (like 2.2e-16) may vary across CPUs; the rest may not."""
+    return re.sub(r"\d\.\de-1\d", "<ulps>", text)
+
+
+def test_readme_shows_the_real_output_and_figure(printed):
+    assert without_rounding_noise(readme_block("normlab explain")) == without_rounding_noise(printed)
+    assert readme_block("normlab summary --norm bn") == run("summary", "--norm", "bn").output
+    assert (ROOT / "docs" / "normalizations.png").is_file()
+    rows = re.findall(r"^\| (`bn`.*|`none`) \| ([\d,]+) \| ([\d,]+) \|$", (ROOT / "README.md").read_text(), re.M)
+    for norms, mnist, cifar in rows:
+        for norm in re.findall(r"`(\w+)`", norms):
+            if norm in NORMS:
+                groups = valid_groups("mnist") if norm == "gn" else [2]
+                assert {count_parameters(Net("mnist", norm, g)) for g in groups} == {int(mnist.replace(",", ""))}
+                assert count_parameters(Net("cifar10", norm, 2)) == int(cifar.replace(",", ""))
+    assert len(rows) == 2
