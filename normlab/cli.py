@@ -95,3 +95,54 @@ def train(norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed, dev
         tracking.log_results(config, data, result)
     final = result.records[-1]
     click.echo(f"done: test accuracy {final.test_acc:.2f}%, test loss {final.test_loss:.4f}")
+
+
+@main.command("explain")
+@click.option("--norm", type=click.Choice(["all", "bn", "ln", "gn", "in"]), default="all",
+              help="Which normalization to work through.")
+@click.option("--groups", type=int, default=2, help="Groups for gn; must divide the example's 4 channels.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Also save the figure of which elements share statistics as OUT/normalizations.png.")
+def explain_command(norm, groups, out) -> None:
+    """Work BN, LN, GN and IN through on a tiny integer tensor; every number is checked against torch."""
+    from pathlib import Path
+
+    from normlab import explain as worked
+
+    norms = worked.EXPLAINED if norm == "all" else (norm,)
+    try:
+        if out or "gn" in norms:
+            worked.check_example_groups(groups)
+        result = worked.explain(norms, groups)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(worked.render(result), nl=False)
+    if out:
+        from normlab import plots
+
+        path = Path(out) / "normalizations.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig = plots.normalization_sets(*worked.figure_panels(groups))
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plots.plt.close(fig)
+        click.echo(f"\nsaved {path}")
+    if not worked.all_checks_pass(result):
+        raise click.ClickException("some numbers above differ from torch's (marked MISMATCH)")
+
+
+@main.command("summary")
+@click.option("--norm", type=click.Choice(list(NORMS)), default=DEFAULTS.norm, help="Normalization of the model.")
+@click.option("--dataset", type=click.Choice(list(DATASETS)), default=DEFAULTS.dataset,
+              help="Dataset whose model to describe (input size and channel plan).")
+@click.option("--groups", type=int, default=DEFAULTS.groups, help="Groups for --norm gn.")
+def summary_command(norm, dataset, groups) -> None:
+    """The model's per-layer table, as a training run logs it (model_summary.txt), with totals."""
+    from normlab.models import Net, check_norm, count_parameters, summary_text, variant_label
+
+    try:
+        check_norm(norm, groups, dataset)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    model = Net(dataset, norm, groups)
+    click.echo(f"{variant_label(norm, groups)} on {dataset}: {count_parameters(model):,} trainable parameters")
+    click.echo(summary_text(model, dataset))
