@@ -98,13 +98,17 @@ def train(norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed, dev
 
 
 @main.command("explain")
-@click.option("--norm", type=click.Choice(["all", "bn", "ln", "gn", "in"]), default="all",
+@click.option("--norm", type=click.Choice(["all", *(n for n in NORMS if n != "none")]), default="all",
               help="Which normalization to work through.")
 @click.option("--groups", type=int, default=2, help="Groups for gn; must divide the example's 4 channels.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Also save the figure of which elements share statistics as OUT/normalizations.png.")
 def explain_command(norm, groups, out) -> None:
-    """Work BN, LN, GN and IN through on a tiny integer tensor; every number is checked against torch."""
+    """Worked example of BN, LN, GN and IN, checked against torch.
+
+    A 2 x 4 x 2 x 2 integer tensor: which elements share each mean and variance, the statistics,
+    the normalized values, and every number compared with the torch layer that computes it.
+    """
     from pathlib import Path
 
     from normlab import explain as worked
@@ -136,7 +140,10 @@ def explain_command(norm, groups, out) -> None:
               help="Dataset whose model to describe (input size and channel plan).")
 @click.option("--groups", type=int, default=DEFAULTS.groups, help="Groups for --norm gn.")
 def summary_command(norm, dataset, groups) -> None:
-    """The model's per-layer table, as a training run logs it (model_summary.txt), with totals."""
+    """The model's layers: output shape, parameters, mult-adds, totals.
+
+    The same table a training run logs as model_summary.txt.
+    """
     from normlab.models import Net, check_norm, count_parameters, summary_text, variant_label
 
     try:

@@ -33,12 +33,11 @@ FULL_NAMES = {"bn": "batch norm", "ln": "layer norm", "gn": "group norm", "in": 
 SETS_FORMULA = {"bn": "C", "ln": "N", "gn": "N x G", "in": "N x C"}
 LAYER_NAMES = {"bn": "nn.BatchNorm2d({c})", "ln": "nn.GroupNorm(1, {c})", "gn": "nn.GroupNorm({g}, {c})",
                "in": "nn.GroupNorm({c}, {c})"}
-
-
 FIGURE_ORDER = ("bn", "ln", "in", "gn")  # as in the Group Normalization paper's Figure 2
 
 
-def valid_example_groups(channels: int = EXAMPLE.shape[1]) -> list[int]:
+def valid_example_groups() -> list[int]:
+    channels = EXAMPLE.shape[1]
     return [g for g in range(1, channels + 1) if channels % g == 0]
 
 
@@ -76,6 +75,8 @@ def set_label(norm: str, index: int, channels: int, groups: int) -> str:
     if norm == "gn":
         sample, group = divmod(index, groups)
         width = channels // groups
+        if width == 1:
+            return f"sample {sample}, channel {group}"
         return f"sample {sample}, channels {group * width}-{group * width + width - 1}"
     sample, channel = divmod(index, channels)
     return f"sample {sample}, channel {channel}"
@@ -168,15 +169,20 @@ def _torch_statistics(norm: str, x: torch.Tensor, groups: int) -> tuple[torch.Te
     return mean.flatten(), invstd.flatten() ** -2 - EPS, kernel
 
 
+def _registry_layer(norm: str, channels: int, groups: int) -> nn.Module:
+    """A new layer as normlab's model builds it (gamma 1, beta 0), in float64 and training mode."""
+    return NORMS[norm].make(channels, groups).double().train()
+
+
 def _reference_layers(norm: str, shape: tuple[int, ...], groups: int) -> dict[str, nn.Module]:
     """The registry's layer, plus the standard torch layer it is equivalent to."""
     n, c, h, w = shape
-    layers = {LAYER_NAMES[norm].format(c=c, g=groups): NORMS[norm].make(c, groups)}
+    layers = {LAYER_NAMES[norm].format(c=c, g=groups): _registry_layer(norm, c, groups)}
     if norm == "ln":
-        layers[f"nn.LayerNorm(({c}, {h}, {w}))"] = nn.LayerNorm((c, h, w))
+        layers[f"nn.LayerNorm(({c}, {h}, {w}))"] = nn.LayerNorm((c, h, w)).double()
     if norm == "in":
-        layers[f"nn.InstanceNorm2d({c})"] = nn.InstanceNorm2d(c)
-    return {name: layer.double().train() for name, layer in layers.items()}
+        layers[f"nn.InstanceNorm2d({c})"] = nn.InstanceNorm2d(c).double()
+    return layers
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -198,11 +204,10 @@ def explain_norm(norm: str, x: torch.Tensor = EXAMPLE, groups: int = 2) -> NormE
         for name, layer in layers.items():
             what = "normalized values" + (" (training mode)" if norm == "bn" else "")
             checks.append(Check(what, name, _max_diff(normalized, layer(x))))
-        fresh = _reference_layers(norm, tuple(x.shape), groups)
-        layer = next(iter(fresh.values()))
+        layer = _registry_layer(norm, c, groups)
         train_out = layer(x)  # for BN this one batch also updates the running statistics
         eval_out = layer.eval()(x)
-        alone = next(iter(_reference_layers(norm, tuple(x.shape), groups).values()))(x[:1])
+        alone = _registry_layer(norm, c, groups)(x[:1])
 
     sets = []
     for k in range(len(means)):
@@ -232,7 +237,7 @@ def running_statistics(x: torch.Tensor = EXAMPLE) -> RunningStatistics:
     unbiased_var = batch_var * count / (count - 1)
     running_mean = (1 - MOMENTUM) * 0.0 + MOMENTUM * batch_mean
     running_var = (1 - MOMENTUM) * 1.0 + MOMENTUM * unbiased_var
-    layer = NORMS["bn"].make(c, 1).double().train()
+    layer = _registry_layer("bn", c, 1)
     with torch.no_grad():
         layer(x)
     diff = max(_max_diff(running_mean, layer.running_mean), _max_diff(running_var, layer.running_var))
@@ -357,7 +362,8 @@ def render_counts(e: Explanation, large_batch: int = 128) -> str:
         f"  Only BN's count is fixed by C; the others grow with the batch, because each sample gets its own.",
         f"  Parameters never grow with the batch: they are sized by C when the layer is built, before any",
         f"  batch exists. LN here is GroupNorm with 1 group: its affine is per channel ({2 * c} here), while",
-        f"  nn.LayerNorm(({c}, {h}, {w}))'s is per element ({e.layernorm_parameters} here). Same statistics, different affine.",
+        f"  nn.LayerNorm(({c}, {h}, {w}))'s is per element ({e.layernorm_parameters} here). "
+        "Same statistics, different affine.",
     ]
     return "\n".join(lines)
 
@@ -394,7 +400,8 @@ def render_modes(e: Explanation) -> str:
         f"    {'norm':<6}{'max |eval - train output|':>27}{'max |sample 0 alone - in the batch|':>38}",
     ]
     for ne in e.norms:
-        lines.append(f"    {NORMS[ne.norm].label:<6}{_diff(ne.eval_minus_train):>27}{_diff(ne.alone_minus_batched):>38}")
+        eval_diff, alone_diff = _diff(ne.eval_minus_train), _diff(ne.alone_minus_batched)
+        lines.append(f"    {NORMS[ne.norm].label:<6}{eval_diff:>27}{alone_diff:>38}")
     return "\n".join(lines)
 
 

@@ -166,7 +166,8 @@ def test_counts_parameters_running_statistics_and_modes(printed):
     assert set(layer_params.values()) == {2 * C}
     layernorm_params = sum(p.numel() for p in nn.LayerNorm((C, H, W)).parameters())
     assert layernorm_params == 2 * C * H * W
-    assert f"per channel ({2 * C} here), while\n  nn.LayerNorm(({C}, {H}, {W}))'s is per element ({layernorm_params} here)" in printed
+    assert (f"per channel ({2 * C} here), while\n"
+            f"  nn.LayerNorm(({C}, {H}, {W}))'s is per element ({layernorm_params} here)") in printed
 
     bn = nn.BatchNorm2d(C).double().train()
     with torch.no_grad():
@@ -209,10 +210,12 @@ def test_explain_saves_the_figure(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["explain", "--norm", "gn", "--groups", "3"], "--groups 3 does not divide the example's 4 channels; valid choices: 1, 2, 4"),
+    (["explain", "--norm", "gn", "--groups", "3"],
+     "--groups 3 does not divide the example's 4 channels; valid choices: 1, 2, 4"),
     (["explain", "--groups", "0", "--out", "x"], "--groups 0 does not divide the example's 4 channels"),
     (["explain", "--norm", "batch"], "'batch' is not one of 'all', 'bn', 'ln', 'gn', 'in'"),
-    (["summary", "--norm", "gn", "--groups", "3"], "--groups 3 does not divide the mnist model's channel counts [10, 20]; valid choices: 1, 2, 5, 10"),
+    (["summary", "--norm", "gn", "--groups", "3"],
+     "--groups 3 does not divide the mnist model's channel counts [10, 20]; valid choices: 1, 2, 5, 10"),
     (["summary", "--norm", "gn", "--groups", "5", "--dataset", "cifar10"], "valid choices: 1, 2, 4, 8, 16"),
     (["summary", "--norm", "xx"], "'xx' is not one of 'bn', 'ln', 'gn', 'in', 'none'"),
 ])
