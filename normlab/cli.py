@@ -91,7 +91,7 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
         raise click.UsageError(str(exc)) from exc
     tracking.use_bounded_http_retries()
     try:
-        tracking.check_tracking_reachable()
+        tracking.prepare_tracking_store()
     except tracking.TrackingUnreachable as exc:
         raise click.ClickException(str(exc)) from exc
     point = None

@@ -166,10 +166,10 @@ STATUS_TAG = "normlab.status"  # running | finished | interrupted | failed: the 
 REASON_TAG = "normlab.reason"  # why a run was interrupted or failed, in words
 RUN_STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
 CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
-# Ride out tracking-server outages of up to ~30 s (urllib3 waits 0, 2, 4, 8, 16 s between
+# Ride out tracking-server outages of up to ~1 min (urllib3 waits 0, 2, 4, 8, 16, 32 s between
 # attempts); MLflow's own default (7 retries, factor 2, 120 s timeout) hangs for minutes.
 HTTP_RETRY_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
 }
@@ -187,19 +187,27 @@ def use_bounded_http_retries() -> None:
         os.environ.setdefault(name, value)
 
 
-def check_tracking_reachable(timeout: float = 5.0) -> None:
-    """Fail within seconds when an http(s) tracking server does not answer its /health."""
+def prepare_tracking_store(timeout: float = 5.0) -> None:
+    """Before any data is loaded: fail within seconds when an http(s) tracking server does
+    not answer its /health; create a new sqlite store under a file lock, because parallel
+    runs on a fresh store otherwise race on its schema migrations and all fail."""
     import requests
 
     uri = mlflow.get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
-    except requests.RequestException as exc:
-        raise TrackingUnreachable(
-            f"the MLflow tracking server {uri} cannot be reached ({type(exc).__name__}); start it, "
-            f"or point MLFLOW_TRACKING_URI at one that runs (unset it to use ./mlruns)") from exc
+    if uri.startswith(("http://", "https://")):
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
+        except requests.RequestException as exc:
+            raise TrackingUnreachable(
+                f"the MLflow tracking server {uri} cannot be reached ({type(exc).__name__}); start it, "
+                f"or point MLFLOW_TRACKING_URI at one that runs (unset it for a local store)") from exc
+    elif uri.startswith("sqlite:///"):
+        import fcntl
+
+        db = Path(uri[len("sqlite:///"):].split("?")[0])
+        with open(db.with_name(db.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            MlflowClient().search_experiments(max_results=1)  # creates and migrates the schema
 
 
 class _FewRetries:
