@@ -166,10 +166,11 @@ STATUS_TAG = "normlab.status"  # running | finished | interrupted | failed: the 
 REASON_TAG = "normlab.reason"  # why a run was interrupted or failed, in words
 RUN_STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
 CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
-# Ride out tracking-server outages of up to ~1 min (urllib3 waits 0, 2, 4, 8, 16, 32 s between
-# attempts); MLflow's own default (7 retries, factor 2, 120 s timeout) hangs for minutes.
+# Ride out tracking-server outages of up to ~2 min (urllib3 waits 0, 2, 4, 8, 16, 32, 64 s
+# between attempts), then stop with a clear error and a resumable local checkpoint.
+# MLflow's own default (factor 2, 120 s timeout) keeps a run hanging for 4 minutes or more.
 HTTP_RETRY_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
 }
@@ -180,11 +181,20 @@ class TrackingUnreachable(RuntimeError):
 
 
 def use_bounded_http_retries() -> None:
-    """Apply HTTP_RETRY_DEFAULTS where the user has not chosen their own values."""
+    """Apply HTTP_RETRY_DEFAULTS where the user has not chosen their own values, and show
+    each retry on stderr (urllib3 logs them to a NullHandler), so an outage is visible."""
+    import logging
     import os
 
     for name, value in HTTP_RETRY_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    retries = logging.getLogger("urllib3.connectionpool")
+    if not any(getattr(h, "normlab", False) for h in retries.handlers):
+        handler = logging.StreamHandler()
+        handler.normlab = True
+        handler.setFormatter(logging.Formatter("%(asctime)s tracking server did not answer; %(message)s"))
+        handler.setLevel(logging.WARNING)
+        retries.addHandler(handler)
 
 
 def prepare_tracking_store(timeout: float = 5.0) -> None:
