@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 import subprocess
 from dataclasses import asdict
@@ -183,18 +184,26 @@ class TrackingUnreachable(RuntimeError):
 def use_bounded_http_retries() -> None:
     """Apply HTTP_RETRY_DEFAULTS where the user has not chosen their own values, and show
     each retry on stderr (urllib3 logs them to a NullHandler), so an outage is visible."""
-    import logging
     import os
 
     for name, value in HTTP_RETRY_DEFAULTS.items():
         os.environ.setdefault(name, value)
     retries = logging.getLogger("urllib3.connectionpool")
-    if not any(getattr(h, "normlab", False) for h in retries.handlers):
-        handler = logging.StreamHandler()
-        handler.normlab = True
-        handler.setFormatter(logging.Formatter("%(asctime)s tracking server did not answer; %(message)s"))
-        handler.setLevel(logging.WARNING)
-        retries.addHandler(handler)
+    if not any(isinstance(h, _RetryReporter) for h in retries.handlers):
+        retries.addHandler(_RetryReporter())
+
+
+class _RetryReporter(logging.Handler):
+    """urllib3's retry warnings, written to whatever sys.stderr is at the time."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(asctime)s tracking server did not answer; %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import sys
+
+        print(self.format(record), file=sys.stderr, flush=True)
 
 
 def prepare_tracking_store(timeout: float = 5.0) -> None:
