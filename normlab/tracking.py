@@ -194,7 +194,7 @@ def select_runs(experiment: str = EXPERIMENT, filter_string: str | None = None,
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
-    clauses = [f"({filter_string})"] if filter_string else []
+    clauses = [filter_string] if filter_string else []  # MLflow filters have AND only, no parentheses
     if run_ids:
         experiment_ids = sorted({_get_run(client, run_id, "run").info.experiment_id for run_id in run_ids})
         clauses.append("attributes.run_id IN ({})".format(", ".join(f"'{r}'" for r in run_ids)))
