@@ -41,9 +41,9 @@ def misclassified_grid(
 # --- Comparing variants: curves over epochs, final accuracy per seed, galleries ---
 
 METRIC_NAMES = {
-    "train_loss": ("Training loss", "loss (mean NLL per image)"),
+    "train_loss": ("Training loss", "loss (mean NLL per image, nats)"),
     "train_acc": ("Training accuracy", "accuracy (%)"),
-    "test_loss": ("Test loss", "loss (mean NLL per image)"),
+    "test_loss": ("Test loss", "loss (mean NLL per image, nats)"),
     "test_acc": ("Test accuracy", "accuracy (%)"),
 }
 BAND = "line: mean over seeds, band: min–max"

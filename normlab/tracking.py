@@ -159,7 +159,6 @@ def log_model(model: torch.nn.Module, data: DeviceData) -> None:
     mlflow.set_tag("model_uri", info.model_uri)
 
 
-
 # --- Reading runs back: selection, tidy histories, artifacts, logging a comparison ---
 
 TRAINING_RUN_TAG = "variant"  # set by log_run_setup; sweep parents and comparison runs lack it
@@ -263,6 +262,8 @@ def runs_frame(runs: list):
     """
     import pandas as pd
 
+    from normlab.models import NORMS
+
     rows = []
     for run in runs:
         p = run.data.params
@@ -299,8 +300,6 @@ def runs_frame(runs: list):
         ", ".join([row.base_label] + [DISTINGUISHING[k].format(getattr(row, k)) for k in differing])
         for row in frame.itertuples()
     ]
-    from normlab.models import NORMS
-
     order = frame.assign(norm_rank=frame["norm"].map({n: i for i, n in enumerate(NORMS)}).fillna(len(NORMS)))
     order = order.sort_values(["norm_rank", "groups", "l1", *differing, "seed"], na_position="first")
     frame["variant"] = pd.Categorical(frame["variant"], categories=list(dict.fromkeys(order["variant"])),
@@ -373,13 +372,14 @@ def log_comparison(files: list[Path], compared_run_ids: list[str], params: dict[
 
     client = MlflowClient()
     ids = ",".join(compared_run_ids)
-    tags = {"normlab.role": "comparison", "compared_runs": str(len(compared_run_ids)),
+    tags = {"compared_runs": str(len(compared_run_ids)),
             # MLflow caps tag values at 8,000 characters; runs.csv always lists every id
             "compared_run_ids": ids if len(ids) <= 8000 else "see comparison/runs.csv"}
     run_id = log_to_run_id or _run_id_from_env()
     created = run_id is None
     if created:
-        run_id = client.create_run(experiment_id, run_name="comparison", tags={"mlflow.runName": "comparison"}).info.run_id
+        run_id = client.create_run(experiment_id, run_name="comparison",
+                                   tags={"mlflow.runName": "comparison", "normlab.role": "comparison"}).info.run_id
         client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
