@@ -272,3 +272,51 @@ def summary_command(norm, dataset, groups) -> None:
     model = Net(dataset, norm, groups)
     click.echo(f"{variant_label(norm, groups)} on {dataset}: {count_parameters(model):,} trainable parameters")
     click.echo(summary_text(model, dataset))
+
+
+    with tracking.start_training_run(config, experiment) as run:
+        click.echo(f"MLflow run {run.info.run_id} ({config.run_name})")
+        tracking.log_run_setup(config, data, trainer.model, data_dir)
+        result = fit(trainer, CallbackList(tracking.MetricLogger(), Progress(config.epochs)))
+        tracking.log_results(config, data, result)
+    final = result.records[-1]
+    click.echo(f"done: test accuracy {final.test_acc:.2f}%, test loss {final.test_loss:.4f}")
+
+
+@main.command()
+@click.option("--experiment", default="normlab", help="MLflow experiment holding the training runs.")
+@click.option("--filter", "filter_string", default="",
+              help="MLflow search filter, e.g. \"params.dataset = 'mnist' and params.epochs = '20'\".")
+@click.option("--parent", "parent_run_id", default="", help="Only the child runs of this (sweep) run.")
+@click.option("--run-id", "run_ids", multiple=True,
+              help="Compare exactly these runs (repeat, or comma-separate); --experiment is then not used.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results",
+              help="Folder for the figures, galleries and tables (created if missing).")
+@click.option("--include-unfinished", type=click.BOOL, is_flag=False, flag_value=True, default=False,
+              help="Also compare runs that are not FINISHED (running, failed, killed).")
+@click.option("--log-to-run", "log_to_run_id", default="",
+              help="Log the outputs into this run (default: the `mlflow run` run, else a new one).")
+def compare(experiment, filter_string, parent_run_id, run_ids, out_dir, include_unfinished, log_to_run_id) -> None:
+    """Compare variants: curves over epochs, final accuracy per seed, mistakes, results table."""
+    import warnings
+    from pathlib import Path
+
+    from normlab.compare import SkippedRunsWarning, run_comparison
+    from normlab.tracking import SelectionError
+
+    ids = [i.strip() for value in run_ids for i in value.split(",") if i.strip()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = run_comparison(Path(out_dir), experiment, filter_string or None, parent_run_id or None,
+                                    ids or None, log_to_run_id or None, include_unfinished=include_unfinished)
+        except SelectionError as exc:
+            raise click.ClickException(str(exc)) from exc
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, SkippedRunsWarning):
+                    click.echo(f"warning: {warning.message}", err=True)
+    click.echo(f"compared {result.describe()} from {result.searched}")
+    click.echo(result.files["results.md"].read_text())
+    click.echo(f"wrote {len(result.files)} files to {out_dir}/; logged under "
+               f"'comparison/' of MLflow run {result.logged_to_run_id}")
