@@ -70,6 +70,55 @@ def normalization_sets(panels: Sequence[tuple[str, np.ndarray]], title: str) -> 
         ax.set_title(panel_title, fontsize=10)
     fig.suptitle(title, fontsize=11)
     fig.subplots_adjust(left=0.0, right=1.0, bottom=0.02, top=0.86, wspace=0.0)
+    return fig
+
+
+def final_values(df, metric: str = "test_acc"):
+    """One row per run: the metric at the run's last logged epoch (long DataFrame in)."""
+    rows = df[df["metric"] == metric]
+    return rows.loc[rows.groupby("run_id")["epoch"].idxmax()]
+
+
+def _norm_label(norm: str, groups=None, l1=None) -> str:
+    """'BN + L1', 'GN (4 groups)': a line per norm setting, whatever the batch size."""
+    label = str(norm).upper()
+    if label == "GN" and groups is not None and groups == groups:
+        label += f" ({int(groups)} groups)"
+    if l1 is not None and l1 == l1 and float(l1) > 0:
+        label += f" + L1 ({float(l1):g})"
+    return label
+
+
+def batch_size_figure(df, metric: str = "test_acc") -> Figure:
+    """Final test accuracy against batch size (log x), one line per norm setting.
+
+    The line is the mean over seeds, the bars span the lowest to highest seed, and every
+    seed is a dot: the small-model analogue of the GroupNorm paper's Figure 1. Lines are
+    keyed by norm (and groups and L1 when the frame has them), not by the variant label,
+    which may itself name the batch size.
+    """
+    final = final_values(df, metric)
+    keys = [c for c in ("norm", "groups", "l1") if c in final.columns]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, runs in final.groupby(keys, sort=False, observed=True):
+        key = key if isinstance(key, tuple) else (key,)
+        stats = runs.groupby("batch_size")["value"].agg(["mean", "min", "max"]).sort_index()
+        line = ax.errorbar(stats.index, stats["mean"],
+                           yerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]],
+                           marker="o", capsize=3,
+                           label=f"{_norm_label(*key)} ({runs['seed'].nunique()} seeds)")
+        ax.scatter(runs["batch_size"], runs["value"], s=10, alpha=0.4, color=line[0].get_color())
+    sizes = sorted(final["batch_size"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("batch size (log scale)")
+    ax.set_ylabel("final test accuracy (%)" if metric == "test_acc" else f"final {metric}")
+    ax.set_title("Final test accuracy vs batch size (mean, seed min-max)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
 
 
 # --- Comparing variants: curves over epochs, final accuracy per seed, galleries ---
