@@ -20,6 +20,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from matplotlib.collections import PathCollection, PolyCollection
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
@@ -92,6 +93,8 @@ def store(tmp_path_factory, small_mnist_dir) -> Store:
         client.set_terminated(parent)
 
         built = Store(root, uri, parent)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a 7,750-parameter model gains little from more; spare shared CI cores
         for norm, l1, seed, child in TRAINED:  # in this process: imports once, ~5 s per run
             done = CliRunner().invoke(main, ["train", "--norm", norm, "--l1", l1, "--seed", str(seed), "--epochs",
                                              str(EPOCHS), "--data-dir", str(small_mnist_dir), "--device", "cpu"])
@@ -101,6 +104,7 @@ def store(tmp_path_factory, small_mnist_dir) -> Store:
             built.runs.append(TrainedRun(run_id, LABELS[norm], seed, printed))
             if child:
                 client.set_tag(run_id, "mlflow.parentRunId", parent)
+        torch.set_num_threads(threads)
         os.environ.pop("MLFLOW_EXPERIMENT_ID")  # left by training; `mlflow run` refuses it with a name
         yield built
     mlflow.set_tracking_uri(None)
