@@ -42,10 +42,6 @@ class Comparison:
     files: dict[str, Path] = field(default_factory=dict)
     logged_to_run_id: str | None = None
 
-    @property
-    def variants(self) -> list[str]:
-        return [str(v) for v in self.table["variant"]]
-
     def describe(self) -> str:
         """'9 runs, 3 variants; mnist (60000/10000 train/test images), 20 epochs' for titles."""
         epochs = ", ".join(str(e) for e in sorted(self.runs_metrics["final_epoch"].unique()))

@@ -38,6 +38,41 @@ def misclassified_grid(
     return fig
 
 
+HIGHLIGHT = "#3b75af"  # the elements that share one mean and variance
+OTHER = "#f2f2f2"
+
+
+def normalization_sets(panels: Sequence[tuple[str, np.ndarray]], title: str) -> Figure:
+    """One 3-D block per norm, as in Figure 2 of the Group Normalization paper (Wu & He, 2018).
+
+    Each panel is (title, mask): mask is a boolean (N, C, H*W) array marking the elements that
+    share one mean and variance. Every element is drawn as one cube (one collection), so the
+    highlighted cubes of a panel can be counted from the Figure.
+    """
+    fig = plt.figure(figsize=(3.0 * len(panels), 3.8))
+    for i, (panel_title, mask) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1, projection="3d")
+        colors = np.where(mask[..., None], np.array(matplotlib.colors.to_rgba(HIGHLIGHT)),
+                          np.array(matplotlib.colors.to_rgba(OTHER)))
+        ax.voxels(np.ones(mask.shape, dtype=bool), facecolors=colors, edgecolor="#444444", linewidth=0.5,
+                  shade=False)
+        n, c, hw = mask.shape
+        ax.set_box_aspect((n, c, hw))
+        ax.view_init(elev=22, azim=-58)
+        ax.set_xlabel("N", labelpad=-14)
+        ax.set_ylabel("C", labelpad=-14)
+        ax.set_zlabel("H, W", labelpad=-14)
+        for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
+            axis.pane.set_visible(False)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_zticks([])
+        ax.set_title(panel_title, fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    fig.subplots_adjust(left=0.0, right=1.0, bottom=0.02, top=0.86, wspace=0.0)
+    return fig
+
+
 def final_values(df, metric: str = "test_acc"):
     """One row per run: the metric at the run's last logged epoch (long DataFrame in)."""
     rows = df[df["metric"] == metric]
@@ -91,9 +126,9 @@ def batch_size_figure(df, metric: str = "test_acc") -> Figure:
 # --- Comparing variants: curves over epochs, final accuracy per seed, galleries ---
 
 METRIC_NAMES = {
-    "train_loss": ("Training loss", "loss (mean NLL per image)"),
+    "train_loss": ("Training loss", "loss (mean NLL per image, nats)"),
     "train_acc": ("Training accuracy", "accuracy (%)"),
-    "test_loss": ("Test loss", "loss (mean NLL per image)"),
+    "test_loss": ("Test loss", "loss (mean NLL per image, nats)"),
     "test_acc": ("Test accuracy", "accuracy (%)"),
 }
 BAND = "line: mean over seeds, band: min–max"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 import subprocess
 from dataclasses import asdict, dataclass
@@ -160,6 +161,231 @@ def log_model(model: torch.nn.Module, data: DeviceData) -> None:
 
 
 
+# --- Reliability: reachability, retries, how a run ended, checkpoints, resume ----------------
+
+STATUS_TAG = "normlab.status"  # running | finished | interrupted | failed: the truth `mlflow run` cannot overwrite
+REASON_TAG = "normlab.reason"  # why a run was interrupted or failed, in words
+RUN_STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
+CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
+# Ride out tracking-server outages of up to ~2 min (urllib3 waits 0, 2, 4, 8, 16, 32, 64 s
+# between attempts), then stop with a clear error and a resumable local checkpoint.
+# MLflow's own default (factor 2, 120 s timeout) keeps a run hanging for 4 minutes or more.
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+
+
+class TrackingUnreachable(RuntimeError):
+    """The tracking server does not answer; the message says which URI and what to do."""
+
+
+def use_bounded_http_retries() -> None:
+    """Apply HTTP_RETRY_DEFAULTS where the user has not chosen their own values, and show
+    each retry on stderr (urllib3 logs them to a NullHandler), so an outage is visible."""
+    import os
+
+    for name, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    retries = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(h, _RetryReporter) for h in retries.handlers):
+        retries.addHandler(_RetryReporter())
+
+
+class _RetryReporter(logging.Handler):
+    """urllib3's retry warnings, written to whatever sys.stderr is at the time."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(asctime)s tracking server did not answer; %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import sys
+
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def prepare_tracking_store(timeout: float = 5.0) -> None:
+    """Before any data is loaded: fail within seconds when an http(s) tracking server does
+    not answer its /health; create a new sqlite store under a file lock, because parallel
+    runs on a fresh store otherwise race on its schema migrations and all fail."""
+    import requests
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
+        except requests.RequestException as exc:
+            raise TrackingUnreachable(
+                f"the MLflow tracking server {uri} cannot be reached ({type(exc).__name__}); start it, "
+                f"or point MLFLOW_TRACKING_URI at one that runs (unset it for a local store)") from exc
+    elif uri.startswith("sqlite:///"):
+        import fcntl
+
+        db = Path(uri[len("sqlite:///"):].split("?")[0])
+        with open(db.with_name(db.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            MlflowClient().search_experiments(max_results=1)  # creates and migrates the schema
+
+
+class _FewRetries:
+    """Within: MLflow HTTP calls try twice with a short timeout (for recording an ending,
+    which must not hang for minutes when the server is the reason the run is ending)."""
+
+    SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+    def __enter__(self):
+        import os
+
+        self.saved = {k: os.environ.get(k) for k in self.SETTINGS}
+        os.environ.update(self.SETTINGS)
+
+    def __exit__(self, *exc):
+        import os
+
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def record_ending(run_id: str, outcome: str, reason: str | None = None) -> bool:
+    """Tag how the run ended (normlab.status, normlab.reason) and set its MLflow status.
+
+    Ends the active run when it is this one. When MLflow cannot be reached, says so on
+    stderr and returns False instead of hanging or raising: the reason is already
+    on the console and the local checkpoint is intact.
+    """
+    import sys
+
+    tags = {STATUS_TAG: outcome}
+    if reason:
+        tags[REASON_TAG] = reason[:4000]
+    with _FewRetries():
+        try:
+            client = MlflowClient()
+            for key, value in tags.items():
+                client.set_tag(run_id, key, value)
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == run_id:
+                mlflow.end_run(RUN_STATUS[outcome])
+            else:
+                client.set_terminated(run_id, RUN_STATUS[outcome])
+            return True
+        except Exception as exc:  # the store is what failed; report and let the caller exit
+            print(f"warning: could not record that run {run_id} {outcome} in MLflow ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0] if str(exc) else ''})", file=sys.stderr)
+            if mlflow.active_run() is not None:  # drop it, so MLflow's atexit hook does not retry
+                try:
+                    mlflow.end_run(RUN_STATUS[outcome])
+                except Exception:
+                    pass
+            return False
+
+
+def fail_run_if_open(run_id: str, reason: str) -> None:
+    """Mark a run FAILED with the reason, unless it already records how it ended (a run
+    `mlflow run` created, whose command failed before or outside training)."""
+    with _FewRetries():
+        try:
+            tags = MlflowClient().get_run(run_id).data.tags
+        except Exception:
+            tags = {}
+    if tags.get(STATUS_TAG, "running") == "running":
+        record_ending(run_id, "failed", reason)
+
+
+def local_checkpoint_path(checkpoint_dir: str | Path, run_id: str) -> Path:
+    return Path(checkpoint_dir).expanduser() / run_id / Path(CHECKPOINT_ARTIFACT).name
+
+
+class Checkpointer(Callbacks):
+    """After each epoch: the trainer's state, the data digest and all epoch records, saved to
+    local disk first and then as the run's artifact checkpoint/last.pt (replacing the last).
+
+    Put it before MetricLogger: a checkpoint is then never behind the logged metrics, and
+    the records it carries let a resume log any epoch whose metrics did not reach MLflow.
+    """
+
+    def __init__(self, trainer, run_id: str, local_path: Path, records: list[dict] | None = None):
+        self.trainer = trainer
+        self.run_id = run_id
+        self.local_path = local_path
+        self.records = list(records or [])
+
+    def epoch_done(self, record: EpochRecord) -> None:
+        from normlab import checkpoint
+
+        self.records.append(asdict(record))
+        state = self.trainer.state_dict()
+        state.update(run_id=self.run_id, data_digest=self.trainer.data.raw.digest(), records=self.records)
+        checkpoint.save(state, self.local_path)
+        mlflow.log_artifact(str(self.local_path), artifact_path=str(Path(CHECKPOINT_ARTIFACT).parent))
+
+
+def download_checkpoint(run_id: str, dst_dir: str | Path) -> Path | None:
+    """The run's checkpoint artifact, downloaded into dst_dir; None when it has none."""
+    names = {f.path for f in MlflowClient().list_artifacts(run_id, str(Path(CHECKPOINT_ARTIFACT).parent))}
+    if CHECKPOINT_ARTIFACT not in names:
+        return None
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT,
+                                                    dst_path=str(dst_dir)))
+
+
+def logged_steps(run_id: str, metric: str = "train_loss") -> list[int]:
+    """The steps (epochs) a run's metric history holds, in order."""
+    return sorted(m.step for m in MlflowClient().get_metric_history(run_id, metric))
+
+
+def log_missing_epochs(run_id: str, records: list[dict]) -> list[int]:
+    """Log the records whose epoch has no metrics yet (lost when the store failed mid-epoch)."""
+    have = set(logged_steps(run_id))
+    missing = [r for r in records if r["epoch"] not in have]
+    for r in missing:
+        mlflow.log_metrics({k: r[k] for k in METRICS}, step=r["epoch"], run_id=run_id)
+    return [r["epoch"] for r in missing]
+
+
+def resume_training_run(run_id: str, after_epoch: int) -> mlflow.ActiveRun:
+    """Reopen an existing run (it becomes RUNNING again) to log its remaining epochs.
+
+    Why it stopped moves from normlab.reason to normlab.resumed (the last resume). Under
+    `mlflow run` the run MLflow made for this invocation is noted as a resume of `run_id`;
+    its own status is left to `mlflow run`.
+    """
+    client = MlflowClient()
+    previous = client.get_run(run_id).data.tags
+    launched = _run_id_from_env()
+    if launched and launched != run_id:
+        MlflowClient().set_tag(launched, "mlflow.note.content",
+                               f"This invocation resumed run {run_id}; its metrics are logged there.")
+        MlflowClient().set_tag(launched, "normlab.resumed_run", run_id)
+    run = mlflow.start_run(run_id=run_id)
+    mlflow.set_tags({STATUS_TAG: "running", "normlab.resumed": f"after epoch {after_epoch} "
+                     f"(it had ended {previous.get(STATUS_TAG, 'without a status tag')}: "
+                     f"{previous.get(REASON_TAG, 'no reason recorded')})"})
+    if REASON_TAG in previous:
+        client.delete_tag(run_id, REASON_TAG)
+    return run
+
+
+def require_run(run_id: str) -> None:
+    """Raise a clear error when the tracking store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        raise LookupError(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()} "
+                          f"({str(exc).splitlines()[0]})") from exc
+
+
+def mark_running() -> None:
+    mlflow.set_tag(STATUS_TAG, "running")
+
+
 # --- Reading runs back: selection, tidy histories, artifacts, logging a comparison ---
 
 TRAINING_RUN_TAG = "variant"  # set by log_run_setup; sweep parents and comparison runs lack it
@@ -194,7 +420,7 @@ def select_runs(experiment: str = EXPERIMENT, filter_string: str | None = None,
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
-    clauses = [f"({filter_string})"] if filter_string else []
+    clauses = [filter_string] if filter_string else []  # MLflow filters have AND only, no parentheses
     if run_ids:
         experiment_ids = sorted({_get_run(client, run_id, "run").info.experiment_id for run_id in run_ids})
         clauses.append("attributes.run_id IN ({})".format(", ".join(f"'{r}'" for r in run_ids)))
@@ -263,6 +489,8 @@ def runs_frame(runs: list):
     """
     import pandas as pd
 
+    from normlab.models import NORMS
+
     rows = []
     for run in runs:
         p = run.data.params
@@ -299,8 +527,6 @@ def runs_frame(runs: list):
         ", ".join([row.base_label] + [DISTINGUISHING[k].format(getattr(row, k)) for k in differing])
         for row in frame.itertuples()
     ]
-    from normlab.models import NORMS
-
     order = frame.assign(norm_rank=frame["norm"].map({n: i for i, n in enumerate(NORMS)}).fillna(len(NORMS)))
     order = order.sort_values(["norm_rank", "groups", "l1", *differing, "seed"], na_position="first")
     frame["variant"] = pd.Categorical(frame["variant"], categories=list(dict.fromkeys(order["variant"])),
@@ -373,13 +599,14 @@ def log_comparison(files: list[Path], compared_run_ids: list[str], params: dict[
 
     client = MlflowClient()
     ids = ",".join(compared_run_ids)
-    tags = {"normlab.role": "comparison", "compared_runs": str(len(compared_run_ids)),
+    tags = {"compared_runs": str(len(compared_run_ids)),
             # MLflow caps tag values at 8,000 characters; runs.csv always lists every id
             "compared_run_ids": ids if len(ids) <= 8000 else "see comparison/runs.csv"}
     run_id = log_to_run_id or _run_id_from_env()
     created = run_id is None
     if created:
-        run_id = client.create_run(experiment_id, run_name="comparison", tags={"mlflow.runName": "comparison"}).info.run_id
+        run_id = client.create_run(experiment_id, run_name="comparison",
+                                   tags={"mlflow.runName": "comparison", "normlab.role": "comparison"}).info.run_id
         client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
     for key, value in tags.items():
         client.set_tag(run_id, key, value)

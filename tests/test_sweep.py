@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 from click.testing import CliRunner
@@ -22,6 +20,7 @@ from normlab.models import ConfigError
 from normlab.sweep import Grid, job_environment, shard
 from normlab.train import TrainConfig
 from tests.conftest import cli_env, run_cli
+from tests.mlflow_server import MlflowServer
 
 # one thread per training process: on a shared 2-core machine, oversubscribed threads
 # make a 1,000-image epoch take 20-30 s instead of 4 s
@@ -353,43 +352,20 @@ def test_a_failing_child_is_reported_and_the_others_finish(tmp_path, tracking_ur
     assert_complete_history(client, bn.info.run_id, 1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path, monkeypatch):
-    """A real `mlflow server` on 127.0.0.1 with a sqlite backend and a proxied artifact root."""
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def healthy():
-        if server.poll() is not None:
-            raise AssertionError(f"mlflow server exited: {(tmp_path / 'server.log').read_text()[-2000:]}")
-        try:
-            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
-        except OSError:
-            return False
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend and a served artifact root."""
+    server = MlflowServer(tmp_path)
+    server.start()
     try:
-        wait_for(healthy, 180, "mlflow server")
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
         import mlflow
 
-        mlflow.set_tracking_uri(uri)
-        yield uri
+        mlflow.set_tracking_uri(server.uri)
+        yield server.uri
         mlflow.set_tracking_uri(None)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-        log.close()
+        server.stop()
 
 
 def test_two_sweeps_with_two_jobs_on_a_tracking_server_train_each_child_once(
