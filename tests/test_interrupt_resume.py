@@ -24,6 +24,16 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 shared cores: more threads per proces
 
 
 @pytest.fixture(autouse=True)
+def restore_environ():
+    """In-process commands set MLFLOW_EXPERIMENT_ID (mlflow.set_experiment) and retry settings
+    in os.environ; put it back so later subprocesses start clean."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def one_thread():
     """In-process training with one thread, like the subprocesses (same float results)."""
     threads = torch.get_num_threads()
@@ -45,6 +55,7 @@ def signal_after_first_epoch(cmd: list[str], cwd: Path, sig: int, **env) -> tupl
             sent = time.monotonic()
             break
     out, err = proc.communicate(timeout=300)
+    assert lines and lines[-1].startswith("epoch   1/3"), "".join(lines) + out + err
     waited = time.monotonic() - sent
     return subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines) + out, err), waited
 

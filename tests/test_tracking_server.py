@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -20,6 +21,16 @@ from tests.mlflow_server import MlflowServer
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 shared cores: more threads per process only thrash
+
+
+@pytest.fixture(autouse=True)
+def restore_environ():
+    """In-process commands set MLFLOW_EXPERIMENT_ID (mlflow.set_experiment) and retry settings
+    in os.environ; put it back so later subprocesses start clean."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
