@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from normlab.checkpoint import load
 from normlab.cli import main
 
-from tests.conftest import ROOT, cli_env
+from tests.conftest import cli_env
 from tests.mlflow_server import MlflowServer
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
