@@ -205,10 +205,9 @@ class _RetryReporter(logging.Handler):
         print(self.format(record), file=sys.stderr, flush=True)
 
 
-def prepare_tracking_store(timeout: float = 5.0) -> None:
-    """Before any data is loaded: fail within seconds when an http(s) tracking server does
-    not answer its /health; create a new sqlite store under a file lock, because parallel
-    runs on a fresh store otherwise race on its schema migrations and all fail."""
+def check_tracking_reachable(timeout: float = 5.0) -> None:
+    """Fail within seconds, before any data is loaded, when an http(s) tracking server does
+    not answer its /health (MLflow's own retries would take minutes to give up)."""
     import requests
 
     uri = mlflow.get_tracking_uri()
@@ -219,18 +218,25 @@ def prepare_tracking_store(timeout: float = 5.0) -> None:
             raise TrackingUnreachable(
                 f"the MLflow tracking server {uri} cannot be reached ({type(exc).__name__}); start it, "
                 f"or point MLFLOW_TRACKING_URI at one that runs (unset it for a local store)") from exc
-    elif uri.startswith("sqlite:///"):
-        import fcntl
 
-        db = Path(uri[len("sqlite:///"):].split("?")[0])
-        try:
-            lock = open(db.with_name(db.name + ".lock"), "w")
-        except OSError as exc:
-            raise TrackingUnreachable(f"the sqlite tracking store {uri} cannot be created here ({exc}); "
-                                      f"point MLFLOW_TRACKING_URI at a writable folder") from exc
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            MlflowClient().search_experiments(max_results=1)  # creates and migrates the schema
+
+def create_store_safely() -> None:
+    """Create a new sqlite store under a file lock: runs started together on a fresh store
+    otherwise race on its schema migrations and all fail."""
+    import fcntl
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///"):].split("?")[0])
+    try:
+        lock = open(db.with_name(db.name + ".lock"), "w")
+    except OSError as exc:
+        raise TrackingUnreachable(f"the sqlite tracking store {uri} cannot be created here ({exc}); "
+                                  f"point MLFLOW_TRACKING_URI at a writable folder") from exc
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient().search_experiments(max_results=1)  # creates and migrates the schema
 
 
 @contextmanager

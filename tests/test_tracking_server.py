@@ -144,7 +144,7 @@ def train_four_at_once(data_dir, tmp_path, uri) -> list[str]:
 
 @pytest.mark.parametrize("store", ["sqlite", "server"])
 def test_four_runs_at_once_all_finish_with_complete_histories(store, request, small_mnist_dir, tmp_path):
-    """A fresh sqlite store (its schema is created under a file lock) or the server."""
+    """A fresh sqlite store (tracking.create_store_safely makes its schema under a lock) or the server."""
     uri = request.getfixturevalue("server").uri if store == "server" else f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_ids = train_four_at_once(small_mnist_dir, tmp_path, uri)
     client = MlflowClient(uri)
