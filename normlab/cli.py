@@ -218,3 +218,193 @@ def _fail_launched_run(run_id: str | None, reason: str) -> None:
         from normlab import tracking
 
         tracking.fail_run_if_open(run_id, reason)
+
+
+@main.command("explain")
+@click.option("--norm", type=click.Choice(["all", *(n for n in NORMS if n != "none")]), default="all",
+              help="Which normalization to work through.")
+@click.option("--groups", type=int, default=2, help="Groups for gn; must divide the example's 4 channels.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Also save the figure of which elements share statistics as OUT/normalizations.png.")
+def explain_command(norm, groups, out) -> None:
+    """Worked example of BN, LN, GN and IN, checked against torch.
+
+    A 2 x 4 x 2 x 2 integer tensor: which elements share each mean and variance, the statistics,
+    the normalized values, and every number compared with the torch layer that computes it.
+    """
+    from pathlib import Path
+
+    from normlab import explain as worked
+
+    norms = worked.EXPLAINED if norm == "all" else (norm,)
+    try:
+        if out or "gn" in norms:
+            worked.check_example_groups(groups)
+        result = worked.explain(norms, groups)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(worked.render(result), nl=False)
+    if out:
+        from normlab import plots
+
+        path = Path(out) / "normalizations.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig = plots.normalization_sets(*worked.figure_panels(groups))
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plots.plt.close(fig)
+        click.echo(f"\nsaved {path}")
+    if not worked.all_checks_pass(result):
+        raise click.ClickException("some numbers above differ from torch's (marked MISMATCH)")
+
+
+@main.command("summary")
+@click.option("--norm", type=click.Choice(list(NORMS)), default=DEFAULTS.norm, help="Normalization of the model.")
+@click.option("--dataset", type=click.Choice(list(DATASETS)), default=DEFAULTS.dataset,
+              help="Dataset whose model to describe (input size and channel plan).")
+@click.option("--groups", type=int, default=DEFAULTS.groups, help="Groups for --norm gn.")
+def summary_command(norm, dataset, groups) -> None:
+    """The model's layers: output shape, parameters, mult-adds, totals.
+
+    The same table a training run logs as model_summary.txt.
+    """
+    from normlab.models import Net, check_norm, count_parameters, summary_text, variant_label
+
+    try:
+        check_norm(norm, groups, dataset)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    model = Net(dataset, norm, groups)
+    click.echo(f"{variant_label(norm, groups)} on {dataset}: {count_parameters(model):,} trainable parameters")
+    click.echo(summary_text(model, dataset))
+
+
+# -- sweep ------------------------------------------------------------------------------
+
+def _comma_list(kind: type):
+    """A click callback turning 'a,b,c' into a tuple of `kind`, naming the bad item."""
+    def parse(ctx, param, value: str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        try:
+            return tuple(kind(v) for v in items)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__}s") from None
+    return parse
+
+
+def _seeds(ctx, param, value: str) -> tuple[int, ...]:
+    """'3' means seeds 1, 2, 3; '1,5,9' (or '7,' for seed 7 alone) is the list itself."""
+    if "," not in value:
+        try:
+            count = int(value)
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: give a count (3 = seeds 1..3) or a list (1,5,9)") from None
+        if count < 1:
+            raise click.BadParameter(f"{value!r}: the seed count must be at least 1")
+        return tuple(range(1, count + 1))
+    return _comma_list(int)(ctx, param, value)
+
+
+def _shard(ctx, param, value: str) -> tuple[int, int]:
+    try:
+        k, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected K/N, e.g. 2/4 (the 2nd of 4 shares; K is 1-based)") from None
+    if not (n >= 1 and 1 <= k <= n):
+        raise click.BadParameter(f"{value!r}: need 1 <= K <= N (K is 1-based)")
+    return k, n
+
+
+@main.command()
+@click.option("--norms", default="bn,ln,gn", callback=_comma_list(str),
+              help=f"Comma-separated norms, from: {', '.join(NORMS)}.")
+@click.option("--l1", type=float, default=1e-5, help="L1 weight for the norms in --l1-on (the classic BN + L1).")
+@click.option("--l1-on", default="bn", help="Comma-separated norms that get --l1, or 'all'.")
+@click.option("--groups", default=str(DEFAULTS.groups), callback=_comma_list(int),
+              help="Comma-separated group counts for gn (an axis of the grid).")
+@click.option("--batch-sizes", default=str(DEFAULTS.batch_size), callback=_comma_list(int),
+              help="Comma-separated batch sizes (an axis; several give the batch-size figure).")
+@click.option("--seeds", default="1", callback=_seeds, help="A count (3 = seeds 1..3) or a comma list (1,5,9).")
+@click.option("--dataset", type=click.Choice(list(DATASETS)), default=DEFAULTS.dataset, help="Dataset.")
+@click.option("--data-dir", default="data", help="Folder holding (or receiving) the datasets.")
+@click.option("--epochs", type=int, default=DEFAULTS.epochs, help="Training epochs of every child.")
+@click.option("--lr", type=float, default=DEFAULTS.lr, help="Peak learning rate of every child.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N; with several GPUs each job gets one.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, help="Children trained at the same time.")
+@click.option("--shard", "shard_", default="1/1", callback=_shard,
+              help="K/N: run only share K of N of the grid (for job arrays); 1-based.")
+@click.option("--experiment", default="normlab", help="MLflow experiment (ignored under `mlflow run`).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Also keep the comparison files in this folder (they are logged on the parent anyway).")
+def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epochs, lr, device, jobs,
+          shard_, experiment, out) -> None:
+    """Run a grid of variants x seeds as child runs of one parent run, then compare them.
+
+    Re-running the same command resumes: finished children are kept, failed, killed and
+    missing ones are trained. Several sweep processes (or machines) on the same grid and
+    tracking server share the work.
+    """
+    from pathlib import Path
+
+    from normlab.sweep import Grid, Interrupted, run_sweep
+
+    l1_norms = norms if l1_on.strip() == "all" else tuple(v.strip() for v in l1_on.split(",") if v.strip())
+    grid = Grid(norms=norms, l1=l1, l1_on=l1_norms, groups=groups, batch_sizes=batch_sizes, seeds=seeds,
+                dataset=dataset, epochs=epochs, lr=lr)
+    try:
+        outcome = run_sweep(grid, experiment=experiment, data_dir=data_dir, device=device, jobs=jobs,
+                            shard_k=shard_[0], shard_n=shard_[1], out_dir=Path(out) if out else None,
+                            echo=click.echo)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except DataError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except Interrupted as exc:
+        click.echo(f"sweep interrupted ({exc}); run the same command again to resume", err=True)
+        sys.exit(130)
+    share_done = sum(1 for c in grid.configs()[shard_[0] - 1::shard_[1]] if c.config_hash() in outcome.done)
+    click.echo(f"sweep: {len(outcome.trained)} trained now, {share_done} of this worker's share finished, "
+               f"{len(outcome.done)} of {len(grid.configs())} in the whole grid; parent run {outcome.parent_id}")
+    if outcome.failures:
+        click.echo(f"{len(outcome.failures)} children failed (run the same command again to retry them):", err=True)
+        for failure in outcome.failures:
+            click.echo(f"- {failure.config.run_name} (run {failure.run_id}): {failure.reason}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--experiment", default="normlab", help="MLflow experiment holding the training runs.")
+@click.option("--filter", "filter_string", default="",
+              help="MLflow search filter, e.g. \"params.dataset = 'mnist' and params.epochs = '20'\".")
+@click.option("--parent", "parent_run_id", default="", help="Only the child runs of this (sweep) run.")
+@click.option("--run-id", "run_ids", multiple=True,
+              help="Compare exactly these runs (repeat, or comma-separate); --experiment is then not used.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results",
+              help="Folder for the figures, galleries and tables (created if missing).")
+@click.option("--include-unfinished", type=click.BOOL, is_flag=False, flag_value=True, default=False,
+              help="Also compare runs that are not FINISHED (running, failed, killed).")
+@click.option("--log-to-run", "log_to_run_id", default="",
+              help="Log the outputs into this run (default: the `mlflow run` run, else a new one).")
+def compare(experiment, filter_string, parent_run_id, run_ids, out_dir, include_unfinished, log_to_run_id) -> None:
+    """Compare variants: curves over epochs, final accuracy per seed, mistakes, results table."""
+    import warnings
+    from pathlib import Path
+
+    from normlab.compare import SkippedRunsWarning, run_comparison
+    from normlab.tracking import SelectionError
+
+    ids = [i.strip() for value in run_ids for i in value.split(",") if i.strip()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = run_comparison(Path(out_dir), experiment, filter_string or None, parent_run_id or None,
+                                    ids or None, log_to_run_id or None, include_unfinished=include_unfinished)
+        except SelectionError as exc:
+            raise click.ClickException(str(exc)) from exc
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, SkippedRunsWarning):
+                    click.echo(f"warning: {warning.message}", err=True)
+    click.echo(f"compared {result.describe()} from {result.searched}")
+    click.echo(result.files["results.md"].read_text())
+    click.echo(f"wrote {len(result.files)} files to {out_dir}/; logged under "
+               f"'comparison/' of MLflow run {result.logged_to_run_id}")
