@@ -91,7 +91,7 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
         raise click.UsageError(str(exc)) from exc
     tracking.use_bounded_http_retries()
     try:
-        tracking.prepare_tracking_store()
+        tracking.check_tracking_reachable()
     except tracking.TrackingUnreachable as exc:
         raise click.ClickException(str(exc)) from exc
     point = None
@@ -116,6 +116,10 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
             trainer.load_state_dict(point.state)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
+    try:
+        tracking.create_store_safely()
+    except tracking.TrackingUnreachable as exc:
+        raise click.ClickException(str(exc)) from exc
 
     click.echo(f"{config.label} on {config.dataset} ({data.train_size} train / {data.test_size} test), "
                f"{config.epochs} epochs, device {torch_device}")

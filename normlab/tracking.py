@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import subprocess
+import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -184,8 +187,6 @@ class TrackingUnreachable(RuntimeError):
 def use_bounded_http_retries() -> None:
     """Apply HTTP_RETRY_DEFAULTS where the user has not chosen their own values, and show
     each retry on stderr (urllib3 logs them to a NullHandler), so an outage is visible."""
-    import os
-
     for name, value in HTTP_RETRY_DEFAULTS.items():
         os.environ.setdefault(name, value)
     retries = logging.getLogger("urllib3.connectionpool")
@@ -201,15 +202,12 @@ class _RetryReporter(logging.Handler):
         self.setFormatter(logging.Formatter("%(asctime)s tracking server did not answer; %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        import sys
-
         print(self.format(record), file=sys.stderr, flush=True)
 
 
-def prepare_tracking_store(timeout: float = 5.0) -> None:
-    """Before any data is loaded: fail within seconds when an http(s) tracking server does
-    not answer its /health; create a new sqlite store under a file lock, because parallel
-    runs on a fresh store otherwise race on its schema migrations and all fail."""
+def check_tracking_reachable(timeout: float = 5.0) -> None:
+    """Fail within seconds, before any data is loaded, when an http(s) tracking server does
+    not answer its /health (MLflow's own retries would take minutes to give up)."""
     import requests
 
     uri = mlflow.get_tracking_uri()
@@ -220,31 +218,38 @@ def prepare_tracking_store(timeout: float = 5.0) -> None:
             raise TrackingUnreachable(
                 f"the MLflow tracking server {uri} cannot be reached ({type(exc).__name__}); start it, "
                 f"or point MLFLOW_TRACKING_URI at one that runs (unset it for a local store)") from exc
-    elif uri.startswith("sqlite:///"):
-        import fcntl
-
-        db = Path(uri[len("sqlite:///"):].split("?")[0])
-        with open(db.with_name(db.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            MlflowClient().search_experiments(max_results=1)  # creates and migrates the schema
 
 
-class _FewRetries:
+def create_store_safely() -> None:
+    """Create a new sqlite store under a file lock: runs started together on a fresh store
+    otherwise race on its schema migrations and all fail."""
+    import fcntl
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///"):].split("?")[0])
+    try:
+        lock = open(db.with_name(db.name + ".lock"), "w")
+    except OSError as exc:
+        raise TrackingUnreachable(f"the sqlite tracking store {uri} cannot be created here ({exc}); "
+                                  f"point MLFLOW_TRACKING_URI at a writable folder") from exc
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient().search_experiments(max_results=1)  # creates and migrates the schema
+
+
+@contextmanager
+def _few_retries():
     """Within: MLflow HTTP calls try twice with a short timeout (for recording an ending,
     which must not hang for minutes when the server is the reason the run is ending)."""
-
-    SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-
-    def __enter__(self):
-        import os
-
-        self.saved = {k: os.environ.get(k) for k in self.SETTINGS}
-        os.environ.update(self.SETTINGS)
-
-    def __exit__(self, *exc):
-        import os
-
-        for k, v in self.saved.items():
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
@@ -258,12 +263,10 @@ def record_ending(run_id: str, outcome: str, reason: str | None = None) -> bool:
     stderr and returns False instead of hanging or raising: the reason is already
     on the console and the local checkpoint is intact.
     """
-    import sys
-
     tags = {STATUS_TAG: outcome}
     if reason:
         tags[REASON_TAG] = reason[:4000]
-    with _FewRetries():
+    with _few_retries():
         try:
             client = MlflowClient()
             for key, value in tags.items():
@@ -288,7 +291,7 @@ def record_ending(run_id: str, outcome: str, reason: str | None = None) -> bool:
 def fail_run_if_open(run_id: str, reason: str) -> None:
     """Mark a run FAILED with the reason, unless it already records how it ended (a run
     `mlflow run` created, whose command failed before or outside training)."""
-    with _FewRetries():
+    with _few_retries():
         try:
             tags = MlflowClient().get_run(run_id).data.tags
         except Exception:
@@ -314,13 +317,14 @@ class Checkpointer(Callbacks):
         self.run_id = run_id
         self.local_path = local_path
         self.records = list(records or [])
+        self.data_digest = trainer.data.raw.digest()
 
     def epoch_done(self, record: EpochRecord) -> None:
         from normlab import checkpoint
 
         self.records.append(asdict(record))
         state = self.trainer.state_dict()
-        state.update(run_id=self.run_id, data_digest=self.trainer.data.raw.digest(), records=self.records)
+        state.update(run_id=self.run_id, data_digest=self.data_digest, records=self.records)
         checkpoint.save(state, self.local_path)
         mlflow.log_artifact(str(self.local_path), artifact_path=str(Path(CHECKPOINT_ARTIFACT).parent))
 

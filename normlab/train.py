@@ -236,8 +236,9 @@ class Trainer:
 
     def _stop_if_requested(self, step: int) -> None:
         if self.stop_reason is not None:
-            raise TrainingStopped(f"{self.stop_reason}: stopped after step {step} of {self.steps_per_epoch} "
-                                  f"in epoch {self.epoch + 1}; {self.epoch} epochs complete")
+            where = f"after step {step} of {self.steps_per_epoch} in" if step else "before"
+            raise TrainingStopped(f"{self.stop_reason}: stopped {where} epoch {self.epoch + 1}; "
+                                  f"{self.epoch} epochs complete")
 
     def state_dict(self) -> dict:
         """Everything needed to continue exactly after the last completed epoch."""

@@ -39,6 +39,7 @@ class MlflowServer:
                "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
                "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts")]
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # else ~9 job-runner processes start too
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
@@ -61,7 +62,7 @@ class MlflowServer:
             return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=5)  # longer waits on clients' keep-alive connections
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -15,11 +16,21 @@ from mlflow import MlflowClient
 from normlab.checkpoint import load
 from normlab.cli import main
 
-from tests.conftest import ROOT, cli_env
+from tests.conftest import cli_env
 from tests.mlflow_server import MlflowServer
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 shared cores: more threads per process only thrash
+
+
+@pytest.fixture(autouse=True)
+def restore_environ():
+    """In-process commands set MLFLOW_EXPERIMENT_ID (mlflow.set_experiment) and retry settings
+    in os.environ; put it back so later subprocesses start clean."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +144,7 @@ def train_four_at_once(data_dir, tmp_path, uri) -> list[str]:
 
 @pytest.mark.parametrize("store", ["sqlite", "server"])
 def test_four_runs_at_once_all_finish_with_complete_histories(store, request, small_mnist_dir, tmp_path):
-    """A fresh sqlite store (its schema is created under a file lock) or the server."""
+    """A fresh sqlite store (tracking.create_store_safely makes its schema under a lock) or the server."""
     uri = request.getfixturevalue("server").uri if store == "server" else f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_ids = train_four_at_once(small_mnist_dir, tmp_path, uri)
     client = MlflowClient(uri)
