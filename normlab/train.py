@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from normlab.data import DeviceData, batch_slices, check_dataset
 from normlab.models import ConfigError, Net, check_norm, variant_label
-from normlab.step import GraphedTrainStep, Speedups, TrainStep, l1_norm  # noqa: F401 (l1_norm re-exported)
+from normlab.step import GraphedTrainStep, Speedups, TrainStep
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ class Trainer:
         device = data.device
         torch.manual_seed(config.seed)
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
-        self.speedups = speedups or Speedups.for_device(device)
+        self.speedups = speedups or Speedups.default(device, config.norm)
         self.model = Net(config.dataset, config.norm, config.groups, config.dropout).to(device)
         if self.speedups.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
