@@ -57,7 +57,7 @@ def plain_epochs(config: TrainConfig, data: DeviceData) -> tuple[list[tuple[floa
 def test_engine_trains_what_the_plain_loop_trains(data, norm, l1):
     config = TrainConfig(norm=norm, l1=l1, epochs=2, batch_size=48, seed=3)  # 200 = 4 x 48 + 8: a short last batch
     expected, plain_model = plain_epochs(config, data)
-    trainer = Trainer(config, data)
+    trainer = Trainer(config, data)  # the CPU defaults
     records = [trainer.run_epoch(Callbacks()) for _ in range(config.epochs)]
     for record, (train_loss, test_loss, test_acc) in zip(records, expected):
         assert record.train_loss == pytest.approx(train_loss, rel=1e-4)
