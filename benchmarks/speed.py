@@ -101,6 +101,7 @@ def sync(device: torch.device) -> None:
 
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
+        torch.cuda.init()  # an explicit index ("cuda:0") does not initialize CUDA by itself
         torch.cuda.reset_peak_memory_stats(device)
 
 

@@ -157,14 +157,15 @@ class GraphedTrainStep:
 
     def capture(self) -> None:
         start = time.perf_counter()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run_and_undo(self.step, self.x, self.y, self.warmup_steps)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.step(self.x, self.y)
-        torch.cuda.synchronize()
+        with torch.cuda.device(self.x.device):  # streams and capture on the model's GPU
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                run_and_undo(self.step, self.x, self.y, self.warmup_steps)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.step(self.x, self.y)
+            torch.cuda.synchronize()
         self.graph = graph
         self.capture_seconds = time.perf_counter() - start
