@@ -1,3 +1,3 @@
-from normlab.cli import main
+from normlab.cli import entry
 
-main()
+entry()

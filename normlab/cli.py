@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from normlab.data import DATASETS, DataError
 from normlab.models import NORMS, ConfigError
 from normlab.train import Callbacks, EpochRecord, TrainConfig
 
 DEFAULTS = TrainConfig()
+CONFIG_OPTIONS = ("norm", "groups", "l1", "dataset", "epochs", "batch_size", "lr", "seed")
+DEFAULT_CHECKPOINT_DIR = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                             / "normlab" / "checkpoints")
 
 
 class Progress(Callbacks):
@@ -64,11 +70,17 @@ def main() -> None:
 @click.option("--seed", type=int, default=DEFAULTS.seed, help="Seed for weights, shuffling, augmentation, dropout.")
 @click.option("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--experiment", default="normlab", help="MLflow experiment (ignored under `mlflow run`).")
-def train(norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed, device, experiment) -> None:
+@click.option("--resume", "resume_run", default="", metavar="RUN_ID",
+              help="Continue this run from its last checkpoint; options left out come from the checkpoint.")
+@click.option("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR,
+              help="Local copy of each unfinished run's last checkpoint: DIR/RUN_ID/last.pt.")
+@click.pass_context
+def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed, device, experiment,
+          resume_run, checkpoint_dir) -> None:
     """Train one variant as one MLflow run: params, per-epoch metrics, mistakes, model."""
-    from normlab import tracking
+    from normlab import resume, tracking
     from normlab.data import DeviceData, load_raw
-    from normlab.train import CallbackList, Trainer, fit, resolve_device
+    from normlab.train import Trainer, resolve_device
 
     config = TrainConfig(norm=norm, groups=groups, l1=l1, dataset=dataset, epochs=epochs,
                          batch_size=batch_size, lr=lr, seed=seed)
@@ -77,21 +89,318 @@ def train(norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed, dev
         torch_device = resolve_device(device)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
+    tracking.use_bounded_http_retries()
     try:
-        data = DeviceData(load_raw(dataset, data_dir), torch_device)
+        tracking.prepare_tracking_store()
+    except tracking.TrackingUnreachable as exc:
+        raise click.ClickException(str(exc)) from exc
+    point = None
+    if resume_run:
+        explicit = {name for name in CONFIG_OPTIONS
+                    if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+        try:
+            point = resume.find(resume_run, config, explicit, checkpoint_dir)
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from exc
+        except (resume.ResumeError, DataError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        config = point.config
+    try:
+        data = DeviceData(load_raw(config.dataset, data_dir), torch_device)
     except DataError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
         trainer = Trainer(config, data)
+        if point is not None:
+            resume.check_same_data(point, data.raw.digest())
+            trainer.load_state_dict(point.state)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
 
-    click.echo(f"{config.label} on {dataset} ({data.train_size} train / {data.test_size} test), "
+    click.echo(f"{config.label} on {config.dataset} ({data.train_size} train / {data.test_size} test), "
                f"{config.epochs} epochs, device {torch_device}")
-    with tracking.start_training_run(config, experiment) as run:
-        click.echo(f"MLflow run {run.info.run_id} ({config.run_name})")
-        tracking.log_run_setup(config, data, trainer.model, data_dir)
-        result = fit(trainer, CallbackList(tracking.MetricLogger(), Progress(config.epochs)))
-        tracking.log_results(config, data, result)
-    final = result.records[-1]
-    click.echo(f"done: test accuracy {final.test_acc:.2f}%, test loss {final.test_loss:.4f}")
+    if point is not None:
+        click.echo(f"resuming run {point.run_id} after epoch {trainer.epoch} ({point.source})")
+    train_tracked(trainer, point, data_dir, experiment, checkpoint_dir)
+
+
+def train_tracked(trainer, point, data_dir: str, experiment: str, checkpoint_dir: str) -> None:
+    """Fit inside an MLflow run and record how it ended: finished, interrupted (a signal) or
+    failed (diverged, store unreachable, any error), in tags as well as the run status."""
+    import shutil
+
+    from mlflow.exceptions import MlflowException
+
+    from normlab import tracking
+    from normlab.interrupts import exit_code, stop_on_signals
+    from normlab.train import CallbackList, NonFiniteLoss, TrainingStopped, fit
+
+    config, data = trainer.config, trainer.data
+    with stop_on_signals(trainer.request_stop) as signals:
+        if point is None:
+            run = tracking.start_training_run(config, experiment)
+        else:
+            run = tracking.resume_training_run(point.run_id, trainer.epoch)
+        run_id = run.info.run_id
+        local = tracking.local_checkpoint_path(checkpoint_dir, run_id)
+        resume_hint = f"resume with: normlab train --resume {run_id}"
+        try:
+            click.echo(f"MLflow run {run_id} ({config.run_name}); checkpoints: {local} and artifact "
+                       f"{tracking.CHECKPOINT_ARTIFACT}")
+            if point is None:
+                tracking.mark_running()
+                tracking.log_run_setup(config, data, trainer.model, data_dir)
+            else:
+                relogged = tracking.log_missing_epochs(run_id, point.records)
+                if relogged:
+                    click.echo(f"logged the metrics of epochs {relogged} from the checkpoint")
+            checkpointer = tracking.Checkpointer(trainer, run_id, local, point.records if point else [])
+            result = fit(trainer, CallbackList(checkpointer, tracking.MetricLogger(), Progress(config.epochs)))
+            tracking.log_results(config, data, result)
+        except TrainingStopped as exc:
+            tracking.record_ending(run_id, "interrupted", f"{exc}; {resume_hint}")
+            click.echo(f"interrupted: {exc}.\nLast checkpoint: {local}; {resume_hint}", err=True)
+            sys.exit(exit_code(signals[0]))
+        except KeyboardInterrupt:
+            reason = f"aborted by a second Ctrl-C; epochs up to the last checkpoint are kept; {resume_hint}"
+            tracking.record_ending(run_id, "interrupted", reason)
+            click.echo(f"aborted: {reason}", err=True)
+            sys.exit(130)
+        except NonFiniteLoss as exc:
+            tracking.record_ending(run_id, "failed", str(exc))
+            raise click.ClickException(str(exc)) from exc
+        except MlflowException as exc:
+            reason = f"MLflow failed during training: {str(exc).splitlines()[0]}"
+            tracking.record_ending(run_id, "failed", f"{reason}; {resume_hint}")
+            raise click.ClickException(f"{reason}\nCompleted epochs are checkpointed in {local}; "
+                                       f"{resume_hint}") from exc
+        except BaseException as exc:
+            tracking.record_ending(run_id, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+    if tracking.record_ending(run_id, "finished"):
+        shutil.rmtree(local.parent, ignore_errors=True)  # the artifact keeps the final checkpoint
+    final = result.records[-1] if result.records else None
+    if final is not None:
+        click.echo(f"done: test accuracy {final.test_acc:.2f}%, test loss {final.test_loss:.4f}")
+
+
+def entry() -> None:
+    """`normlab` / `python -m normlab`: click's main, and when `mlflow run` created the run
+    (MLFLOW_RUN_ID), a command that fails, even in click's own parsing, fails that run too,
+    with the reason in its tags, instead of leaving it RUNNING or calling it FINISHED."""
+    launched_run = os.environ.get("MLFLOW_RUN_ID")
+    try:
+        result = main(standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        _fail_launched_run(launched_run, exc.format_message())
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        _fail_launched_run(launched_run, "aborted")
+        sys.exit(1)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            _fail_launched_run(launched_run, f"exited with code {exc.code}")
+        raise
+    except BaseException as exc:
+        _fail_launched_run(launched_run, f"{type(exc).__name__}: {exc}")
+        raise
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+def _fail_launched_run(run_id: str | None, reason: str) -> None:
+    if run_id:
+        from normlab import tracking
+
+        tracking.fail_run_if_open(run_id, reason)
+
+
+@main.command("explain")
+@click.option("--norm", type=click.Choice(["all", *(n for n in NORMS if n != "none")]), default="all",
+              help="Which normalization to work through.")
+@click.option("--groups", type=int, default=2, help="Groups for gn; must divide the example's 4 channels.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Also save the figure of which elements share statistics as OUT/normalizations.png.")
+def explain_command(norm, groups, out) -> None:
+    """Worked example of BN, LN, GN and IN, checked against torch.
+
+    A 2 x 4 x 2 x 2 integer tensor: which elements share each mean and variance, the statistics,
+    the normalized values, and every number compared with the torch layer that computes it.
+    """
+    from pathlib import Path
+
+    from normlab import explain as worked
+
+    norms = worked.EXPLAINED if norm == "all" else (norm,)
+    try:
+        if out or "gn" in norms:
+            worked.check_example_groups(groups)
+        result = worked.explain(norms, groups)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(worked.render(result), nl=False)
+    if out:
+        from normlab import plots
+
+        path = Path(out) / "normalizations.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig = plots.normalization_sets(*worked.figure_panels(groups))
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plots.plt.close(fig)
+        click.echo(f"\nsaved {path}")
+    if not worked.all_checks_pass(result):
+        raise click.ClickException("some numbers above differ from torch's (marked MISMATCH)")
+
+
+@main.command("summary")
+@click.option("--norm", type=click.Choice(list(NORMS)), default=DEFAULTS.norm, help="Normalization of the model.")
+@click.option("--dataset", type=click.Choice(list(DATASETS)), default=DEFAULTS.dataset,
+              help="Dataset whose model to describe (input size and channel plan).")
+@click.option("--groups", type=int, default=DEFAULTS.groups, help="Groups for --norm gn.")
+def summary_command(norm, dataset, groups) -> None:
+    """The model's layers: output shape, parameters, mult-adds, totals.
+
+    The same table a training run logs as model_summary.txt.
+    """
+    from normlab.models import Net, check_norm, count_parameters, summary_text, variant_label
+
+    try:
+        check_norm(norm, groups, dataset)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    model = Net(dataset, norm, groups)
+    click.echo(f"{variant_label(norm, groups)} on {dataset}: {count_parameters(model):,} trainable parameters")
+    click.echo(summary_text(model, dataset))
+
+
+# -- sweep ------------------------------------------------------------------------------
+
+def _comma_list(kind: type):
+    """A click callback turning 'a,b,c' into a tuple of `kind`, naming the bad item."""
+    def parse(ctx, param, value: str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        try:
+            return tuple(kind(v) for v in items)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__}s") from None
+    return parse
+
+
+def _seeds(ctx, param, value: str) -> tuple[int, ...]:
+    """'3' means seeds 1, 2, 3; '1,5,9' (or '7,' for seed 7 alone) is the list itself."""
+    if "," not in value:
+        try:
+            count = int(value)
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: give a count (3 = seeds 1..3) or a list (1,5,9)") from None
+        if count < 1:
+            raise click.BadParameter(f"{value!r}: the seed count must be at least 1")
+        return tuple(range(1, count + 1))
+    return _comma_list(int)(ctx, param, value)
+
+
+def _shard(ctx, param, value: str) -> tuple[int, int]:
+    try:
+        k, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected K/N, e.g. 2/4 (the 2nd of 4 shares; K is 1-based)") from None
+    if not (n >= 1 and 1 <= k <= n):
+        raise click.BadParameter(f"{value!r}: need 1 <= K <= N (K is 1-based)")
+    return k, n
+
+
+@main.command()
+@click.option("--norms", default="bn,ln,gn", callback=_comma_list(str),
+              help=f"Comma-separated norms, from: {', '.join(NORMS)}.")
+@click.option("--l1", type=float, default=1e-5, help="L1 weight for the norms in --l1-on (the classic BN + L1).")
+@click.option("--l1-on", default="bn", help="Comma-separated norms that get --l1, or 'all'.")
+@click.option("--groups", default=str(DEFAULTS.groups), callback=_comma_list(int),
+              help="Comma-separated group counts for gn (an axis of the grid).")
+@click.option("--batch-sizes", default=str(DEFAULTS.batch_size), callback=_comma_list(int),
+              help="Comma-separated batch sizes (an axis; several give the batch-size figure).")
+@click.option("--seeds", default="1", callback=_seeds, help="A count (3 = seeds 1..3) or a comma list (1,5,9).")
+@click.option("--dataset", type=click.Choice(list(DATASETS)), default=DEFAULTS.dataset, help="Dataset.")
+@click.option("--data-dir", default="data", help="Folder holding (or receiving) the datasets.")
+@click.option("--epochs", type=int, default=DEFAULTS.epochs, help="Training epochs of every child.")
+@click.option("--lr", type=float, default=DEFAULTS.lr, help="Peak learning rate of every child.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N; with several GPUs each job gets one.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, help="Children trained at the same time.")
+@click.option("--shard", "shard_", default="1/1", callback=_shard,
+              help="K/N: run only share K of N of the grid (for job arrays); 1-based.")
+@click.option("--experiment", default="normlab", help="MLflow experiment (ignored under `mlflow run`).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Also keep the comparison files in this folder (they are logged on the parent anyway).")
+def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epochs, lr, device, jobs,
+          shard_, experiment, out) -> None:
+    """Run a grid of variants x seeds as child runs of one parent run, then compare them.
+
+    Re-running the same command resumes: finished children are kept, failed, killed and
+    missing ones are trained. Several sweep processes (or machines) on the same grid and
+    tracking server share the work.
+    """
+    from pathlib import Path
+
+    from normlab.sweep import Grid, Interrupted, run_sweep
+
+    l1_norms = norms if l1_on.strip() == "all" else tuple(v.strip() for v in l1_on.split(",") if v.strip())
+    grid = Grid(norms=norms, l1=l1, l1_on=l1_norms, groups=groups, batch_sizes=batch_sizes, seeds=seeds,
+                dataset=dataset, epochs=epochs, lr=lr)
+    try:
+        outcome = run_sweep(grid, experiment=experiment, data_dir=data_dir, device=device, jobs=jobs,
+                            shard_k=shard_[0], shard_n=shard_[1], out_dir=Path(out) if out else None,
+                            echo=click.echo)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except DataError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except Interrupted as exc:
+        click.echo(f"sweep interrupted ({exc}); run the same command again to resume", err=True)
+        sys.exit(130)
+    share_done = sum(1 for c in grid.configs()[shard_[0] - 1::shard_[1]] if c.config_hash() in outcome.done)
+    click.echo(f"sweep: {len(outcome.trained)} trained now, {share_done} of this worker's share finished, "
+               f"{len(outcome.done)} of {len(grid.configs())} in the whole grid; parent run {outcome.parent_id}")
+    if outcome.failures:
+        click.echo(f"{len(outcome.failures)} children failed (run the same command again to retry them):", err=True)
+        for failure in outcome.failures:
+            click.echo(f"- {failure.config.run_name} (run {failure.run_id}): {failure.reason}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--experiment", default="normlab", help="MLflow experiment holding the training runs.")
+@click.option("--filter", "filter_string", default="",
+              help="MLflow search filter, e.g. \"params.dataset = 'mnist' and params.epochs = '20'\".")
+@click.option("--parent", "parent_run_id", default="", help="Only the child runs of this (sweep) run.")
+@click.option("--run-id", "run_ids", multiple=True,
+              help="Compare exactly these runs (repeat, or comma-separate); --experiment is then not used.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results",
+              help="Folder for the figures, galleries and tables (created if missing).")
+@click.option("--include-unfinished", type=click.BOOL, is_flag=False, flag_value=True, default=False,
+              help="Also compare runs that are not FINISHED (running, failed, killed).")
+@click.option("--log-to-run", "log_to_run_id", default="",
+              help="Log the outputs into this run (default: the `mlflow run` run, else a new one).")
+def compare(experiment, filter_string, parent_run_id, run_ids, out_dir, include_unfinished, log_to_run_id) -> None:
+    """Compare variants: curves over epochs, final accuracy per seed, mistakes, results table."""
+    import warnings
+    from pathlib import Path
+
+    from normlab.compare import SkippedRunsWarning, run_comparison
+    from normlab.tracking import SelectionError
+
+    ids = [i.strip() for value in run_ids for i in value.split(",") if i.strip()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = run_comparison(Path(out_dir), experiment, filter_string or None, parent_run_id or None,
+                                    ids or None, log_to_run_id or None, include_unfinished=include_unfinished)
+        except SelectionError as exc:
+            raise click.ClickException(str(exc)) from exc
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, SkippedRunsWarning):
+                    click.echo(f"warning: {warning.message}", err=True)
+    click.echo(f"compared {result.describe()} from {result.searched}")
+    click.echo(result.files["results.md"].read_text())
+    click.echo(f"wrote {len(result.files)} files to {out_dir}/; logged under "
+               f"'comparison/' of MLflow run {result.logged_to_run_id}")

@@ -133,6 +133,14 @@ def check_idx_file(path: Path) -> None:
                         f"the file is truncated or corrupt; delete it and download again")
 
 
+def _files_failing_md5(cls, folder: Path) -> list[str]:
+    """Of the files torchvision knows md5 sums for (CIFAR-10's lists), those that do not match."""
+    from torchvision.datasets.utils import check_integrity
+
+    known = getattr(cls, "train_list", []) + getattr(cls, "test_list", [])
+    return [name for name, md5 in known if not check_integrity(str(folder / name), md5)]
+
+
 def load_raw(name: str, data_dir: str | os.PathLike, download: bool = True) -> RawSplits:
     """Both splits through torchvision's dataset classes (download, md5 checks, parsing)."""
     import torchvision  # deferred: importing it costs a second and `--help` needs none of it
@@ -155,7 +163,9 @@ def load_raw(name: str, data_dir: str | os.PathLike, download: bool = True) -> R
         test = cls(str(root), train=False, download=False)
     except (RuntimeError, OSError) as exc:  # torchvision raises both for failed downloads/md5
         if present:
-            raise DataError(f"{spec.name} files in {folder} failed torchvision's checks: {exc}") from exc
+            bad = ", ".join(_files_failing_md5(cls, folder)) or "none by md5"
+            raise DataError(f"{spec.name} files in {folder} failed torchvision's checks ({exc}); files whose "
+                            f"md5 differs from the official one: {bad}. Delete them and download again") from exc
         raise DataError(_missing_data_message(spec, root, str(exc).splitlines()[0])) from exc
 
     def images(ds) -> torch.Tensor:

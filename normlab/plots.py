@@ -36,3 +36,232 @@ def misclassified_grid(
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
+
+
+HIGHLIGHT = "#3b75af"  # the elements that share one mean and variance
+OTHER = "#f2f2f2"
+
+
+def normalization_sets(panels: Sequence[tuple[str, np.ndarray]], title: str) -> Figure:
+    """One 3-D block per norm, as in Figure 2 of the Group Normalization paper (Wu & He, 2018).
+
+    Each panel is (title, mask): mask is a boolean (N, C, H*W) array marking the elements that
+    share one mean and variance. Every element is drawn as one cube (one collection), so the
+    highlighted cubes of a panel can be counted from the Figure.
+    """
+    fig = plt.figure(figsize=(3.0 * len(panels), 3.8))
+    for i, (panel_title, mask) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1, projection="3d")
+        colors = np.where(mask[..., None], np.array(matplotlib.colors.to_rgba(HIGHLIGHT)),
+                          np.array(matplotlib.colors.to_rgba(OTHER)))
+        ax.voxels(np.ones(mask.shape, dtype=bool), facecolors=colors, edgecolor="#444444", linewidth=0.5,
+                  shade=False)
+        n, c, hw = mask.shape
+        ax.set_box_aspect((n, c, hw))
+        ax.view_init(elev=22, azim=-58)
+        ax.set_xlabel("N", labelpad=-14)
+        ax.set_ylabel("C", labelpad=-14)
+        ax.set_zlabel("H, W", labelpad=-14)
+        for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
+            axis.pane.set_visible(False)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_zticks([])
+        ax.set_title(panel_title, fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    fig.subplots_adjust(left=0.0, right=1.0, bottom=0.02, top=0.86, wspace=0.0)
+    return fig
+
+
+def final_values(df, metric: str = "test_acc"):
+    """One row per run: the metric at the run's last logged epoch (long DataFrame in)."""
+    rows = df[df["metric"] == metric]
+    return rows.loc[rows.groupby("run_id")["epoch"].idxmax()]
+
+
+def _norm_label(norm: str, groups=None, l1=None) -> str:
+    """'BN + L1', 'GN (4 groups)': a line per norm setting, whatever the batch size."""
+    label = str(norm).upper()
+    if label == "GN" and groups is not None and groups == groups:
+        label += f" ({int(groups)} groups)"
+    if l1 is not None and l1 == l1 and float(l1) > 0:
+        label += f" + L1 ({float(l1):g})"
+    return label
+
+
+def batch_size_figure(df, metric: str = "test_acc") -> Figure:
+    """Final test accuracy against batch size (log x), one line per norm setting.
+
+    The line is the mean over seeds, the bars span the lowest to highest seed, and every
+    seed is a dot: the small-model analogue of the GroupNorm paper's Figure 1. Lines are
+    keyed by norm (and groups and L1 when the frame has them), not by the variant label,
+    which may itself name the batch size.
+    """
+    final = final_values(df, metric)
+    keys = [c for c in ("norm", "groups", "l1") if c in final.columns]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, runs in final.groupby(keys, sort=False, observed=True):
+        key = key if isinstance(key, tuple) else (key,)
+        stats = runs.groupby("batch_size")["value"].agg(["mean", "min", "max"]).sort_index()
+        line = ax.errorbar(stats.index, stats["mean"],
+                           yerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]],
+                           marker="o", capsize=3,
+                           label=f"{_norm_label(*key)} ({runs['seed'].nunique()} seeds)")
+        ax.scatter(runs["batch_size"], runs["value"], s=10, alpha=0.4, color=line[0].get_color())
+    sizes = sorted(final["batch_size"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("batch size (log scale)")
+    ax.set_ylabel("final test accuracy (%)" if metric == "test_acc" else f"final {metric}")
+    ax.set_title("Final test accuracy vs batch size (mean, seed min-max)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+# --- Comparing variants: curves over epochs, final accuracy per seed, galleries ---
+
+METRIC_NAMES = {
+    "train_loss": ("Training loss", "loss (mean NLL per image, nats)"),
+    "train_acc": ("Training accuracy", "accuracy (%)"),
+    "test_loss": ("Test loss", "loss (mean NLL per image, nats)"),
+    "test_acc": ("Test accuracy", "accuracy (%)"),
+}
+BAND = "line: mean over seeds, band: min–max"
+
+
+def variant_colors(variants: Sequence[str]) -> dict[str, tuple]:
+    """One color per variant, the same in every figure of a comparison."""
+    cmap = plt.get_cmap("tab10")
+    return {v: cmap(i % 10) for i, v in enumerate(variants)}
+
+
+def _variants(history) -> list[str]:
+    """Variants in reading order (the categorical order when there is one)."""
+    column = history["variant"]
+    if hasattr(column, "cat"):
+        return [str(v) for v in column.cat.categories if (column == v).any()]
+    return list(dict.fromkeys(map(str, column)))
+
+
+def _curve_stats(history, metric: str, variant: str):
+    """Per epoch: mean, min, max over the variant's runs, and the number of runs."""
+    rows = history[(history["metric"] == metric) & (history["variant"].astype(str) == variant)]
+    stats = rows.groupby("epoch")["value"].agg(["mean", "min", "max"])
+    return stats, rows["run_id"].nunique()
+
+
+def _format_value(metric: str, value: float) -> str:
+    return f"{value:.2f}%" if metric.endswith("_acc") else f"{value:.4f}"
+
+
+def _draw_curves(ax, history, metric: str, colors: dict, epochs: tuple[int, int], annotate: bool) -> None:
+    """Each variant's mean line (+ min-max band for several seeds) over the epoch range."""
+    from matplotlib.ticker import MaxNLocator
+
+    first, last = epochs
+    lows, highs, ends = [], [], []
+    for variant in _variants(history):
+        stats, n = _curve_stats(history, metric, variant)
+        stats = stats.loc[first:last]
+        if stats.empty:
+            continue
+        color = colors[variant]
+        ax.plot(stats.index, stats["mean"], color=color, marker="o" if len(stats) < 12 else None,
+                markersize=3, label=f"{variant} (n={n})")
+        if n > 1:
+            ax.fill_between(stats.index, stats["min"], stats["max"], color=color, alpha=0.2, linewidth=0)
+        lows.append(stats["min"].min())
+        highs.append(stats["max"].max())
+        ends.append((stats.index[-1], stats["mean"].iloc[-1], color))
+    ax.set_xlim(first - 0.3, last + 0.3 + (0.25 * (last - first) + 0.5 if annotate else 0))
+    low, high = min(lows), max(highs)
+    pad = (high - low) * 0.08 or abs(high) * 0.01 or 0.01
+    ax.set_ylim(low - pad, high + pad)
+    if annotate:
+        _annotate_ends(ax, metric, ends, min_gap=(high - low + 2 * pad) * 0.07)
+    ax.set_xticks([t for t in MaxNLocator(integer=True).tick_values(first, last) if first <= t <= last])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(METRIC_NAMES[metric][1])
+    ax.grid(alpha=0.3)
+
+
+def _annotate_ends(ax, metric: str, ends: list[tuple[int, float, tuple]], min_gap: float) -> None:
+    """Write each line's final value right of its last point, nudged apart so none overlap."""
+    ends = sorted(ends, key=lambda e: e[1])
+    placed: list[float] = []
+    for _, y, _ in ends:
+        placed.append(max(y, placed[-1] + min_gap) if placed else y)
+    for (x, y, color), text_y in zip(ends, placed):
+        ax.annotate(_format_value(metric, y), xy=(x, y), xytext=(x + 0.4, text_y), color=color,
+                    fontsize=8, va="center", arrowprops=dict(arrowstyle="-", color=color, lw=0.6))
+
+
+def curves_figure(history, metrics: Sequence[str], title: str) -> Figure:
+    """One row per metric: all epochs on the left, the last half zoomed on the right.
+
+    The zoom is where variants separate (late epochs differ by tenths of a percent); the
+    final value of each variant (mean over seeds) is written at the end of its line.
+    """
+    colors = variant_colors(_variants(history))
+    first, last = int(history["epoch"].min()), int(history["epoch"].max())
+    zoom = last - first >= 3
+    cols = 2 if zoom else 1
+    fig, axes = plt.subplots(len(metrics), cols, figsize=(6.2 * cols, 4.2 * len(metrics)), squeeze=False)
+    for row, metric in zip(axes, metrics):
+        name = METRIC_NAMES[metric][0]
+        _draw_curves(row[0], history, metric, colors, (first, last), annotate=not zoom)
+        row[0].set_title(f"{name}, epochs {first}–{last}")
+        if zoom:
+            start = (first + last + 1) // 2
+            _draw_curves(row[1], history, metric, colors, (start, last), annotate=True)
+            row[1].set_title(f"{name}, epochs {start}–{last} (zoom)")
+        row[0].legend(title=BAND, fontsize=8, title_fontsize=8)
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def final_accuracy_figure(runs_metrics, title: str) -> Figure:
+    """Each variant's last-epoch test accuracy: one dot per seed, mean bar, min–max whisker."""
+    variants = _variants(runs_metrics)
+    colors = variant_colors(variants)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.9 * len(variants) + 1.5), 4.6))
+    for x, variant in enumerate(variants):
+        values = runs_metrics.loc[runs_metrics["variant"].astype(str) == variant, "final_test_acc"].to_numpy()
+        offsets = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
+        ax.scatter(x + offsets, values, color=colors[variant], s=28, zorder=3,
+                   label="one seed" if x == 0 else None)
+        mean = values.mean()
+        ax.hlines(mean, x - 0.25, x + 0.25, color="black", lw=2, zorder=4, label="mean" if x == 0 else None)
+        ax.vlines(x, values.min(), values.max(), color="gray", lw=1, zorder=2,
+                  label="min–max over seeds" if x == 0 else None)
+        spread = f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else ""
+        ax.annotate(f"{mean:.2f}{spread}%\nn={len(values)}", xy=(x + 0.28, mean), fontsize=8, va="center")
+    ax.set_xticks(range(len(variants)), variants, rotation=15 if len(variants) > 4 else 0)
+    ax.set_xlim(-0.6, len(variants) - 0.1)
+    low, high = runs_metrics["final_test_acc"].min(), runs_metrics["final_test_acc"].max()
+    pad = (high - low) * 0.15 or 0.1
+    ax.set_ylim(low - pad, high + pad)
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_xlabel("variant")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def gallery_figure(image: np.ndarray, title: str, caption: str) -> Figure:
+    """A logged image (H x W x C) shown at its own pixel size under a title, with a caption."""
+    height, width = image.shape[:2]
+    dpi = 100
+    fig = plt.figure(figsize=(width / dpi, height / dpi + 0.9), dpi=dpi)
+    ax = fig.add_axes((0, 0.45 / (height / dpi + 0.9), 1, height / dpi / (height / dpi + 0.9)))
+    ax.imshow(image)
+    ax.set_axis_off()
+    fig.suptitle(title, fontsize=9, y=0.995, va="top", wrap=True)
+    fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7, wrap=True)
+    return fig

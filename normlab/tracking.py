@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 import subprocess
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -158,3 +159,459 @@ def log_model(model: torch.nn.Module, data: DeviceData) -> None:
     )
     mlflow.set_tag("model_uri", info.model_uri)
 
+
+
+# --- Reliability: reachability, retries, how a run ended, checkpoints, resume ----------------
+
+STATUS_TAG = "normlab.status"  # running | finished | interrupted | failed: the truth `mlflow run` cannot overwrite
+REASON_TAG = "normlab.reason"  # why a run was interrupted or failed, in words
+RUN_STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
+CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
+# Ride out tracking-server outages of up to ~2 min (urllib3 waits 0, 2, 4, 8, 16, 32, 64 s
+# between attempts), then stop with a clear error and a resumable local checkpoint.
+# MLflow's own default (factor 2, 120 s timeout) keeps a run hanging for 4 minutes or more.
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+
+
+class TrackingUnreachable(RuntimeError):
+    """The tracking server does not answer; the message says which URI and what to do."""
+
+
+def use_bounded_http_retries() -> None:
+    """Apply HTTP_RETRY_DEFAULTS where the user has not chosen their own values, and show
+    each retry on stderr (urllib3 logs them to a NullHandler), so an outage is visible."""
+    import os
+
+    for name, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    retries = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(h, _RetryReporter) for h in retries.handlers):
+        retries.addHandler(_RetryReporter())
+
+
+class _RetryReporter(logging.Handler):
+    """urllib3's retry warnings, written to whatever sys.stderr is at the time."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(asctime)s tracking server did not answer; %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import sys
+
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def prepare_tracking_store(timeout: float = 5.0) -> None:
+    """Before any data is loaded: fail within seconds when an http(s) tracking server does
+    not answer its /health; create a new sqlite store under a file lock, because parallel
+    runs on a fresh store otherwise race on its schema migrations and all fail."""
+    import requests
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
+        except requests.RequestException as exc:
+            raise TrackingUnreachable(
+                f"the MLflow tracking server {uri} cannot be reached ({type(exc).__name__}); start it, "
+                f"or point MLFLOW_TRACKING_URI at one that runs (unset it for a local store)") from exc
+    elif uri.startswith("sqlite:///"):
+        import fcntl
+
+        db = Path(uri[len("sqlite:///"):].split("?")[0])
+        with open(db.with_name(db.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            MlflowClient().search_experiments(max_results=1)  # creates and migrates the schema
+
+
+class _FewRetries:
+    """Within: MLflow HTTP calls try twice with a short timeout (for recording an ending,
+    which must not hang for minutes when the server is the reason the run is ending)."""
+
+    SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+    def __enter__(self):
+        import os
+
+        self.saved = {k: os.environ.get(k) for k in self.SETTINGS}
+        os.environ.update(self.SETTINGS)
+
+    def __exit__(self, *exc):
+        import os
+
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def record_ending(run_id: str, outcome: str, reason: str | None = None) -> bool:
+    """Tag how the run ended (normlab.status, normlab.reason) and set its MLflow status.
+
+    Ends the active run when it is this one. When MLflow cannot be reached, says so on
+    stderr and returns False instead of hanging or raising: the reason is already
+    on the console and the local checkpoint is intact.
+    """
+    import sys
+
+    tags = {STATUS_TAG: outcome}
+    if reason:
+        tags[REASON_TAG] = reason[:4000]
+    with _FewRetries():
+        try:
+            client = MlflowClient()
+            for key, value in tags.items():
+                client.set_tag(run_id, key, value)
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == run_id:
+                mlflow.end_run(RUN_STATUS[outcome])
+            else:
+                client.set_terminated(run_id, RUN_STATUS[outcome])
+            return True
+        except Exception as exc:  # the store is what failed; report and let the caller exit
+            print(f"warning: could not record that run {run_id} {outcome} in MLflow ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0] if str(exc) else ''})", file=sys.stderr)
+            if mlflow.active_run() is not None:  # drop it, so MLflow's atexit hook does not retry
+                try:
+                    mlflow.end_run(RUN_STATUS[outcome])
+                except Exception:
+                    pass
+            return False
+
+
+def fail_run_if_open(run_id: str, reason: str) -> None:
+    """Mark a run FAILED with the reason, unless it already records how it ended (a run
+    `mlflow run` created, whose command failed before or outside training)."""
+    with _FewRetries():
+        try:
+            tags = MlflowClient().get_run(run_id).data.tags
+        except Exception:
+            tags = {}
+    if tags.get(STATUS_TAG, "running") == "running":
+        record_ending(run_id, "failed", reason)
+
+
+def local_checkpoint_path(checkpoint_dir: str | Path, run_id: str) -> Path:
+    return Path(checkpoint_dir).expanduser() / run_id / Path(CHECKPOINT_ARTIFACT).name
+
+
+class Checkpointer(Callbacks):
+    """After each epoch: the trainer's state, the data digest and all epoch records, saved to
+    local disk first and then as the run's artifact checkpoint/last.pt (replacing the last).
+
+    Put it before MetricLogger: a checkpoint is then never behind the logged metrics, and
+    the records it carries let a resume log any epoch whose metrics did not reach MLflow.
+    """
+
+    def __init__(self, trainer, run_id: str, local_path: Path, records: list[dict] | None = None):
+        self.trainer = trainer
+        self.run_id = run_id
+        self.local_path = local_path
+        self.records = list(records or [])
+
+    def epoch_done(self, record: EpochRecord) -> None:
+        from normlab import checkpoint
+
+        self.records.append(asdict(record))
+        state = self.trainer.state_dict()
+        state.update(run_id=self.run_id, data_digest=self.trainer.data.raw.digest(), records=self.records)
+        checkpoint.save(state, self.local_path)
+        mlflow.log_artifact(str(self.local_path), artifact_path=str(Path(CHECKPOINT_ARTIFACT).parent))
+
+
+def download_checkpoint(run_id: str, dst_dir: str | Path) -> Path | None:
+    """The run's checkpoint artifact, downloaded into dst_dir; None when it has none."""
+    names = {f.path for f in MlflowClient().list_artifacts(run_id, str(Path(CHECKPOINT_ARTIFACT).parent))}
+    if CHECKPOINT_ARTIFACT not in names:
+        return None
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT,
+                                                    dst_path=str(dst_dir)))
+
+
+def logged_steps(run_id: str, metric: str = "train_loss") -> list[int]:
+    """The steps (epochs) a run's metric history holds, in order."""
+    return sorted(m.step for m in MlflowClient().get_metric_history(run_id, metric))
+
+
+def log_missing_epochs(run_id: str, records: list[dict]) -> list[int]:
+    """Log the records whose epoch has no metrics yet (lost when the store failed mid-epoch)."""
+    have = set(logged_steps(run_id))
+    missing = [r for r in records if r["epoch"] not in have]
+    for r in missing:
+        mlflow.log_metrics({k: r[k] for k in METRICS}, step=r["epoch"], run_id=run_id)
+    return [r["epoch"] for r in missing]
+
+
+def resume_training_run(run_id: str, after_epoch: int) -> mlflow.ActiveRun:
+    """Reopen an existing run (it becomes RUNNING again) to log its remaining epochs.
+
+    Why it stopped moves from normlab.reason to normlab.resumed (the last resume). Under
+    `mlflow run` the run MLflow made for this invocation is noted as a resume of `run_id`;
+    its own status is left to `mlflow run`.
+    """
+    client = MlflowClient()
+    previous = client.get_run(run_id).data.tags
+    launched = _run_id_from_env()
+    if launched and launched != run_id:
+        MlflowClient().set_tag(launched, "mlflow.note.content",
+                               f"This invocation resumed run {run_id}; its metrics are logged there.")
+        MlflowClient().set_tag(launched, "normlab.resumed_run", run_id)
+    run = mlflow.start_run(run_id=run_id)
+    mlflow.set_tags({STATUS_TAG: "running", "normlab.resumed": f"after epoch {after_epoch} "
+                     f"(it had ended {previous.get(STATUS_TAG, 'without a status tag')}: "
+                     f"{previous.get(REASON_TAG, 'no reason recorded')})"})
+    if REASON_TAG in previous:
+        client.delete_tag(run_id, REASON_TAG)
+    return run
+
+
+def require_run(run_id: str) -> None:
+    """Raise a clear error when the tracking store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        raise LookupError(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()} "
+                          f"({str(exc).splitlines()[0]})") from exc
+
+
+def mark_running() -> None:
+    mlflow.set_tag(STATUS_TAG, "running")
+
+
+# --- Reading runs back: selection, tidy histories, artifacts, logging a comparison ---
+
+TRAINING_RUN_TAG = "variant"  # set by log_run_setup; sweep parents and comparison runs lack it
+COMPARISON_ARTIFACT_DIR = "comparison"
+# Settings that are not part of a variant's name; when they differ between the selected
+# runs, the variant label says so ("LN, batch 64") rather than averaging unlike runs as seeds.
+DISTINGUISHING = {"dataset": "{}", "epochs": "{} epochs", "batch_size": "batch {}", "lr": "lr {:g}",
+                  "momentum": "momentum {:g}", "dropout": "dropout {:g}"}
+RUN_COLUMNS = ("run_id", "variant", "norm", "l1", "groups", "batch_size", "seed", "status")
+
+
+class SelectionError(LookupError):
+    """The runs asked for cannot be compared (none match, unknown name, bad filter)."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    runs: list  # mlflow.entities.Run, the training runs to compare
+    left_out: list  # training runs that matched but are not FINISHED (and were not asked for)
+    searched: str  # what was searched, for messages: "experiment 'normlab', parent run abc"
+
+
+def select_runs(experiment: str = EXPERIMENT, filter_string: str | None = None,
+                parent_run_id: str | None = None, run_ids: list[str] | None = None,
+                include_unfinished: bool = False) -> Selection:
+    """Training runs of an experiment, narrowed by filter, parent (sweep) run or run ids.
+
+    Explicit run ids are looked up wherever they live (the experiment is then not used).
+    Raises SelectionError, naming what was searched, when nothing is left to compare.
+    """
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    clauses = [filter_string] if filter_string else []  # MLflow filters have AND only, no parentheses
+    if run_ids:
+        experiment_ids = sorted({_get_run(client, run_id, "run").info.experiment_id for run_id in run_ids})
+        clauses.append("attributes.run_id IN ({})".format(", ".join(f"'{r}'" for r in run_ids)))
+        searched = f"run ids {', '.join(run_ids)}"
+    else:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            names = sorted(e.name for e in client.search_experiments())
+            raise SelectionError(f"no experiment named {experiment!r} in {mlflow.get_tracking_uri()}; "
+                                 f"experiments there: {', '.join(names) or 'none'}")
+        experiment_ids = [found.experiment_id]
+        searched = f"experiment {experiment!r}"
+    if parent_run_id:
+        _get_run(client, parent_run_id, "parent run")
+        clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+        searched += f", parent run {parent_run_id}"
+    if filter_string:
+        searched += f", filter {filter_string!r}"
+    try:
+        matched = _search_all(client, experiment_ids, " AND ".join(clauses), ViewType.ACTIVE_ONLY)
+    except MlflowException as exc:
+        raise SelectionError(f"MLflow could not search {searched}: {exc.message}") from exc
+    training = [r for r in matched if TRAINING_RUN_TAG in r.data.tags]
+    if include_unfinished:
+        runs, left_out = training, []
+    else:
+        runs = [r for r in training if r.info.status == "FINISHED"]
+        left_out = [r for r in training if r.info.status != "FINISHED"]
+    if not runs:
+        detail = f" ({len(left_out)} matched but are not FINISHED: use --include-unfinished)" if left_out else ""
+        raise SelectionError(f"no training runs to compare in {searched}{detail}")
+    return Selection(runs, left_out, searched)
+
+
+def _get_run(client: MlflowClient, run_id: str, what: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        raise SelectionError(f"{what} {run_id!r} not found in {mlflow.get_tracking_uri()}") from exc
+
+
+def _search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str, view_type) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, view_type, max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def describe_run(run) -> str:
+    """'abc123de (LN, seed 2, FAILED)' for warnings."""
+    tags, params = run.data.tags, run.data.params
+    return f"{run.info.run_id} ({tags.get(TRAINING_RUN_TAG, '?')}, seed {params.get('seed', '?')}, {run.info.status})"
+
+
+def runs_frame(runs: list):
+    """One row per run: id, variant label, settings, status, timing (params parsed to numbers).
+
+    The variant label comes from the norm, groups and L1 params, plus any other setting
+    that differs between these runs; `variant` is a categorical in a stable reading order.
+    """
+    import pandas as pd
+
+    from normlab.models import NORMS
+
+    rows = []
+    for run in runs:
+        p = run.data.params
+        norm = p.get("norm", "?")
+        start, end = run.info.start_time, run.info.end_time
+        rows.append({
+            "run_id": run.info.run_id,
+            "run_name": run.info.run_name,
+            "experiment_id": run.info.experiment_id,
+            "status": run.info.status,
+            "norm": norm,
+            "groups": _number(p.get("groups"), int) if norm == "gn" else None,
+            "l1": _number(p.get("l1"), float) or 0.0,
+            "batch_size": _number(p.get("batch_size"), int),
+            "seed": _number(p.get("seed"), int),
+            "dataset": p.get("dataset"),
+            "epochs": _number(p.get("epochs"), int),
+            "lr": _number(p.get("lr"), float),
+            "momentum": _number(p.get("momentum"), float),
+            "dropout": _number(p.get("dropout"), float),
+            "parameters": _number(p.get("parameters"), int),
+            "train_size": _number(p.get("train_size"), int),
+            "test_size": _number(p.get("test_size"), int),
+            "start_time": pd.to_datetime(start, unit="ms", utc=True),
+            "end_time": pd.to_datetime(end, unit="ms", utc=True) if end else pd.NaT,
+            "duration_s": (end - start) / 1000 if end else float("nan"),
+            "base_label": _base_label(norm, p, run.data.tags),
+        })
+    frame = pd.DataFrame(rows)
+    for column in ("groups", "batch_size", "seed", "epochs", "parameters", "train_size", "test_size"):
+        frame[column] = frame[column].astype("Int64")
+    differing = [k for k in DISTINGUISHING if frame[k].nunique(dropna=True) > 1]
+    frame["variant"] = [
+        ", ".join([row.base_label] + [DISTINGUISHING[k].format(getattr(row, k)) for k in differing])
+        for row in frame.itertuples()
+    ]
+    order = frame.assign(norm_rank=frame["norm"].map({n: i for i, n in enumerate(NORMS)}).fillna(len(NORMS)))
+    order = order.sort_values(["norm_rank", "groups", "l1", *differing, "seed"], na_position="first")
+    frame["variant"] = pd.Categorical(frame["variant"], categories=list(dict.fromkeys(order["variant"])),
+                                      ordered=True)
+    return frame.drop(columns="base_label").sort_values(["variant", "seed"]).reset_index(drop=True)
+
+
+def _base_label(norm: str, params: dict, tags: dict) -> str:
+    from normlab.models import NORMS, variant_label
+
+    if norm not in NORMS:
+        return tags.get(TRAINING_RUN_TAG, norm)
+    return variant_label(norm, _number(params.get("groups"), int) or 1, _number(params.get("l1"), float) or 0.0)
+
+
+def _number(text: str | None, kind: type):
+    """MLflow params are strings ('2', '2.0' from `mlflow run -P`, '1e-05'); None stays None."""
+    if text is None or text == "":
+        return None
+    return kind(float(text))
+
+
+def load_histories(runs, metrics: tuple[str, ...] = METRICS, workers: int = 8):
+    """Tidy metric histories: one row per (run, metric, epoch) with the run's identity columns.
+
+    One get_metric_history call per run and metric (the full history, not the latest value);
+    calls overlap in a thread pool, which pays against a tracking server (network round
+    trips) and costs little against a local sqlite store.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pandas as pd
+
+    client = MlflowClient()
+    jobs = [(run_id, metric) for run_id in runs["run_id"] for metric in metrics]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        histories = list(pool.map(lambda job: client.get_metric_history(*job), jobs))
+    records = [
+        (run_id, metric, m.step, m.value)
+        for (run_id, metric), history in zip(jobs, histories)
+        for m in history
+    ]
+    tidy = pd.DataFrame(records, columns=["run_id", "metric", "epoch", "value"]).astype({"epoch": "int64"})
+    tidy = runs[list(RUN_COLUMNS)].merge(tidy, on="run_id", how="inner")
+    return tidy.sort_values(["variant", "seed", "run_id", "metric", "epoch"]).reset_index(drop=True)
+
+
+def download_misclassified(run_id: str, dest: Path) -> tuple[Path, list[dict]] | None:
+    """The run's misclassified.png (path after download) and misclassified.json; None if absent."""
+    import json
+
+    client = MlflowClient()
+    names = {a.path for a in client.list_artifacts(run_id)}
+    if not {"misclassified.png", "misclassified.json"} <= names:
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    png = Path(client.download_artifacts(run_id, "misclassified.png", str(dest)))
+    listed = Path(client.download_artifacts(run_id, "misclassified.json", str(dest)))
+    return png, json.loads(listed.read_text())
+
+
+def log_comparison(files: list[Path], compared_run_ids: list[str], params: dict[str, str],
+                   log_to_run_id: str | None = None, experiment_id: str | None = None) -> str:
+    """Log the comparison's files under 'comparison/' of a run, tagged with the compared ids.
+
+    The run is `log_to_run_id` (a sweep's parent), else the run `mlflow run` started for
+    this command (MLFLOW_RUN_ID), else a new FINISHED run in `experiment_id`.
+    """
+    from mlflow.entities import Param
+
+    client = MlflowClient()
+    ids = ",".join(compared_run_ids)
+    tags = {"compared_runs": str(len(compared_run_ids)),
+            # MLflow caps tag values at 8,000 characters; runs.csv always lists every id
+            "compared_run_ids": ids if len(ids) <= 8000 else "see comparison/runs.csv"}
+    run_id = log_to_run_id or _run_id_from_env()
+    created = run_id is None
+    if created:
+        run_id = client.create_run(experiment_id, run_name="comparison",
+                                   tags={"mlflow.runName": "comparison", "normlab.role": "comparison"}).info.run_id
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    for path in files:
+        client.log_artifact(run_id, str(path), COMPARISON_ARTIFACT_DIR)
+    if created:
+        client.set_terminated(run_id, "FINISHED")
+    return run_id

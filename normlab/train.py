@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -76,18 +77,31 @@ class TrainConfig:
             d["groups"] = None
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
+    def differences(self, other: "TrainConfig") -> list[str]:
+        """'field: ours vs theirs' for every field that changes the result (groups only for gn)."""
+        ours, theirs = asdict(self), asdict(other)
+        return [f"{k}: {ours[k]!r} vs {theirs[k]!r}" for k in ours
+                if ours[k] != theirs[k] and not (k == "groups" and "gn" not in (self.norm, other.norm))]
+
 
 def resolve_device(requested: str) -> torch.device:
     """'auto' picks CUDA when present; asking for CUDA without a GPU is an error."""
     choices = ("auto", "cpu", "cuda")
     if requested not in choices and not requested.startswith("cuda:"):
-        raise ConfigError(f"unknown device {requested!r}; valid choices: {', '.join(choices)}")
+        raise ConfigError(f"unknown --device {requested!r}; valid choices: {', '.join(choices)} or cuda:N")
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {requested} was requested but no CUDA GPU is available here; "
                           f"use --device cpu or auto")
     return torch.device(requested)
+
+
+def l1_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of |w| over all tensors, as one fused foreach reduction (differentiable).
+
+    The training step adds the penalty's gradient (l1 * sign(w)) directly; this is its value."""
+    return torch.stack(torch._foreach_norm(params, 1)).sum()
 
 
 @dataclass(frozen=True)
@@ -182,6 +196,14 @@ class CallbackList(Callbacks):
             c.epoch_done(record)
 
 
+class TrainingStopped(Exception):
+    """Training stopped on request (a signal) at the end of a step; completed epochs are intact."""
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The loss became NaN or infinite: training diverged and cannot recover."""
+
+
 @dataclass
 class FitResult:
     model: Net
@@ -227,6 +249,52 @@ class Trainer:
             self.run_step = GraphedTrainStep(self.train_step, batch_x, (config.batch_size,))
         self.epoch = 0
         self.last_evaluation: Evaluation | None = None
+        self.stop_reason: str | None = None
+
+    def request_stop(self, reason: str) -> None:
+        """Ask training to stop at the end of the current step (safe to call from a signal handler)."""
+        self.stop_reason = reason
+
+    def _stop_if_requested(self, step: int) -> None:
+        if self.stop_reason is not None:
+            raise TrainingStopped(f"{self.stop_reason}: stopped after step {step} of {self.steps_per_epoch} "
+                                  f"in epoch {self.epoch + 1}; {self.epoch} epochs complete")
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly after the last completed epoch."""
+        device = self.data.device
+        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        return {
+            "config": asdict(self.config),
+            "config_hash": self.config.config_hash(),
+            "device_type": device.type,
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from state_dict(); refuses a different config or device type, saying why."""
+        saved = TrainConfig(**state["config"])
+        if state["config_hash"] != self.config.config_hash():
+            raise ConfigError("the config differs from the checkpoint's (given vs checkpoint): "
+                              + "; ".join(self.config.differences(saved)))
+        device = self.data.device
+        if state["device_type"] != device.type:
+            raise ConfigError(f"the checkpoint was written on {state['device_type']} but this run uses "
+                              f"{device.type}; resume with --device {state['device_type']}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = state["epoch"]
+        self.generator.set_state(state["rng"]["generator"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
 
     def train_epoch(self, callbacks: Callbacks) -> tuple[float, float]:
         """One pass over the shuffled, augmented training split; returns (loss, acc %)."""
@@ -237,18 +305,21 @@ class Trainer:
         group = self.optimizer.param_groups[0]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_SCHEDULER_ORDER_WARNING)
-            for s in batch_slices(len(y), self.config.batch_size):
+            for i, s in enumerate(batch_slices(len(y), self.config.batch_size), 1):
                 step.follow(group)
                 self.run_step(x[s], y[s])
                 self.scheduler.step()
                 callbacks.step_done()
+                self._stop_if_requested(i)
         return step.loss_sum.item() / len(y), 100.0 * step.correct.item() / len(y)
 
     def run_epoch(self, callbacks: Callbacks) -> EpochRecord:
+        self._stop_if_requested(0)
         start = time.perf_counter()
         callbacks.epoch_started(self.epoch + 1, self.steps_per_epoch)
         train_loss, train_acc = self.train_epoch(callbacks)
         self.last_evaluation = evaluate(self.model, self.data.test_x, self.data.test_y)
+        self._check_finite(train_loss, self.last_evaluation.loss)
         self.epoch += 1
         record = EpochRecord(
             epoch=self.epoch,
@@ -261,6 +332,13 @@ class Trainer:
         )
         callbacks.epoch_done(record)
         return record
+
+    def _check_finite(self, train_loss: float, test_loss: float) -> None:
+        if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+            raise NonFiniteLoss(
+                f"the loss became non-finite in epoch {self.epoch + 1} (train_loss {train_loss}, "
+                f"test_loss {test_loss}): training diverged at --lr {self.config.lr}; "
+                f"lower the learning rate (for example --lr {self.config.lr / 10:g})")
 
     def mistakes(self, k: int = 10) -> list[Misclassified]:
         if self.last_evaluation is None:

@@ -1,0 +1,166 @@
+"""The comparison step: select runs in MLflow, load their histories, write figures and tables.
+
+It reads MLflow only (params, metric histories, artifacts) and writes, under one folder,
+files with stable names that a README can embed; the same files are logged as artifacts
+of a run so `mlflow artifacts download` brings them back.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
+
+from normlab import plots, results, tracking
+
+CURVE_FILES = {  # file name: (metrics, one per row; title)
+    "test_loss.png": (("test_loss",), "Test loss by variant"),
+    "test_accuracy.png": (("test_acc",), "Test accuracy by variant"),
+    "train_curves.png": (("train_loss", "train_acc"), "Training loss and accuracy by variant"),
+}
+
+
+class SkippedRunsWarning(UserWarning):
+    """Some matching runs are not in the comparison (unfinished, or no metric history)."""
+
+
+@dataclass
+class Comparison:
+    """What was compared and what came out; `files` and `logged_to_run_id` once written."""
+
+    runs: pd.DataFrame  # one row per compared run (tracking.runs_frame)
+    history: pd.DataFrame  # tidy: run identity columns, metric, epoch, value
+    runs_metrics: pd.DataFrame  # one row per run: final/best accuracy, min loss, gap, time
+    table: pd.DataFrame  # one row per variant: mean and std over seeds
+    searched: str
+    files: dict[str, Path] = field(default_factory=dict)
+    logged_to_run_id: str | None = None
+
+    def describe(self) -> str:
+        """'9 runs, 3 variants; mnist (60000/10000 train/test images), 20 epochs' for titles."""
+        epochs = ", ".join(str(e) for e in sorted(self.runs_metrics["final_epoch"].unique()))
+        datasets = ", ".join(sorted(self.runs_metrics["dataset"].astype(str).unique()))
+        sizes = ", ".join(f"{a}/{b}" for a, b in self.runs[["train_size", "test_size"]].drop_duplicates()
+                          .itertuples(index=False))
+        return (f"{len(self.runs_metrics)} runs, {len(self.table)} variants; {datasets} "
+                f"({sizes} train/test images), {epochs} epochs")
+
+    def figures(self) -> dict[str, Figure]:
+        """The curve and summary figures, by file name (the caller closes them)."""
+        context = self.describe()
+        figures = {name: plots.curves_figure(self.history, metrics, f"{title} ({context})")
+                   for name, (metrics, title) in CURVE_FILES.items()}
+        figures["final_accuracy.png"] = plots.final_accuracy_figure(
+            self.runs_metrics, f"Final test accuracy per seed ({context})")
+        return figures
+
+    def galleries(self, download_dir: Path) -> dict[str, Figure]:
+        """Per variant, the representative run's logged misclassified.png, titled; by file name."""
+        figures = {}
+        for run in results.representative_runs(self.runs_metrics).itertuples():
+            found = tracking.download_misclassified(run.run_id, download_dir / run.run_id)
+            if found is None:
+                warnings.warn(SkippedRunsWarning(
+                    f"run {run.run_id} ({run.variant}) has no misclassified.png/json artifacts; no gallery"))
+                continue
+            png, mistakes = found
+            n = int((self.runs_metrics["variant"].astype(str) == str(run.variant)).sum())
+            title = (f"{run.variant}: {len(mistakes)} most confident test mistakes\n"
+                     f"seed {run.seed}, run {run.run_id[:8]}"
+                     + (f" (median final accuracy of {n} seeds)" if n > 1 else ""))
+            confidences = [m["confidence"] for m in mistakes]
+            caption = (f"final test accuracy {run.final_test_acc:.2f}%; confidence in the wrong class "
+                       f"{max(confidences):.2f}–{min(confidences):.2f}" if confidences else "no mistakes")
+            figures[f"misclassified_{slug(str(run.variant))}.png"] = plots.gallery_figure(
+                plt.imread(png), title, caption)
+        return figures
+
+
+def slug(label: str) -> str:
+    """'GN (2 groups)' -> 'gn-2-groups', 'BN + L1 (1e-05)' -> 'bn-l1-1e-05'."""
+    return re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-")
+
+
+def load_comparison(experiment: str = tracking.EXPERIMENT, filter_string: str | None = None,
+                    parent_run_id: str | None = None, run_ids: list[str] | None = None,
+                    include_unfinished: bool = False) -> Comparison:
+    """Select runs, load their histories and compute the per-run and per-variant numbers.
+
+    Runs left out (not FINISHED, or without a full metric history) are named in a
+    SkippedRunsWarning; tracking.SelectionError when nothing is left to compare.
+    """
+    selection = tracking.select_runs(experiment, filter_string or None, parent_run_id or None,
+                                     list(run_ids) if run_ids else None, include_unfinished)
+    if selection.left_out:
+        warnings.warn(SkippedRunsWarning(
+            f"{len(selection.left_out)} matching run(s) left out because they are not FINISHED "
+            f"(--include-unfinished keeps them): " + "; ".join(map(tracking.describe_run, selection.left_out))))
+    runs = tracking.runs_frame(selection.runs)
+    history = tracking.load_histories(runs)
+    complete = history.groupby("run_id")["metric"].nunique() == len(tracking.METRICS)
+    complete_ids = set(complete[complete].index)
+    incomplete = [r for r in selection.runs if r.info.run_id not in complete_ids]
+    if incomplete:
+        warnings.warn(SkippedRunsWarning(
+            f"{len(incomplete)} run(s) left out because they lack a history of "
+            f"{', '.join(tracking.METRICS)}: " + "; ".join(map(tracking.describe_run, incomplete))))
+    if not complete_ids:
+        raise tracking.SelectionError(f"none of the {len(selection.runs)} runs selected in {selection.searched} "
+                                      f"has a metric history to compare")
+    runs = _drop_unused_variants(runs[runs["run_id"].isin(complete_ids)])
+    history = _drop_unused_variants(history[history["run_id"].isin(complete_ids)])
+    runs_metrics = results.per_run(history, runs)
+    table = results.summary_table(runs_metrics, history)
+    return Comparison(runs, history, runs_metrics, table, selection.searched)
+
+
+def _drop_unused_variants(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    frame["variant"] = frame["variant"].cat.remove_unused_categories()
+    return frame.reset_index(drop=True)
+
+
+def write_outputs(comparison: Comparison, out_dir: Path) -> dict[str, Path]:
+    """Figures, galleries, results.csv/.md, runs.csv and findings.md under out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory() as downloads:
+        figures = {**comparison.figures(), **comparison.galleries(Path(downloads))}
+        for name, figure in figures.items():
+            figure.savefig(out_dir / name, dpi=110, bbox_inches="tight")
+            plt.close(figure)
+            files[name] = out_dir / name
+    comparison.table.to_csv(out_dir / "results.csv", index=False)
+    comparison.runs_metrics.to_csv(out_dir / "runs.csv", index=False)
+    (out_dir / "results.md").write_text(
+        f"Results of {comparison.describe()}; mean ± sample std over seeds.\n\n"
+        + results.markdown_table(comparison.table))
+    (out_dir / "findings.md").write_text(results.findings(comparison.table, comparison.runs_metrics))
+    for name in ("results.csv", "runs.csv", "results.md", "findings.md"):
+        files[name] = out_dir / name
+    return files
+
+
+def run_comparison(out_dir: Path, experiment: str = "normlab", filter_string: str | None = None,
+                   parent_run_id: str | None = None, run_ids: list[str] | None = None,
+                   log_to_run_id: str | None = None, *, include_unfinished: bool = False) -> Comparison:
+    """Compare the selected runs: write every output under out_dir and log it to MLflow.
+
+    The files go under 'comparison/' of `log_to_run_id` (a sweep passes its parent run),
+    else of the run `mlflow run` started, else of a new run in the compared runs'
+    experiment; that run is tagged with the compared run ids.
+    """
+    comparison = load_comparison(experiment, filter_string, parent_run_id, run_ids, include_unfinished)
+    comparison.files = write_outputs(comparison, Path(out_dir))
+    params = {"experiment": experiment, "filter": filter_string or "", "parent_run_id": parent_run_id or "",
+              "include_unfinished": str(include_unfinished)}
+    comparison.logged_to_run_id = tracking.log_comparison(
+        list(comparison.files.values()), list(comparison.runs_metrics["run_id"]), params,
+        log_to_run_id, experiment_id=str(comparison.runs["experiment_id"].iloc[0]))
+    return comparison

@@ -1,0 +1,45 @@
+"""Ctrl-C and SIGTERM as a request to stop after the current training step.
+
+The first SIGINT or SIGTERM calls `request_stop`; training then ends its step and raises
+TrainingStopped, so completed epochs, their metrics and the checkpoint stay intact. A
+second Ctrl-C aborts at once (KeyboardInterrupt) for when stopping cleanly hangs; a
+second SIGTERM (as `mlflow run` sends after passing on Ctrl-C) changes nothing.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def stop_on_signals(request_stop: Callable[[str], None]) -> Iterator[list[int]]:
+    """Within: SIGINT/SIGTERM ask to stop; yields the list of signals received so far."""
+    received: list[int] = []
+
+    def handle(signum, frame) -> None:
+        first = not received
+        received.append(signum)
+        name = signal.Signals(signum).name
+        if first:
+            print(f"\n{name} received: stopping after the current step (Ctrl-C again to abort now)",
+                  file=sys.stderr, flush=True)
+            request_stop(f"{name} received")
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, handle) for s in SIGNALS}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def exit_code(signum: int) -> int:
+    """The shell's convention for a process ended by a signal: 128 + its number."""
+    return 128 + signum

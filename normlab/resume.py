@@ -1,0 +1,72 @@
+"""Where a resumed run continues from: its newest checkpoint and the config it trained with.
+
+Options left out of `normlab train --resume RUN_ID` are taken from the checkpoint; options
+given must equal it, otherwise the resume is refused with the fields that differ.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from normlab import checkpoint, tracking
+from normlab.models import ConfigError
+from normlab.train import TrainConfig
+
+
+class ResumeError(RuntimeError):
+    """The run cannot be continued (no such run, no checkpoint, nothing left to do)."""
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    run_id: str
+    config: TrainConfig
+    state: dict  # Trainer.state_dict() plus run_id, data_digest and records
+    source: str  # where the checkpoint came from, for the console
+
+    @property
+    def records(self) -> list[dict]:
+        return self.state["records"]
+
+
+def merged_config(run_id: str, given: TrainConfig, explicit: set[str], saved: TrainConfig) -> TrainConfig:
+    """The saved config with the explicitly given fields; refuses when those differ from it."""
+    config = replace(saved, **{name: getattr(given, name) for name in explicit})
+    differences = config.differences(saved)
+    if differences:
+        raise ConfigError(f"cannot resume run {run_id}: the config differs from its checkpoint "
+                          f"(given vs checkpoint): {'; '.join(differences)}. Leave these options out "
+                          f"or give the checkpoint's values")
+    return config
+
+
+def find(run_id: str, given: TrainConfig, explicit: set[str], checkpoint_dir: str | Path) -> ResumePoint:
+    """The newest checkpoint of run_id (local copy or artifact) and the config to continue with."""
+    try:
+        tracking.require_run(run_id)
+    except LookupError as exc:
+        raise ResumeError(str(exc)) from exc
+    local = tracking.local_checkpoint_path(checkpoint_dir, run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        found = checkpoint.newest(local, tracking.download_checkpoint(run_id, tmp))
+        if found is None:
+            raise ResumeError(f"run {run_id} has no checkpoint: neither {local} nor its artifact "
+                              f"{tracking.CHECKPOINT_ARTIFACT} exists, so it cannot be resumed")
+        path, state = found
+        source = str(path) if path == local else f"artifact {tracking.CHECKPOINT_ARTIFACT}"
+    config = merged_config(run_id, given, explicit, TrainConfig(**state["config"]))
+    if state["epoch"] >= config.epochs:
+        raise ResumeError(f"run {run_id} already completed all {config.epochs} epochs; nothing to resume")
+    last_logged = max(tracking.logged_steps(run_id), default=0)
+    if last_logged > state["epoch"]:
+        raise ResumeError(f"run {run_id} has metrics up to epoch {last_logged} but its newest checkpoint "
+                          f"({source}) ends at epoch {state['epoch']}; resuming would log those epochs twice")
+    return ResumePoint(run_id, config, state, source)
+
+
+def check_same_data(point: ResumePoint, digest: str) -> None:
+    if point.state["data_digest"] != digest:
+        raise ConfigError(f"cannot resume run {point.run_id}: the data in --data-dir (digest {digest}) is not "
+                          f"the data it trained on (digest {point.state['data_digest']})")

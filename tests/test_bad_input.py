@@ -1,0 +1,174 @@
+"""Bad input: a clear error (parameter, bad value, what is valid) before any training, a
+non-zero exit, and no run left RUNNING or called FINISHED."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from normlab.cli import main
+from tests.conftest import ROOT, cli_env, run_cli
+from tests.mlflow_server import free_port
+
+
+def train(*args: str, data_dir: Path):
+    return CliRunner().invoke(main, ["train", "--device", "cpu", "--data-dir", str(data_dir), *args])
+
+
+def no_runs_logged() -> bool:
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return not experiments or not client.search_runs(experiments)
+
+
+BAD_OPTIONS = [
+    (["--norm", "xn"], ["'--norm'", "'xn'", "'bn', 'ln', 'gn', 'in', 'none'"]),
+    (["--dataset", "imagenet"], ["'--dataset'", "'imagenet'", "'mnist', 'cifar10'"]),
+    (["--device", "tpu"], ["--device", "'tpu'", "auto, cpu, cuda"]),
+    (["--norm", "gn", "--groups", "3"], ["--groups 3", "[10, 20]", "valid choices: 1, 2, 5, 10"]),
+    (["--epochs", "0"], ["--epochs must be positive, got 0"]),
+    (["--batch-size", "-1"], ["--batch-size must be positive, got -1"]),
+    (["--lr", "0"], ["--lr must be positive, got 0.0"]),
+    (["--l1", "-0.1"], ["--l1 must be zero or positive, got -0.1"]),
+    (["--epochs", "abc"], ["'--epochs'", "'abc'", "not a valid integer"]),
+    (["--batch-size", "5000"], ["--batch-size 5000", "training split (1000 images)", "at most 1000"]),
+]
+
+
+@pytest.mark.parametrize("args, expected", BAD_OPTIONS, ids=[" ".join(args) for args, _ in BAD_OPTIONS])
+def test_bad_option_is_refused_before_training(args, expected, small_mnist_dir, tracking_uri):
+    result = train(*args, data_dir=small_mnist_dir)
+    assert result.exit_code == 2, result.output
+    for text in expected:
+        assert text in result.output
+    assert "epoch   1/" not in result.output
+    assert no_runs_logged()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_without_a_gpu_is_refused(small_mnist_dir, tracking_uri):
+    result = train("--device", "cuda", data_dir=small_mnist_dir)
+    assert result.exit_code == 2
+    assert "--device cuda was requested but no CUDA GPU is available here; use --device cpu or auto" in result.output
+
+
+def unwritable_dir(tmp_path: Path) -> Path:
+    """A folder this process may not create files in (root ignores modes, so then /proc/1)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    return folder if not os.access(folder, os.W_OK) else Path("/proc/1")
+
+
+def copy_of(data_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(data_dir, tmp_path / "data"))
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def corrupt_magic(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[2] = 0x0D  # a float IDX file, which MNIST is not
+    path.write_bytes(bytes(data))
+
+
+def test_unwritable_data_folder_is_refused(tmp_path, tracking_uri):
+    folder = unwritable_dir(tmp_path) / "data"
+    result = train(data_dir=folder)
+    assert result.exit_code == 1
+    assert f"data folder {folder} is not writable" in result.output and "--data-dir" in result.output
+    assert no_runs_logged()
+
+
+def test_missing_data_without_internet_says_how_to_provide_it(tmp_path, tracking_uri):
+    result = train(data_dir=tmp_path / "empty")
+    assert result.exit_code == 1
+    assert "could not be downloaded" in result.output
+    assert "Expected files in" in result.output and "train-images-idx3-ubyte" in result.output
+    assert "point --data-dir at a folder that already holds MNIST/raw/" in result.output
+    assert no_runs_logged()
+
+
+@pytest.mark.parametrize("damage, file, expected", [
+    (truncate, "train-images-idx3-ubyte", "the file is truncated or corrupt"),
+    (corrupt_magic, "t10k-labels-idx1-ubyte", "is not an IDX file (bad magic number)"),
+])
+def test_damaged_mnist_file_is_named(damage, file, expected, small_mnist_dir, tmp_path, tracking_uri):
+    data = copy_of(small_mnist_dir, tmp_path)
+    damage(data / "MNIST" / "raw" / file)
+    result = train(data_dir=data)
+    assert result.exit_code == 1
+    assert f"{data / 'MNIST' / 'raw' / file} " in result.output and expected in result.output
+    assert no_runs_logged()
+
+
+def test_corrupt_cifar10_file_is_named_by_its_md5(tmp_path, tracking_uri):
+    """torchvision checks CIFAR-10's md5 sums; the error names the files that fail them."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (folder / name).write_bytes(b"not a pickle")
+    result = train("--dataset", "cifar10", data_dir=tmp_path)
+    assert result.exit_code == 1
+    assert "md5 differs from the official one: data_batch_1, data_batch_2" in result.output
+    assert "test_batch" in result.output and "download again" in result.output
+
+
+def test_unreachable_tracking_server_fails_in_seconds_before_loading_data(tmp_path, monkeypatch):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    data = tmp_path / "never-created"  # loading data would create it (and try to download)
+    start = time.monotonic()
+    try:
+        result = train(data_dir=data)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert time.monotonic() - start < 10
+    assert result.exit_code == 1
+    assert f"the MLflow tracking server {uri} cannot be reached (ConnectionError)" in result.output
+    assert not data.exists()
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--epochs", "abc"], "'abc' is not a valid integer"),  # click's own parsing
+    (["--norm", "gn", "--groups", "3"], "--groups 3 does not divide"),  # normlab's checks
+])
+def test_bad_input_fails_the_run_mlflow_run_created(args, reason, small_mnist_dir, tracking_uri):
+    """`mlflow run` creates the run and passes MLFLOW_RUN_ID; a refused command fails it."""
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("launched")).info.run_id
+    proc = run_cli("train", "--data-dir", str(small_mnist_dir), *args, MLFLOW_RUN_ID=run_id)
+    assert proc.returncode == 2, proc.stderr
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["normlab.status"] == "failed" and reason in run.data.tags["normlab.reason"]
+
+
+def test_mlflow_run_with_a_non_numeric_parameter_ends_failed_with_the_reason(tracking_uri, tmp_path):
+    """The real `mlflow run . -P epochs=abc` (MLproject types integers as float, so click checks)."""
+    import subprocess
+
+    bin_dir = str(Path(sys.executable).parent)
+    env = cli_env(PATH=bin_dir + os.pathsep + os.environ["PATH"])
+    proc = subprocess.run([str(Path(bin_dir) / "mlflow"), "run", str(ROOT), "--env-manager", "local",
+                           "--experiment-name", "bad-input", "-P", "epochs=abc", "-P", f"data_dir={tmp_path}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Invalid value for '--epochs': 'abc' is not a valid integer" in proc.stderr
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("bad-input").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "'abc' is not a valid integer" in runs[0].data.tags["normlab.reason"]

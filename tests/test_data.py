@@ -1,0 +1,138 @@
+"""Datasets through torchvision's real parsing, device tensors and batched augmentation."""
+
+import gzip
+import hashlib
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from normlab.data import (DATASETS, DataError, DeviceData, batch_slices, load_raw, random_crop_flip,
+                          random_rotation)
+from tests.mnist_fixture import SHARED_MNIST
+
+
+def test_mnist_folder_parses_through_torchvision_into_the_real_digits(mnist_dir):
+    raw = load_raw("mnist", mnist_dir, download=False)
+    assert raw.train_images.shape == (8000, 1, 28, 28) and raw.train_images.dtype == torch.uint8
+    assert raw.test_images.shape == (2000, 1, 28, 28)
+    official_labels = gzip.decompress((SHARED_MNIST / "t10k-labels-idx1-ubyte.gz").read_bytes())[8:]
+    assert raw.train_labels[:10].tolist() == list(official_labels[:10])  # 7 2 1 0 4 1 4 9 5 9
+    assert raw.test_labels.tolist() == list(official_labels[-2000:])
+    assert sorted(raw.train_labels.unique().tolist()) == list(range(10))
+    assert len(raw.digest()) == 16 and raw.digest() == load_raw("mnist", mnist_dir).digest()
+
+
+def test_device_data_normalizes_the_test_split_with_the_dataset_statistics(small_mnist_dir):
+    data = DeviceData(load_raw("mnist", small_mnist_dir), "cpu")
+    expected = (data.raw.test_images.float() / 255 - 0.1307) / 0.3081
+    torch.testing.assert_close(data.test_x, expected)
+    assert 0.0 <= data.train_x.min() and data.train_x.max() <= 1.0
+
+
+def test_rotation_keeps_shape_and_range_and_differs_per_sample(small_mnist_dir):
+    data = DeviceData(load_raw("mnist", small_mnist_dir), "cpu")
+    x = data.train_x[:1].repeat(64, 1, 1, 1)  # one digit, 64 times
+    out = random_rotation(x, 7.0, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    distinct = {tuple(o.flatten()[::7].tolist()) for o in out}
+    assert len(distinct) == 64  # every sample got its own angle
+    # small angles: the digit stays recognisably the same image
+    assert (out - x).abs().mean() < 0.1
+    zero_angle = random_rotation(x, 0.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(zero_angle, x, atol=1e-5, rtol=0)
+
+
+def test_training_epoch_is_a_seeded_shuffle_of_the_whole_split(small_mnist_dir):
+    data = DeviceData(load_raw("mnist", small_mnist_dir), "cpu")
+    x1, y1 = data.training_epoch(torch.Generator().manual_seed(3))
+    x2, y2 = data.training_epoch(torch.Generator().manual_seed(3))
+    torch.testing.assert_close(x1, x2)
+    assert torch.equal(y1, y2)
+    assert sorted(y1.tolist()) == sorted(data.train_y.tolist()) and not torch.equal(y1, data.train_y)
+    x3, _ = data.training_epoch(torch.Generator().manual_seed(4))
+    assert not torch.equal(x1, x3)
+
+
+def test_crop_flip_copies_whole_pixels():
+    img = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) + 1
+    out = random_crop_flip(img.repeat(50, 1, 1, 1), 2, torch.Generator().manual_seed(0))
+    # every output pixel is either padding (0) or a pixel copied exactly from the input
+    values = set(img.flatten().tolist()) | {0.0}
+    assert set(out.flatten().tolist()) <= values
+    # shifts of up to 2 pixels: at least a 4x4 centre survives from the image
+    assert (out[:, :, 2:6, 2:6] > 0).all()
+    # with no padding every output is the image itself or its mirror image, and both occur
+    same = img[:1].repeat(40, 1, 1, 1)
+    out = random_crop_flip(same, 0, torch.Generator().manual_seed(1))
+    flipped = [bool(torch.equal(o, img[0].flip(-1))) for o in out]
+    unflipped = [bool(torch.equal(o, img[0])) for o in out]
+    assert all(f != u for f, u in zip(flipped, unflipped))
+    assert 5 < sum(flipped) < 35
+
+def test_batches_cover_the_split_with_a_short_last_batch():
+    slices = list(batch_slices(1000, 128))
+    assert len(slices) == 8 and slices[-1] == slice(896, 1000)
+
+
+def test_missing_data_without_download_names_folder_files_and_fix(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_raw("mnist", tmp_path, download=False)
+    message = str(err.value)
+    assert str(tmp_path / "MNIST" / "raw") in message
+    assert "train-images-idx3-ubyte" in message and "t10k-labels-idx1-ubyte" in message
+    assert "--data-dir" in message
+
+
+def test_missing_data_that_cannot_be_downloaded_says_how_to_provide_it(tmp_path):
+    with pytest.raises(DataError, match="could not be downloaded") as err:
+        load_raw("mnist", tmp_path / "fresh")  # no internet here: torchvision's download fails
+    assert "Expected files" in str(err.value)
+
+
+def test_truncated_idx_file_is_named(tmp_path):
+    from tests.mnist_fixture import write_mnist
+
+    root = write_mnist(tmp_path, train=200, test=100)
+    target = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    target.write_bytes(target.read_bytes()[:-100])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte has .* truncated"):
+        load_raw("mnist", root)
+
+
+def _write_cifar(root, monkeypatch, n_train=50, n_test=20):
+    """CIFAR-10 in its own pickle format; torchvision's md5 list pointed at these files."""
+    import torchvision
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train_list, test_list = [], []
+    for name, n, target in [(f"data_batch_{i}", n_train // 5, train_list) for i in range(1, 6)] + [("test_batch", n_test, test_list)]:
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+        path = folder / name
+        path.write_bytes(pickle.dumps(batch))
+        target.append([name, hashlib.md5(path.read_bytes()).hexdigest()])
+    meta = folder / "batches.meta"
+    meta.write_bytes(pickle.dumps({"label_names": list(DATASETS["cifar10"].classes)}))
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "train_list", train_list)
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "test_list", test_list)
+    monkeypatch.setitem(torchvision.datasets.CIFAR10.meta, "md5", hashlib.md5(meta.read_bytes()).hexdigest())
+    return folder
+
+
+def test_cifar10_parses_through_torchvision_and_its_md5_checks(tmp_path, monkeypatch):
+    folder = _write_cifar(tmp_path, monkeypatch)
+    raw = load_raw("cifar10", tmp_path, download=False)
+    assert raw.train_images.shape == (50, 3, 32, 32) and raw.test_images.shape == (20, 3, 32, 32)
+    first = pickle.loads((folder / "data_batch_1").read_bytes())
+    assert torch.equal(raw.train_images[0], torch.as_tensor(first["data"][0]).view(3, 32, 32))
+    data = DeviceData(raw, "cpu")
+    x, y = data.training_epoch(torch.Generator().manual_seed(0))
+    assert x.shape == (50, 3, 32, 32)
+    # a corrupted batch fails torchvision's md5 check, and the file's folder is named
+    (folder / "data_batch_3").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cifar-10-batches-py"):
+        load_raw("cifar10", tmp_path, download=False)

@@ -1,0 +1,91 @@
+"""The norm registry and the reference CNN."""
+
+import pytest
+import torch
+from torch import nn
+
+from normlab.models import (ARCHITECTURES, NORMS, ConfigError, Net, check_norm, count_parameters,
+                            summarize, summary_text, valid_groups, variant_label)
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
+@pytest.mark.parametrize("dataset", list(ARCHITECTURES))
+def test_every_norm_builds_and_classifies(norm, dataset):
+    arch = ARCHITECTURES[dataset]
+    model = Net(dataset, norm).eval()
+    x = torch.randn(3, arch.in_channels, arch.image_size, arch.image_size)
+    log_probs = model(x)
+    assert log_probs.shape == (3, 10)
+    torch.testing.assert_close(log_probs.exp().sum(dim=1), torch.ones(3))
+
+
+def test_parameter_counts():
+    assert count_parameters(Net("mnist", "bn")) == 7750
+    for norm in NORMS:
+        assert count_parameters(Net("mnist", norm)) <= 8000
+        assert count_parameters(Net("cifar10", norm)) < 50000
+    # every norm carries the same per-channel affine: 2 x (10+20+20+10+10+10)
+    assert count_parameters(Net("mnist", "bn")) - count_parameters(Net("mnist", "none")) == 160
+    assert count_parameters(Net("mnist", "gn", groups=5)) == 7750
+
+
+def test_reference_architecture_has_no_biases_and_the_notebook_layout():
+    model = Net("mnist", "bn")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.bias is None for c in convs)
+    assert [(c.in_channels, c.out_channels, c.kernel_size[0]) for c in convs] == [
+        (1, 10, 3), (10, 20, 3), (20, 10, 1), (10, 20, 3), (20, 10, 3), (10, 10, 3), (10, 10, 3), (10, 10, 1)]
+    assert convs[6].padding == (1, 1)
+    block = list(model.conv1)
+    assert [type(m) for m in block] == [nn.Conv2d, nn.ReLU, nn.BatchNorm2d, nn.Dropout]
+
+
+def test_ln_statistics_equal_layernorm_over_chw():
+    """ln is GroupNorm(1, C): per-sample statistics over (C, H, W), i.e. nn.LayerNorm's."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 20, 6, 6) * 3 + 1
+    ln = NORMS["ln"].make(20, 1)
+    reference = nn.LayerNorm((20, 6, 6), elementwise_affine=False)
+    torch.testing.assert_close(ln(x), reference(x), rtol=1e-5, atol=1e-5)
+    # the affine is per channel (2 x C), not per element like nn.LayerNorm's (2 x C*H*W)
+    assert sum(p.numel() for p in ln.parameters()) == 40
+
+
+def test_gn_statistics_are_per_sample_and_group():
+    torch.manual_seed(1)
+    x = torch.randn(2, 10, 4, 4)
+    out = NORMS["gn"].make(10, 2)(x)
+    groups = x.view(2, 2, 5 * 16)
+    expected = (groups - groups.mean(-1, keepdim=True)) / torch.sqrt(groups.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(out, expected.view_as(x), rtol=1e-5, atol=1e-5)
+
+
+def test_groups_that_do_not_divide_the_channels_list_the_valid_choices():
+    assert valid_groups("mnist") == [1, 2, 5, 10]
+    assert valid_groups("cifar10") == [1, 2, 4, 8, 16]
+    with pytest.raises(ConfigError, match=r"--groups 3 .*\[10, 20\].*valid choices: 1, 2, 5, 10"):
+        check_norm("gn", 3, "mnist")
+    with pytest.raises(ConfigError, match="unknown norm 'xx'; valid choices: bn, ln, gn, in, none"):
+        Net("mnist", "xx")
+    check_norm("bn", 3, "mnist")  # groups only matter for gn
+
+
+def test_variant_labels_read_as_a_reader_names_them():
+    assert variant_label("gn", 2) == "GN (2 groups)"
+    assert variant_label("ln") == "LN"
+    assert variant_label("bn", l1=1e-5) == "BN + L1 (1e-05)"
+
+
+def test_summary_totals_and_mult_adds():
+    model = Net("mnist", "bn")
+    rows = summarize(model)
+    assert sum(r.parameters for r in rows) == 7750
+    conv1 = rows[0]
+    assert conv1.output_shape == (10, 26, 26)
+    assert conv1.mult_adds == 10 * 26 * 26 * 9  # 1 input channel, 3x3
+    transition = next(r for r in rows if r.name == "transition")
+    assert transition.output_shape == (10, 12, 12)
+    assert transition.mult_adds == 10 * 24 * 24 * 20  # 1x1 conv before the pool
+    assert rows[-1].output_shape == (10,)
+    text = summary_text(model)
+    assert text.splitlines()[-1].split()[:2] == ["total", "7,750"]

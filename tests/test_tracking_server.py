@@ -1,0 +1,144 @@
+"""A real tracking server that goes away mid-run, and runs training at once against one store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from normlab.checkpoint import load
+from normlab.cli import main
+
+from tests.conftest import ROOT, cli_env
+from tests.mlflow_server import MlflowServer
+
+METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 shared cores: more threads per process only thrash
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def start_training(data_dir, tmp_path, *args, **env) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "normlab", "train", "--data-dir", str(data_dir), "--device", "cpu",
+         "--checkpoint-dir", str(tmp_path / "checkpoints"), *args],
+        cwd=tmp_path, env=cli_env(**ONE_THREAD, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+
+
+def histories(client: MlflowClient, run_id: str) -> dict[str, list[int]]:
+    return {m: [x.step for x in client.get_metric_history(run_id, m)] for m in METRICS}
+
+
+class Lines:
+    """A process's stream read on a thread: every line kept, waiting for one that matches."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self.changed:
+                self.lines.append(line)
+                self.changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        with self.changed:
+            found = self.changed.wait_for(lambda: any(text in l for l in self.lines), timeout)
+        assert found, f"no line with {text!r} within {timeout} s: {''.join(self.lines)[-3000:]}"
+        return next(l for l in self.lines if text in l)
+
+    @property
+    def text(self) -> str:
+        self.thread.join(timeout=10)
+        return "".join(self.lines)
+
+
+def test_run_rides_out_a_server_restart_with_every_epoch_logged(server, small_mnist_dir, tmp_path):
+    """Stop the server after epoch 1 is logged and start it again, on the same port and store,
+    once the run is retrying: MLflow's retries (bounded by normlab to about two minutes)
+    carry the run through, and every epoch's metrics arrive."""
+    proc = start_training(small_mnist_dir, tmp_path, "--epochs", "3", MLFLOW_TRACKING_URI=server.uri)
+    out, err = Lines(proc.stdout), Lines(proc.stderr)
+    out.wait_for("epoch   1/3", timeout=300)
+    server.stop()
+    err.wait_for("Retrying", timeout=120)  # the run met the outage
+    server.start()
+    assert proc.wait(timeout=300) == 0, err.text
+    run_id = out.wait_for("MLflow run ", timeout=1).split()[2]
+    run = MlflowClient(server.uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["normlab.status"] == "finished"
+    assert histories(MlflowClient(server.uri), run_id) == {m: [1, 2, 3] for m in METRICS}
+
+
+def test_longer_outage_stops_with_a_resumable_checkpoint_and_resume_fills_the_gap(
+        server, small_mnist_dir, tmp_path, monkeypatch):
+    """With retries exhausted (the user's MLFLOW_HTTP_REQUEST_MAX_RETRIES=1 stands for an
+    outage longer than the retry window) the run stops with a clear error; the local
+    checkpoint holds epoch 2, whose metrics never reached the server. Resuming against the
+    restarted server logs epoch 2 from the checkpoint, then trains epoch 3."""
+    proc = start_training(small_mnist_dir, tmp_path, "--epochs", "3", MLFLOW_TRACKING_URI=server.uri,
+                          MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")
+    out, err = Lines(proc.stdout), Lines(proc.stderr)
+    out.wait_for("epoch   1/3", timeout=300)
+    server.stop()
+    assert proc.wait(timeout=120) == 1
+    run_id = out.wait_for("MLflow run ", timeout=1).split()[2]
+    local = tmp_path / "checkpoints" / run_id / "last.pt"
+    assert "MLflow failed during training" in err.text
+    assert f"checkpointed in {local}; resume with: normlab train --resume {run_id}" in err.text
+    assert load(local)["epoch"] == 2
+
+    server.start()
+    client = MlflowClient(server.uri)
+    assert histories(client, run_id) == {m: [1] for m in METRICS}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    mlflow.set_tracking_uri(server.uri)
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(main, ["train", "--resume", run_id, "--data-dir", str(small_mnist_dir),
+                                           "--device", "cpu", "--checkpoint-dir", str(tmp_path / "checkpoints")])
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert result.exit_code == 0, result.output
+    assert "logged the metrics of epochs [2] from the checkpoint" in result.output
+    assert histories(client, run_id) == {m: [1, 2, 3] for m in METRICS}
+    assert client.get_run(run_id).data.tags["normlab.status"] == "finished"
+
+
+def train_four_at_once(data_dir, tmp_path, uri) -> list[str]:
+    """Four training processes started together; returns their run ids once all are done."""
+    procs = [start_training(data_dir, tmp_path, "--epochs", "2", "--seed", str(seed), MLFLOW_TRACKING_URI=uri)
+             for seed in range(1, 5)]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    return [next(l for l in out.splitlines() if l.startswith("MLflow run ")).split()[2] for out, _ in results]
+
+
+@pytest.mark.parametrize("store", ["sqlite", "server"])
+def test_four_runs_at_once_all_finish_with_complete_histories(store, request, small_mnist_dir, tmp_path):
+    """A fresh sqlite store (its schema is created under a file lock) or the server."""
+    uri = request.getfixturevalue("server").uri if store == "server" else f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_ids = train_four_at_once(small_mnist_dir, tmp_path, uri)
+    client = MlflowClient(uri)
+    assert len(set(run_ids)) == 4
+    for run_id in run_ids:
+        run = client.get_run(run_id)
+        assert (run.info.status, run.data.tags["normlab.status"]) == ("FINISHED", "finished")
+        assert histories(client, run_id) == {m: [1, 2] for m in METRICS}

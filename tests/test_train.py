@@ -1,0 +1,102 @@
+"""The training engine on real digits, on the CPU."""
+
+import pytest
+import torch
+
+from normlab.data import DeviceData, load_raw
+from normlab.models import ConfigError
+from normlab.train import TrainConfig, Trainer, evaluate, fit, l1_norm, most_confident_mistakes
+
+
+@pytest.fixture(scope="module")
+def real_data(mnist_dir):
+    return DeviceData(load_raw("mnist", mnist_dir), "cpu")
+
+
+@pytest.fixture(scope="module")
+def small_data(small_mnist_dir):
+    return DeviceData(load_raw("mnist", small_mnist_dir), "cpu")
+
+
+def test_reference_model_learns_real_digits(real_data):
+    """3 epochs on 8,000 real digits: at least 95% on the 2,000 held-out ones."""
+    result = fit(Trainer(TrainConfig(norm="bn", epochs=3, seed=1), real_data))
+    records = result.records
+    assert [r.epoch for r in records] == [1, 2, 3]
+    assert records[-1].test_acc >= 95.0
+    assert records[-1].test_loss < records[0].test_loss
+    final = evaluate(result.model, real_data.test_x, real_data.test_y)
+    assert final.accuracy == pytest.approx(records[-1].test_acc)
+    assert final.loss == pytest.approx(records[-1].test_loss, rel=1e-5)
+
+
+def test_l1_shrinks_the_weights_for_the_same_seed(small_data):
+    def total_l1(l1: float) -> float:
+        trainer = Trainer(TrainConfig(norm="gn", l1=l1, epochs=2, seed=5), small_data)
+        fit(trainer)
+        return l1_norm(trainer.params).item()
+
+    assert total_l1(1e-2) < 0.95 * total_l1(0.0)
+
+
+def test_l1_norm_is_sum_of_absolute_values_and_differentiable():
+    a = torch.tensor([1.0, -2.0], requires_grad=True)
+    b = torch.tensor([[-3.0]], requires_grad=True)
+    total = l1_norm([a, b])
+    assert total.detach().item() == 6.0
+    total.backward()
+    assert a.grad.tolist() == [1.0, -1.0] and b.grad.tolist() == [[-1.0]]
+
+
+def test_same_seed_same_run_on_cpu(small_data):
+    config = TrainConfig(norm="ln", epochs=1, seed=7)
+    first = fit(Trainer(config, small_data)).records[0]
+    second = fit(Trainer(config, small_data)).records[0]
+    assert (first.train_loss, first.test_loss, first.test_acc) == (second.train_loss, second.test_loss, second.test_acc)
+
+
+def test_mistakes_are_wrong_and_most_confident_first(small_data):
+    result = fit(Trainer(TrainConfig(norm="bn", epochs=1, seed=2), small_data))
+    mistakes = result.mistakes
+    assert len(mistakes) == 10
+    evaluation = evaluate(result.model, small_data.test_x, small_data.test_y)
+    wrong = evaluation.predictions != small_data.test_y
+    for m in mistakes:
+        assert m.pred != m.true == int(small_data.test_y[m.index])
+        assert m.pred == int(evaluation.predictions[m.index])
+    confidences = [m.confidence for m in mistakes]
+    assert confidences == sorted(confidences, reverse=True)
+    assert confidences[-1] >= float(evaluation.confidence[wrong].sort(descending=True).values[9]) - 1e-6
+
+
+def test_fewer_mistakes_than_asked_returns_them_all():
+    from normlab.train import Evaluation
+
+    ev = Evaluation(0.0, 0.0, torch.tensor([1, 2, 3]), torch.tensor([0.9, 0.5, 0.7]))
+    picked = most_confident_mistakes(ev, torch.tensor([1, 0, 0]), k=10)
+    assert [(m.index, m.pred) for m in picked] == [(2, 3), (1, 2)]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("epochs", 0, "--epochs must be positive, got 0"),
+    ("batch_size", -1, "--batch-size must be positive"),
+    ("lr", 0.0, "--lr must be positive"),
+    ("l1", -1e-5, "--l1 must be zero or positive"),
+    ("norm", "xx", "unknown norm 'xx'; valid choices"),
+    ("dataset", "svhn", "unknown dataset 'svhn'; valid choices: mnist, cifar10"),
+])
+def test_impossible_configs_fail_validation(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_batch_larger_than_the_training_split_is_refused(small_data):
+    with pytest.raises(ConfigError, match="--batch-size 5000 is larger than the training split \\(1000 images\\)"):
+        Trainer(TrainConfig(batch_size=5000), small_data)
+
+
+def test_config_hash_ignores_groups_except_for_gn():
+    assert TrainConfig(norm="ln", groups=2).config_hash() == TrainConfig(norm="ln", groups=5).config_hash()
+    assert TrainConfig(norm="gn", groups=2).config_hash() != TrainConfig(norm="gn", groups=5).config_hash()
+    assert TrainConfig(seed=1).config_hash() != TrainConfig(seed=2).config_hash()
+    assert TrainConfig(norm="bn", l1=1e-5, seed=3).run_name == "bn-l1_1e-05-s3"
