@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from normlab.data import DeviceData, batch_slices, check_dataset
 from normlab.models import ConfigError, Net, check_norm, variant_label
+from normlab.step import GraphedTrainStep, Speedups, TrainStep
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,9 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def l1_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of |w| over all tensors, as one fused foreach reduction (differentiable)."""
+    """Sum of |w| over all tensors, as one fused foreach reduction (differentiable).
+
+    The training step adds the penalty's gradient (l1 * sign(w)) directly; this is its value."""
     return torch.stack(torch._foreach_norm(params, 1)).sum()
 
 
@@ -207,17 +211,29 @@ class FitResult:
     mistakes: list[Misclassified] = field(default_factory=list)
 
 
-class Trainer:
-    """Model, optimizer, schedule and RNG for one config; one call of run_epoch per epoch."""
+# The step updates the weights itself (normlab.step), so the scheduler never sees
+# optimizer.step() being called and would warn that the schedule is out of order; it is not.
+_SCHEDULER_ORDER_WARNING = r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
 
-    def __init__(self, config: TrainConfig, data: DeviceData):
+
+class Trainer:
+    """Model, optimizer, schedule and RNG for one config; one call of run_epoch per epoch.
+
+    ``speedups`` defaults to what pays on the data's device (normlab.step.Speedups); any
+    choice trains the same steps with the same schedule.
+    """
+
+    def __init__(self, config: TrainConfig, data: DeviceData, *, speedups: Speedups | None = None):
         config.validate().check_fits(data.train_size)
         self.config = config
         self.data = data
         device = data.device
         torch.manual_seed(config.seed)
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.speedups = speedups or Speedups.default(device, config.norm)
         self.model = Net(config.dataset, config.norm, config.groups, config.dropout).to(device)
+        if self.speedups.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
                                          foreach=True)
@@ -226,6 +242,11 @@ class Trainer:
             self.optimizer, max_lr=config.lr, epochs=config.epochs,
             steps_per_epoch=self.steps_per_epoch, pct_start=0.2,
         )
+        self.train_step = TrainStep(self.model, self.optimizer, config.l1, self.speedups.channels_last)
+        self.run_step: TrainStep | GraphedTrainStep = self.train_step
+        if self.speedups.cuda_graphs:
+            batch_x = (config.batch_size, *data.train_x.shape[1:])
+            self.run_step = GraphedTrainStep(self.train_step, batch_x, (config.batch_size,))
         self.epoch = 0
         self.last_evaluation: Evaluation | None = None
         self.stop_reason: str | None = None
@@ -280,22 +301,18 @@ class Trainer:
         """One pass over the shuffled, augmented training split; returns (loss, acc %)."""
         self.model.train()
         x, y = self.data.training_epoch(self.generator)
-        loss_sum = torch.zeros((), device=x.device)
-        correct = torch.zeros((), device=x.device, dtype=torch.int64)
-        l1 = self.config.l1
-        for step, s in enumerate(batch_slices(len(y), self.config.batch_size), 1):
-            log_probs = self.model(x[s])
-            nll = F.nll_loss(log_probs, y[s])
-            loss = nll + l1 * l1_norm(self.params) if l1 > 0 else nll
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
-            loss_sum += nll.detach() * (s.stop - s.start)
-            correct += (log_probs.argmax(dim=1) == y[s]).sum()
-            callbacks.step_done()
-            self._stop_if_requested(step)
-        return loss_sum.item() / len(y), 100.0 * correct.item() / len(y)
+        step = self.train_step
+        step.start_epoch()
+        group = self.optimizer.param_groups[0]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_SCHEDULER_ORDER_WARNING)
+            for i, s in enumerate(batch_slices(len(y), self.config.batch_size), 1):
+                step.follow(group)
+                self.run_step(x[s], y[s])
+                self.scheduler.step()
+                callbacks.step_done()
+                self._stop_if_requested(i)
+        return step.loss_sum.item() / len(y), 100.0 * step.correct.item() / len(y)
 
     def run_epoch(self, callbacks: Callbacks) -> EpochRecord:
         self._stop_if_requested(0)

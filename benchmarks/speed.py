@@ -1,0 +1,379 @@
+"""How much faster normlab's engine trains than the reference notebooks' pipeline.
+
+The notebook-style pipeline lives here, not in the package: torchvision's MNIST Dataset with
+PIL RandomRotation(7) + ToTensor + Normalize, a DataLoader (batch 128, 2 workers, shuffle),
+``.item()`` every step, the same Net, SGD with momentum and OneCycleLR. normlab's engine is
+the ordinary ``Trainer`` with its defaults. Both read the same MNIST folder, train the same
+epochs and are timed in one invocation, so their ratio holds even on a busy machine.
+
+    python benchmarks/speed.py                      # full comparison on the default device
+    python benchmarks/speed.py --device cpu --train-images 6000 --epochs 2
+    python benchmarks/speed.py --tiny               # seconds; what CI runs
+
+Full MNIST is used when --data-dir holds it; otherwise the 10,000 real test digits from
+--shared-mnist, tiled to 60,000 training images (test = those 10,000): the content does
+not change the timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from normlab.data import DeviceData, load_raw  # noqa: E402
+from normlab.models import Net  # noqa: E402
+from normlab.step import Speedups  # noqa: E402
+from normlab.train import Callbacks, TrainConfig, Trainer, resolve_device  # noqa: E402
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+STUDY = (TrainConfig(norm="bn", l1=1e-5), TrainConfig(norm="ln"), TrainConfig(norm="gn", groups=2))
+
+
+# ---------------------------------------------------------------- data
+
+
+def _idx(dims: tuple[int, ...], body: bytes) -> bytes:
+    return bytes([0, 0, 0x08, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims) + body
+
+
+def prepare_mnist(data_dir: Path, shared: Path, workdir: Path, train_images: int | None,
+                  test_images: int | None, holdout: int = 0) -> tuple[Path, str]:
+    """A torchvision-layout MNIST root: full MNIST if present, else tiled real test digits.
+
+    Tiled digits are tested on digits the model trained on, which saturates accuracy;
+    ``holdout`` keeps the last N digits out of training for an accuracy that means something.
+    --train-images / --test-images take the first N of each split (for slow devices).
+    """
+    raw, px = data_dir / "MNIST" / "raw", 28 * 28
+    if all((raw / f).exists() for f in MNIST_FILES) and train_images is None and test_images is None:
+        return data_dir, "full MNIST"
+    if all((raw / f).exists() for f in MNIST_FILES):
+        read = {f: (raw / f).read_bytes() for f in MNIST_FILES}
+        train_img, train_lab = read[MNIST_FILES[0]][16:], read[MNIST_FILES[1]][8:]
+        test_img, test_lab = read[MNIST_FILES[2]][16:], read[MNIST_FILES[3]][8:]
+        source = "full MNIST"
+    else:
+        files = [shared / "t10k-images-idx3-ubyte.gz", shared / "t10k-labels-idx1-ubyte.gz"]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            sys.exit(f"error: no MNIST in {raw} and the real test digits are missing: {', '.join(missing)}; "
+                     f"pass --data-dir with full MNIST or --shared-mnist with the t10k-*.gz files")
+        digits, labels = gzip.decompress(files[0].read_bytes())[16:], gzip.decompress(files[1].read_bytes())[8:]
+        kept = len(labels) - holdout
+        test_img, test_lab = (digits[kept * px:], labels[kept:]) if holdout else (digits, labels)
+        train_img, train_lab = (digits[: kept * px] * 8)[: 60000 * px], (labels[:kept] * 8)[:60000]
+        source = (f"the first {kept:,} real MNIST test digits tiled to 60,000 (test: the other {holdout:,})"
+                  if holdout else "the 10,000 real MNIST test digits tiled 6x")
+    n_train = min(train_images or len(train_lab), len(train_lab))
+    n_test = min(test_images or len(test_lab), len(test_lab))
+    out = workdir / "MNIST" / "raw"
+    out.mkdir(parents=True)
+    (out / MNIST_FILES[0]).write_bytes(_idx((n_train, 28, 28), train_img[: n_train * px]))
+    (out / MNIST_FILES[1]).write_bytes(_idx((n_train,), train_lab[:n_train]))
+    (out / MNIST_FILES[2]).write_bytes(_idx((n_test, 28, 28), test_img[: n_test * px]))
+    (out / MNIST_FILES[3]).write_bytes(_idx((n_test,), test_lab[:n_test]))
+    return workdir, source
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.init()  # an explicit index ("cuda:0") does not initialize CUDA by itself
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gpu_mib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def peak_rss_mib(who: int = resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB
+
+
+@dataclass
+class Runs:
+    """Per-epoch seconds and final test accuracy of each seed's run of one pipeline."""
+
+    name: str
+    epoch_seconds: list[float] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)
+    fixed_seconds: dict[str, list[float]] = field(default_factory=dict)
+    peak_gpu_mib: float | None = None
+    peak_rss_mib: float | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.epoch_seconds)
+
+    def fixed(self, key: str, seconds: float) -> None:
+        self.fixed_seconds.setdefault(key, []).append(seconds)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "epoch_seconds": self.epoch_seconds, "median_epoch_seconds": self.median,
+                "accuracies": self.accuracies, "fixed_seconds": self.fixed_seconds,
+                "peak_gpu_mib": self.peak_gpu_mib, "peak_rss_mib": self.peak_rss_mib}
+
+
+# ---------------------------------------------------------------- the notebook-style pipeline
+
+
+def notebook_runs(root: Path, device: torch.device, epochs: int, seeds: list[int], workers: int) -> Runs:
+    """The reference notebooks' loop, as they wrote it (batch 128, PIL rotation, .item())."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    runs = Runs("notebook")
+    reset_peak_memory(device)
+    for seed in seeds:
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        train_tf = transforms.Compose([transforms.RandomRotation((-7.0, 7.0), fill=(0,)), transforms.ToTensor(),
+                                       transforms.Normalize((0.1307,), (0.3081,))])
+        test_tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+        train_ds = datasets.MNIST(str(root), train=True, download=False, transform=train_tf)
+        test_ds = datasets.MNIST(str(root), train=False, download=False, transform=test_tf)
+        kwargs = dict(batch_size=128, num_workers=workers, pin_memory=device.type == "cuda")
+        train_loader = DataLoader(train_ds, shuffle=True, **kwargs)
+        test_loader = DataLoader(test_ds, shuffle=False, **kwargs)
+        model = Net("mnist", "bn").to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, epochs=epochs,
+                                                        steps_per_epoch=len(train_loader), pct_start=0.2)
+        runs.fixed("data and model setup", time.perf_counter() - start)
+        for _ in range(epochs):
+            start = time.perf_counter()
+            model.train()
+            train_loss = correct = 0
+            for data, target in train_loader:
+                data, target = data.to(device), target.to(device)
+                optimizer.zero_grad()
+                y_pred = model(data)
+                loss = F.nll_loss(y_pred, target)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                train_loss += loss.item()
+                correct += y_pred.argmax(dim=1).eq(target).sum().item()
+            model.eval()
+            test_correct = 0
+            with torch.no_grad():
+                for data, target in test_loader:
+                    data, target = data.to(device), target.to(device)
+                    test_correct += model(data).argmax(dim=1).eq(target).sum().item()
+            runs.epoch_seconds.append(time.perf_counter() - start)
+        runs.accuracies.append(100.0 * test_correct / len(test_ds))
+    runs.peak_gpu_mib = peak_gpu_mib(device)
+    runs.peak_rss_mib = max(peak_rss_mib(), peak_rss_mib(resource.RUSAGE_CHILDREN))
+    return runs
+
+
+# ---------------------------------------------------------------- normlab's engine
+
+
+def engine_runs(name: str, root: Path, device: torch.device, configs: list[TrainConfig],
+                speedups: Speedups | None = None, compile_model: bool = False) -> Runs:
+    """normlab's Trainer, one run per config; data loading and capture timed separately."""
+    runs = Runs(name)
+    reset_peak_memory(device)
+    for config in configs:
+        start = time.perf_counter()
+        data = DeviceData(load_raw("mnist", root, download=False), device)
+        sync(device)
+        runs.fixed("data load to device", time.perf_counter() - start)
+        start = time.perf_counter()
+        trainer = Trainer(config, data, speedups=speedups)
+        if compile_model:
+            trainer.train_step.model = torch.compile(trainer.model)
+        sync(device)
+        runs.fixed("model and optimizer", time.perf_counter() - start)
+        seconds = [trainer.run_epoch(Callbacks()).seconds for _ in range(config.epochs)]
+        capture = getattr(trainer.run_step, "capture_seconds", None)
+        if capture is not None or compile_model:
+            # The first epoch also paid for capture/compilation: count that as a one-time cost.
+            steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
+            runs.fixed("compile/capture (1st epoch minus median)", max(seconds[0] - steady, 0.0))
+            seconds = seconds[1:] or seconds
+        runs.epoch_seconds.extend(seconds)
+        runs.accuracies.append(trainer.last_evaluation.accuracy)
+    runs.peak_gpu_mib = peak_gpu_mib(device)
+    runs.peak_rss_mib = peak_rss_mib()
+    return runs
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f} (n={len(values)})"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run for both pipelines")
+    p.add_argument("--seeds", type=int, default=1, help="runs (seeds 1..N) per pipeline, for accuracy")
+    p.add_argument("--study-epochs", type=int, default=0,
+                   help="also time the classic study with the engine: BN+L1, LN, GN for this many epochs each")
+    p.add_argument("--ablations", action="store_true", help="also time the engine with techniques switched off")
+    p.add_argument("--compile", action="store_true",
+                   help="with --ablations: also time the engine with torch.compile (compiling takes minutes on a CPU)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the notebook pipeline")
+    p.add_argument("--data-dir", type=Path, default=ROOT / "data", help="folder that may hold full MNIST")
+    p.add_argument("--shared-mnist", type=Path, default=ROOT.parent / "shared" / "data" / "mnist-t10k",
+                   help="folder with t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz")
+    p.add_argument("--train-images", type=int, help="use only the first N training images")
+    p.add_argument("--test-images", type=int, help="use only the first N test images")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="with the tiled test digits: keep the last N out of training and test on them")
+    p.add_argument("--tiny", action="store_true", help="256 train / 128 test images, 1 epoch: a smoke test")
+    p.add_argument("--json", type=Path, help="also write every number to this file")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.train_images, args.test_images, args.epochs, args.seeds = 256, 128, 1, 1
+    for name in ("epochs", "seeds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if not 0 <= args.holdout <= 5000:
+        p.error("--holdout must be between 0 and 5000 digits")
+    device = resolve_device(args.device)
+    import torchvision  # noqa: F401  imported once here, so neither pipeline's timing pays for it
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root, source = prepare_mnist(args.data_dir, args.shared_mnist, Path(tmp), args.train_images,
+                                     args.test_images, args.holdout)
+        seeds = list(range(1, args.seeds + 1))
+        base = [TrainConfig(norm="bn", epochs=args.epochs, seed=s) for s in seeds]
+        engine = engine_runs("normlab engine", root, device, base)
+        notebook = notebook_runs(root, device, args.epochs, seeds, args.workers)
+        study = None
+        if args.study_epochs:
+            configs = [TrainConfig(**{**c.__dict__, "epochs": args.study_epochs}) for c in STUDY]
+            start = time.perf_counter()
+            study = engine_runs("study", root, device, configs)
+            study_wall = time.perf_counter() - start
+        ablations: list[Runs] = []
+        if args.ablations:
+            one = [TrainConfig(norm="bn", epochs=max(args.epochs, 2), seed=1)]
+            ablations.append(plain_device_runs(root, device, one[0]))
+            variants = [Speedups(), Speedups(channels_last=True)]
+            if device.type == "cuda":
+                variants += [Speedups(cuda_graphs=True), Speedups(cuda_graphs=True, channels_last=True)]
+            for sp in variants:
+                label = ("CUDA graphs" if sp.cuda_graphs else "eager") + (", NHWC" if sp.channels_last else ", NCHW")
+                ablations.append(engine_runs(f"engine: {label}", root, device, one, sp))
+            if args.compile:
+                try:
+                    ablations.append(engine_runs("engine defaults + torch.compile", root, device, one, compile_model=True))
+                except Exception as exc:  # report, do not hide: compile is an experiment here
+                    print(f"torch.compile variant failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+    ratio = notebook.median / engine.median
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"normlab speed benchmark, {date}",
+        f"device: {device_name(device)} ({device}); torch {torch.__version__}; python {platform.python_version()}",
+        f"data: {source}; {args.train_images or 'all'} train / {args.test_images or 'all'} test images; "
+        f"BN, batch 128, {args.epochs} epoch(s) x {args.seeds} seed(s)",
+        f"command: python benchmarks/speed.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
+        "",
+        "| pipeline | epoch median (s) | epochs timed | test accuracy (%) | peak GPU (MiB) | peak RSS (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in (notebook, engine):
+        gpu = f"{r.peak_gpu_mib:.0f}" if r.peak_gpu_mib is not None else "-"
+        lines.append(f"| {r.name} | {r.median:.3f} | {len(r.epoch_seconds)} | {mean_sd(r.accuracies)} | {gpu} | "
+                     f"{r.peak_rss_mib:.0f} |")
+    lines += ["", f"per-epoch speed-up (notebook median / engine median): {ratio:.1f}x", "", "one-time costs per run (s):"]
+    for r in (notebook, engine):
+        for key, values in r.fixed_seconds.items():
+            lines.append(f"  {r.name}: {key}: median {statistics.median(values):.2f} (max {max(values):.2f})")
+    result = {"date": date, "device": device_name(device), "torch": torch.__version__, "data": source,
+              "args": {k: str(v) for k, v in vars(args).items()}, "notebook": notebook.as_dict(),
+              "engine": engine.as_dict(), "ratio": ratio}
+    if study is not None:
+        epochs = len(STUDY) * args.study_epochs
+        notebook_total = notebook.median * epochs
+        lines += ["", f"classic study (BN+L1, LN, GN x {args.study_epochs} epochs = {epochs} epochs, evaluation every epoch):",
+                  f"  engine, measured: {study_wall:.1f} s in all ({sum(study.epoch_seconds):.1f} s in "
+                  f"{len(study.epoch_seconds)} steady epochs; the rest: data load, setup, first epochs with capture)",
+                  f"  notebook, from its measured epoch median x {epochs}: {notebook_total:.0f} s",
+                  f"  study speed-up: {notebook_total / study_wall:.1f}x"]
+        result["study"] = {**study.as_dict(), "wall_seconds": study_wall, "notebook_estimate_seconds": notebook_total}
+    if ablations:
+        lines += ["", "each technique (BN, epoch median):", "| variant | epoch median (s) | vs notebook |", "| --- | ---: | ---: |",
+                  f"| notebook pipeline | {notebook.median:.3f} | 1.0x |"]
+        for r in ablations:
+            lines.append(f"| {r.name} | {r.median:.3f} | {notebook.median / r.median:.1f}x |")
+            for key, values in r.fixed_seconds.items():
+                if key.startswith("compile"):
+                    lines.append(f"|   ({key}: {max(values):.1f} s) | | |")
+        result["ablations"] = [r.as_dict() for r in ablations]
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def plain_device_runs(root: Path, device: torch.device, config: TrainConfig) -> Runs:
+    """Data on the device (normlab.data), but the textbook step: backward, optimizer.step(),
+    .item() every step. Separates what the data pipeline saves from what the step saves."""
+    from normlab.data import batch_slices
+    from normlab.train import evaluate
+
+    runs = Runs("device data, textbook eager step")
+    data = DeviceData(load_raw("mnist", root, download=False), device)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    model = Net("mnist", config.norm).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    steps = -(-data.train_size // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, epochs=config.epochs,
+                                                    steps_per_epoch=steps, pct_start=0.2)
+    for _ in range(config.epochs):
+        start = time.perf_counter()
+        model.train()
+        x, y = data.training_epoch(generator)
+        total = 0.0
+        for s in batch_slices(len(y), config.batch_size):
+            loss = F.nll_loss(model(x[s]), y[s])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item()
+        accuracy = evaluate(model, data.test_x, data.test_y).accuracy
+        runs.epoch_seconds.append(time.perf_counter() - start)
+    runs.accuracies.append(accuracy)
+    return runs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The speed benchmark runs end to end in its tiny mode and prints the figures it promises."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+from tests.conftest import ROOT, cli_env
+from tests.mnist_fixture import SHARED_MNIST
+
+
+def test_tiny_benchmark_prints_medians_ratio_accuracies_costs_and_memory(tmp_path):
+    out = tmp_path / "speed.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/speed.py", "--tiny", "--device", "cpu",
+         "--data-dir", str(tmp_path / "no-mnist-here"), "--shared-mnist", str(SHARED_MNIST), "--json", str(out)],
+        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "the 10,000 real MNIST test digits tiled 6x; 256 train / 128 test images" in text
+    rows = {m.group(1): m for m in re.finditer(
+        r"^\| (notebook|normlab engine) \| ([\d.]+) \| 1 \| ([\d.]+) \| - \| (\d+) \|$", text, re.M)}
+    assert set(rows) == {"notebook", "normlab engine"}, text
+    ratio = float(re.search(r"per-epoch speed-up \(notebook median / engine median\): ([\d.]+)x", text).group(1))
+    medians = {k: float(m.group(2)) for k, m in rows.items()}
+    assert abs(ratio - medians["notebook"] / medians["normlab engine"]) < 0.06
+    for m in rows.values():
+        assert 0 <= float(m.group(3)) <= 100 and int(m.group(4)) > 0  # accuracy %, peak RSS MiB
+    assert re.search(r"normlab engine: data load to device: median [\d.]+", text)
+    assert re.search(r"notebook: data and model setup: median [\d.]+", text)
+    assert "device: " in text and "(cpu)" in text
+    saved = json.loads(out.read_text())
+    assert len(saved["notebook"]["epoch_seconds"]) == 1 and saved["ratio"] > 0

@@ -1,0 +1,178 @@
+"""The engine's host-free training step trains exactly what the plain PyTorch loop trains.
+
+CUDA graph capture itself needs a GPU (benchmarks/speed.py exercises it there); what it
+relies on is checked here on the CPU: the step over static buffers, the undone warm-up,
+and momentum buffers that stay the optimizer's own state.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from normlab.data import DeviceData, batch_slices, load_raw
+from normlab.models import Net
+from normlab.step import GraphedTrainStep, Speedups, TrainStep, run_and_undo
+from normlab.train import Callbacks, TrainConfig, Trainer, evaluate
+from tests.mnist_fixture import write_mnist
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> DeviceData:
+    """200 real training digits, 100 test: a few steps per epoch keep these tests fast."""
+    folder = write_mnist(tmp_path_factory.mktemp("mnist-tiny"), train=200, test=100)
+    return DeviceData(load_raw("mnist", folder, download=False), "cpu")
+
+
+def plain_epochs(config: TrainConfig, data: DeviceData) -> tuple[list[tuple[float, float, float]], Net]:
+    """The textbook loop: backward, torch.optim.SGD.step, OneCycleLR.step, .item() per step."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    model = Net(config.dataset, config.norm, config.groups, config.dropout)
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+    steps = -(-data.train_size // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, epochs=config.epochs,
+                                                    steps_per_epoch=steps, pct_start=0.2)
+    history = []
+    for _ in range(config.epochs):
+        model.train()
+        x, y = data.training_epoch(generator)
+        loss_sum = 0.0
+        for s in batch_slices(len(y), config.batch_size):
+            nll = F.nll_loss(model(x[s]), y[s])
+            loss = nll + config.l1 * sum(p.abs().sum() for p in params) if config.l1 else nll
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += nll.item() * (s.stop - s.start)
+        ev = evaluate(model, data.test_x, data.test_y)
+        history.append((loss_sum / len(y), ev.loss, ev.accuracy))
+    return history, model
+
+
+@pytest.mark.parametrize("norm,l1", [("bn", 1e-4), ("gn", 0.0)])
+def test_engine_trains_what_the_plain_loop_trains(data, norm, l1):
+    config = TrainConfig(norm=norm, l1=l1, epochs=2, batch_size=48, seed=3)  # 200 = 4 x 48 + 8: a short last batch
+    expected, plain_model = plain_epochs(config, data)
+    trainer = Trainer(config, data)  # the CPU defaults
+    records = [trainer.run_epoch(Callbacks()) for _ in range(config.epochs)]
+    for record, (train_loss, test_loss, test_acc) in zip(records, expected):
+        assert record.train_loss == pytest.approx(train_loss, rel=1e-4)
+        assert record.test_loss == pytest.approx(test_loss, rel=1e-4)
+        assert abs(record.test_acc - test_acc) <= 1.0  # at most one of 100 test digits flips
+    for ours, theirs in zip(trainer.model.state_dict().values(), plain_model.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
+
+
+def test_channels_last_trains_the_same_steps(data):
+    # No dropout: NHWC draws the same mask values in another element order.
+    config = TrainConfig(norm="ln", epochs=1, batch_size=64, seed=2, dropout=0.0)
+    plain = Trainer(config, data, speedups=Speedups()).run_epoch(Callbacks())
+    nhwc = Trainer(config, data, speedups=Speedups(channels_last=True)).run_epoch(Callbacks())
+    assert nhwc.train_loss == pytest.approx(plain.train_loss, rel=1e-4)
+    assert nhwc.test_loss == pytest.approx(plain.test_loss, rel=1e-4)
+
+
+def make_step(seed: int = 0, l1: float = 1e-3) -> TrainStep:
+    torch.manual_seed(seed)
+    model = Net("mnist", "bn").train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    step = TrainStep(model, optimizer, l1)
+    step.follow({"lr": 0.05, "momentum": 0.9})
+    return step
+
+
+def batch(seed: int, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def weights(step: TrainStep) -> list[torch.Tensor]:
+    return [t.clone() for t in (*step.model.state_dict().values(), *step.buffers, step.loss_sum, step.correct)]
+
+
+def test_step_equals_torch_sgd_with_l1_as_rates_change():
+    """TrainStep = autograd + torch.optim.SGD on the same batches, as OneCycleLR moves
+    the learning rate and the momentum between steps."""
+    ours, ref = make_step(), make_step()
+    params = list(ref.model.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    for seed, lr, momentum in ((1, 0.002, 0.95), (2, 0.05, 0.85), (3, 0.03, 0.9)):
+        x, y = batch(seed)
+        optimizer.param_groups[0].update(lr=lr, momentum=momentum)
+        ours.follow(optimizer.param_groups[0])
+        torch.manual_seed(10 + seed)  # same dropout masks for both
+        ours(x, y)
+        torch.manual_seed(10 + seed)
+        loss = F.nll_loss(ref.model(x), y) + 1e-3 * sum(p.abs().sum() for p in params)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for a, b in zip(ours.model.state_dict().values(), ref.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for p, buf in zip(ours.params, ours.buffers):
+        assert ours.optimizer.state[p]["momentum_buffer"] is buf
+    for p_ours, p_ref in zip(ours.params, params):
+        torch.testing.assert_close(ours.optimizer.state[p_ours]["momentum_buffer"],
+                                   optimizer.state[p_ref]["momentum_buffer"], rtol=1e-5, atol=1e-7)
+
+
+def test_step_on_static_buffers_equals_step_on_slices():
+    """What the graph does (copy the batch into fixed tensors, step on them) changes nothing."""
+    direct, buffered = make_step(), make_step()
+    static_x, static_y = torch.zeros(64, 1, 28, 28), torch.zeros(64, dtype=torch.int64)
+    for seed in (1, 2, 3):
+        x, y = batch(seed)
+        torch.manual_seed(seed)
+        direct(x, y)
+        static_x.copy_(x)
+        static_y.copy_(y)
+        torch.manual_seed(seed)
+        buffered(static_x, static_y)
+    for a, b in zip(weights(direct), weights(buffered)):
+        assert torch.equal(a, b)
+
+
+def test_warm_up_before_capture_is_undone_bit_for_bit():
+    warmed, fresh = make_step(), make_step()
+    x, y = batch(1)
+    torch.manual_seed(5)
+    before = weights(warmed)
+    run_and_undo(warmed, x, y, steps=3)
+    for a, b in zip(before, weights(warmed)):
+        assert torch.equal(a, b)
+    warmed(x, y)  # the RNG was put back too: same dropout masks as a step with no warm-up
+    torch.manual_seed(5)
+    fresh(x, y)
+    for a, b in zip(weights(warmed), weights(fresh)):
+        assert torch.equal(a, b)
+
+
+def test_momentum_loaded_into_the_optimizer_is_adopted():
+    """A checkpoint's optimizer state (load_state_dict makes new tensors) drives the next step."""
+    trained = make_step()
+    trained(*batch(1))
+    resumed = make_step()
+    resumed.model.load_state_dict(trained.model.state_dict())
+    resumed.optimizer.load_state_dict(trained.optimizer.state_dict())
+    resumed.start_epoch()
+    for a, b in zip(resumed.buffers, trained.buffers):
+        assert torch.equal(a, b)
+    x, y = batch(2)
+    torch.manual_seed(7)
+    trained(x, y)
+    torch.manual_seed(7)
+    resumed(x, y)
+    for a, b in zip(resumed.model.state_dict().values(), trained.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_graphs_refuse_a_cpu_model_and_unsupported_sgd_settings():
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedTrainStep(make_step(), (64, 1, 28, 28), (64,))
+    model = Net("mnist", "bn")
+    with pytest.raises(ValueError, match="nesterov"):
+        TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True), 0.0)
