@@ -359,8 +359,8 @@ def render_counts(e: Explanation, large_batch: int = 128) -> str:
         lines.append(f"    {NORMS[ne.norm].label:<6}{SETS_FORMULA[ne.norm]:<8}{len(ne.sets):>12}{big:>9}   "
                      f"{ne.parameters} (gamma and beta per channel, 2 x C)")
     lines += [
-        f"  Only BN's count is fixed by C; the others grow with the batch, because each sample gets its own.",
-        f"  Parameters never grow with the batch: they are sized by C when the layer is built, before any",
+        "  Only BN's count is fixed by C; the others grow with the batch, because each sample gets its own.",
+        "  Parameters never grow with the batch: they are sized by C when the layer is built, before any",
         f"  batch exists. LN here is GroupNorm with 1 group: its affine is per channel ({2 * c} here), while",
         f"  nn.LayerNorm(({c}, {h}, {w}))'s is per element ({e.layernorm_parameters} here). "
         "Same statistics, different affine.",
@@ -374,12 +374,12 @@ def render_modes(e: Explanation) -> str:
     m = MOMENTUM
     lines = [
         "Training mode vs evaluation mode",
-        f"  BN in training mode uses the batch's statistics (so a sample's output depends on the other",
-        f"  samples in its batch) and updates running statistics, starting from mean 0 and variance 1:",
+        "  BN in training mode uses the batch's statistics (so a sample's output depends on the other",
+        "  samples in its batch) and updates running statistics, starting from mean 0 and variance 1:",
         f"    running_mean = {1 - m:g} x running_mean + {m:g} x batch mean",
         f"    running_var  = {1 - m:g} x running_var  + {m:g} x batch variance x n / (n - 1)",
         f"  (the running variance is the unbiased one; n = N x H x W = {r.count} elements per channel)",
-        f"  after this one batch:",
+        "  after this one batch:",
     ]
     for j in range(c):
         mean, var, unbiased = (_num(float(t[j])) for t in (r.batch_mean, r.batch_var, r.unbiased_var))

@@ -29,6 +29,16 @@ def small_mnist_dir(tmp_path_factory) -> Path:
     return write_mnist(tmp_path_factory.mktemp("mnist-small"), train=1000, test=500)
 
 
+@pytest.fixture(autouse=True)
+def restore_environ():
+    """In-process commands set MLFLOW_EXPERIMENT_ID (mlflow.set_experiment) and retry settings
+    in os.environ; put it back so later subprocesses and tests start clean."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch) -> str:
     """A fresh sqlite store (and artifact folder) for this test, also for subprocesses."""
@@ -46,6 +56,7 @@ def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    env.setdefault("OMP_NUM_THREADS", "1")  # CI has 2 cores: more threads per process only thrash
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env

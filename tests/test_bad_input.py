@@ -20,15 +20,6 @@ from tests.conftest import ROOT, cli_env, run_cli
 from tests.mlflow_server import free_port
 
 
-@pytest.fixture(autouse=True)
-def restore_environ():
-    """In-process commands set MLFLOW_EXPERIMENT_ID (mlflow.set_experiment) and retry settings
-    in os.environ; put it back so later subprocesses start clean."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
 
 def train(*args: str, data_dir: Path):
     return CliRunner().invoke(main, ["train", "--device", "cpu", "--data-dir", str(data_dir), *args])

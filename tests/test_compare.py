@@ -447,6 +447,6 @@ def test_notebook_runs_top_to_bottom_against_the_store(store, monkeypatch):
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 4 + 3  # curves and final accuracy, then one gallery per variant
     text = "".join(o.get("text", "") + o.get("data", {}).get("text/markdown", "") for o in outputs)
-    assert f"Compared 5 runs, 3 variants" in text and store.uri in text
+    assert "Compared 5 runs, 3 variants" in text and store.uri in text
     assert "| GN (2 groups) | 7,750 | 1 (1) |" in text
     assert "Differences:" in text

@@ -20,17 +20,7 @@ from normlab.cli import main
 from tests.conftest import ROOT, cli_env
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 shared cores: more threads per process only thrash
 
-
-@pytest.fixture(autouse=True)
-def restore_environ():
-    """In-process commands set MLFLOW_EXPERIMENT_ID (mlflow.set_experiment) and retry settings
-    in os.environ; put it back so later subprocesses start clean."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +35,7 @@ def one_thread():
 def signal_after_first_epoch(cmd: list[str], cwd: Path, sig: int, **env) -> tuple[subprocess.CompletedProcess, float]:
     """Start cmd in its own session, send `sig` to its process group (as a terminal does on
     Ctrl-C) once epoch 1 is reported; returns the finished process and seconds to exit."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=cli_env(**ONE_THREAD, **env), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=cli_env(**env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     lines = []
     for line in proc.stdout:

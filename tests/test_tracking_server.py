@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -20,17 +19,7 @@ from tests.conftest import cli_env
 from tests.mlflow_server import MlflowServer
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 shared cores: more threads per process only thrash
 
-
-@pytest.fixture(autouse=True)
-def restore_environ():
-    """In-process commands set MLFLOW_EXPERIMENT_ID (mlflow.set_experiment) and retry settings
-    in os.environ; put it back so later subprocesses start clean."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +34,7 @@ def start_training(data_dir, tmp_path, *args, **env) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "normlab", "train", "--data-dir", str(data_dir), "--device", "cpu",
          "--checkpoint-dir", str(tmp_path / "checkpoints"), *args],
-        cwd=tmp_path, env=cli_env(**ONE_THREAD, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=tmp_path, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
 
 
