@@ -97,13 +97,6 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def l1_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of |w| over all tensors, as one fused foreach reduction (differentiable).
-
-    The training step adds the penalty's gradient (l1 * sign(w)) directly; this is its value."""
-    return torch.stack(torch._foreach_norm(params, 1)).sum()
-
-
 @dataclass(frozen=True)
 class EpochRecord:
     epoch: int  # 1-based
