@@ -176,10 +176,6 @@ def config_state(claims: list[Claim], children: list[Child], *, commit: str | No
     return State(OPEN, next_attempt=nxt, child=child)  # failed earlier, killed, abandoned, or older code
 
 
-def _ms(t: float) -> int:
-    return int(t * 1000)
-
-
 class SweepStore:
     """A sweep's parent run and children in one experiment, through MlflowClient."""
 
