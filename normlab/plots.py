@@ -80,15 +80,15 @@ def final_values(df, metric: str = "test_acc"):
 
 
 def _norm_label(norm: str, groups=None, l1=None) -> str:
-    """'BN + L1', 'GN (4 groups)': a line per norm setting, whatever the batch size."""
+    """The registry's label ('BN + L1 (1e-05)', 'GN (4 groups)') from a frame row, where
+    groups and l1 may be missing: a line per norm setting, whatever the batch size."""
     import pandas as pd
 
-    label = str(norm).upper()
-    if label == "GN" and pd.notna(groups):
-        label += f" ({int(groups)} groups)"
-    if pd.notna(l1) and float(l1) > 0:
-        label += f" + L1 ({float(l1):g})"
-    return label
+    from normlab.models import NORMS, variant_label
+
+    if norm not in NORMS:
+        return str(norm)
+    return variant_label(norm, int(groups) if pd.notna(groups) else 1, float(l1) if pd.notna(l1) else 0.0)
 
 
 def batch_size_figure(df, metric: str = "test_acc") -> Figure:
