@@ -58,6 +58,8 @@ class Comparison:
                    for name, (metrics, title) in CURVE_FILES.items()}
         figures["final_accuracy.png"] = plots.final_accuracy_figure(
             self.runs_metrics, f"Final test accuracy per seed ({context})")
+        if self.history["batch_size"].nunique() > 1:  # the batch-size study
+            figures["batch_size.png"] = plots.batch_size_figure(self.history)
         return figures
 
     def galleries(self, download_dir: Path) -> dict[str, Figure]:

@@ -28,7 +28,6 @@ from normlab.models import NORMS, ConfigError
 from normlab.train import TrainConfig
 
 POLL_S = 5.0  # how often a worker re-reads the sweep while it waits (at once when a child exits)
-BATCH_SIZE_FIGURE = "batch_size.png"  # final test accuracy vs batch size, on the parent
 
 
 @dataclass(frozen=True)
@@ -396,7 +395,7 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, jobs: 
     complete = all(c.config_hash() in outcome.done for c in configs)
     if complete:
         try:
-            compare_children(store, grid, configs, outcome.done, out_dir, worker.worker, echo)
+            compare_children(store, configs, outcome.done, out_dir, worker.worker, echo)
         except Exception:
             store.finish_parent("FAILED")
             raise
@@ -406,7 +405,7 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, jobs: 
     return outcome
 
 
-def compare_children(store, grid: Grid, configs: list[TrainConfig], done: dict[str, str],
+def compare_children(store, configs: list[TrainConfig], done: dict[str, str],
                      out_dir: Path | None, worker, echo: Callable[[str], None]) -> None:
     """The comparison of the finished children, logged on the parent.
 
@@ -432,14 +431,7 @@ def compare_children(store, grid: Grid, configs: list[TrainConfig], done: dict[s
 
     with tempfile.TemporaryDirectory(prefix="normlab-compare-") as tmp:
         target = Path(out_dir) if out_dir else Path(tmp)
-        comparison = run_comparison(target, experiment=store.experiment_name(), parent_run_id=store.parent_id,
-                                    run_ids=run_ids, log_to_run_id=store.parent_id)
-        if len(grid.batch_sizes) > 1 and BATCH_SIZE_FIGURE not in comparison.files:
-            from normlab import plots
-
-            figure = plots.batch_size_figure(comparison.history)
-            figure.savefig(target / BATCH_SIZE_FIGURE, dpi=110, bbox_inches="tight")
-            plots.plt.close(figure)
-            store.log_file(target / BATCH_SIZE_FIGURE, "comparison")
+        run_comparison(target, experiment=store.experiment_name(), parent_run_id=store.parent_id,
+                       run_ids=run_ids, log_to_run_id=store.parent_id)
     store.set_tag(store.parent_id, st.COMPARED, fingerprint)
     echo(f"comparison: logged on parent run {store.parent_id}")

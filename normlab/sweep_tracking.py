@@ -347,9 +347,5 @@ class SweepStore:
     def experiment_name(self) -> str:
         return self.client.get_experiment(self.experiment_id).name
 
-    def log_file(self, path: Path, artifact_path: str) -> None:
-        """A file under artifact_path of the parent run."""
-        self.client.log_artifact(self.parent_id, str(path), artifact_path)
-
     def final_test_acc(self, run_id: str) -> float | None:
         return self.client.get_run(run_id).data.metrics.get("test_acc")
