@@ -1,14 +1,12 @@
-"""Does training the study's variants side by side on one GPU pay? (CUDA only)
+"""How many runs side by side pay on one GPU, and do they train what they train alone?
 
-One process, the three study runs (BN + L1, LN, GN): first one after another, then in
-lockstep, each on its own CUDA stream, so the GPU can overlap one run's small kernels with
-another's. Prints the wall time of each way for the same epochs.
+The study's variants (BN + L1, LN, GN) x seeds, each a whole `fit` (setup, capture, all
+epochs, evaluation every epoch): first one after another, then N at a time with
+normlab.side_by_side (one thread and CUDA stream per run). Prints the wall time of each
+way, the throughput ratio, and the largest difference between a run's per-epoch test loss
+trained alone and side by side (0 when each run's random streams are its own).
 
-    python benchmarks/side_by_side.py --epochs 5
-
-A prototype for a sweep, not part of the package: the lockstep loop here repeats
-Trainer.train_epoch's few lines per run. All three runs share the default CUDA generator,
-so their dropout masks depend on the interleaving.
+    python benchmarks/side_by_side.py --epochs 5 --runs 3,6,9
 """
 
 from __future__ import annotations
@@ -26,63 +24,57 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speed import ROOT, STUDY, prepare_mnist  # noqa: E402
 
-from normlab.data import DeviceData, batch_slices, load_raw  # noqa: E402
-from normlab.train import Callbacks, TrainConfig, Trainer, evaluate  # noqa: E402
+from normlab.data import DeviceData, load_raw  # noqa: E402
+from normlab.side_by_side import run_side_by_side  # noqa: E402
+from normlab.train import TrainConfig, Trainer, fit  # noqa: E402
 
 
-def lockstep_epoch(trainers: list[Trainer], streams: list[torch.cuda.Stream]) -> None:
-    """One epoch of every trainer, step i of each before step i+1 of any."""
-    epochs = []
-    for trainer, stream in zip(trainers, streams):
-        with torch.cuda.stream(stream):
-            trainer.model.train()
-            trainer.train_step.start_epoch()
-            epochs.append(trainer.data.training_epoch(trainer.generator))
-    slices = list(batch_slices(trainers[0].data.train_size, trainers[0].config.batch_size))
-    for s in slices:
-        for trainer, stream, (x, y) in zip(trainers, streams, epochs):
-            with torch.cuda.stream(stream):
-                trainer.train_step.follow(trainer.optimizer.param_groups[0])
-                trainer.run_step(x[s], y[s])
-                trainer.scheduler.step()
-    for trainer, stream in zip(trainers, streams):
-        with torch.cuda.stream(stream):
-            trainer.last_evaluation = evaluate(trainer.model, trainer.data.test_x, trainer.data.test_y)
-            trainer.epoch += 1
+def study_configs(runs: int, epochs: int) -> list[TrainConfig]:
+    """The study's variants, seed 1, then seed 2, ...: `runs` of them."""
+    configs = [TrainConfig(**{**c.__dict__, "epochs": epochs, "seed": 1 + i // len(STUDY)})
+               for i, c in enumerate(STUDY * (-(-runs // len(STUDY))))]
+    return configs[:runs]
+
+
+def test_losses(config: TrainConfig, data: DeviceData) -> list[float]:
+    return [r.test_loss for r in fit(Trainer(config, data)).records]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--runs", default="3,6,9", help="how many runs side by side, comma-separated")
+    p.add_argument("--device", default="cuda")
     p.add_argument("--data-dir", type=Path, default=ROOT / "data")
     p.add_argument("--shared-mnist", type=Path, default=ROOT.parent / "shared" / "data" / "mnist-t10k")
+    p.add_argument("--train-images", type=int)
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("side_by_side.py measures CUDA streams; no CUDA GPU here")
+    device = torch.device(args.device)
+    sizes = [int(n) for n in args.runs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        root, source = prepare_mnist(args.data_dir, args.shared_mnist, Path(tmp), None, None)
-        data = DeviceData(load_raw("mnist", root, download=False), "cuda")
-    configs = [TrainConfig(**{**c.__dict__, "epochs": args.epochs + 1}) for c in STUDY]
-    times = {}
-    for way in ("one after another", "side by side"):
-        trainers = [Trainer(c, data) for c in configs]
-        streams = [torch.cuda.Stream() for _ in trainers]
-        for t in trainers:  # capture outside the timing
-            t.run_epoch(Callbacks())
-        torch.cuda.synchronize()
+        root, source = prepare_mnist(args.data_dir, args.shared_mnist, Path(tmp), args.train_images, None)
+        data = DeviceData(load_raw("mnist", root, download=False), device)
+    configs = study_configs(max(sizes), args.epochs)
+    test_losses(configs[0], data)  # cuDNN and the allocator warm up outside the timing
+    alone, seconds_alone = [], []
+    for config in configs:
         start = time.perf_counter()
-        for _ in range(args.epochs):
-            if way == "one after another":
-                for t in trainers:
-                    t.run_epoch(Callbacks())
-            else:
-                lockstep_epoch(trainers, streams)
-        torch.cuda.synchronize()
-        times[way] = time.perf_counter() - start
-        accs = ", ".join(f"{c.label} {t.last_evaluation.accuracy:.2f}%" for c, t in zip(configs, trainers))
-        print(f"{way}: {times[way]:.2f} s for 3 runs x {args.epochs} epochs ({accs})")
-    print(f"{torch.cuda.get_device_name()}, {source}: side by side is "
-          f"{times['one after another'] / times['side by side']:.2f}x the throughput")
+        alone.append(test_losses(config, data))
+        seconds_alone.append(time.perf_counter() - start)
+    print(f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, {source}, "
+          f"{args.epochs} epochs per run")
+    print("| runs | one after another (s) | side by side (s) | throughput | max |test loss diff| |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for n in sizes:
+        start = time.perf_counter()
+        outcomes = run_side_by_side([lambda c=c: test_losses(c, data) for c in configs[:n]], device)
+        together = time.perf_counter() - start
+        for o in outcomes:
+            if o.error is not None:
+                raise o.error
+        diff = max(abs(a - b) for o, ref in zip(outcomes, alone) for a, b in zip(o.value, ref))
+        sequential = sum(seconds_alone[:n])
+        print(f"| {n} | {sequential:.2f} | {together:.2f} | {sequential / together:.2f}x | {diff:.2e} |")
 
 
 if __name__ == "__main__":

@@ -6,17 +6,21 @@ its ~150 small kernels. So the step is written as one function over fixed tensor
 never reads a value back to the host: the learning rate comes from a device scalar, loss
 and correct counts accumulate in device scalars, and the SGD update is a few foreach
 kernels. That function runs eagerly on the CPU (and for a short last batch), and on CUDA it
-is captured once as a CUDA graph, so each full batch costs one replay instead of ~150
-launches.
+is captured once per batch shape as a CUDA graph, so each batch costs one replay instead of
+~150 launches. A step draws its dropout masks from its run's own generators
+(normlab.rng), so several runs can train side by side in one process.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from normlab.rng import RunRNG
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class TrainStep:
     stays true; ``bind_optimizer_state`` adopts buffers the optimizer loaded from a checkpoint.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.SGD, l1: float,
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.SGD, l1: float, rng: RunRNG,
                  channels_last: bool = False):
         if len(optimizer.param_groups) != 1:
             raise ValueError("TrainStep drives an optimizer with exactly one parameter group")
@@ -57,6 +61,7 @@ class TrainStep:
         self.optimizer = optimizer
         self.params: list[torch.Tensor] = list(group["params"])
         self.l1 = l1
+        self.rng = rng
         self.channels_last = channels_last
         device = self.params[0].device
         # Filled from the optimizer's param group before each step: OneCycleLR moves both.
@@ -90,6 +95,10 @@ class TrainStep:
         self.bind_optimizer_state()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with self.rng.active():
+            self._step(x, y)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         log_probs = self.model(x)
@@ -126,46 +135,53 @@ def run_and_undo(step: TrainStep, x: torch.Tensor, y: torch.Tensor, steps: int) 
         torch.set_rng_state(rng)
 
 
-class GraphedTrainStep:
-    """A TrainStep whose full batches replay one CUDA graph; other batch sizes run eagerly.
+# One capture at a time in the process: capturing is rare and short, and another thread's
+# capture or warm-up could otherwise be recorded into the wrong graph's memory pool.
+_CAPTURE_LOCK = threading.Lock()
 
-    The graph reads its batch from static buffers (one copy each per step) and is captured
-    at the first full batch, after a few warm-up steps on a side stream (cuDNN and autograd
-    set themselves up there) whose effects are undone (``run_and_undo``).
+
+class GraphedTrainStep:
+    """A TrainStep that replays one CUDA graph per batch shape (the full batches and the
+    epoch's short last one), so after the first epoch no step launches kernels one by one.
+
+    A graph reads its batch from static buffers (one copy each per step). It is captured
+    the first time its shape comes, inside the run's RNG scope (so its dropout advances
+    the run's own generator), after a few warm-up steps on a side stream (cuDNN and
+    autograd set themselves up there) whose effects are undone (``run_and_undo``).
     """
 
-    def __init__(self, step: TrainStep, batch_x: tuple[int, ...], batch_y: tuple[int, ...], warmup_steps: int = 3):
+    def __init__(self, step: TrainStep, warmup_steps: int = 3):
         device = step.lr.device
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {device}")
         self.step = step
-        self.x = torch.zeros(batch_x, device=device)
-        self.y = torch.zeros(batch_y, device=device, dtype=torch.int64)
         self.warmup_steps = warmup_steps
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.capture_seconds = 0.0
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if x.shape != self.x.shape:
-            self.step(x, y)
-            return
-        self.x.copy_(x)
-        self.y.copy_(y)
-        if self.graph is None:
-            self.capture()
-        self.graph.replay()
+        shape = tuple(x.shape)
+        if shape not in self.graphs:
+            self.graphs[shape] = self.capture(x, y)
+        graph, static_x, static_y = self.graphs[shape]
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
 
-    def capture(self) -> None:
+    def capture(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         start = time.perf_counter()
-        with torch.cuda.device(self.x.device):  # streams and capture on the model's GPU
+        static_x, static_y = x.clone(), y.clone()
+        with _CAPTURE_LOCK, self.step.rng.active(), torch.cuda.device(x.device):
+            caller = torch.cuda.current_stream()
             side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
+            side.wait_stream(caller)
             with torch.cuda.stream(side):
-                run_and_undo(self.step, self.x, self.y, self.warmup_steps)
-            torch.cuda.current_stream().wait_stream(side)
+                run_and_undo(self.step, static_x, static_y, self.warmup_steps)
+            caller.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.step(self.x, self.y)
-            torch.cuda.synchronize()
-        self.graph = graph
-        self.capture_seconds = time.perf_counter() - start
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                self.step(static_x, static_y)
+            caller.wait_stream(side)
+            side.synchronize()
+        self.capture_seconds += time.perf_counter() - start
+        return graph, static_x, static_y

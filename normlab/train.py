@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from normlab.data import DeviceData, batch_slices, check_dataset
 from normlab.models import ConfigError, Net, check_norm, variant_label
+from normlab.rng import RunRNG
 from normlab.step import GraphedTrainStep, Speedups, TrainStep
 
 
@@ -204,11 +204,6 @@ class FitResult:
     mistakes: list[Misclassified] = field(default_factory=list)
 
 
-# The step updates the weights itself (normlab.step), so the scheduler never sees
-# optimizer.step() being called and would warn that the schedule is out of order; it is not.
-_SCHEDULER_ORDER_WARNING = r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
-
-
 class Trainer:
     """Model, optimizer, schedule and RNG for one config; one call of run_epoch per epoch.
 
@@ -221,10 +216,11 @@ class Trainer:
         self.config = config
         self.data = data
         device = data.device
-        torch.manual_seed(config.seed)
-        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.rng = RunRNG(config.seed, device)  # weights and dropout
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)  # shuffle and augmentation
         self.speedups = speedups or Speedups.default(device, config.norm)
-        self.model = Net(config.dataset, config.norm, config.groups, config.dropout).to(device)
+        with self.rng.active():
+            self.model = Net(config.dataset, config.norm, config.groups, config.dropout).to(device)
         if self.speedups.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -235,11 +231,15 @@ class Trainer:
             self.optimizer, max_lr=config.lr, epochs=config.epochs,
             steps_per_epoch=self.steps_per_epoch, pct_start=0.2,
         )
-        self.train_step = TrainStep(self.model, self.optimizer, config.l1, self.speedups.channels_last)
+        # TrainStep updates the weights itself, so the scheduler would warn that it steps
+        # before the optimizer ever did. A step with no gradients yet changes nothing and
+        # tells it the optimizer has stepped (no process-wide warning filter, which threads
+        # side by side would race on).
+        self.optimizer.step()
+        self.train_step = TrainStep(self.model, self.optimizer, config.l1, self.rng, self.speedups.channels_last)
         self.run_step: TrainStep | GraphedTrainStep = self.train_step
         if self.speedups.cuda_graphs:
-            batch_x = (config.batch_size, *data.train_x.shape[1:])
-            self.run_step = GraphedTrainStep(self.train_step, batch_x, (config.batch_size,))
+            self.run_step = GraphedTrainStep(self.train_step)
         self.epoch = 0
         self.last_evaluation: Evaluation | None = None
         self.stop_reason: str | None = None
@@ -257,9 +257,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything needed to continue exactly after the last completed epoch."""
         device = self.data.device
-        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
+        rng = {"generator": self.generator.get_state(), **self.rng.state_dict()}
         return {
             "config": asdict(self.config),
             "config_hash": self.config.config_hash(),
@@ -286,9 +284,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = state["epoch"]
         self.generator.set_state(state["rng"]["generator"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        self.rng.load_state_dict(state["rng"])
 
     def train_epoch(self, callbacks: Callbacks) -> tuple[float, float]:
         """One pass over the shuffled, augmented training split; returns (loss, acc %)."""
@@ -297,14 +293,12 @@ class Trainer:
         step = self.train_step
         step.start_epoch()
         group = self.optimizer.param_groups[0]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_SCHEDULER_ORDER_WARNING)
-            for i, s in enumerate(batch_slices(len(y), self.config.batch_size), 1):
-                step.follow(group)
-                self.run_step(x[s], y[s])
-                self.scheduler.step()
-                callbacks.step_done()
-                self._stop_if_requested(i)
+        for i, s in enumerate(batch_slices(len(y), self.config.batch_size), 1):
+            step.follow(group)
+            self.run_step(x[s], y[s])
+            self.scheduler.step()
+            callbacks.step_done()
+            self._stop_if_requested(i)
         return step.loss_sum.item() / len(y), 100.0 * step.correct.item() / len(y)
 
     def run_epoch(self, callbacks: Callbacks) -> EpochRecord:

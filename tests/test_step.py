@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from normlab.data import DeviceData, batch_slices, load_raw
 from normlab.models import Net
+from normlab.rng import RunRNG
 from normlab.step import GraphedTrainStep, Speedups, TrainStep, run_and_undo
 from normlab.train import Callbacks, TrainConfig, Trainer, evaluate
 from tests.mnist_fixture import write_mnist
@@ -80,9 +81,14 @@ def make_step(seed: int = 0, l1: float = 1e-3) -> TrainStep:
     torch.manual_seed(seed)
     model = Net("mnist", "bn").train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    step = TrainStep(model, optimizer, l1)
+    step = TrainStep(model, optimizer, l1, RunRNG(seed, torch.device("cpu")))
     step.follow({"lr": 0.05, "momentum": 0.9})
     return step
+
+
+def reseed(step: TrainStep, seed: int) -> None:
+    """The step's next dropout masks are what torch.manual_seed(seed) would draw."""
+    step.rng = RunRNG(seed, torch.device("cpu"))
 
 
 def batch(seed: int, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +110,7 @@ def test_step_equals_torch_sgd_with_l1_as_rates_change():
         x, y = batch(seed)
         optimizer.param_groups[0].update(lr=lr, momentum=momentum)
         ours.follow(optimizer.param_groups[0])
-        torch.manual_seed(10 + seed)  # same dropout masks for both
+        reseed(ours, 10 + seed)  # same dropout masks for both
         ours(x, y)
         torch.manual_seed(10 + seed)
         loss = F.nll_loss(ref.model(x), y) + 1e-3 * sum(p.abs().sum() for p in params)
@@ -126,11 +132,11 @@ def test_step_on_static_buffers_equals_step_on_slices():
     static_x, static_y = torch.zeros(64, 1, 28, 28), torch.zeros(64, dtype=torch.int64)
     for seed in (1, 2, 3):
         x, y = batch(seed)
-        torch.manual_seed(seed)
+        reseed(direct, seed)
         direct(x, y)
         static_x.copy_(x)
         static_y.copy_(y)
-        torch.manual_seed(seed)
+        reseed(buffered, seed)
         buffered(static_x, static_y)
     for a, b in zip(weights(direct), weights(buffered)):
         assert torch.equal(a, b)
@@ -139,13 +145,14 @@ def test_step_on_static_buffers_equals_step_on_slices():
 def test_warm_up_before_capture_is_undone_bit_for_bit():
     warmed, fresh = make_step(), make_step()
     x, y = batch(1)
-    torch.manual_seed(5)
+    reseed(warmed, 5)
     before = weights(warmed)
-    run_and_undo(warmed, x, y, steps=3)
+    with warmed.rng.active():  # as GraphedTrainStep.capture runs it
+        run_and_undo(warmed, x, y, steps=3)
     for a, b in zip(before, weights(warmed)):
         assert torch.equal(a, b)
     warmed(x, y)  # the RNG was put back too: same dropout masks as a step with no warm-up
-    torch.manual_seed(5)
+    reseed(fresh, 5)
     fresh(x, y)
     for a, b in zip(weights(warmed), weights(fresh)):
         assert torch.equal(a, b)
@@ -162,9 +169,9 @@ def test_momentum_loaded_into_the_optimizer_is_adopted():
     for a, b in zip(resumed.buffers, trained.buffers):
         assert torch.equal(a, b)
     x, y = batch(2)
-    torch.manual_seed(7)
+    reseed(trained, 7)
     trained(x, y)
-    torch.manual_seed(7)
+    reseed(resumed, 7)
     resumed(x, y)
     for a, b in zip(resumed.model.state_dict().values(), trained.model.state_dict().values()):
         assert torch.equal(a, b)
@@ -172,7 +179,8 @@ def test_momentum_loaded_into_the_optimizer_is_adopted():
 
 def test_graphs_refuse_a_cpu_model_and_unsupported_sgd_settings():
     with pytest.raises(ValueError, match="CUDA device"):
-        GraphedTrainStep(make_step(), (64, 1, 28, 28), (64,))
+        GraphedTrainStep(make_step())
     model = Net("mnist", "bn")
     with pytest.raises(ValueError, match="nesterov"):
-        TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True), 0.0)
+        TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True), 0.0,
+                  RunRNG(0, torch.device("cpu")))

@@ -1,0 +1,86 @@
+"""Runs trained side by side in one process train exactly what they train alone.
+
+The CPU tests run everywhere; the CUDA ones (streams, graphs bound to each run's generator,
+the CUDA RNG in checkpoints) run where a GPU is present and are skipped in CI.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from normlab.data import DeviceData, load_raw
+from normlab.side_by_side import run_side_by_side
+from normlab.step import Speedups
+from normlab.train import Callbacks, EpochRecord, NonFiniteLoss, TrainConfig, Trainer, fit
+from tests.mnist_fixture import write_mnist
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CONFIGS = [TrainConfig(norm="bn", l1=1e-4, epochs=2, batch_size=48, seed=1),  # 300 = 6 x 48 + 12
+           TrainConfig(norm="gn", epochs=2, batch_size=64, seed=2),
+           TrainConfig(norm="ln", epochs=2, batch_size=48, seed=1)]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_mnist(tmp_path_factory.mktemp("mnist-sbs"), train=300, test=100)
+
+
+def records(config: TrainConfig, data: DeviceData, speedups: Speedups | None = None) -> list[EpochRecord]:
+    return fit(Trainer(config, data, speedups=speedups)).records
+
+
+def numbers(rs: list[EpochRecord]) -> list[tuple[float, ...]]:
+    return [(r.train_loss, r.train_acc, r.test_loss, r.test_acc) for r in rs]
+
+
+def check_side_by_side_equals_alone(data: DeviceData) -> None:
+    alone = [numbers(records(c, data)) for c in CONFIGS]
+    outcomes = run_side_by_side([lambda c=c: numbers(records(c, data)) for c in CONFIGS], data.device)
+    assert [o.error for o in outcomes] == [None] * len(CONFIGS)
+    assert [o.value for o in outcomes] == alone  # bit for bit: no run draws another's numbers
+    assert alone[0] != alone[2]  # and the check can tell runs apart
+
+
+def test_side_by_side_on_the_cpu_trains_what_each_run_trains_alone(folder):
+    check_side_by_side_equals_alone(DeviceData(load_raw("mnist", folder, download=False), "cpu"))
+
+
+def test_a_failing_run_leaves_the_others_to_finish(folder):
+    data = DeviceData(load_raw("mnist", folder, download=False), "cpu")
+    diverging = TrainConfig(norm="none", epochs=2, batch_size=64, lr=1e6)
+    outcomes = run_side_by_side([lambda: records(diverging, data), lambda: numbers(records(CONFIGS[1], data))],
+                                data.device)
+    assert isinstance(outcomes[0].error, NonFiniteLoss)
+    assert outcomes[1].error is None and outcomes[1].value == numbers(records(CONFIGS[1], data))
+
+
+@needs_cuda
+def test_side_by_side_on_cuda_streams_trains_what_each_run_trains_alone(folder):
+    check_side_by_side_equals_alone(DeviceData(load_raw("mnist", folder, download=False), "cuda"))
+
+
+@needs_cuda
+def test_cuda_graphs_train_the_eager_steps(folder):
+    """Graphs for the full and the short last batch replay the eager step (no dropout: the
+    graph draws its masks in another order)."""
+    data = DeviceData(load_raw("mnist", folder, download=False), "cuda")
+    config = TrainConfig(norm="bn", l1=1e-4, epochs=2, batch_size=48, dropout=0.0)
+    graphed = records(config, data, Speedups(cuda_graphs=True))
+    eager = records(config, data, Speedups(cuda_graphs=False))
+    for g, e in zip(graphed, eager):
+        assert g.train_loss == pytest.approx(e.train_loss, rel=1e-4)
+        assert g.test_loss == pytest.approx(e.test_loss, rel=1e-3)
+
+
+@needs_cuda
+def test_cuda_resume_continues_the_random_streams(folder):
+    """A trainer restored from state_dict() after epoch 1 trains epochs 2-3 as the straight run."""
+    data = DeviceData(load_raw("mnist", folder, download=False), "cuda")
+    config = TrainConfig(norm="gn", epochs=3, batch_size=48, seed=4)
+    straight = numbers(records(config, data))
+    first = Trainer(config, data)
+    first.run_epoch(Callbacks())
+    resumed = Trainer(config, data)
+    resumed.load_state_dict(first.state_dict())
+    assert numbers(fit(resumed).records) == straight[1:]
