@@ -22,13 +22,14 @@ DEFAULT_CHECKPOINT_DIR = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home(
 class Progress(Callbacks):
     """A bar per epoch on a terminal; one line per epoch otherwise (logs, CI, mlflow run)."""
 
-    def __init__(self, epochs: int, stream=None):
+    def __init__(self, epochs: int, stream=None, prefix: str = ""):
         self.epochs = epochs
         self.stream = stream or sys.stdout
+        self.prefix = prefix  # set for runs side by side: no bars then, one prefixed line per epoch
         self.bar = None
 
     def epoch_started(self, epoch: int, steps: int) -> None:
-        if self.stream.isatty():
+        if self.stream.isatty() and not self.prefix:
             self.bar = click.progressbar(length=steps, label=f"epoch {epoch}/{self.epochs}", file=self.stream)
             self.bar.__enter__()
 
@@ -41,7 +42,7 @@ class Progress(Callbacks):
             self.bar.__exit__(None, None, None)
             self.bar = None
         click.echo(
-            f"epoch {record.epoch:>3}/{self.epochs}  train_loss {record.train_loss:.4f}  "
+            f"{self.prefix}epoch {record.epoch:>3}/{self.epochs}  train_loss {record.train_loss:.4f}  "
             f"train_acc {record.train_acc:6.2f}%  test_loss {record.test_loss:.4f}  "
             f"test_acc {record.test_acc:6.2f}%  ({record.seconds:.1f} s)",
             file=self.stream,
@@ -125,67 +126,171 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
                f"{config.epochs} epochs, device {torch_device}")
     if point is not None:
         click.echo(f"resuming run {point.run_id} after epoch {trainer.epoch} ({point.source})")
-    train_tracked(trainer, point, data_dir, experiment, checkpoint_dir)
+    from normlab.interrupts import stop_on_signals
+
+    with stop_on_signals(trainer.request_stop) as signals:
+        train_tracked(trainer, point, data_dir, experiment, checkpoint_dir, signals)
 
 
-def train_tracked(trainer, point, data_dir: str, experiment: str, checkpoint_dir: str) -> None:
+@main.command("train-side-by-side", hidden=True)
+@click.option("--runs-json", required=True, type=click.Path(exists=True, dir_okay=False),
+              help='A JSON list of {"run_id": ..., "config": {TrainConfig fields}}.')
+@click.option("--data-dir", default="data", help="Folder holding the datasets.")
+@click.option("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR, help="Local copies of the checkpoints.")
+def train_side_by_side_command(runs_json, data_dir, device, checkpoint_dir) -> None:
+    """Train runs made beforehand (a sweep's children) side by side in this one process.
+
+    Each run trains and logs as `normlab train` would in a process of its own; the data is
+    loaded once, and on a GPU the runs overlap on CUDA streams (normlab.side_by_side).
+    """
+    import json
+    import threading
+    import traceback
+
+    from normlab import tracking
+    from normlab.data import DeviceData, load_raw
+    from normlab.interrupts import exit_code, stop_on_signals
+    from normlab.side_by_side import run_side_by_side
+    from normlab.train import Trainer, resolve_device
+
+    try:
+        runs = [(r["run_id"], TrainConfig(**r["config"]).validate()) for r in json.loads(Path(runs_json).read_text())]
+        datasets = {config.dataset for _, config in runs}
+        if len(datasets) != 1:
+            raise ConfigError(f"runs side by side share one dataset; got {', '.join(sorted(datasets))}")
+        torch_device = resolve_device(device)
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        raise click.UsageError(f"{runs_json}: {exc}") from exc
+    tracking.use_bounded_http_retries()
+    try:
+        tracking.check_tracking_reachable()
+        data = DeviceData(load_raw(runs[0][1].dataset, data_dir), torch_device)
+        tracking.create_store_safely()
+    except (tracking.TrackingUnreachable, DataError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    trainers: list = []
+    stop: list[str] = []
+    lock = threading.Lock()
+
+    def request_stop(reason: str) -> None:
+        with lock:
+            stop.append(reason)
+            for trainer in trainers:
+                trainer.request_stop(reason)
+
+    def task(run_id: str, config: TrainConfig, signals: list[int]):
+        def train_one() -> None:
+            trainer = Trainer(config, data)
+            with lock:
+                trainers.append(trainer)
+                if stop:
+                    trainer.request_stop(stop[0])
+            train_tracked(trainer, None, data_dir, "", checkpoint_dir, signals, run_id=run_id,
+                          prefix=f"[{config.run_name}] ")
+        return train_one
+
+    click.echo(f"{len(runs)} runs side by side on {torch_device}: {', '.join(c.run_name for _, c in runs)}")
+    with stop_on_signals(request_stop) as signals:
+        outcomes = run_side_by_side([task(run_id, config, signals) for run_id, config in runs], torch_device)
+    failed = 0
+    for (run_id, config), outcome in zip(runs, outcomes):
+        error = outcome.error
+        if error is None or (isinstance(error, SystemExit) and error.code in (0, None)):
+            continue
+        failed += 1
+        if isinstance(error, click.ClickException):
+            error.show()
+        elif not isinstance(error, SystemExit):
+            click.echo(f"[{config.run_name}] " + "".join(traceback.format_exception(error)), err=True)
+    if signals:
+        sys.exit(exit_code(signals[0]))
+    if failed:
+        sys.exit(1)
+
+
+def train_tracked(trainer, point, data_dir: str, experiment: str, checkpoint_dir: str, signals: list[int],
+                  run_id: str | None = None, prefix: str = "") -> None:
     """Fit inside an MLflow run and record how it ended: finished, interrupted (a signal) or
-    failed (diverged, store unreachable, any error), in tags as well as the run status."""
+    failed (diverged, store unreachable, any error), in tags as well as the run status.
+
+    ``signals`` lists those received (interrupts.stop_on_signals), for the exit code;
+    ``run_id`` is a run made beforehand (by a sweep); ``prefix`` starts every line printed,
+    so runs side by side can be told apart.
+    """
     import shutil
 
     from mlflow.exceptions import MlflowException
 
     from normlab import tracking
-    from normlab.interrupts import exit_code, stop_on_signals
+    from normlab.interrupts import exit_code
     from normlab.train import CallbackList, NonFiniteLoss, TrainingStopped, fit
 
+    def say(message: str, err: bool = False) -> None:
+        click.echo("\n".join(prefix + line for line in message.splitlines()), err=err)
+
     config, data = trainer.config, trainer.data
-    with stop_on_signals(trainer.request_stop) as signals:
+    if point is None:
+        run = tracking.start_training_run(config, experiment, run_id)
+    else:
+        run = tracking.resume_training_run(point.run_id, trainer.epoch)
+    run_id = run.info.run_id
+    local = tracking.local_checkpoint_path(checkpoint_dir, run_id)
+    resume_hint = f"resume with: normlab train --resume {run_id}"
+    uploads = tracking.EpochUploads(run_id)
+    try:
+        say(f"MLflow run {run_id} ({config.run_name}); checkpoints: {local} and artifact "
+            f"{tracking.CHECKPOINT_ARTIFACT}")
         if point is None:
-            run = tracking.start_training_run(config, experiment)
+            tracking.mark_running()
+            tracking.log_run_setup(config, data, trainer.model, data_dir)
         else:
-            run = tracking.resume_training_run(point.run_id, trainer.epoch)
-        run_id = run.info.run_id
-        local = tracking.local_checkpoint_path(checkpoint_dir, run_id)
-        resume_hint = f"resume with: normlab train --resume {run_id}"
-        try:
-            click.echo(f"MLflow run {run_id} ({config.run_name}); checkpoints: {local} and artifact "
-                       f"{tracking.CHECKPOINT_ARTIFACT}")
-            if point is None:
-                tracking.mark_running()
-                tracking.log_run_setup(config, data, trainer.model, data_dir)
-            else:
-                relogged = tracking.log_missing_epochs(run_id, point.records)
-                if relogged:
-                    click.echo(f"logged the metrics of epochs {relogged} from the checkpoint")
-            checkpointer = tracking.Checkpointer(trainer, run_id, local, point.records if point else [])
-            result = fit(trainer, CallbackList(checkpointer, tracking.MetricLogger(), Progress(config.epochs)))
-            tracking.log_results(config, data, result)
-        except TrainingStopped as exc:
-            tracking.record_ending(run_id, "interrupted", f"{exc}; {resume_hint}")
-            click.echo(f"interrupted: {exc}.\nLast checkpoint: {local}; {resume_hint}", err=True)
-            sys.exit(exit_code(signals[0]))
-        except KeyboardInterrupt:
-            reason = f"aborted by a second Ctrl-C; epochs up to the last checkpoint are kept; {resume_hint}"
-            tracking.record_ending(run_id, "interrupted", reason)
-            click.echo(f"aborted: {reason}", err=True)
-            sys.exit(130)
-        except NonFiniteLoss as exc:
-            tracking.record_ending(run_id, "failed", str(exc))
-            raise click.ClickException(str(exc)) from exc
-        except MlflowException as exc:
-            reason = f"MLflow failed during training: {str(exc).splitlines()[0]}"
-            tracking.record_ending(run_id, "failed", f"{reason}; {resume_hint}")
-            raise click.ClickException(f"{reason}\nCompleted epochs are checkpointed in {local}; "
-                                       f"{resume_hint}") from exc
-        except BaseException as exc:
-            tracking.record_ending(run_id, "failed", f"{type(exc).__name__}: {exc}")
-            raise
+            relogged = tracking.log_missing_epochs(run_id, point.records)
+            if relogged:
+                say(f"logged the metrics of epochs {relogged} from the checkpoint")
+        checkpointer = tracking.Checkpointer(trainer, uploads, local, point.records if point else [])
+        progress = Progress(config.epochs, prefix=prefix)
+        result = fit(trainer, CallbackList(checkpointer, tracking.MetricLogger(uploads), progress))
+        uploads.close()
+        tracking.log_results(config, data, result)
+    except TrainingStopped as exc:
+        _close_quietly(uploads)
+        tracking.record_ending(run_id, "interrupted", f"{exc}; {resume_hint}")
+        say(f"interrupted: {exc}.\nLast checkpoint: {local}; {resume_hint}", err=True)
+        sys.exit(exit_code(signals[0]))
+    except KeyboardInterrupt:
+        reason = f"aborted by a second Ctrl-C; epochs up to the last checkpoint are kept; {resume_hint}"
+        tracking.record_ending(run_id, "interrupted", reason)
+        say(f"aborted: {reason}", err=True)
+        sys.exit(130)
+    except NonFiniteLoss as exc:
+        _close_quietly(uploads)
+        tracking.record_ending(run_id, "failed", str(exc))
+        raise click.ClickException(prefix + str(exc)) from exc
+    except MlflowException as exc:
+        reason = f"MLflow failed during training: {str(exc).splitlines()[0]}"
+        tracking.record_ending(run_id, "failed", f"{reason}; {resume_hint}")
+        raise click.ClickException(f"{prefix}{reason}\nCompleted epochs are checkpointed in {local}; "
+                                   f"{resume_hint}") from exc
+    except BaseException as exc:
+        tracking.record_ending(run_id, "failed", f"{type(exc).__name__}: {exc}")
+        raise
     if tracking.record_ending(run_id, "finished"):
         shutil.rmtree(local.parent, ignore_errors=True)  # the artifact keeps the final checkpoint
     final = result.records[-1] if result.records else None
     if final is not None:
-        click.echo(f"done: test accuracy {final.test_acc:.2f}%, test loss {final.test_loss:.4f}")
+        say(f"done: test accuracy {final.test_acc:.2f}%, test loss {final.test_loss:.4f}; MLflow calls of "
+            f"the epoch loop: {uploads.busy_seconds:.2f} s on the upload thread, training waited "
+            f"{uploads.waited_seconds:.2f} s for them")
+
+
+def _close_quietly(uploads) -> None:
+    """Log what the completed epochs queued before recording the ending; a store that fails
+    now is already the reason, or will be reported by record_ending."""
+    try:
+        uploads.close()
+    except Exception:
+        pass
 
 
 def entry() -> None:
@@ -304,6 +409,19 @@ def _seeds(ctx, param, value: str) -> tuple[int, ...]:
     return _comma_list(int)(ctx, param, value)
 
 
+def _side_by_side(ctx, param, value: str) -> int | None:
+    """'auto' (None: the sweep decides by device) or a count of at least 1."""
+    if value == "auto":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise click.BadParameter(f"{value!r}: give auto or a whole number of at least 1")
+    return count
+
+
 def _shard(ctx, param, value: str) -> tuple[int, int]:
     try:
         k, n = (int(v) for v in value.split("/"))
@@ -329,14 +447,16 @@ def _shard(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--epochs", type=int, default=DEFAULTS.epochs, help="Training epochs of every child.")
 @click.option("--lr", type=float, default=DEFAULTS.lr, help="Peak learning rate of every child.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N; with several GPUs each job gets one.")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, help="Children trained at the same time.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, help="Training processes at the same time.")
+@click.option("--side-by-side", "side_by_side", default="auto", callback=_side_by_side,
+              help="Children each process trains at once: auto is 3 on a GPU (CUDA streams), 1 on a CPU.")
 @click.option("--shard", "shard_", default="1/1", callback=_shard,
               help="K/N: run only share K of N of the grid (for job arrays); 1-based.")
 @click.option("--experiment", default="normlab", help="MLflow experiment (ignored under `mlflow run`).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Also keep the comparison files in this folder (they are logged on the parent anyway).")
 def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epochs, lr, device, jobs,
-          shard_, experiment, out) -> None:
+          side_by_side, shard_, experiment, out) -> None:
     """Run a grid of variants x seeds as child runs of one parent run, then compare them.
 
     Re-running the same command resumes: finished children are kept, failed, killed and
@@ -352,7 +472,7 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
                 dataset=dataset, epochs=epochs, lr=lr)
     try:
         outcome = run_sweep(grid, experiment=experiment, data_dir=data_dir, device=device, jobs=jobs,
-                            shard_k=shard_[0], shard_n=shard_[1], out_dir=Path(out) if out else None,
+                            side_by_side=side_by_side, shard_k=shard_[0], shard_n=shard_[1], out_dir=Path(out) if out else None,
                             echo=click.echo)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -352,6 +352,31 @@ def test_a_failing_child_is_reported_and_the_others_finish(tmp_path, tracking_ur
     assert_complete_history(client, bn.info.run_id, 1)
 
 
+def test_children_side_by_side_in_one_process_train_what_normlab_train_trains(
+        tmp_path, tracking_uri, small_mnist_dir):
+    """--side-by-side 3 (the GPU default) on the CPU: one process, one thread per child."""
+    grid = Grid(norms=("bn", "ln", "gn"), epochs=2)
+    sweep = run_cli("sweep", "--norms", "bn,ln,gn", "--epochs", "2", "--side-by-side", "3",
+                    "--data-dir", str(small_mnist_dir), cwd=tmp_path, **FAST)
+    assert sweep.returncode == 0, sweep.stdout + sweep.stderr
+    assert sweep.stdout.count("side by side in process") == 3
+    client = MlflowClient()
+    parents, children = sweep_runs(client)
+    finished = assert_one_finished_child_per_config(client, grid, children)
+    assert len({children[r].data.tags[st.CHILD_PID] for r in finished.values()}) == 1
+    assert parents[0].info.status == "FINISHED"
+    ln = grid.configs()[1]
+    alone = run_cli("train", "--norm", "ln", "--epochs", "2", "--data-dir", str(small_mnist_dir),
+                    "--experiment", "alone", cwd=tmp_path, **FAST)
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    alone_id = client.search_runs([client.get_experiment_by_name("alone").experiment_id])[0].info.run_id
+    for metric in METRICS:
+        side = [m.value for m in client.get_metric_history(finished[ln.config_hash()], metric)]
+        assert side == [m.value for m in client.get_metric_history(alone_id, metric)], metric
+    artifacts = {a.path for a in client.list_artifacts(finished[ln.config_hash()])}
+    assert {"misclassified.png", "model_summary.txt", "checkpoint"} <= artifacts, artifacts
+
+
 @pytest.fixture
 def mlflow_server(tmp_path, monkeypatch):
     """A real `mlflow server` on 127.0.0.1 with a sqlite backend and a served artifact root."""
