@@ -202,7 +202,8 @@ def train_side_by_side_command(runs_json, data_dir, device, checkpoint_dir) -> N
         if isinstance(error, click.ClickException):
             error.show()
         elif not isinstance(error, SystemExit):
-            click.echo(f"[{config.run_name}] " + "".join(traceback.format_exception(error)), err=True)
+            lines = "".join(traceback.format_exception(error)).splitlines()
+            click.echo("\n".join(f"[{config.run_name}] {line}" for line in lines), err=True)
     if signals:
         sys.exit(exit_code(signals[0]))
     if failed:

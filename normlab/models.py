@@ -166,7 +166,8 @@ def summarize(model: Net, dataset: str = "mnist") -> list[LayerRow]:
 
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
     rows: list[LayerRow] = []
-    x = torch.zeros(1, arch.in_channels, arch.image_size, arch.image_size)
+    device = next(model.parameters()).device  # a model trained on a GPU is summarized there
+    x = torch.zeros(1, arch.in_channels, arch.image_size, arch.image_size, device=device)
     was_training = model.training
     model.eval()
     try:

@@ -215,17 +215,23 @@ def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> Non
     log_model(result.model, data)
 
 
+# MLflow 3 serializes a PyTorch model through torch.export, whose tracing is process-wide:
+# runs side by side (one thread each) that log their models at once break each other's trace.
+_EXPORT_LOCK = threading.Lock()
+
+
 def log_model(model: torch.nn.Module, data: DeviceData) -> None:
     """The trained model with its source code, so `mlflow.pytorch.load_model` works anywhere."""
     model = model.cpu().eval()
     example = data.test_x[:2].cpu().numpy().astype(np.float32)
-    info = mlflow.pytorch.log_model(
-        model,
-        name="model",
-        input_example=example,
-        code_paths=[str(PACKAGE_DIR)],
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-    )
+    with _EXPORT_LOCK:
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            input_example=example,
+            code_paths=[str(PACKAGE_DIR)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+        )
     mlflow.set_tag("model_uri", info.model_uri)
 
 
