@@ -228,6 +228,7 @@ class StudyRun:
     """One study run: when its epoch loop ended, and what MLflow and capture cost it."""
 
     label: str
+    loop_start: float  # perf_counter() before its first step
     loop_end: float  # perf_counter() when its last epoch (with evaluation and logging) was done
     accuracy: float
     capture_seconds: float
@@ -241,21 +242,24 @@ def study_runs(data: DeviceData, configs: list[TrainConfig], side_by_side: bool,
     """The study as `normlab sweep` trains it: side by side (one thread and stream per run) or
     one after another. With ``store``, each run logs its epochs to a real sqlite MLflow store
     there exactly as `normlab train` does (metrics and checkpoint on the upload thread), then
-    its final artifacts and model. Returns (seconds until the last epoch loop ended, runs)."""
+    its final artifacts and model. Returns (seconds of training, runs): from the first step
+    to the last epoch's end, without the final artifacts (a fixed cost, reported apart)."""
     from normlab.side_by_side import run_side_by_side
     from normlab.train import CallbackList, fit
 
     def one(config: TrainConfig) -> StudyRun:
         trainer = Trainer(config, data)
+        loop_start = time.perf_counter()
         if store is None:
             result = fit(trainer)
-            return StudyRun(config.label, time.perf_counter(), result.records[-1].test_acc,
+            return StudyRun(config.label, loop_start, time.perf_counter(), result.records[-1].test_acc,
                             getattr(trainer.run_step, "capture_seconds", 0.0))
         import mlflow
 
         from normlab import tracking
 
         with mlflow.start_run(run_name=config.run_name) as run:
+            loop_start = time.perf_counter()
             uploads = tracking.EpochUploads(run.info.run_id)
             local = store / "checkpoints" / run.info.run_id / "last.pt"
             result = fit(trainer, CallbackList(tracking.Checkpointer(trainer, uploads, local),
@@ -264,21 +268,19 @@ def study_runs(data: DeviceData, configs: list[TrainConfig], side_by_side: bool,
             loop_end = time.perf_counter()
             tracking.log_results(config, data, result)
             final = time.perf_counter() - loop_end
-        return StudyRun(config.label, loop_end, result.records[-1].test_acc,
+        return StudyRun(config.label, loop_start, loop_end, result.records[-1].test_acc,
                         getattr(trainer.run_step, "capture_seconds", 0.0), uploads.busy_seconds,
                         uploads.waited_seconds, final)
 
-    start = time.perf_counter()
-    if side_by_side:
-        outcomes = run_side_by_side([lambda c=c: one(c) for c in configs], data.device)
-        for o in outcomes:
-            if o.error is not None:
-                raise o.error
-        runs = [o.value for o in outcomes]
-    else:
+    if not side_by_side:
         runs = [one(c) for c in configs]
-    sync(data.device)
-    return max(r.loop_end for r in runs) - start, runs
+        return sum(r.loop_end - r.loop_start for r in runs), runs
+    outcomes = run_side_by_side([lambda c=c: one(c) for c in configs], data.device)
+    for o in outcomes:
+        if o.error is not None:
+            raise o.error
+    runs = [o.value for o in outcomes]
+    return max(r.loop_end for r in runs) - min(r.loop_start for r in runs), runs
 
 
 def mlflow_store(folder: Path) -> Path | None:
