@@ -200,10 +200,13 @@ def train_side_by_side_command(runs_json, data_dir, device, checkpoint_dir) -> N
             continue
         failed += 1
         if isinstance(error, click.ClickException):
-            error.show()
-        elif not isinstance(error, SystemExit):
+            lines = f"Error: {error.format_message()}".splitlines()
+        elif isinstance(error, SystemExit):
+            continue
+        else:
             lines = "".join(traceback.format_exception(error)).splitlines()
-            click.echo("\n".join(f"[{config.run_name}] {line}" for line in lines), err=True)
+        prefix = f"[{config.run_name}] "
+        click.echo("\n".join(line if line.startswith(prefix) else prefix + line for line in lines), err=True)
     if signals:
         sys.exit(exit_code(signals[0]))
     if failed:

@@ -94,8 +94,18 @@ def log_params(params: dict[str, object]) -> None:
         mlflow.log_params(fresh)
 
 
+# Runs side by side start together and log the same dataset input at once; MLflow's store
+# looks the dataset up and then inserts it, so simultaneous inserts of one digest collide.
+_SETUP_LOCK = threading.Lock()
+
+
 def log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module, data_dir: str) -> None:
     """Params, tags and the dataset input: everything needed to reproduce the run."""
+    with _SETUP_LOCK:
+        _log_run_setup(config, data, model, data_dir)
+
+
+def _log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module, data_dir: str) -> None:
     from normlab.models import count_parameters, summarize
 
     params: dict[str, object] = dict(asdict(config))
