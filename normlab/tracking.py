@@ -135,7 +135,13 @@ def _log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module
     if commit:
         tags["git_commit"] = commit
     mlflow.set_tags(tags)
-    mlflow.log_input(dataset_input(data), context="training")
+    try:
+        mlflow.log_input(dataset_input(data), context="training")
+    except mlflow.exceptions.MlflowException as exc:
+        if "UNIQUE constraint failed: datasets" not in str(exc):
+            raise
+        # another process (a sweep's job) inserted the same dataset a moment ago; it exists now
+        mlflow.log_input(dataset_input(data), context="training")
 
 
 def dataset_input(data: DeviceData) -> MetaDataset:
