@@ -2,8 +2,8 @@
 
 The notebook-style pipeline lives here, not in the package: torchvision's MNIST Dataset with
 PIL RandomRotation(7) + ToTensor + Normalize, a DataLoader (batch 128, 2 workers, shuffle),
-``.item()`` every step, the same Net, SGD with momentum and OneCycleLR. normlab's engine is
-the ordinary ``Trainer`` with its defaults. Both read the same MNIST folder, train the same
+``.item()`` every step, the same Net with torch's own ``nn.Dropout``, SGD with momentum and
+OneCycleLR. normlab's engine is the ordinary ``Trainer`` with its defaults. Both read the same MNIST folder, train the same
 epochs and are timed in one invocation, so their ratio holds even on a busy machine.
 
     python benchmarks/speed.py                      # full comparison on the default device
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from normlab.data import DeviceData, load_raw  # noqa: E402
-from normlab.models import Net  # noqa: E402
+from normlab.models import Dropout, Net  # noqa: E402
 from normlab.step import Speedups  # noqa: E402
 from normlab.train import Callbacks, TrainConfig, Trainer, resolve_device  # noqa: E402
 
@@ -158,7 +158,7 @@ def notebook_runs(root: Path, device: torch.device, epochs: int, seeds: list[int
         kwargs = dict(batch_size=128, num_workers=workers, pin_memory=device.type == "cuda")
         train_loader = DataLoader(train_ds, shuffle=True, **kwargs)
         test_loader = DataLoader(test_ds, shuffle=False, **kwargs)
-        model = Net("mnist", "bn").to(device)
+        model = with_torch_dropout(Net("mnist", "bn")).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, epochs=epochs,
                                                         steps_per_epoch=len(train_loader), pct_start=0.2)
@@ -194,8 +194,9 @@ def notebook_runs(root: Path, device: torch.device, epochs: int, seeds: list[int
 
 
 def engine_runs(name: str, root: Path, device: torch.device, configs: list[TrainConfig],
-                speedups: Speedups | None = None, compile_model: bool = False) -> Runs:
-    """normlab's Trainer, one run per config; data loading and capture timed separately."""
+                speedups: Speedups | None = None, compile_model: bool = False, torch_dropout: bool = False) -> Runs:
+    """normlab's Trainer, one run per config; data loading and capture timed separately.
+    ``torch_dropout`` swaps in nn.Dropout, to measure what normlab's CPU dropout saves."""
     runs = Runs(name)
     reset_peak_memory(device)
     for config in configs:
@@ -205,6 +206,8 @@ def engine_runs(name: str, root: Path, device: torch.device, configs: list[Train
         runs.fixed("data load to device", time.perf_counter() - start)
         start = time.perf_counter()
         trainer = Trainer(config, data, speedups=speedups)
+        if torch_dropout:
+            with_torch_dropout(trainer.model)
         if compile_model:
             trainer.train_step.model = torch.compile(trainer.model)
         sync(device)
@@ -342,9 +345,24 @@ def main(argv: list[str] | None = None) -> dict:
         root, source = prepare_mnist(args.data_dir, args.shared_mnist, Path(tmp), args.train_images,
                                      args.test_images, args.holdout)
         seeds = list(range(1, args.seeds + 1))
+        # The notebook runs first, under glibc's malloc defaults as a notebook does: the engine
+        # then tunes malloc for the whole process (normlab.host_memory), which cannot be undone;
+        # benchmarks/cpu_step.py measures that in fresh processes.
+        notebook = notebook_runs(root, device, args.epochs, seeds, args.workers)
         base = [TrainConfig(norm="bn", epochs=args.epochs, seed=s) for s in seeds]
         engine = engine_runs("normlab engine", root, device, base)
-        notebook = notebook_runs(root, device, args.epochs, seeds, args.workers)
+        ablations: list[Runs] = []
+        if args.ablations:
+            one = [TrainConfig(norm="bn", epochs=max(args.epochs, 2), seed=1)]
+            ablations.append(plain_device_runs(root, device, one[0]))
+            ablations += [engine_runs(label, root, device, one, sp, torch_dropout=td)
+                          for label, sp, td in ablation_variants(device)]
+            if args.compile:
+                try:
+                    ablations.append(engine_runs("engine defaults + torch.compile", root, device, one,
+                                                 compile_model=True))
+                except Exception as exc:  # report, do not hide: compile is an experiment here
+                    print(f"torch.compile variant failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
         studies: dict[str, tuple[float, list[StudyRun]]] = {}
         if args.study_epochs:
             configs = [TrainConfig(**{**c.__dict__, "epochs": args.study_epochs}) for c in STUDY]
@@ -356,21 +374,6 @@ def main(argv: list[str] | None = None) -> dict:
             ways = [("one after another", False)] + ([("side by side", True)] if device.type == "cuda" else [])
             for way, together in ways:
                 studies[way] = study_runs(data, configs, together, store)
-        ablations: list[Runs] = []
-        if args.ablations:
-            one = [TrainConfig(norm="bn", epochs=max(args.epochs, 2), seed=1)]
-            ablations.append(plain_device_runs(root, device, one[0]))
-            variants = [Speedups(), Speedups(channels_last=True)]
-            if device.type == "cuda":
-                variants += [Speedups(cuda_graphs=True), Speedups(cuda_graphs=True, channels_last=True)]
-            for sp in variants:
-                label = ("CUDA graphs" if sp.cuda_graphs else "eager") + (", NHWC" if sp.channels_last else ", NCHW")
-                ablations.append(engine_runs(f"engine: {label}", root, device, one, sp))
-            if args.compile:
-                try:
-                    ablations.append(engine_runs("engine defaults + torch.compile", root, device, one, compile_model=True))
-                except Exception as exc:  # report, do not hide: compile is an experiment here
-                    print(f"torch.compile variant failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
 
     ratio = notebook.median / engine.median
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -429,6 +432,26 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def ablation_variants(device: torch.device) -> list[tuple[str, Speedups, bool]]:
+    """(label, speedups, torch's own dropout) for each engine variant that --ablations times."""
+    if device.type == "cuda":
+        return [(("engine: CUDA graphs" if graphs else "engine: eager") + (", NHWC" if nhwc else ", NCHW"),
+                 Speedups(cuda_graphs=graphs, channels_last=nhwc), False)
+                for graphs in (False, True) for nhwc in (False, True)]
+    cpu = Speedups.default(device, "bn")
+    return [("engine: CPU defaults, torch's dropout", cpu, True),
+            ("engine: CPU defaults, NHWC", Speedups(channels_last=True, keep_freed_memory=True), False)]
+
+
+def with_torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as the notebooks have it: torch's nn.Dropout in place of normlab's."""
+    for block in model.modules():
+        for name, layer in block.named_children():
+            if isinstance(layer, Dropout):
+                setattr(block, name, torch.nn.Dropout(layer.p))
+    return model
+
+
 def plain_device_runs(root: Path, device: torch.device, config: TrainConfig) -> Runs:
     """Data on the device (normlab.data), but the textbook step: backward, optimizer.step(),
     .item() every step. Separates what the data pipeline saves from what the step saves."""
@@ -439,7 +462,7 @@ def plain_device_runs(root: Path, device: torch.device, config: TrainConfig) -> 
     data = DeviceData(load_raw("mnist", root, download=False), device)
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    model = Net("mnist", config.norm).to(device)
+    model = with_torch_dropout(Net("mnist", config.norm)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     steps = -(-data.train_size // config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, epochs=config.epochs,

@@ -29,14 +29,15 @@ class Speedups:
 
     cuda_graphs: bool = False  # capture the full-batch step as one CUDA graph (CUDA only)
     channels_last: bool = False  # NHWC activations and weights
+    keep_freed_memory: bool = False  # glibc keeps freed activations for reuse (normlab.host_memory)
 
     @classmethod
     def default(cls, device: torch.device, norm: str) -> "Speedups":
         """CUDA graphs and, for BatchNorm, NHWC on a GPU: NHWC made the H200's BN epoch 11%
-        shorter but its GN and LN epochs 15% longer. On the CPU neither: NHWC's effect on a
-        busy 2-core machine was within its noise (-6% to +30% in three measurements)."""
+        shorter but its GN and LN epochs 15% longer. On the CPU neither (NHWC's effect on a
+        busy 2-core machine was within its noise), but malloc keeps freed memory."""
         cuda = device.type == "cuda"
-        return cls(cuda_graphs=cuda, channels_last=cuda and norm == "bn")
+        return cls(cuda_graphs=cuda, channels_last=cuda and norm == "bn", keep_freed_memory=not cuda)
 
 
 class TrainStep:

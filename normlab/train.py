@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab.data import DeviceData, batch_slices, check_dataset
+from normlab.host_memory import keep_freed_memory
 from normlab.models import ConfigError, Net, check_norm, variant_label
 from normlab.rng import RunRNG
 from normlab.step import GraphedTrainStep, Speedups, TrainStep
@@ -219,6 +220,8 @@ class Trainer:
         self.rng = RunRNG(config.seed, device)  # weights and dropout
         self.generator = torch.Generator(device=device).manual_seed(config.seed)  # shuffle and augmentation
         self.speedups = speedups or Speedups.default(device, config.norm)
+        if self.speedups.keep_freed_memory:
+            keep_freed_memory()
         with self.rng.active():
             self.model = Net(config.dataset, config.norm, config.groups, config.dropout).to(device)
         if self.speedups.channels_last:

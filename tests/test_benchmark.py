@@ -34,3 +34,16 @@ def test_tiny_benchmark_prints_medians_ratio_accuracies_costs_and_memory(tmp_pat
     assert "device: " in text and "(cpu)" in text
     saved = json.loads(out.read_text())
     assert len(saved["notebook"]["epoch_seconds"]) == 1 and saved["ratio"] > 0
+
+
+def test_cpu_step_benchmark_times_each_variant_in_fresh_processes():
+    proc = subprocess.run([sys.executable, "benchmarks/cpu_step.py", "--rounds", "1", "--warmup", "0", "--steps", "1"],
+                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = re.findall(r"^\| (.+?) \| ([\d.]+) \| ([\d.]+)x \|$", proc.stdout, re.M)
+    assert [r[0] for r in rows] == ["torch's dropout, glibc malloc defaults", "normlab's dropout, glibc malloc defaults",
+                                    "torch's dropout, malloc keeps freed memory",
+                                    "normlab's dropout, malloc keeps freed memory (engine default)"], proc.stdout
+    base = float(rows[0][1])
+    for _, ms, ratio in rows:
+        assert float(ms) > 0 and abs(float(ratio) - base / float(ms)) < 0.01

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from normlab.models import (ARCHITECTURES, NORMS, ConfigError, Net, check_norm, count_parameters,
+from normlab.models import (ARCHITECTURES, NORMS, ConfigError, Dropout, Net, check_norm, count_parameters,
                             summarize, summary_text, valid_groups, variant_label)
 
 
@@ -37,7 +37,40 @@ def test_reference_architecture_has_no_biases_and_the_notebook_layout():
         (1, 10, 3), (10, 20, 3), (20, 10, 1), (10, 20, 3), (20, 10, 3), (10, 10, 3), (10, 10, 3), (10, 10, 1)]
     assert convs[6].padding == (1, 1)
     block = list(model.conv1)
-    assert [type(m) for m in block] == [nn.Conv2d, nn.ReLU, nn.BatchNorm2d, nn.Dropout]
+    assert [type(m) for m in block] == [nn.Conv2d, nn.ReLU, nn.BatchNorm2d, Dropout]
+
+
+def test_cpu_dropout_drops_p_of_the_elements_independently_and_keeps_the_mean():
+    layer = Dropout(0.05).train()
+    x = torch.full((4_000_000,), 3.0, requires_grad=True)
+    torch.manual_seed(0)
+    out = layer(x)
+    kept = out != 0
+    scale = 65536 / (65536 - 3277)  # p = 0.05 rounds to 3277/65536 of the 16-bit values
+    assert torch.equal(out[kept], torch.full_like(out[kept], 3.0 * scale))
+    # 4M Bernoulli(0.05) draws: the dropped fraction is 0.05 within 5 standard deviations (5 x 1.1e-4)
+    dropped = (~kept).double()
+    assert abs(dropped.mean().item() - 3277 / 65536) < 5.5e-4
+    # each of the four 16-bit lanes of a 64-bit draw drops its own share, and neighbours independently
+    for lane in range(4):
+        assert abs(dropped[lane::4].mean().item() - 0.05) < 1.1e-3
+    assert abs((dropped[:-1] * dropped[1:]).mean().item() - 0.05**2) < 2.5e-4
+    assert abs(out.detach().mean().item() - 3.0) < 3.0 * 6e-4
+    out.sum().backward()
+    assert torch.equal(x.grad, kept * scale)
+
+
+def test_cpu_dropout_draws_from_the_default_generator_and_is_identity_in_eval():
+    layer = Dropout(0.3).train()
+    x = torch.randn(2, 10, 7, 7)
+    torch.manual_seed(5)
+    first, second = layer(x), layer(x)
+    assert not torch.equal(first, second)
+    torch.manual_seed(5)
+    assert torch.equal(layer(x), first)
+    state = torch.get_rng_state()
+    assert torch.equal(layer.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    assert torch.equal(torch.get_rng_state(), state)  # no draws where nothing is dropped
 
 
 def test_ln_statistics_equal_layernorm_over_chw():

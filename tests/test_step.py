@@ -64,8 +64,11 @@ def test_engine_trains_what_the_plain_loop_trains(data, norm, l1):
         assert record.train_loss == pytest.approx(train_loss, rel=1e-4)
         assert record.test_loss == pytest.approx(test_loss, rel=1e-4)
         assert abs(record.test_acc - test_acc) <= 1.0  # at most one of 100 test digits flips
+    # Float rounding differs (sign(w) for d|w|/dw, foreach updates); where that flips one ReLU
+    # or max-pool tie, a few weights move by up to ~1e-3 within these 8 steps (seen with some
+    # seeds, with either dropout). A wrong update rule moves them by far more.
     for ours, theirs in zip(trainer.model.state_dict().values(), plain_model.state_dict().values()):
-        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=2e-3)
 
 
 def test_channels_last_trains_the_same_steps(data):
