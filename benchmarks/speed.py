@@ -26,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -209,15 +209,14 @@ def engine_runs(name: str, root: Path, device: torch.device, configs: list[Train
         if torch_dropout:
             with_torch_dropout(trainer.model)
         if compile_model:
-            trainer.train_step.model = torch.compile(trainer.model)
+            trainer.train_step.forward = torch.compile(trainer.model)
         sync(device)
         runs.fixed("model and optimizer", time.perf_counter() - start)
+        runs.fixed("compile + capture of the step", trainer.prepare())
         seconds = [trainer.run_epoch(Callbacks()).seconds for _ in range(config.epochs)]
-        capture = getattr(trainer.run_step, "capture_seconds", None)
-        if capture is not None or compile_model:
-            # The first epoch also paid for capture/compilation: count that as a one-time cost.
+        if compile_model:  # compiled in the first epoch: a one-time cost, not an epoch
             steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
-            runs.fixed("compile/capture (1st epoch minus median)", max(seconds[0] - steady, 0.0))
+            runs.fixed("compile (1st epoch minus median)", max(seconds[0] - steady, 0.0))
             seconds = seconds[1:] or seconds
         runs.epoch_seconds.extend(seconds)
         runs.accuracies.append(trainer.last_evaluation.accuracy)
@@ -228,35 +227,48 @@ def engine_runs(name: str, root: Path, device: torch.device, configs: list[Train
 
 @dataclass
 class StudyRun:
-    """One study run: when its epoch loop ended, and what MLflow and capture cost it."""
+    """One study run: when its epoch loop ended, and what MLflow and preparing its step cost it."""
 
     label: str
     loop_start: float  # perf_counter() before its first step
     loop_end: float  # perf_counter() when its last epoch (with evaluation and logging) was done
     accuracy: float
-    capture_seconds: float
+    prepare_seconds: float  # compile + CUDA graph capture, before its first epoch
     mlflow_busy_seconds: float = 0.0  # epoch-loop MLflow calls, on the run's upload thread
     mlflow_waited_seconds: float = 0.0  # how long the training thread waited for them
     final_logging_seconds: float = 0.0  # misclassified grid, summary and model, after training
 
 
 def study_runs(data: DeviceData, configs: list[TrainConfig], side_by_side: bool, store: Path | None,
-               echo=print) -> tuple[float, list[StudyRun]]:
+               ) -> tuple[float, list[StudyRun]]:
     """The study as `normlab sweep` trains it: side by side (one thread and stream per run) or
     one after another. With ``store``, each run logs its epochs to a real sqlite MLflow store
     there exactly as `normlab train` does (metrics and checkpoint on the upload thread), then
     its final artifacts and model. Returns (seconds of training, runs): from the first step
-    to the last epoch's end, without the final artifacts (a fixed cost, reported apart)."""
+    to the last epoch's end. Compiling and capturing each run's step before it, and the final
+    artifacts after it, are fixed costs, reported apart; side by side, the runs start their
+    epochs together once all are prepared."""
+    import threading
+
     from normlab.side_by_side import run_side_by_side
     from normlab.train import CallbackList, fit
 
+    ready = threading.Barrier(len(configs)) if side_by_side else None
+
     def one(config: TrainConfig) -> StudyRun:
         trainer = Trainer(config, data)
+        try:
+            prepared = trainer.prepare()
+        except BaseException:
+            if ready:
+                ready.abort()  # the others stop waiting for this run
+            raise
+        if ready:
+            ready.wait()
         loop_start = time.perf_counter()
         if store is None:
             result = fit(trainer)
-            return StudyRun(config.label, loop_start, time.perf_counter(), result.records[-1].test_acc,
-                            getattr(trainer.run_step, "capture_seconds", 0.0))
+            return StudyRun(config.label, loop_start, time.perf_counter(), result.records[-1].test_acc, prepared)
         import mlflow
 
         from normlab import tracking
@@ -271,9 +283,8 @@ def study_runs(data: DeviceData, configs: list[TrainConfig], side_by_side: bool,
             loop_end = time.perf_counter()
             tracking.log_results(config, data, result)
             final = time.perf_counter() - loop_end
-        return StudyRun(config.label, loop_start, loop_end, result.records[-1].test_acc,
-                        getattr(trainer.run_step, "capture_seconds", 0.0), uploads.busy_seconds,
-                        uploads.waited_seconds, final)
+        return StudyRun(config.label, loop_start, loop_end, result.records[-1].test_acc, prepared,
+                        uploads.busy_seconds, uploads.waited_seconds, final)
 
     if not side_by_side:
         runs = [one(c) for c in configs]
@@ -405,14 +416,14 @@ def main(argv: list[str] | None = None) -> dict:
         lines += ["", f"classic study (BN+L1, LN, GN x {args.study_epochs} epochs = {epochs} epochs; evaluation "
                       f"every epoch; {tracked}); notebook: its epoch median x {epochs} = {notebook_total:.0f} s",
                   "| way | seconds (first step to last epoch) | vs notebook | MLflow epoch calls (s, upload threads) "
-                  "| training waited for MLflow (s) | capture (s) | final artifacts + model (s) |",
+                  "| training waited for MLflow (s) | compile + capture (s) | final artifacts + model (s) |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         result["study"] = {"notebook_estimate_seconds": notebook_total, "data_load_seconds": data_seconds}
         for way, (wall, runs) in studies.items():
             busy = sum(r.mlflow_busy_seconds for r in runs)
             waited = sum(r.mlflow_waited_seconds for r in runs)
             lines.append(f"| {way} | {wall:.1f} | {notebook_total / wall:.1f}x | {busy:.2f} | {waited:.2f} | "
-                         f"{max(r.capture_seconds for r in runs):.2f} max | "
+                         f"{max(r.prepare_seconds for r in runs):.1f} max | "
                          f"{max(r.final_logging_seconds for r in runs):.1f} max |")
             result["study"][way] = {"wall_seconds": wall, "runs": [r.__dict__ for r in runs]}
         lines.append(f"  data load to the device (once): {data_seconds:.2f} s; test accuracy: " + ", ".join(
@@ -433,14 +444,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def ablation_variants(device: torch.device) -> list[tuple[str, Speedups, bool]]:
-    """(label, speedups, torch's own dropout) for each engine variant that --ablations times."""
+    """(label, speedups, torch's own dropout) for each engine variant that --ablations times:
+    the device's defaults with one or more techniques switched off."""
+    default = Speedups.default(device, "bn")
     if device.type == "cuda":
-        return [(("engine: CUDA graphs" if graphs else "engine: eager") + (", NHWC" if nhwc else ", NCHW"),
-                 Speedups(cuda_graphs=graphs, channels_last=nhwc), False)
+        return [(("engine: CUDA graphs" if graphs else "engine: eager") + (", NHWC" if nhwc else ", NCHW")
+                 + ", not compiled", replace(default, cuda_graphs=graphs, channels_last=nhwc, compile=False), False)
                 for graphs in (False, True) for nhwc in (False, True)]
-    cpu = Speedups.default(device, "bn")
-    return [("engine: CPU defaults, torch's dropout", cpu, True),
-            ("engine: CPU defaults, NHWC", Speedups(channels_last=True, keep_freed_memory=True), False)]
+    return [("engine: CPU defaults, torch's dropout", default, True),
+            ("engine: CPU defaults, NHWC", replace(default, channels_last=True), False)]
 
 
 def with_torch_dropout(model: torch.nn.Module) -> torch.nn.Module:

@@ -239,7 +239,8 @@ class Trainer:
         # tells it the optimizer has stepped (no process-wide warning filter, which threads
         # side by side would race on).
         self.optimizer.step()
-        self.train_step = TrainStep(self.model, self.optimizer, config.l1, self.rng, self.speedups.channels_last)
+        self.train_step = TrainStep(self.model, self.optimizer, config.l1, self.rng, self.speedups.channels_last,
+                                    self.speedups.compile)
         self.run_step: TrainStep | GraphedTrainStep = self.train_step
         if self.speedups.cuda_graphs:
             self.run_step = GraphedTrainStep(self.train_step)
@@ -289,6 +290,20 @@ class Trainer:
         self.generator.set_state(state["rng"]["generator"])
         self.rng.load_state_dict(state["rng"])
 
+    def evaluate(self) -> Evaluation:
+        return evaluate(self.model, self.data.test_x, self.data.test_y, self.speedups.eval_batch_size)
+
+    def prepare(self) -> float:
+        """Compile and capture the step for every batch shape of an epoch now, not in the first
+        epoch; returns the seconds it took (0 where there is nothing to prepare)."""
+        if not isinstance(self.run_step, GraphedTrainStep):
+            return 0.0
+        start = time.perf_counter()
+        sizes = {self.config.batch_size, self.data.train_size % self.config.batch_size} - {0}
+        for size in sorted(sizes, reverse=True):
+            self.run_step.prepare(self.data.normalize(self.data.train_x[:size]), self.data.train_y[:size])
+        return time.perf_counter() - start
+
     def train_epoch(self, callbacks: Callbacks) -> tuple[float, float]:
         """One pass over the shuffled, augmented training split; returns (loss, acc %)."""
         self.model.train()
@@ -309,7 +324,7 @@ class Trainer:
         start = time.perf_counter()
         callbacks.epoch_started(self.epoch + 1, self.steps_per_epoch)
         train_loss, train_acc = self.train_epoch(callbacks)
-        self.last_evaluation = evaluate(self.model, self.data.test_x, self.data.test_y)
+        self.last_evaluation = self.evaluate()
         self._check_finite(train_loss, self.last_evaluation.loss)
         self.epoch += 1
         record = EpochRecord(
@@ -333,12 +348,14 @@ class Trainer:
 
     def mistakes(self, k: int = 10) -> list[Misclassified]:
         if self.last_evaluation is None:
-            self.last_evaluation = evaluate(self.model, self.data.test_x, self.data.test_y)
+            self.last_evaluation = self.evaluate()
         return most_confident_mistakes(self.last_evaluation, self.data.test_y, k)
 
 
 def fit(trainer: Trainer, callbacks: Callbacks | None = None) -> FitResult:
     """Train the remaining epochs; every epoch is reported to callbacks and returned."""
     callbacks = callbacks or Callbacks()
+    if trainer.epoch < trainer.config.epochs:
+        trainer.prepare()
     records = [trainer.run_epoch(callbacks) for _ in range(trainer.epoch, trainer.config.epochs)]
     return FitResult(trainer.model, records, trainer.mistakes())

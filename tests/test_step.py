@@ -187,3 +187,31 @@ def test_graphs_refuse_a_cpu_model_and_unsupported_sgd_settings():
     with pytest.raises(ValueError, match="nesterov"):
         TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True), 0.0,
                   RunRNG(0, torch.device("cpu")))
+
+
+def test_compiled_step_trains_what_the_eager_step_trains(data):
+    """The GPU default compiles the step; the same logic on the CPU trains the same epoch
+    (no dropout: Inductor draws its own random numbers for it)."""
+    config = TrainConfig(norm="ln", epochs=1, batch_size=50, seed=2, dropout=0.0)
+    eager = Trainer(config, data, speedups=Speedups()).run_epoch(Callbacks())
+    trainer = Trainer(config, data, speedups=Speedups(compile=True))
+    compiled = trainer.run_epoch(Callbacks())
+    assert trainer.train_step.forward is not trainer.model  # it did compile
+    assert compiled.train_loss == pytest.approx(eager.train_loss, rel=1e-5)
+    assert compiled.test_loss == pytest.approx(eager.test_loss, rel=1e-5)
+    assert compiled.test_acc == eager.test_acc
+
+
+def test_a_step_that_cannot_compile_warns_and_trains_the_model_itself(data, monkeypatch):
+    """Where Inductor cannot build its kernels (here: no C++ compiler), the run goes on
+    without compiling, training exactly what the uncompiled step trains."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/g++",))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)  # no kernels built earlier
+    config = TrainConfig(norm="gn", epochs=1, batch_size=50, seed=4)
+    trainer = Trainer(config, data, speedups=Speedups(compile=True))
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed, so this run trains without it .*C\+\+ compiler"):
+        record = trainer.run_epoch(Callbacks())
+    assert trainer.train_step.forward is trainer.model
+    assert record.metrics() == Trainer(config, data, speedups=Speedups()).run_epoch(Callbacks()).metrics()
