@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
 def ablation_variants(device: torch.device) -> list[tuple[str, Speedups, bool]]:
     """(label, speedups, torch's own dropout) for each engine variant that --ablations times:
     the device's defaults with one or more techniques switched off."""
-    default = Speedups.default(device, "bn")
+    default = Speedups.default(device)
     if device.type == "cuda":
         return [(("engine: CUDA graphs" if graphs else "engine: eager") + (", NHWC" if nhwc else ", NCHW")
                  + ", not compiled", replace(default, cuda_graphs=graphs, channels_last=nhwc, compile=False), False)

@@ -219,7 +219,7 @@ class Trainer:
         device = data.device
         self.rng = RunRNG(config.seed, device)  # weights and dropout
         self.generator = torch.Generator(device=device).manual_seed(config.seed)  # shuffle and augmentation
-        self.speedups = speedups or Speedups.default(device, config.norm)
+        self.speedups = speedups or Speedups.default(device)
         if self.speedups.keep_freed_memory:
             keep_freed_memory()
         with self.rng.active():
