@@ -108,8 +108,8 @@ def variant_label(norm: str, groups: int = 2, l1: float = 0.0) -> str:
 class Dropout(nn.Dropout):
     """``nn.Dropout`` that draws a quarter of the random numbers on the CPU.
 
-    For its mask torch draws one Mersenne-twister number per element, a third of a CPU
-    training step of this model. Here one 64-bit draw gives four 16-bit values, and an
+    For its mask torch draws one Mersenne-twister number per element, a quarter of a
+    CPU training step of this model. Here one 64-bit draw gives four 16-bit values, and an
     element is dropped when its value is among the lowest ``round(p * 2**16)`` of the 2**16
     (p = 0.05 drops 3277/65536 = 0.050003); kept elements are scaled by one over the kept
     fraction, so the expectation is the input. Elsewhere (CUDA's Philox draws cost
