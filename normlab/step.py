@@ -5,9 +5,10 @@ step, while eager PyTorch needs several milliseconds of Python and driver calls 
 its ~150 small kernels. So the step is written as one function over fixed tensors that
 never reads a value back to the host: the learning rate comes from a device scalar, loss
 and correct counts accumulate in device scalars, and the SGD update is a few foreach
-kernels. That function runs eagerly on the CPU (and for a short last batch), and on CUDA it
-is captured once per batch shape as a CUDA graph, so each batch costs one replay instead of
-~150 launches. A step draws its dropout masks from its run's own generators
+kernels. That function runs eagerly on the CPU; on CUDA its forward is compiled (Inductor
+fuses each ReLU, norm and dropout, and so their backward) and the whole step is captured
+once per batch shape as a CUDA graph, so each batch costs one replay instead of ~150
+launches. A step draws its dropout masks from its run's own generators
 (normlab.rng), so several runs can train side by side in one process.
 """
 
@@ -28,7 +29,7 @@ from normlab.rng import RunRNG
 class Speedups:
     """Which engine techniques are on; ``default`` picks what measured faster (README, Speed)."""
 
-    cuda_graphs: bool = False  # capture the full-batch step as one CUDA graph (CUDA only)
+    cuda_graphs: bool = False  # capture the step as one CUDA graph per batch shape (CUDA only)
     channels_last: bool = False  # NHWC activations and weights
     keep_freed_memory: bool = False  # glibc keeps freed activations for reuse (normlab.host_memory)
     compile: bool = False  # torch.compile the step's forward (and so its backward)
@@ -125,7 +126,6 @@ class TrainStep:
             torch._foreach_sub_(self.params, torch._foreach_mul(self.buffers, self.lr))
             self.loss_sum.add_(nll.detach(), alpha=y.shape[0])
             self.correct += (log_probs.argmax(dim=1) == y).sum()
-
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """The compiled forward; where compiling fails (no C compiler, say), the model's own."""
