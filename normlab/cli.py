@@ -255,7 +255,7 @@ def train_tracked(trainer, point, data_dir: str, experiment: str, checkpoint_dir
         checkpointer = tracking.Checkpointer(trainer, uploads, local, point.records if point else [])
         progress = Progress(config.epochs, prefix=prefix)
         if trainer.speedups.cuda_graphs and trainer.epoch < config.epochs:
-            say("compiling the training step and capturing its CUDA graphs (10-20 s the first time on "
+            say("compiling the training step and capturing its CUDA graphs (10-25 s the first time on "
                 "this machine, about 1 s once Inductor's cache holds the variant)")
             say(f"step ready in {trainer.prepare():.1f} s")
         result = fit(trainer, CallbackList(checkpointer, tracking.MetricLogger(uploads), progress))

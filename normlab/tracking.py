@@ -236,11 +236,25 @@ def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> Non
 _EXPORT_LOCK = threading.Lock()
 
 
+@contextmanager
+def _checked_on_cpu():
+    """MLflow checks the input example by loading the model on the GPU when there is one,
+    which a model exported from the CPU cannot do (a warning for every GPU run): check on
+    the CPU, unless the user chose a device."""
+    chosen = os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE")
+    os.environ.setdefault("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu")
+    try:
+        yield
+    finally:
+        if chosen is None:
+            os.environ.pop("MLFLOW_DEFAULT_PREDICTION_DEVICE", None)
+
+
 def log_model(model: torch.nn.Module, data: DeviceData) -> None:
     """The trained model with its source code, so `mlflow.pytorch.load_model` works anywhere."""
     model = model.cpu().eval()
     example = data.test_x[:2].cpu().numpy().astype(np.float32)
-    with _EXPORT_LOCK:
+    with _EXPORT_LOCK, _checked_on_cpu():
         info = mlflow.pytorch.log_model(
             model,
             name="model",
