@@ -3,8 +3,9 @@
 The notebook-style pipeline lives here, not in the package: torchvision's MNIST Dataset with
 PIL RandomRotation(7) + ToTensor + Normalize, a DataLoader (batch 128, 2 workers, shuffle),
 ``.item()`` every step, the same Net with torch's own ``nn.Dropout``, SGD with momentum and
-OneCycleLR. normlab's engine is the ordinary ``Trainer`` with its defaults. Both read the same MNIST folder, train the same
-epochs and are timed in one invocation, so their ratio holds even on a busy machine.
+OneCycleLR. normlab's engine is the ordinary ``Trainer`` with its defaults. Both read the same
+MNIST folder, train the same epochs and are timed in one invocation, so their ratio holds even
+on a busy machine.
 
     python benchmarks/speed.py                      # full comparison on the default device
     python benchmarks/speed.py --device cpu --train-images 6000 --epochs 2
@@ -194,8 +195,8 @@ def notebook_runs(root: Path, device: torch.device, epochs: int, seeds: list[int
 
 
 def engine_runs(name: str, root: Path, device: torch.device, configs: list[TrainConfig],
-                speedups: Speedups | None = None, compile_model: bool = False, torch_dropout: bool = False) -> Runs:
-    """normlab's Trainer, one run per config; data loading and capture timed separately.
+                speedups: Speedups | None = None, torch_dropout: bool = False) -> Runs:
+    """normlab's Trainer, one run per config; data loading, compiling and capture timed apart.
     ``torch_dropout`` swaps in nn.Dropout, to measure what normlab's CPU dropout saves."""
     runs = Runs(name)
     reset_peak_memory(device)
@@ -208,17 +209,10 @@ def engine_runs(name: str, root: Path, device: torch.device, configs: list[Train
         trainer = Trainer(config, data, speedups=speedups)
         if torch_dropout:
             with_torch_dropout(trainer.model)
-        if compile_model:
-            trainer.train_step.forward = torch.compile(trainer.model)
         sync(device)
         runs.fixed("model and optimizer", time.perf_counter() - start)
         runs.fixed("compile + capture of the step", trainer.prepare())
-        seconds = [trainer.run_epoch(Callbacks()).seconds for _ in range(config.epochs)]
-        if compile_model:  # compiled in the first epoch: a one-time cost, not an epoch
-            steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
-            runs.fixed("compile (1st epoch minus median)", max(seconds[0] - steady, 0.0))
-            seconds = seconds[1:] or seconds
-        runs.epoch_seconds.extend(seconds)
+        runs.epoch_seconds += [trainer.run_epoch(Callbacks()).seconds for _ in range(config.epochs)]
         runs.accuracies.append(trainer.last_evaluation.accuracy)
     runs.peak_gpu_mib = peak_gpu_mib(device)
     runs.peak_rss_mib = peak_rss_mib()
@@ -239,8 +233,8 @@ class StudyRun:
     final_logging_seconds: float = 0.0  # misclassified grid, summary and model, after training
 
 
-def study_runs(data: DeviceData, configs: list[TrainConfig], side_by_side: bool, store: Path | None,
-               ) -> tuple[float, list[StudyRun]]:
+def study_runs(data: DeviceData, configs: list[TrainConfig], side_by_side: bool,
+               store: Path | None) -> tuple[float, list[StudyRun]]:
     """The study as `normlab sweep` trains it: side by side (one thread and stream per run) or
     one after another. With ``store``, each run logs its epochs to a real sqlite MLflow store
     there exactly as `normlab train` does (metrics and checkpoint on the upload thread), then
@@ -330,7 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "another and, on a GPU, side by side as `normlab sweep` runs it")
     p.add_argument("--ablations", action="store_true", help="also time the engine with techniques switched off")
     p.add_argument("--compile", action="store_true",
-                   help="with --ablations: also time the engine with torch.compile (compiling takes minutes on a CPU)")
+                   help="with --ablations: also time the engine with its forward compiled on a CPU, where it "
+                        "is off by default (a GPU's default already compiles)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the notebook pipeline")
     p.add_argument("--data-dir", type=Path, default=ROOT / "data", help="folder that may hold full MNIST")
     p.add_argument("--shared-mnist", type=Path, default=ROOT.parent / "shared" / "data" / "mnist-t10k",
@@ -367,13 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
             one = [TrainConfig(norm="bn", epochs=max(args.epochs, 2), seed=1)]
             ablations.append(plain_device_runs(root, device, one[0]))
             ablations += [engine_runs(label, root, device, one, sp, torch_dropout=td)
-                          for label, sp, td in ablation_variants(device)]
-            if args.compile:
-                try:
-                    ablations.append(engine_runs("engine defaults + torch.compile", root, device, one,
-                                                 compile_model=True))
-                except Exception as exc:  # report, do not hide: compile is an experiment here
-                    print(f"torch.compile variant failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+                          for label, sp, td in ablation_variants(device, args.compile)]
         studies: dict[str, tuple[float, list[StudyRun]]] = {}
         if args.study_epochs:
             configs = [TrainConfig(**{**c.__dict__, "epochs": args.study_epochs}) for c in STUDY]
@@ -443,16 +432,18 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def ablation_variants(device: torch.device) -> list[tuple[str, Speedups, bool]]:
+def ablation_variants(device: torch.device, compiled_cpu: bool) -> list[tuple[str, Speedups, bool]]:
     """(label, speedups, torch's own dropout) for each engine variant that --ablations times:
-    the device's defaults with one or more techniques switched off."""
+    the device's defaults with one or more techniques switched off (on a CPU, with
+    ``compiled_cpu``, also compiling switched on)."""
     default = Speedups.default(device)
     if device.type == "cuda":
         return [(("engine: CUDA graphs" if graphs else "engine: eager") + (", NHWC" if nhwc else ", NCHW")
                  + ", not compiled", replace(default, cuda_graphs=graphs, channels_last=nhwc, compile=False), False)
                 for graphs in (False, True) for nhwc in (False, True)]
     return [("engine: CPU defaults, torch's dropout", default, True),
-            ("engine: CPU defaults, NHWC", replace(default, channels_last=True), False)]
+            ("engine: CPU defaults, NHWC", replace(default, channels_last=True), False)] + (
+        [("engine: CPU defaults, compiled", replace(default, compile=True), False)] if compiled_cpu else [])
 
 
 def with_torch_dropout(model: torch.nn.Module) -> torch.nn.Module:

@@ -191,10 +191,12 @@ def test_graphs_refuse_a_cpu_model_and_unsupported_sgd_settings():
 
 def test_compiled_step_trains_what_the_eager_step_trains(data):
     """The GPU default compiles the step; the same logic on the CPU trains the same epoch
-    (no dropout: Inductor draws its own random numbers for it)."""
+    (no dropout: Inductor draws its own random numbers for it). prepare() compiles it before
+    the epoch with a warm-up step that it undoes."""
     config = TrainConfig(norm="ln", epochs=1, batch_size=50, seed=2, dropout=0.0)
     eager = Trainer(config, data, speedups=Speedups()).run_epoch(Callbacks())
     trainer = Trainer(config, data, speedups=Speedups(compile=True))
+    assert trainer.prepare() > 0
     compiled = trainer.run_epoch(Callbacks())
     assert trainer.train_step.forward is not trainer.model  # it did compile
     assert compiled.train_loss == pytest.approx(eager.train_loss, rel=1e-5)
