@@ -1,10 +1,11 @@
 """How many runs side by side pay on one GPU, and do they train what they train alone?
 
-The study's variants (BN + L1, LN, GN) x seeds, each a whole `fit` (setup, capture, all
-epochs, evaluation every epoch): first one after another, then N at a time with
-normlab.side_by_side (one thread and CUDA stream per run). Prints the wall time of each
-way, the throughput ratio, and the largest difference between a run's per-epoch test loss
-trained alone and side by side (0 when each run's random streams are its own).
+The study's variants (BN + L1, LN, GN) x seeds, each a whole `fit` (setup, compile from
+Inductor's cache, capture, all epochs, evaluation every epoch): first one after another,
+then N at a time with normlab.side_by_side (one thread and CUDA stream per run). Prints the
+wall time of each way, the throughput ratio, and the largest difference between a run's
+per-epoch test loss trained alone and side by side (0 when each run's random streams are
+its own and cuDNN's algorithms deterministic).
 
     python benchmarks/side_by_side.py --epochs 5 --runs 3,6,9
 """
@@ -55,7 +56,8 @@ def main() -> None:
         root, source = prepare_mnist(args.data_dir, args.shared_mnist, Path(tmp), args.train_images, None)
         data = DeviceData(load_raw("mnist", root, download=False), device)
     configs = study_configs(max(sizes), args.epochs)
-    test_losses(configs[0], data)  # cuDNN and the allocator warm up outside the timing
+    for config in configs[:len(STUDY)]:  # compile each variant (Inductor caches it), warm up cuDNN
+        test_losses(config, data)
     alone, seconds_alone = [], []
     for config in configs:
         start = time.perf_counter()
