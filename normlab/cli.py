@@ -480,8 +480,8 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
                 dataset=dataset, epochs=epochs, lr=lr)
     try:
         outcome = run_sweep(grid, experiment=experiment, data_dir=data_dir, device=device, jobs=jobs,
-                            side_by_side=side_by_side, shard_k=shard_[0], shard_n=shard_[1], out_dir=Path(out) if out else None,
-                            echo=click.echo)
+                            side_by_side=side_by_side, shard_k=shard_[0], shard_n=shard_[1],
+                            out_dir=Path(out) if out else None, echo=click.echo)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     except DataError as exc:

@@ -15,7 +15,6 @@ launches. A step draws its dropout masks from its run's own generators
 from __future__ import annotations
 
 import threading
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -73,6 +72,7 @@ class TrainStep:
         self.rng = rng
         self.channels_last = channels_last
         self.forward = model
+        self.compiled_shapes: set[tuple[int, ...]] = set()  # batch shapes prepare() compiled
         if compiled:
             # Every run, variant and batch shape is a recompile of one forward: allow them all.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
@@ -126,6 +126,16 @@ class TrainStep:
             torch._foreach_sub_(self.params, torch._foreach_mul(self.buffers, self.lr))
             self.loss_sum.add_(nll.detach(), alpha=y.shape[0])
             self.correct += (log_probs.argmax(dim=1) == y).sum()
+
+    def prepare(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Compile the forward for this batch shape now, with one step that is undone (x and y
+        serve only as warm-up data); nothing to do when it is not compiled."""
+        shape = tuple(x.shape)
+        if self.forward is self.model or shape in self.compiled_shapes:
+            return
+        with self.rng.active():
+            run_and_undo(self, x, y, steps=1)
+        self.compiled_shapes.add(shape)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """The compiled forward; where compiling fails (no C compiler, say), the model's own."""
@@ -185,7 +195,6 @@ class GraphedTrainStep:
         self.step = step
         self.warmup_steps = warmup_steps
         self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self.capture_seconds = 0.0
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         graph, static_x, static_y = self.prepare(x, y)
@@ -202,7 +211,6 @@ class GraphedTrainStep:
         return self.graphs[shape]
 
     def capture(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
-        start = time.perf_counter()
         static_x, static_y = x.clone(), y.clone()
         with _CAPTURE_LOCK, self.step.rng.active(), torch.cuda.device(x.device):
             caller = torch.cuda.current_stream()
@@ -216,5 +224,4 @@ class GraphedTrainStep:
                 self.step(static_x, static_y)
             caller.wait_stream(side)
             side.synchronize()
-        self.capture_seconds += time.perf_counter() - start
         return graph, static_x, static_y

@@ -217,7 +217,7 @@ class SweepWorker:
         self.started_at = time.time()
         self.gpus = visible_gpus() if device in ("auto", "cuda") else []
         self.cpus = os.cpu_count() or 1
-        self.running: dict[str, Job] = {}  # config hash -> the job training it
+        self.jobs_running: list[Job] = []
         self.lock = threading.Lock()
         self.stop_beating = threading.Event()
 
@@ -242,10 +242,11 @@ class SweepWorker:
                                                      "its sweep process or training process died")
                         states[config.config_hash()] = st.State(st.OPEN, state.next_attempt)
                 self._launch(states, tried)
+                running = self._running_hashes()
                 waiting = [h for h in (c.config_hash() for c in self.share)
-                           if h not in self.running and states[h].kind == st.ACTIVE]
+                           if h not in running and states[h].kind == st.ACTIVE]
                 finished_any = self._reap(trained, failures, timeout=POLL_S)
-                if not self.running and not waiting and not finished_any and not self._launchable(states, tried):
+                if not self.jobs_running and not waiting and not finished_any and not self._launchable(states, tried):
                     break
         except Interrupted:
             self._stop_children()
@@ -284,17 +285,18 @@ class SweepWorker:
         return any(states[c.config_hash()].kind == st.OPEN and c.config_hash() not in tried
                    for c in self.share)
 
-    def _jobs(self) -> list[Job]:
-        return list({id(j): j for j in self.running.values()}.values())
+    def _running_hashes(self) -> set[str]:
+        return {c.config.config_hash() for job in self.jobs_running for c in job.children}
 
     def _launch(self, states, tried: set[str]) -> None:
         batch: list[Child] = []
+        running = self._running_hashes()
         for config in self.share:
-            if len(self._jobs()) >= self.jobs:
+            if len(self.jobs_running) >= self.jobs:
                 return
             h = config.config_hash()
             state = states[h]
-            if h in self.running or h in tried or state.kind != st.OPEN:
+            if h in running or h in tried or state.kind != st.OPEN:
                 continue
             if not self.store.claim(config, state.next_attempt, self.worker):
                 continue  # another worker got it first
@@ -308,7 +310,7 @@ class SweepWorker:
             self._start(batch)
 
     def _start(self, children: list[Child]) -> None:
-        slot = min(set(range(self.jobs)) - {j.slot for j in self._jobs()})
+        slot = min(set(range(self.jobs)) - {j.slot for j in self.jobs_running})
         env = dict(os.environ)
         package_root = str(Path(normlab.__file__).resolve().parents[1])
         env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
@@ -333,8 +335,7 @@ class SweepWorker:
         for child in children:
             self.store.set_tag(child.run_id, st.CHILD_PID, str(process.pid))
         with self.lock:
-            for child in children:
-                self.running[child.config.config_hash()] = job
+            self.jobs_running.append(job)
         where = f" on GPU {pinned['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in pinned else ""
         together = f", side by side in process {process.pid}" if len(children) > 1 else ""
         for child in children:
@@ -346,14 +347,13 @@ class SweepWorker:
         deadline = time.time() + timeout
         ended = []
         while not ended:
-            ended = [j for j in self._jobs() if j.process.poll() is not None]
+            ended = [j for j in self.jobs_running if j.process.poll() is not None]
             if ended or time.time() >= deadline:
                 break
             time.sleep(0.2)
         for job in ended:
             with self.lock:
-                for child in job.children:
-                    del self.running[child.config.config_hash()]
+                self.jobs_running.remove(job)
             for child in job.children:
                 self._settle(job, child, trained, failures)
         return bool(ended)
@@ -387,7 +387,7 @@ class SweepWorker:
     def _heartbeat(self) -> None:
         while not self.stop_beating.wait(st.HEARTBEAT_S):
             with self.lock:
-                run_ids = [c.run_id for j in self._jobs() for c in j.children]
+                run_ids = [c.run_id for j in self.jobs_running for c in j.children]
             for run_id in run_ids:
                 try:
                     self.store.heartbeat(run_id)
@@ -400,7 +400,7 @@ class SweepWorker:
     def _stop_children(self) -> None:
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, signal.SIG_IGN)
-        jobs = self._jobs()
+        jobs = list(self.jobs_running)
         for job in jobs:
             if job.process.poll() is None:
                 job.process.terminate()

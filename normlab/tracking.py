@@ -231,30 +231,38 @@ def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> Non
     log_model(result.model, data)
 
 
+@contextmanager
+def _environment(settings: dict[str, str], keep_users: bool = False):
+    """Within: these environment variables set (with ``keep_users``, only those not set
+    already); afterwards each is as it was."""
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update({k: v for k, v in settings.items() if not (keep_users and saved[k] is not None)})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 # MLflow 3 serializes a PyTorch model through torch.export, whose tracing is process-wide:
 # runs side by side (one thread each) that log their models at once break each other's trace.
 _EXPORT_LOCK = threading.Lock()
 
 
-@contextmanager
-def _checked_on_cpu():
-    """MLflow checks the input example by loading the model on the GPU when there is one,
-    which a model exported from the CPU cannot do (a warning for every GPU run): check on
-    the CPU, unless the user chose a device."""
-    chosen = os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE")
-    os.environ.setdefault("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu")
-    try:
-        yield
-    finally:
-        if chosen is None:
-            os.environ.pop("MLFLOW_DEFAULT_PREDICTION_DEVICE", None)
+# MLflow checks the input example by loading the model on the GPU when there is one, which
+# a model exported from the CPU cannot do (a warning for every GPU run): check on the CPU,
+# unless the user chose a device.
+CHECK_ON_CPU = {"MLFLOW_DEFAULT_PREDICTION_DEVICE": "cpu"}
 
 
 def log_model(model: torch.nn.Module, data: DeviceData) -> None:
     """The trained model with its source code, so `mlflow.pytorch.load_model` works anywhere."""
     model = model.cpu().eval()
     example = data.test_x[:2].cpu().numpy().astype(np.float32)
-    with _EXPORT_LOCK, _checked_on_cpu():
+    with _EXPORT_LOCK, _environment(CHECK_ON_CPU, keep_users=True):
         info = mlflow.pytorch.log_model(
             model,
             name="model",
@@ -341,21 +349,9 @@ def create_store_safely() -> None:
         MlflowClient().search_experiments(max_results=1)  # creates and migrates the schema
 
 
-@contextmanager
-def _few_retries():
-    """Within: MLflow HTTP calls try twice with a short timeout (for recording an ending,
-    which must not hang for minutes when the server is the reason the run is ending)."""
-    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+# MLflow HTTP calls that try twice with a short timeout: for recording an ending, which must
+# not hang for minutes when the server is the reason the run is ending.
+FEW_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
 
 def record_ending(run_id: str, outcome: str, reason: str | None = None) -> bool:
@@ -368,7 +364,7 @@ def record_ending(run_id: str, outcome: str, reason: str | None = None) -> bool:
     tags = {STATUS_TAG: outcome}
     if reason:
         tags[REASON_TAG] = reason[:4000]
-    with _few_retries():
+    with _environment(FEW_RETRIES):
         try:
             client = MlflowClient()
             for key, value in tags.items():
@@ -393,7 +389,7 @@ def record_ending(run_id: str, outcome: str, reason: str | None = None) -> bool:
 def fail_run_if_open(run_id: str, reason: str) -> None:
     """Mark a run FAILED with the reason, unless it already records how it ended (a run
     `mlflow run` created, whose command failed before or outside training)."""
-    with _few_retries():
+    with _environment(FEW_RETRIES):
         try:
             tags = MlflowClient().get_run(run_id).data.tags
         except Exception:
@@ -467,9 +463,9 @@ def resume_training_run(run_id: str, after_epoch: int) -> mlflow.ActiveRun:
     previous = client.get_run(run_id).data.tags
     launched = _run_id_from_env()
     if launched and launched != run_id:
-        MlflowClient().set_tag(launched, "mlflow.note.content",
-                               f"This invocation resumed run {run_id}; its metrics are logged there.")
-        MlflowClient().set_tag(launched, "normlab.resumed_run", run_id)
+        client.set_tag(launched, "mlflow.note.content",
+                       f"This invocation resumed run {run_id}; its metrics are logged there.")
+        client.set_tag(launched, "normlab.resumed_run", run_id)
     run = mlflow.start_run(run_id=run_id)
     mlflow.set_tags({STATUS_TAG: "running", "normlab.resumed": f"after epoch {after_epoch} "
                      f"(it had ended {previous.get(STATUS_TAG, 'without a status tag')}: "

@@ -19,7 +19,7 @@ from normlab.data import DeviceData, batch_slices, check_dataset
 from normlab.host_memory import keep_freed_memory
 from normlab.models import ConfigError, Net, check_norm, variant_label
 from normlab.rng import RunRNG
-from normlab.step import GraphedTrainStep, Speedups, TrainStep, run_and_undo
+from normlab.step import GraphedTrainStep, Speedups, TrainStep
 
 
 @dataclass(frozen=True)
@@ -295,19 +295,12 @@ class Trainer:
 
     def prepare(self) -> float:
         """Compile and capture the step for every batch shape of an epoch now, not in the first
-        epoch; returns the seconds it took (0 where there is nothing to prepare). What the
-        warm-up steps train is undone, so preparing changes no result."""
-        if not (self.speedups.cuda_graphs or self.speedups.compile):
-            return 0.0
+        epoch; returns the seconds it took (about 0 when there is nothing to do, or it was
+        done). What the warm-up steps train is undone, so preparing changes no result."""
         start = time.perf_counter()
         sizes = {self.config.batch_size, self.data.train_size % self.config.batch_size} - {0}
         for size in sorted(sizes, reverse=True):
-            x, y = self.data.normalize(self.data.train_x[:size]), self.data.train_y[:size]
-            if isinstance(self.run_step, GraphedTrainStep):
-                self.run_step.prepare(x, y)
-            else:
-                with self.rng.active():
-                    run_and_undo(self.train_step, x, y, steps=1)
+            self.run_step.prepare(self.data.normalize(self.data.train_x[:size]), self.data.train_y[:size])
         return time.perf_counter() - start
 
     def train_epoch(self, callbacks: Callbacks) -> tuple[float, float]:
