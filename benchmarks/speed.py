@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from normlab.data import DeviceData, load_raw  # noqa: E402
-from normlab.models import Dropout, Net  # noqa: E402
+from normlab.models import Conv2d, Dropout, Net  # noqa: E402
 from normlab.step import Speedups  # noqa: E402
 from normlab.train import Callbacks, TrainConfig, Trainer, resolve_device  # noqa: E402
 
@@ -159,7 +159,7 @@ def notebook_runs(root: Path, device: torch.device, epochs: int, seeds: list[int
         kwargs = dict(batch_size=128, num_workers=workers, pin_memory=device.type == "cuda")
         train_loader = DataLoader(train_ds, shuffle=True, **kwargs)
         test_loader = DataLoader(test_ds, shuffle=False, **kwargs)
-        model = with_torch_dropout(Net("mnist", "bn")).to(device)
+        model = as_notebook_model(Net("mnist", "bn")).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, epochs=epochs,
                                                         steps_per_epoch=len(train_loader), pct_start=0.2)
@@ -438,9 +438,12 @@ def ablation_variants(device: torch.device, compiled_cpu: bool) -> list[tuple[st
     ``compiled_cpu``, also compiling switched on)."""
     default = Speedups.default(device)
     if device.type == "cuda":
-        return [(("engine: CUDA graphs" if graphs else "engine: eager") + (", NHWC" if nhwc else ", NCHW")
-                 + ", not compiled", replace(default, cuda_graphs=graphs, channels_last=nhwc, compile=False), False)
-                for graphs in (False, True) for nhwc in (False, True)]
+        return [("engine: defaults, cuDNN convolutions", replace(default, triton_convs=False), False),
+                ("engine: defaults, not compiled", replace(default, compile=False), False),
+                ("engine: defaults, NHWC", replace(default, channels_last=True), False),
+                ("engine: no CUDA graphs, not compiled", replace(default, cuda_graphs=False, compile=False), False),
+                ("engine: no CUDA graphs, not compiled, cuDNN convolutions",
+                 replace(default, cuda_graphs=False, compile=False, triton_convs=False), False)]
     return [("engine: CPU defaults, torch's dropout", default, True),
             ("engine: CPU defaults, NHWC", replace(default, channels_last=True), False)] + (
         [("engine: CPU defaults, compiled", replace(default, compile=True), False)] if compiled_cpu else [])
@@ -455,6 +458,18 @@ def with_torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def as_notebook_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as the notebooks have it: torch's own nn.Dropout and nn.Conv2d (cuDNN)."""
+    for block in with_torch_dropout(model).modules():
+        for name, layer in block.named_children():
+            if isinstance(layer, Conv2d):
+                plain = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                        padding=layer.padding, bias=False)
+                plain.load_state_dict(layer.state_dict())
+                setattr(block, name, plain)
+    return model
+
+
 def plain_device_runs(root: Path, device: torch.device, config: TrainConfig) -> Runs:
     """Data on the device (normlab.data), but the textbook step: backward, optimizer.step(),
     .item() every step. Separates what the data pipeline saves from what the step saves."""
@@ -465,7 +480,7 @@ def plain_device_runs(root: Path, device: torch.device, config: TrainConfig) -> 
     data = DeviceData(load_raw("mnist", root, download=False), device)
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    model = with_torch_dropout(Net("mnist", config.norm)).to(device)
+    model = as_notebook_model(Net("mnist", config.norm)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     steps = -(-data.train_size // config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, epochs=config.epochs,

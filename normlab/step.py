@@ -32,6 +32,7 @@ class Speedups:
     channels_last: bool = False  # NHWC activations and weights
     keep_freed_memory: bool = False  # glibc keeps freed activations for reuse (normlab.host_memory)
     compile: bool = False  # torch.compile the step's forward (and so its backward)
+    triton_convs: bool = False  # convolutions as normlab.conv's Triton kernels, not cuDNN (CUDA only)
     eval_batch_size: int = 500  # test images per forward pass in evaluation
 
     @classmethod
@@ -43,7 +44,7 @@ class Speedups:
         and evaluation batches of 500, whose activations stay under glibc's 32 MB mmap limit
         (1000 took twice as long); compiling made CPU steps slower."""
         cuda = device.type == "cuda"
-        return cls(cuda_graphs=cuda, keep_freed_memory=not cuda, compile=cuda,
+        return cls(cuda_graphs=cuda, keep_freed_memory=not cuda, compile=cuda, triton_convs=cuda,
                    eval_batch_size=1000 if cuda else 500)
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from normlab.data import DeviceData, batch_slices, check_dataset
 from normlab.host_memory import keep_freed_memory
-from normlab.models import ConfigError, Net, check_norm, variant_label
+from normlab.models import ConfigError, Net, check_norm, use_triton_convs, variant_label
 from normlab.rng import RunRNG
 from normlab.step import GraphedTrainStep, Speedups, TrainStep
 
@@ -224,6 +224,7 @@ class Trainer:
             keep_freed_memory()
         with self.rng.active():
             self.model = Net(config.dataset, config.norm, config.groups, config.dropout).to(device)
+        use_triton_convs(self.model, self.speedups.triton_convs)
         if self.speedups.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.params = [p for p in self.model.parameters() if p.requires_grad]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from normlab.models import (ARCHITECTURES, NORMS, ConfigError, Dropout, Net, check_norm, count_parameters,
+from normlab.models import (ARCHITECTURES, NORMS, ConfigError, Conv2d, Dropout, Net, check_norm, count_parameters,
                             summarize, summary_text, valid_groups, variant_label)
 
 
@@ -37,7 +37,7 @@ def test_reference_architecture_has_no_biases_and_the_notebook_layout():
         (1, 10, 3), (10, 20, 3), (20, 10, 1), (10, 20, 3), (20, 10, 3), (10, 10, 3), (10, 10, 3), (10, 10, 1)]
     assert convs[6].padding == (1, 1)
     block = list(model.conv1)
-    assert [type(m) for m in block] == [nn.Conv2d, nn.ReLU, nn.BatchNorm2d, Dropout]
+    assert [type(m) for m in block] == [Conv2d, nn.ReLU, nn.BatchNorm2d, Dropout]
 
 
 def test_cpu_dropout_drops_p_of_the_elements_independently_and_keeps_the_mean():
