@@ -450,7 +450,7 @@ def ablation_variants(device: torch.device, compiled_cpu: bool) -> list[tuple[st
 
 
 def with_torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
-    """The model as the notebooks have it: torch's nn.Dropout in place of normlab's."""
+    """The model with torch's nn.Dropout in place of normlab's (what the CPU dropout saves)."""
     for block in model.modules():
         for name, layer in block.named_children():
             if isinstance(layer, Dropout):

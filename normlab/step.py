@@ -40,9 +40,9 @@ class Speedups:
         """On a GPU: CUDA graphs of a compiled step with normlab.conv's convolutions. Compiling
         (Inductor fuses each ReLU, norm and dropout) made the H200's epochs 1.2x (BN) to 1.35x
         (LN, GN) shorter, for 9-22 s of compiling per variant, under 2.5 s once the caches hold
-        it; the Triton convolutions another 1.5x. NHWC made them slower. On the CPU: malloc keeps freed memory,
-        and evaluation batches of 500, whose activations stay under glibc's 32 MB mmap limit
-        (1000 took twice as long); compiling made CPU steps slower."""
+        it; the Triton convolutions another 1.5x; NHWC made them slower. On the CPU: malloc
+        keeps freed memory, and evaluation batches of 500, whose activations stay under glibc's
+        32 MB mmap limit (1000 took twice as long); compiling made CPU steps slower."""
         cuda = device.type == "cuda"
         return cls(cuda_graphs=cuda, keep_freed_memory=not cuda, compile=cuda, triton_convs=cuda,
                    eval_batch_size=1000 if cuda else 500)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import mlflow
 import pytest
@@ -29,6 +30,22 @@ def server(tmp_path_factory):
     srv.start()
     yield srv
     srv.stop()
+
+
+@contextmanager
+def outage(server: MlflowServer):
+    """The server is down inside the block, and up again after it, even when the block fails
+    (the module's later tests share it)."""
+    server.stop()
+    try:
+        yield
+    finally:
+        if server.proc is None:
+            server.start()
+
+
+def checkpoint_artifacts(client: MlflowClient, run_id: str) -> list[str]:
+    return [f.path for f in client.list_artifacts(run_id, "checkpoint")]
 
 
 def start_training(data_dir, tmp_path, *args, **env) -> subprocess.Popen:
@@ -77,9 +94,8 @@ def test_run_rides_out_a_server_restart_with_every_epoch_logged(server, small_mn
     proc = start_training(small_mnist_dir, tmp_path, "--epochs", "3", MLFLOW_TRACKING_URI=server.uri)
     out, err = Lines(proc.stdout), Lines(proc.stderr)
     out.wait_for("epoch   1/3", timeout=300)
-    server.stop()
-    err.wait_for("Retrying", timeout=120)  # the run met the outage
-    server.start()
+    with outage(server):
+        err.wait_for("Retrying", timeout=120)  # the run met the outage
     assert proc.wait(timeout=300) == 0, err.text
     run_id = out.wait_for("MLflow run ", timeout=1).split()[2]
     run = MlflowClient(server.uri).get_run(run_id)
@@ -91,8 +107,10 @@ def test_longer_outage_stops_with_a_resumable_checkpoint_and_resume_fills_the_ga
         server, small_mnist_dir, tmp_path, monkeypatch):
     """With retries exhausted (the user's MLFLOW_HTTP_REQUEST_MAX_RETRIES=1 stands for an
     outage longer than the retry window) the run stops with a clear error. Epoch uploads run
-    on their own thread, so the failure of epoch 2's surfaces at the end of epoch 3 (or 4):
-    the local checkpoint holds every trained epoch, whose metrics never reached the server.
+    on their own thread, and a failure surfaces at the next upload the training thread hands
+    over: epoch 2's checkpoint, if epoch 2's metrics already failed by then, else at the end
+    of epoch 3 (or 4). The local checkpoint holds every trained epoch, whose metrics never
+    reached the server.
     Resuming against the restarted server logs them from the checkpoint, then trains the rest."""
     proc = start_training(small_mnist_dir, tmp_path, "--epochs", "4", MLFLOW_TRACKING_URI=server.uri,
                           MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")
@@ -101,17 +119,17 @@ def test_longer_outage_stops_with_a_resumable_checkpoint_and_resume_fills_the_ga
     out.wait_for("epoch   1/4", timeout=300)
     run_id = out.wait_for("MLflow run ", timeout=1).split()[2]
     deadline = time.time() + 60
-    while histories(client, run_id) != {m: [1] for m in METRICS} and time.time() < deadline:
-        time.sleep(0.2)  # epoch 1 reaches the server before the outage starts
-    server.stop()
-    assert proc.wait(timeout=120) == 1
+    while time.time() < deadline and (histories(client, run_id) != {m: [1] for m in METRICS}
+                                      or checkpoint_artifacts(client, run_id) != ["checkpoint/last.pt"]):
+        time.sleep(0.2)  # epoch 1's uploads (metrics, then checkpoint) finish before the outage
+    with outage(server):
+        assert proc.wait(timeout=120) == 1
     local = tmp_path / "checkpoints" / run_id / "last.pt"
     assert "MLflow failed during training" in err.text
     assert f"checkpointed in {local}; resume with: normlab train --resume {run_id}" in err.text
     trained = load(local)["epoch"]
-    assert trained in (3, 4)
+    assert trained in (2, 3, 4)
 
-    server.start()
     assert histories(client, run_id) == {m: [1] for m in METRICS}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     mlflow.set_tracking_uri(server.uri)
