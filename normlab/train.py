@@ -296,12 +296,15 @@ class Trainer:
 
     def prepare(self) -> float:
         """Compile and capture the step for every batch shape of an epoch now, not in the first
-        epoch; returns the seconds it took (about 0 when there is nothing to do, or it was
+        epoch, and build the Triton convolutions' kernels for evaluation's shapes with one
+        evaluation; returns the seconds it took (about 0 when there is nothing to do, or it was
         done). What the warm-up steps train is undone, so preparing changes no result."""
         start = time.perf_counter()
         sizes = {self.config.batch_size, self.data.train_size % self.config.batch_size} - {0}
         for size in sorted(sizes, reverse=True):
             self.run_step.prepare(self.data.normalize(self.data.train_x[:size]), self.data.train_y[:size])
+        if self.speedups.triton_convs and self.last_evaluation is None:
+            self.evaluate()
         return time.perf_counter() - start
 
     def train_epoch(self, callbacks: Callbacks) -> tuple[float, float]:
