@@ -141,12 +141,14 @@ class Runs:
 # ---------------------------------------------------------------- the notebook-style pipeline
 
 
-def notebook_runs(root: Path, device: torch.device, epochs: int, seeds: list[int], workers: int) -> Runs:
-    """The reference notebooks' loop, as they wrote it (batch 128, PIL rotation, .item())."""
+def notebook_runs(root: Path, device: torch.device, epochs: int, seeds: list[int], workers: int,
+                  config: TrainConfig = TrainConfig(norm="bn"), name: str = "notebook") -> Runs:
+    """The reference notebooks' loop, as they wrote it (batch 128, PIL rotation, .item(); an
+    L1 term summed over the parameters in a Python loop), for config's norm, groups and l1."""
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    runs = Runs("notebook")
+    runs = Runs(name)
     reset_peak_memory(device)
     for seed in seeds:
         torch.manual_seed(seed)
@@ -159,7 +161,7 @@ def notebook_runs(root: Path, device: torch.device, epochs: int, seeds: list[int
         kwargs = dict(batch_size=128, num_workers=workers, pin_memory=device.type == "cuda")
         train_loader = DataLoader(train_ds, shuffle=True, **kwargs)
         test_loader = DataLoader(test_ds, shuffle=False, **kwargs)
-        model = as_notebook_model(Net("mnist", "bn")).to(device)
+        model = as_notebook_model(Net("mnist", config.norm, config.groups)).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, epochs=epochs,
                                                         steps_per_epoch=len(train_loader), pct_start=0.2)
@@ -173,6 +175,11 @@ def notebook_runs(root: Path, device: torch.device, epochs: int, seeds: list[int
                 optimizer.zero_grad()
                 y_pred = model(data)
                 loss = F.nll_loss(y_pred, target)
+                if config.l1 > 0:
+                    l1 = 0
+                    for p in model.parameters():
+                        l1 = l1 + p.abs().sum()
+                    loss = loss + config.l1 * l1
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
@@ -364,7 +371,11 @@ def main(argv: list[str] | None = None) -> dict:
             ablations += [engine_runs(label, root, device, one, sp, torch_dropout=td)
                           for label, sp, td in ablation_variants(device, args.compile)]
         studies: dict[str, tuple[float, list[StudyRun]]] = {}
+        notebook_study: list[Runs] = []
         if args.study_epochs:
+            # the notebook's study: each variant's own epochs (BN + L1 adds its Python L1 loop)
+            notebook_study = [notebook_runs(root, device, args.epochs, seeds[:1], args.workers, c, f"notebook {c.label}")
+                              for c in STUDY]
             configs = [TrainConfig(**{**c.__dict__, "epochs": args.study_epochs}) for c in STUDY]
             start = time.perf_counter()
             data = DeviceData(load_raw("mnist", root, download=False), device)
@@ -400,14 +411,17 @@ def main(argv: list[str] | None = None) -> dict:
               "engine": engine.as_dict(), "ratio": ratio}
     if studies:
         epochs = len(STUDY) * args.study_epochs
-        notebook_total = notebook.median * epochs
+        notebook_total = args.study_epochs * sum(r.median for r in notebook_study)
         tracked = "with MLflow logging to a sqlite store" if store else "MLflow not installed: no logging"
+        per_variant = " + ".join(f"{r.name.removeprefix('notebook ')} {r.median:.3f}" for r in notebook_study)
         lines += ["", f"classic study (BN+L1, LN, GN x {args.study_epochs} epochs = {epochs} epochs; evaluation "
-                      f"every epoch; {tracked}); notebook: its epoch median x {epochs} = {notebook_total:.0f} s",
+                      f"every epoch; {tracked}); notebook: {args.study_epochs} x its epoch medians "
+                      f"({per_variant} s, {args.epochs} epochs each) = {notebook_total:.0f} s",
                   "| way | seconds (first step to last epoch) | vs notebook | MLflow epoch calls (s, upload threads) "
                   "| training waited for MLflow (s) | compile + capture (s) | final artifacts + model (s) |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        result["study"] = {"notebook_estimate_seconds": notebook_total, "data_load_seconds": data_seconds}
+        result["study"] = {"notebook_estimate_seconds": notebook_total, "data_load_seconds": data_seconds,
+                           "notebook_variants": [r.as_dict() for r in notebook_study]}
         for way, (wall, runs) in studies.items():
             busy = sum(r.mlflow_busy_seconds for r in runs)
             waited = sum(r.mlflow_waited_seconds for r in runs)

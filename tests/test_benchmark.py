@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from tests.mnist_fixture import SHARED_MNIST
 def test_tiny_benchmark_prints_medians_ratio_accuracies_costs_and_memory(tmp_path):
     out = tmp_path / "speed.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/speed.py", "--tiny", "--device", "cpu",
+        [sys.executable, "benchmarks/speed.py", "--tiny", "--device", "cpu", "--study-epochs", "1",
          "--data-dir", str(tmp_path / "no-mnist-here"), "--shared-mnist", str(SHARED_MNIST), "--json", str(out)],
         cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600,
     )
@@ -34,6 +35,15 @@ def test_tiny_benchmark_prints_medians_ratio_accuracies_costs_and_memory(tmp_pat
     assert "device: " in text and "(cpu)" in text
     saved = json.loads(out.read_text())
     assert len(saved["notebook"]["epoch_seconds"]) == 1 and saved["ratio"] > 0
+    # the study: the notebook's estimate is each study variant's own epoch median, times the epochs
+    study = saved["study"]
+    variants = study["notebook_variants"]
+    assert [v["name"] for v in variants] == ["notebook BN + L1 (1e-05)", "notebook LN", "notebook GN (2 groups)"]
+    estimate = sum(statistics.median(v["epoch_seconds"]) for v in variants)
+    assert abs(study["notebook_estimate_seconds"] - estimate) < 1e-9
+    wall = study["one after another"]["wall_seconds"]
+    row = re.search(r"^\| one after another \| ([\d.]+) \| ([\d.]+)x \|", text, re.M)
+    assert row and abs(float(row.group(1)) - wall) < 0.06 and abs(float(row.group(2)) - estimate / wall) < 0.06
 
 
 def test_cpu_step_benchmark_times_each_variant_in_fresh_processes():
