@@ -138,3 +138,13 @@ def test_conda_env_lists_the_package_dependencies():
     pip_deps = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     assert sorted(pip_deps) == sorted(pyproject["project"]["dependencies"])
     assert "python=3.11" in conda["dependencies"]
+
+
+def test_every_file_the_readme_points_to_is_in_the_repository():
+    """Graphs, galleries and benchmark outputs the README shows or cites are committed, not
+    left behind by an ignore rule (CI runs on a clean clone, so a missing file fails here)."""
+    readme = (ROOT / "README.md").read_text()
+    cited = set(re.findall(r"\b((?:docs|benchmarks/results)/[\w./-]+\.(?:png|json|txt|md|csv))", readme))
+    assert len(cited) >= 8, cited  # the findings' graphs and galleries, the benchmark outputs
+    missing = sorted(path for path in cited if not (ROOT / path).is_file())
+    assert not missing, f"the README cites files the repository lacks: {missing}"
