@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from normlab.data import DeviceData, load_raw  # noqa: E402
-from normlab.models import Conv2d, Dropout, Net  # noqa: E402
+from normlab.models import Dropout, Net, use_triton_convs  # noqa: E402
 from normlab.step import Speedups  # noqa: E402
 from normlab.train import Callbacks, TrainConfig, Trainer, resolve_device  # noqa: E402
 
@@ -473,14 +473,8 @@ def with_torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def as_notebook_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model as the notebooks have it: torch's own nn.Dropout and nn.Conv2d (cuDNN)."""
-    for block in with_torch_dropout(model).modules():
-        for name, layer in block.named_children():
-            if isinstance(layer, Conv2d):
-                plain = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
-                                        padding=layer.padding, bias=False)
-                plain.load_state_dict(layer.state_dict())
-                setattr(block, name, plain)
+    """The model as the notebooks have it: torch's own nn.Dropout and convolutions (cuDNN)."""
+    use_triton_convs(with_torch_dropout(model), False)
     return model
 
 

@@ -56,34 +56,47 @@ def _block(n: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _pixels(m, HO, WO):
+        """(n, i, j) of flat output-pixel indices m."""
+        return m // (WO * HO), (m // WO) % HO, m % WO
+
+    @triton.jit
+    def _taps(r, K: tl.constexpr):
+        """(c, kh, kw) of flat reduction indices r."""
+        return r // (K * K), (r // K) % K, r % K
+
+    @triton.jit
+    def _windows(x_ptr, n, i, j, m_ok, c, kh, kw, r_ok, H, W, sxn, sxc, sxh, sxw, padding,
+                 PADDED: tl.constexpr):
+        """x[n, c, i+kh-P, j+kw-P] for rows (n, i, j) x columns (c, kh, kw), 0 outside the image.
+        An element's address is a row part plus a column part, and only a PADDED convolution
+        can read outside the image."""
+        mask = m_ok[:, None] & r_ok[None, :]
+        if PADDED:  # unsigned compares catch both negative and too-large coordinates
+            hi = (i[:, None] + kh[None, :] - padding).to(tl.uint32)
+            wi = (j[:, None] + kw[None, :] - padding).to(tl.uint32)
+            mask = mask & (hi < H) & (wi < W)
+        row = n * sxn + (i - padding) * sxh + (j - padding) * sxw
+        col = c * sxc + kh * sxh + kw * sxw
+        return tl.load(x_ptr + row[:, None] + col[None, :], mask=mask, other=0.0)
+
+    @triton.jit
     def _gather_gemm(x_ptr, w_ptr, out_ptr, N, C, H, W, O, HO, WO,
                      sxn, sxc, sxh, sxw, swo, swc, swh, sww, padding,
                      K: tl.constexpr, FLIP: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
         """out[n, o, i, j] = sum over (c, kh, kw) of x[n, c, i+kh-P, j+kw-P] * w[o, c, kh', kw']
-        with (kh', kw') = (kh, kw), or (K-1-kh, K-1-kw) when FLIP; out is contiguous NCHW.
-        An element's address is a row part (n, i, j) plus a column part (c, kh, kw), and only
-        a PADDED convolution can read outside the image."""
+        with (kh', kw') = (kh, kw), or (K-1-kh, K-1-kw) when FLIP; out is contiguous NCHW."""
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = m < N * HO * WO
-        j = m % WO
-        i = (m // WO) % HO
-        n = m // (WO * HO)
-        row = n * sxn + (i - padding) * sxh + (j - padding) * sxw
+        n, i, j = _pixels(m, HO, WO)
         o = tl.arange(0, BLOCK_O)
         acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
         for r0 in range(0, C * K * K, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
             r_ok = r < C * K * K
-            kw = r % K
-            kh = (r // K) % K
-            c = r // (K * K)
-            mask = m_ok[:, None] & r_ok[None, :]
-            if PADDED:  # unsigned compares catch both negative and too-large coordinates
-                hi = (i[:, None] + kh[None, :] - padding).to(tl.uint32)
-                wi = (j[:, None] + kw[None, :] - padding).to(tl.uint32)
-                mask = mask & (hi < H) & (wi < W)
-            a = tl.load(x_ptr + row[:, None] + (c * sxc + kh * sxh + kw * sxw)[None, :], mask=mask, other=0.0)
+            c, kh, kw = _taps(r, K)
+            a = _windows(x_ptr, n, i, j, m_ok, c, kh, kw, r_ok, H, W, sxn, sxc, sxh, sxw, padding, PADDED)
             if FLIP:
                 kh = K - 1 - kh
                 kw = K - 1 - kw
@@ -103,27 +116,16 @@ if triton is not None:
         p = tl.program_id(0)
         r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = r < C * K * K
-        kw = r % K
-        kh = (r // K) % K
-        c = r // (K * K)
-        col = c * sxc + kh * sxh + kw * sxw
+        c, kh, kw = _taps(r, K)
         o = tl.arange(0, BLOCK_O)
         acc = tl.zeros((BLOCK_O, BLOCK_R), dtype=tl.float32)
         for m0 in range(p * rows_per_program, (p + 1) * rows_per_program, BLOCK_M):
             m = m0 + tl.arange(0, BLOCK_M)
             m_ok = m < N * HO * WO
-            j = m % WO
-            i = (m // WO) % HO
-            n = m // (WO * HO)
+            n, i, j = _pixels(m, HO, WO)
             g = tl.load(g_ptr + (n * sgn + i * sgh + j * sgw)[:, None] + o[None, :] * sgo,
                         mask=m_ok[:, None] & (o[None, :] < O), other=0.0)
-            mask = m_ok[:, None] & r_ok[None, :]
-            if PADDED:
-                hi = (i[:, None] + kh[None, :] - padding).to(tl.uint32)
-                wi = (j[:, None] + kw[None, :] - padding).to(tl.uint32)
-                mask = mask & (hi < H) & (wi < W)
-            row = n * sxn + (i - padding) * sxh + (j - padding) * sxw
-            a = tl.load(x_ptr + row[:, None] + col[None, :], mask=mask, other=0.0)
+            a = _windows(x_ptr, n, i, j, m_ok, c, kh, kw, r_ok, H, W, sxn, sxc, sxh, sxw, padding, PADDED)
             acc += tl.dot(tl.trans(g), a, input_precision=PRECISION)
         out = part_ptr + p * (O * C * K * K) + o[:, None] * (C * K * K) + r[None, :]
         tl.store(out, acc, mask=(o[:, None] < O) & r_ok[None, :])
