@@ -452,7 +452,8 @@ def ablation_variants(device: torch.device, compiled_cpu: bool) -> list[tuple[st
     ``compiled_cpu``, also compiling switched on)."""
     default = Speedups.default(device)
     if device.type == "cuda":
-        return [("engine: defaults, cuDNN convolutions", replace(default, triton_convs=False), False),
+        return [("engine: defaults, one CUDA graph per step", replace(default, chunk_steps=1), False),
+                ("engine: defaults, cuDNN convolutions", replace(default, triton_convs=False), False),
                 ("engine: defaults, not compiled", replace(default, compile=False), False),
                 ("engine: defaults, NHWC", replace(default, channels_last=True), False),
                 ("engine: no CUDA graphs, not compiled", replace(default, cuda_graphs=False, compile=False), False),

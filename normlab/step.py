@@ -1,14 +1,15 @@
-"""The training step as one host-free function, and its CUDA graph.
+"""The training step as one host-free function, and the CUDA graphs that launch an epoch of it.
 
 At batch 128 this 7,750-parameter model does a few hundred microseconds of GPU work per
 step, while eager PyTorch needs several milliseconds of Python and driver calls to launch
 its ~150 small kernels. So the step is written as one function over fixed tensors that
-never reads a value back to the host: the learning rate comes from a device scalar, loss
-and correct counts accumulate in device scalars, and the SGD update is a few foreach
-kernels. That function runs eagerly on the CPU; on CUDA its forward is compiled (Inductor
-fuses each ReLU, norm and dropout, and so their backward) and the whole step is captured
-once per batch shape as a CUDA graph, so each batch costs one replay instead of ~150
-launches. A step draws its dropout masks from its run's own generators
+never reads a value back to the host: the learning rate and momentum come from a device
+table, loss and correct counts accumulate in device scalars, and the SGD update is a few
+foreach kernels. That function runs eagerly on the CPU. On CUDA its forward and loss, and
+its update, are compiled (Inductor fuses each ReLU, norm and dropout, their backward, the
+loss, and the update over all parameters), and each run of 64 consecutive steps is
+captured as one CUDA graph: an epoch is eight replays, and the host is idle while the GPU
+trains. A step draws its dropout masks from its run's own generators
 (normlab.rng), so several runs can train side by side in one process.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import threading
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +30,11 @@ from normlab.rng import RunRNG
 class Speedups:
     """Which engine techniques are on; ``default`` picks what measured faster (README, Speed)."""
 
-    cuda_graphs: bool = False  # capture the step as one CUDA graph per batch shape (CUDA only)
+    cuda_graphs: bool = False  # capture the steps as CUDA graphs, one per chunk (CUDA only)
+    chunk_steps: int = 1  # consecutive steps launched together (one graph each with cuda_graphs)
     channels_last: bool = False  # NHWC activations and weights
     keep_freed_memory: bool = False  # glibc keeps freed activations for reuse (normlab.host_memory)
-    compile: bool = False  # torch.compile the step's forward (and so its backward)
+    compile: bool = False  # torch.compile the step's forward and loss (so their backward) and update
     triton_convs: bool = False  # convolutions as normlab.conv's Triton kernels, not cuDNN (CUDA only)
     eval_batch_size: int = 500  # test images per forward pass in evaluation
 
@@ -44,18 +47,19 @@ class Speedups:
         keeps freed memory, and evaluation batches of 500, whose activations stay under glibc's
         32 MB mmap limit (1000 took twice as long); compiling made CPU steps slower."""
         cuda = device.type == "cuda"
-        return cls(cuda_graphs=cuda, keep_freed_memory=not cuda, compile=cuda, triton_convs=cuda,
-                   eval_batch_size=1000 if cuda else 500)
+        return cls(cuda_graphs=cuda, chunk_steps=64 if cuda else 1, keep_freed_memory=not cuda, compile=cuda,
+                   triton_convs=cuda, eval_batch_size=2000 if cuda else 500)
 
 
 class TrainStep:
     """Forward, NLL (+ L1), gradients and the SGD-with-momentum update of one batch.
 
     Numerically the same update as ``torch.optim.SGD(momentum=m)``: its first step sets the
-    momentum buffer to the gradient, which equals ``m * 0 + grad`` on a zero buffer; ``m``
-    and the learning rate are device scalars that follow the schedule (``follow``). The
-    buffers are the optimizer's own ``momentum_buffer`` state, so ``optimizer.state_dict()``
-    stays true; ``bind_optimizer_state`` adopts buffers the optimizer loaded from a checkpoint.
+    momentum buffer to the gradient, which equals ``m * 0 + grad`` on a zero buffer. The
+    learning rate and ``m`` come in as ``rates``, a tensor ``(lr, m)`` on the device, since
+    OneCycleLR moves both every step. The buffers are the optimizer's own
+    ``momentum_buffer`` state, so ``optimizer.state_dict()`` stays true;
+    ``bind_optimizer_state`` adopts buffers the optimizer loaded from a checkpoint.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.SGD, l1: float, rng: RunRNG,
@@ -72,16 +76,13 @@ class TrainStep:
         self.l1 = l1
         self.rng = rng
         self.channels_last = channels_last
-        self.forward = model
         self.compiled_shapes: set[tuple[int, ...]] = set()  # batch shapes prepare() compiled
+        self.compiled_versions: dict[Callable, Callable] = {}  # plain function -> compiled
         if compiled:
-            # Every run, variant and batch shape is a recompile of one forward: allow them all.
+            # Every run, variant and batch shape is a recompile of the same two functions: allow them all.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-            self.forward = torch.compile(model, dynamic=False)
+            self.compiled_versions = {f: torch.compile(f, dynamic=False) for f in (loss_and_correct, sgd_update)}
         device = self.params[0].device
-        # Filled from the optimizer's param group before each step: OneCycleLR moves both.
-        self.lr = torch.zeros((), device=device)
-        self.momentum = torch.zeros((), device=device)
         self.loss_sum = torch.zeros((), device=device)  # sum of per-sample NLL this epoch
         self.correct = torch.zeros((), device=device, dtype=torch.int64)
         self.buffers = [torch.zeros_like(p) for p in self.params]
@@ -99,72 +100,88 @@ class TrainStep:
                     buf.copy_(current)
                 state["momentum_buffer"] = buf
 
-    def follow(self, group: dict) -> None:
-        """Take this step's learning rate and momentum from the optimizer's param group."""
-        self.lr.fill_(group["lr"])
-        self.momentum.fill_(group["momentum"])
-
     def start_epoch(self) -> None:
         self.loss_sum.zero_()
         self.correct.zero_()
         self.bind_optimizer_state()
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, rates: torch.Tensor) -> None:
         with self.rng.active():
-            self._step(x, y)
+            self._step(x, y, rates[0], rates[1])
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _step(self, x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor, momentum: torch.Tensor) -> None:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        log_probs = self._forward(x)
-        nll = F.nll_loss(log_probs, y)
+        nll, correct = self._call(loss_and_correct, self.model, x, y)
         grads = list(torch.autograd.grad(nll, self.params))
         with torch.no_grad():
-            if self.l1 > 0:  # d/dw of l1 * sum|w| is l1 * sign(w): two kernels, no autograd graph
-                torch._foreach_add_(grads, torch._foreach_sign(self.params), alpha=self.l1)
-            torch._foreach_mul_(self.buffers, self.momentum)
-            torch._foreach_add_(self.buffers, grads)
-            torch._foreach_sub_(self.params, torch._foreach_mul(self.buffers, self.lr))
-            self.loss_sum.add_(nll.detach(), alpha=y.shape[0])
-            self.correct += (log_probs.argmax(dim=1) == y).sum()
+            self._call(sgd_update, self.params, grads, self.buffers, lr, momentum, self.l1,
+                       nll.detach(), correct, y.shape[0], self.loss_sum, self.correct)
 
-    def prepare(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Compile the forward for this batch shape now, with one step that is undone (x and y
+    def prepare(self, x: torch.Tensor, y: torch.Tensor, rates: torch.Tensor) -> None:
+        """Compile the step for this batch shape now, with one step that is undone (x and y
         serve only as warm-up data); nothing to do when it is not compiled."""
         shape = tuple(x.shape)
-        if self.forward is self.model or shape in self.compiled_shapes:
+        if not self.compiled or shape in self.compiled_shapes:
             return
         with self.rng.active():
-            run_and_undo(self, x, y, steps=1)
+            run_and_undo(self, x, y, rates, steps=1)
         self.compiled_shapes.add(shape)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The compiled forward; where compiling fails (no C compiler, say), the model's own."""
-        if self.forward is self.model:
-            return self.model(x)
+    @property
+    def compiled(self) -> bool:
+        return bool(self.compiled_versions)
+
+    def _call(self, function: Callable, *args):
+        """Call the function's compiled version if there is one; where compiling fails (no C
+        compiler, say), warn, stop compiling, and call the plain functions from then on."""
+        if function not in self.compiled_versions:
+            return function(*args)
         drawn = torch.get_rng_state()  # a failed compile draws from it: put that back
         try:
-            return self.forward(x)
+            return self.compiled_versions[function](*args)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             torch.set_rng_state(drawn)
             warnings.warn(f"torch.compile failed, so this run trains without it (the same model, slower "
-                          f"steps): {str(exc).strip().splitlines()[0]}", RuntimeWarning, stacklevel=2)
-            self.forward = self.model
-            return self.model(x)
+                          f"steps): {str(exc).strip().splitlines()[0]}", RuntimeWarning, stacklevel=3)
+            self.compiled_versions = {}
+            return function(*args)
 
 
-def run_and_undo(step: TrainStep, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+def loss_and_correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean NLL of the batch and how many it classifies right. Compiled, Inductor fuses the
+    loss, the argmax and the count with the model's last layers."""
+    log_probs = model(x)
+    return F.nll_loss(log_probs, y), (log_probs.argmax(dim=1) == y).sum()
+
+
+def sgd_update(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor],
+               lr: torch.Tensor, momentum: torch.Tensor, l1: float, nll: torch.Tensor, correct: torch.Tensor,
+               batch_size: int, loss_sum: torch.Tensor, correct_sum: torch.Tensor) -> None:
+    """SGD with momentum (+ the L1 term's gradient: d/dw of l1 * sum|w| is l1 * sign(w)) and
+    the epoch's sums, as foreach ops: eagerly a few kernels over all parameters, compiled
+    Inductor fuses them."""
+    if l1 > 0:
+        torch._foreach_add_(grads, torch._foreach_sign(params), alpha=l1)
+    torch._foreach_mul_(buffers, momentum)
+    torch._foreach_add_(buffers, grads)
+    torch._foreach_sub_(params, torch._foreach_mul(buffers, lr))
+    loss_sum.add_(nll, alpha=batch_size)
+    correct_sum.add_(correct)
+
+
+def run_and_undo(step: TrainStep, x: torch.Tensor, y: torch.Tensor, rates: torch.Tensor, steps: int) -> None:
     """Run ``steps`` steps on (x, y), then put back everything they changed.
 
     Weights, norm statistics, momentum buffers, accumulators and the device's RNG state are
     restored bit for bit, so warming up before a capture does not change what is trained.
     """
-    device = step.lr.device
+    device = step.loss_sum.device
     state = [*step.model.state_dict().values(), *step.buffers, step.loss_sum, step.correct]
     saved = [t.detach().clone() for t in state]
     rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
     for _ in range(steps):
-        step(x, y)
+        step(x, y, rates)
     with torch.no_grad():
         for t, v in zip(state, saved):
             t.copy_(v)
@@ -179,50 +196,94 @@ def run_and_undo(step: TrainStep, x: torch.Tensor, y: torch.Tensor, steps: int) 
 _CAPTURE_LOCK = threading.Lock()
 
 
-class GraphedTrainStep:
-    """A TrainStep that replays one CUDA graph per batch shape (the full batches and the
-    epoch's short last one), so after the first epoch no step launches kernels one by one.
+class EpochSteps:
+    """An epoch's training steps, launched ``chunk`` consecutive steps at a time.
 
-    A graph reads its batch from static buffers (one copy each per step). It is captured
-    the first time its shape comes, inside the run's RNG scope (so its dropout advances
-    the run's own generator), after a few warm-up steps on a side stream (cuDNN and
-    autograd set themselves up there) whose effects are undone (``run_and_undo``).
+    Step i trains on rows ``slices[i]`` of the epoch's shuffled, augmented data with the
+    rates in row i of a table that the caller fills, a chunk ahead, from the schedule. With
+    ``graphed`` (CUDA) each chunk is one CUDA graph: the host launches one replay per chunk
+    instead of ~60 kernels per step, and is free while the GPU trains. Graphs read fixed
+    addresses, so the epoch's data is copied into one static buffer (one copy per epoch, not
+    one per step). Without graphs the same steps run one by one over the same slices.
     """
 
-    def __init__(self, step: TrainStep, warmup_steps: int = 3):
-        device = step.lr.device
-        if device.type != "cuda":
+    def __init__(self, step: TrainStep, slices: list[slice], chunk: int = 1, graphed: bool = False,
+                 warmup_steps: int = 3):
+        device = step.loss_sum.device
+        if graphed and device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {device}")
+        if chunk < 1:
+            raise ValueError(f"a chunk is at least one step, not {chunk}")
         self.step = step
+        self.slices = slices
+        self.chunk = chunk
+        self.graphed = graphed
         self.warmup_steps = warmup_steps
-        self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.rates = torch.zeros(len(slices), 2, device=device)  # (lr, momentum) of each step
+        # written on the host, then copied without waiting for the GPU (pinned memory)
+        self.staged_rates = torch.zeros(len(slices), 2, pin_memory=device.type == "cuda")
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.graphs: list[torch.cuda.CUDAGraph] = []
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        graph, static_x, static_y = self.prepare(x, y)
-        static_x.copy_(x)
-        static_y.copy_(y)
-        graph.replay()
+    def _first_of_each_shape(self) -> list[slice]:
+        sizes: dict[int, slice] = {}
+        for s in self.slices:
+            sizes.setdefault(s.stop - s.start, s)
+        return list(sizes.values())
 
-    def prepare(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
-        """The graph for this batch shape, captured now if the shape is new (x and y serve
-        only as warm-up data: nothing they train is kept)."""
-        shape = tuple(x.shape)
-        if shape not in self.graphs:
-            self.graphs[shape] = self.capture(x, y)
-        return self.graphs[shape]
+    def prepare(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Compile the step for every batch shape of an epoch and, graphed, capture the graphs
+        now (x and y: a whole epoch's worth of warm-up data; what they train is undone)."""
+        for s in self._first_of_each_shape():
+            self.step.prepare(x[s], y[s], self.rates[0])
+        if self.graphed and not self.graphs:
+            self.x, self.y = x.clone(), y.clone()
+            self._capture()
 
-    def capture(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
-        static_x, static_y = x.clone(), y.clone()
-        with _CAPTURE_LOCK, self.step.rng.active(), torch.cuda.device(x.device):
+    def load(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Train the coming steps on this epoch's data."""
+        if not self.graphed:
+            self.x, self.y = x, y
+            return
+        if not self.graphs:
+            self.prepare(x, y)
+        self.x.copy_(x)
+        self.y.copy_(y)
+
+    def run(self, first: int, rates: list[tuple[float, float]]) -> None:
+        """Steps ``first`` to ``first + len(rates) - 1``, which start a chunk, at these rates."""
+        if first % self.chunk or len(rates) > self.chunk:
+            raise ValueError(f"steps {first}-{first + len(rates) - 1} are not one chunk of {self.chunk}")
+        rows = slice(first, first + len(rates))
+        self.staged_rates[rows] = torch.tensor(rates)
+        self.rates[rows].copy_(self.staged_rates[rows], non_blocking=True)
+        if self.graphed:
+            self.graphs[first // self.chunk].replay()
+        else:
+            self._steps(first, len(rates))
+
+    def _steps(self, first: int, count: int) -> None:
+        for i in range(first, first + count):
+            self.step(self.x[self.slices[i]], self.y[self.slices[i]], self.rates[i])
+
+    def _capture(self) -> None:
+        """Warm up each batch shape on a side stream (cuDNN and autograd set themselves up
+        there; undone), then capture every chunk into graphs that share one memory pool,
+        inside the run's RNG scope, so their dropout advances the run's own generator."""
+        with _CAPTURE_LOCK, self.step.rng.active(), torch.cuda.device(self.x.device):
             caller = torch.cuda.current_stream()
             side = torch.cuda.Stream()
             side.wait_stream(caller)
             with torch.cuda.stream(side):
-                run_and_undo(self.step, static_x, static_y, self.warmup_steps)
-            caller.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                self.step(static_x, static_y)
+                for s in self._first_of_each_shape():
+                    run_and_undo(self.step, self.x[s], self.y[s], self.rates[0], self.warmup_steps)
+            pool = None
+            for first in range(0, len(self.slices), self.chunk):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                    self._steps(first, min(self.chunk, len(self.slices) - first))
+                pool = graph.pool()
+                self.graphs.append(graph)
             caller.wait_stream(side)
             side.synchronize()
-        return graph, static_x, static_y

@@ -19,7 +19,7 @@ from normlab.data import DeviceData, batch_slices, check_dataset
 from normlab.host_memory import keep_freed_memory
 from normlab.models import ConfigError, Net, check_norm, use_triton_convs, variant_label
 from normlab.rng import RunRNG
-from normlab.step import GraphedTrainStep, Speedups, TrainStep
+from normlab.step import EpochSteps, Speedups, TrainStep
 
 
 @dataclass(frozen=True)
@@ -242,9 +242,8 @@ class Trainer:
         self.optimizer.step()
         self.train_step = TrainStep(self.model, self.optimizer, config.l1, self.rng, self.speedups.channels_last,
                                     self.speedups.compile)
-        self.run_step: TrainStep | GraphedTrainStep = self.train_step
-        if self.speedups.cuda_graphs:
-            self.run_step = GraphedTrainStep(self.train_step)
+        self.steps = EpochSteps(self.train_step, list(batch_slices(data.train_size, config.batch_size)),
+                                self.speedups.chunk_steps, self.speedups.cuda_graphs)
         self.epoch = 0
         self.last_evaluation: Evaluation | None = None
         self.stop_reason: str | None = None
@@ -300,27 +299,32 @@ class Trainer:
         evaluation; returns the seconds it took (about 0 when there is nothing to do, or it was
         done). What the warm-up steps train is undone, so preparing changes no result."""
         start = time.perf_counter()
-        sizes = {self.config.batch_size, self.data.train_size % self.config.batch_size} - {0}
-        for size in sorted(sizes, reverse=True):
-            self.run_step.prepare(self.data.normalize(self.data.train_x[:size]), self.data.train_y[:size])
+        if self.speedups.compile or self.speedups.cuda_graphs:
+            self.steps.prepare(self.data.normalize(self.data.train_x), self.data.train_y)
         if self.speedups.triton_convs and self.last_evaluation is None:
             self.evaluate()
         return time.perf_counter() - start
 
     def train_epoch(self, callbacks: Callbacks) -> tuple[float, float]:
-        """One pass over the shuffled, augmented training split; returns (loss, acc %)."""
+        """One pass over the shuffled, augmented training split; returns (loss, acc %).
+
+        The schedule is stepped on the host a chunk ahead of the GPU: each chunk's steps are
+        launched with the learning rates and momenta OneCycleLR gives them."""
         self.model.train()
-        x, y = self.data.training_epoch(self.generator)
-        step = self.train_step
-        step.start_epoch()
+        self.steps.load(*self.data.training_epoch(self.generator))
+        self.train_step.start_epoch()
         group = self.optimizer.param_groups[0]
-        for i, s in enumerate(batch_slices(len(y), self.config.batch_size), 1):
-            step.follow(group)
-            self.run_step(x[s], y[s])
-            self.scheduler.step()
-            callbacks.step_done()
-            self._stop_if_requested(i)
-        return step.loss_sum.item() / len(y), 100.0 * step.correct.item() / len(y)
+        for first in range(0, self.steps_per_epoch, self.steps.chunk):
+            rates = []
+            for _ in range(min(self.steps.chunk, self.steps_per_epoch - first)):
+                rates.append((group["lr"], group["momentum"]))
+                self.scheduler.step()
+            self.steps.run(first, rates)
+            for _ in rates:
+                callbacks.step_done()
+            self._stop_if_requested(first + len(rates))
+        n = self.data.train_size
+        return self.train_step.loss_sum.item() / n, 100.0 * self.train_step.correct.item() / n
 
     def run_epoch(self, callbacks: Callbacks) -> EpochRecord:
         self._stop_if_requested(0)

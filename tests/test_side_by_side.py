@@ -6,6 +6,8 @@ the CUDA RNG in checkpoints) run where a GPU is present and are skipped in CI.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -74,22 +76,34 @@ def test_side_by_side_on_cuda_streams_trains_what_each_run_trains_alone(folder, 
 @needs_cuda
 @pytest.mark.parametrize("norm", ["bn", "gn"])
 def test_a_compiled_graph_step_makes_the_eager_update(folder, deterministic_cudnn, norm):
-    """The GPU default (compiled step, one CUDA graph per batch shape) updates the weights as
-    the eager step does, for a full and a short batch. One step only: rounding differs, and
+    """The GPU default's step (compiled, in a CUDA graph) updates the weights as the eager
+    step does, for a full and the short last batch. One step only: rounding differs, and
     early training multiplies a difference by ~10 a step (1e-7 after one, 2e-5 after four)."""
     data = DeviceData(load_raw("mnist", folder, download=False), "cuda")
-    config = TrainConfig(norm=norm, l1=1e-4, epochs=2, batch_size=48, dropout=0.0)
+    config = TrainConfig(norm=norm, l1=1e-4, epochs=2, batch_size=48, dropout=0.0)  # 6 x 48 + 12
     x, y = data.training_epoch(torch.Generator(device="cuda").manual_seed(0))
-    for size in (48, 8):
+    one_step_graphs = replace(Speedups.default(data.device), chunk_steps=1)
+    assert one_step_graphs.compile and one_step_graphs.cuda_graphs and one_step_graphs.triton_convs
+    for index in (0, 6):
         eager = Trainer(config, data, speedups=Speedups(triton_convs=True))
-        default = Trainer(config, data)
-        assert default.speedups.compile and default.speedups.cuda_graphs and default.speedups.triton_convs
-        for trainer in (eager, default):
-            trainer.train_step.follow(trainer.optimizer.param_groups[0])
-            trainer.run_step(x[:size], y[:size])
-        for a, b in zip(eager.model.state_dict().values(), default.model.state_dict().values()):
+        graphed = Trainer(config, data, speedups=one_step_graphs)
+        for trainer in (eager, graphed):
+            trainer.steps.load(x, y)
+            trainer.steps.run(index, [(0.05, 0.9)])
+        for a, b in zip(eager.model.state_dict().values(), graphed.model.state_dict().values()):
             torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6)
-        assert default.train_step.loss_sum.item() == pytest.approx(eager.train_step.loss_sum.item(), rel=1e-5)
+        assert graphed.train_step.loss_sum.item() == pytest.approx(eager.train_step.loss_sum.item(), rel=1e-5)
+
+
+@needs_cuda
+def test_graphs_of_many_steps_train_what_graphs_of_one_step_train(folder, deterministic_cudnn):
+    """Chunks of steps in one graph each (here 4 + 3 steps an epoch) change nothing: same
+    kernels, same dropout draws, bit for bit."""
+    data = DeviceData(load_raw("mnist", folder, download=False), "cuda")
+    config = TrainConfig(norm="gn", epochs=2, batch_size=48, seed=5)
+    default = Speedups.default(data.device)
+    assert numbers(records(config, data, replace(default, chunk_steps=4))) == \
+        numbers(records(config, data, replace(default, chunk_steps=1)))
 
 
 @needs_cuda

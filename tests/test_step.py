@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from normlab.data import DeviceData, batch_slices, load_raw
 from normlab.models import Net
 from normlab.rng import RunRNG
-from normlab.step import GraphedTrainStep, Speedups, TrainStep, run_and_undo
-from normlab.train import Callbacks, TrainConfig, Trainer, evaluate
+from normlab.step import EpochSteps, Speedups, TrainStep, run_and_undo
+from normlab.train import Callbacks, TrainConfig, Trainer, TrainingStopped, evaluate
 from tests.mnist_fixture import write_mnist
 
 
@@ -80,13 +80,55 @@ def test_channels_last_trains_the_same_steps(data):
     assert nhwc.test_loss == pytest.approx(plain.test_loss, rel=1e-4)
 
 
+class StopAfter(Callbacks):
+    """Asks the trainer to stop once ``steps`` steps are reported done."""
+
+    def __init__(self, trainer: Trainer, steps: int):
+        self.trainer, self.steps, self.done = trainer, steps, 0
+
+    def step_done(self) -> None:
+        self.done += 1
+        if self.done == self.steps:
+            self.trainer.request_stop("asked to")
+
+
+def test_steps_launched_in_chunks_train_what_single_steps_train_and_stop_at_a_chunk_end(data):
+    """The GPU default launches 64 steps at a time (one CUDA graph each), their rates taken
+    from the schedule a chunk ahead. The same chunking on the CPU trains, bit for bit, what
+    one step at a time trains; a stop asked for inside a chunk takes effect at its end."""
+    config = TrainConfig(norm="bn", l1=1e-4, epochs=2, batch_size=48, seed=3)  # 5 steps: 4 x 48 + 8
+    single = Trainer(config, data, speedups=Speedups(chunk_steps=1))
+    chunked = Trainer(config, data, speedups=Speedups(chunk_steps=3))
+    for _ in range(config.epochs):
+        assert chunked.run_epoch(Callbacks()).metrics() == single.run_epoch(Callbacks()).metrics()
+    for a, b in zip(chunked.model.state_dict().values(), single.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert chunked.scheduler.state_dict() == single.scheduler.state_dict()
+    assert chunked.optimizer.param_groups[0]["lr"] == single.optimizer.param_groups[0]["lr"]
+
+    for trainer, stopped_after in ((Trainer(config, data, speedups=Speedups(chunk_steps=3)), 3),
+                                   (Trainer(config, data, speedups=Speedups(chunk_steps=1)), 2)):
+        with pytest.raises(TrainingStopped, match=f"stopped after step {stopped_after} of 5 in epoch 1; 0 epochs"):
+            trainer.run_epoch(StopAfter(trainer, 2))
+
+
+
+def test_a_chunk_is_launched_whole():
+    steps = EpochSteps(make_step(), [slice(i, i + 8) for i in range(0, 40, 8)], chunk=2)
+    with pytest.raises(ValueError, match="not one chunk of 2"):
+        steps.run(1, [(0.05, 0.9)])
+    with pytest.raises(ValueError, match="not one chunk of 2"):
+        steps.run(0, [(0.05, 0.9)] * 3)
+
+
 def make_step(seed: int = 0, l1: float = 1e-3) -> TrainStep:
     torch.manual_seed(seed)
     model = Net("mnist", "bn").train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    step = TrainStep(model, optimizer, l1, RunRNG(seed, torch.device("cpu")))
-    step.follow({"lr": 0.05, "momentum": 0.9})
-    return step
+    return TrainStep(model, optimizer, l1, RunRNG(seed, torch.device("cpu")))
+
+
+RATES = torch.tensor([0.05, 0.9])  # (learning rate, momentum)
 
 
 def reseed(step: TrainStep, seed: int) -> None:
@@ -112,9 +154,8 @@ def test_step_equals_torch_sgd_with_l1_as_rates_change():
     for seed, lr, momentum in ((1, 0.002, 0.95), (2, 0.05, 0.85), (3, 0.03, 0.9)):
         x, y = batch(seed)
         optimizer.param_groups[0].update(lr=lr, momentum=momentum)
-        ours.follow(optimizer.param_groups[0])
         reseed(ours, 10 + seed)  # same dropout masks for both
-        ours(x, y)
+        ours(x, y, torch.tensor([lr, momentum]))
         torch.manual_seed(10 + seed)
         loss = F.nll_loss(ref.model(x), y) + 1e-3 * sum(p.abs().sum() for p in params)
         optimizer.zero_grad()
@@ -136,11 +177,11 @@ def test_step_on_static_buffers_equals_step_on_slices():
     for seed in (1, 2, 3):
         x, y = batch(seed)
         reseed(direct, seed)
-        direct(x, y)
+        direct(x, y, RATES)
         static_x.copy_(x)
         static_y.copy_(y)
         reseed(buffered, seed)
-        buffered(static_x, static_y)
+        buffered(static_x, static_y, RATES)
     for a, b in zip(weights(direct), weights(buffered)):
         assert torch.equal(a, b)
 
@@ -150,13 +191,13 @@ def test_warm_up_before_capture_is_undone_bit_for_bit():
     x, y = batch(1)
     reseed(warmed, 5)
     before = weights(warmed)
-    with warmed.rng.active():  # as GraphedTrainStep.capture runs it
-        run_and_undo(warmed, x, y, steps=3)
+    with warmed.rng.active():  # as EpochSteps' capture runs it
+        run_and_undo(warmed, x, y, RATES, steps=3)
     for a, b in zip(before, weights(warmed)):
         assert torch.equal(a, b)
-    warmed(x, y)  # the RNG was put back too: same dropout masks as a step with no warm-up
+    warmed(x, y, RATES)  # the RNG was put back too: same dropout masks as a step with no warm-up
     reseed(fresh, 5)
-    fresh(x, y)
+    fresh(x, y, RATES)
     for a, b in zip(weights(warmed), weights(fresh)):
         assert torch.equal(a, b)
 
@@ -164,7 +205,7 @@ def test_warm_up_before_capture_is_undone_bit_for_bit():
 def test_momentum_loaded_into_the_optimizer_is_adopted():
     """A checkpoint's optimizer state (load_state_dict makes new tensors) drives the next step."""
     trained = make_step()
-    trained(*batch(1))
+    trained(*batch(1), RATES)
     resumed = make_step()
     resumed.model.load_state_dict(trained.model.state_dict())
     resumed.optimizer.load_state_dict(trained.optimizer.state_dict())
@@ -173,16 +214,16 @@ def test_momentum_loaded_into_the_optimizer_is_adopted():
         assert torch.equal(a, b)
     x, y = batch(2)
     reseed(trained, 7)
-    trained(x, y)
+    trained(x, y, RATES)
     reseed(resumed, 7)
-    resumed(x, y)
+    resumed(x, y, RATES)
     for a, b in zip(resumed.model.state_dict().values(), trained.model.state_dict().values()):
         assert torch.equal(a, b)
 
 
 def test_graphs_refuse_a_cpu_model_and_unsupported_sgd_settings():
     with pytest.raises(ValueError, match="CUDA device"):
-        GraphedTrainStep(make_step())
+        EpochSteps(make_step(), [slice(0, 64)], chunk=8, graphed=True)
     model = Net("mnist", "bn")
     with pytest.raises(ValueError, match="nesterov"):
         TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True), 0.0,
@@ -198,7 +239,7 @@ def test_compiled_step_trains_what_the_eager_step_trains(data):
     trainer = Trainer(config, data, speedups=Speedups(compile=True))
     assert trainer.prepare() > 0
     compiled = trainer.run_epoch(Callbacks())
-    assert trainer.train_step.forward is not trainer.model  # it did compile
+    assert trainer.train_step.compiled  # it did compile
     assert compiled.train_loss == pytest.approx(eager.train_loss, rel=1e-5)
     assert compiled.test_loss == pytest.approx(eager.test_loss, rel=1e-5)
     assert compiled.test_acc == eager.test_acc
@@ -215,5 +256,5 @@ def test_a_step_that_cannot_compile_warns_and_trains_the_model_itself(data, monk
     trainer = Trainer(config, data, speedups=Speedups(compile=True))
     with pytest.warns(RuntimeWarning, match=r"torch.compile failed, so this run trains without it .*C\+\+ compiler"):
         record = trainer.run_epoch(Callbacks())
-    assert trainer.train_step.forward is trainer.model
+    assert not trainer.train_step.compiled
     assert record.metrics() == Trainer(config, data, speedups=Speedups()).run_epoch(Callbacks()).metrics()
