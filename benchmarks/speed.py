@@ -299,13 +299,15 @@ def study_runs(data: DeviceData, configs: list[TrainConfig], side_by_side: bool,
 
 
 def mlflow_store(folder: Path) -> Path | None:
-    """A fresh sqlite tracking store in `folder`, or None where MLflow is not installed."""
+    """A fresh sqlite tracking store with its artifacts in `folder` (a sqlite store would
+    otherwise put them in ./mlruns), or None where MLflow is not installed."""
     try:
         import mlflow
     except ImportError:
         return None
     mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
-    mlflow.set_experiment("speed-benchmark")
+    experiment = mlflow.create_experiment("speed-benchmark", artifact_location=(folder / "artifacts").as_uri())
+    mlflow.set_experiment(experiment_id=experiment)
     return folder
 
 

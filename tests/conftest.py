@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,19 @@ import pytest
 from tests.mnist_fixture import SHARED_MNIST, write_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
+# What MLflow and normlab write relative to the working directory; tests write elsewhere.
+WRITTEN_BY_DEFAULT = ("mlruns", "mlflow.db", "results")
+_PRESENT_AT_START = {name for name in WRITTEN_BY_DEFAULT if (ROOT / name).exists()}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if the tests wrote MLflow stores or results into the repository."""
+    if hasattr(session.config, "workerinput"):  # pytest-xdist workers: the controller checks
+        return
+    written = [name for name in WRITTEN_BY_DEFAULT if (ROOT / name).exists() and name not in _PRESENT_AT_START]
+    if written:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nerror: the tests wrote {', '.join(written)} into the repository {ROOT}")
 
 
 @pytest.fixture(scope="session")
@@ -41,9 +55,11 @@ def restore_environ():
 
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch) -> str:
-    """A fresh sqlite store (and artifact folder) for this test, also for subprocesses."""
+    """A fresh sqlite store (and artifact folder) for this test, also for subprocesses. The
+    test runs in tmp_path: a sqlite store puts new experiments' artifacts in ./mlruns."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
     import mlflow
 
     mlflow.set_tracking_uri(uri)
@@ -63,8 +79,11 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
-    """`python -m normlab ARGS` as a user would run it; returns the finished process."""
+    """`python -m normlab ARGS` as a user would run it, by default in a fresh temporary folder
+    (what it writes relative to the working directory, such as a sqlite store's ./mlruns,
+    stays out of the repository); returns the finished process."""
     return subprocess.run(
         [sys.executable, "-m", "normlab", *args],
-        cwd=cwd or ROOT, env=cli_env(**env), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd or tempfile.mkdtemp(prefix="normlab-cli-"), env=cli_env(**env), capture_output=True, text=True,
+        timeout=timeout,
     )

@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # (batch, in, out, size, kernel, padding): the MNIST model's layers, the 1x1 head on a 1x1
-# map, a padded RGB layer, and a map narrower than the row tile.
+# map, a padded RGB layer, a map narrower than the row tile, and a batch with enough output
+# pixels (49 x 26 x 26) for the large layers' tiles.
 SHAPES = [(3, 1, 10, 28, 3, 0), (2, 10, 20, 26, 3, 0), (2, 20, 10, 24, 1, 0), (3, 10, 10, 6, 3, 1),
-          (5, 10, 10, 1, 1, 0), (2, 3, 16, 9, 3, 1), (2, 4, 3, 5, 3, 2)]
+          (5, 10, 10, 1, 1, 0), (2, 3, 16, 9, 3, 1), (2, 4, 3, 5, 3, 2), (49, 1, 2, 28, 3, 0)]
 
 COMPARE = """
 import json, sys, torch, torch.nn.functional as F
