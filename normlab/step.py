@@ -7,10 +7,10 @@ never reads a value back to the host: the learning rate and momentum come from a
 table, loss and correct counts accumulate in device scalars, and the SGD update is a few
 foreach kernels. That function runs eagerly on the CPU. On CUDA its forward and loss, and
 its update, are compiled (Inductor fuses each ReLU, norm and dropout, their backward, the
-loss, and the update over all parameters), and each run of 64 consecutive steps is
-captured as one CUDA graph: an epoch is eight replays, and the host is idle while the GPU
-trains. A step draws its dropout masks from its run's own generators
-(normlab.rng), so several runs can train side by side in one process.
+loss, and the update over all parameters), and 64 consecutive steps are captured as one
+CUDA graph, replayed for every such chunk of the epoch: an epoch is eight replays, and the
+host is idle while the GPU trains. A step draws its dropout masks from its run's own
+generators (normlab.rng), so several runs can train side by side in one process.
 """
 
 from __future__ import annotations
@@ -199,12 +199,13 @@ _CAPTURE_LOCK = threading.Lock()
 class EpochSteps:
     """An epoch's training steps, launched ``chunk`` consecutive steps at a time.
 
-    Step i trains on rows ``slices[i]`` of the epoch's shuffled, augmented data with the
-    rates in row i of a table that the caller fills, a chunk ahead, from the schedule. With
-    ``graphed`` (CUDA) each chunk is one CUDA graph: the host launches one replay per chunk
-    instead of ~60 kernels per step, and is free while the GPU trains. Graphs read fixed
-    addresses, so the epoch's data is copied into one static buffer (one copy per epoch, not
-    one per step). Without graphs the same steps run one by one over the same slices.
+    Step i trains on rows ``slices[i]`` of the epoch's shuffled, augmented data at the rates
+    the caller gives for it. A chunk's rows and rates are first copied into fixed buffers (one
+    device copy per chunk), and its steps run over those. With ``graphed`` (CUDA) the steps
+    of a chunk are one CUDA graph, captured once per chunk shape (an MNIST epoch has two: 64
+    full batches, and the last 20 with the short one) and replayed for every chunk of that
+    shape: the host launches eight replays an epoch instead of ~60 kernels a step, and waits
+    for none of them. Without graphs the same steps run one by one over the same buffers.
     """
 
     def __init__(self, step: TrainStep, slices: list[slice], chunk: int = 1, graphed: bool = False,
@@ -219,71 +220,90 @@ class EpochSteps:
         self.chunk = chunk
         self.graphed = graphed
         self.warmup_steps = warmup_steps
-        self.rates = torch.zeros(len(slices), 2, device=device)  # (lr, momentum) of each step
-        # written on the host, then copied without waiting for the GPU (pinned memory)
+        self.rates = torch.zeros(chunk, 2, device=device)  # (lr, momentum) of each step of the chunk
+        # written on the host, a row per step of the epoch, then copied without waiting for the
+        # GPU (pinned memory); a row is rewritten only in the next epoch, after the GPU read it
         self.staged_rates = torch.zeros(len(slices), 2, pin_memory=device.type == "cuda")
-        self.x: torch.Tensor | None = None
+        self.rows = max(self._rows(first).stop - self._rows(first).start for first in self._firsts())
+        self.x: torch.Tensor | None = None  # the chunk's rows, allocated for the data's shape
         self.y: torch.Tensor | None = None
-        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.epoch_x: torch.Tensor | None = None
+        self.epoch_y: torch.Tensor | None = None
+        self.graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph] = {}  # batch sizes of a chunk -> its graph
 
-    def _first_of_each_shape(self) -> list[slice]:
-        sizes: dict[int, slice] = {}
-        for s in self.slices:
-            sizes.setdefault(s.stop - s.start, s)
-        return list(sizes.values())
+    def _firsts(self) -> range:
+        return range(0, len(self.slices), self.chunk)
 
-    def prepare(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Compile the step for every batch shape of an epoch and, graphed, capture the graphs
-        now (x and y: a whole epoch's worth of warm-up data; what they train is undone)."""
-        for s in self._first_of_each_shape():
-            self.step.prepare(x[s], y[s], self.rates[0])
-        if self.graphed and not self.graphs:
-            self.x, self.y = x.clone(), y.clone()
-            self._capture()
+    def _sizes(self, first: int, count: int | None = None) -> tuple[int, ...]:
+        """Batch sizes of the chunk's steps: what its graph depends on."""
+        last = min(first + (count or self.chunk), len(self.slices))
+        return tuple(s.stop - s.start for s in self.slices[first:last])
+
+    def _rows(self, first: int, count: int | None = None) -> slice:
+        last = min(first + (count or self.chunk), len(self.slices)) - 1
+        return slice(self.slices[first].start, self.slices[last].stop)
 
     def load(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Train the coming steps on this epoch's data."""
-        if not self.graphed:
-            self.x, self.y = x, y
-            return
-        if not self.graphs:
-            self.prepare(x, y)
-        self.x.copy_(x)
-        self.y.copy_(y)
+        self.epoch_x, self.epoch_y = x, y
+        if self.x is None:
+            self.x = x.new_empty((self.rows, *x.shape[1:]))
+            self.y = y.new_empty((self.rows, *y.shape[1:]))
+
+    def prepare(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Compile the step for every batch size of an epoch and, graphed, capture every chunk
+        shape now (x and y: a whole epoch's worth of warm-up data; what they train is undone)."""
+        self.load(x, y)
+        for size in sorted(set(self._sizes(0, len(self.slices))), reverse=True):
+            self.step.prepare(x[:size], y[:size], self.rates[0])
+        if self.graphed:
+            for first in self._firsts():
+                if self._sizes(first) not in self.graphs:
+                    self._stage(first, self._sizes(first))
+                    self._capture(self._sizes(first))
 
     def run(self, first: int, rates: list[tuple[float, float]]) -> None:
         """Steps ``first`` to ``first + len(rates) - 1``, which start a chunk, at these rates."""
         if first % self.chunk or len(rates) > self.chunk:
             raise ValueError(f"steps {first}-{first + len(rates) - 1} are not one chunk of {self.chunk}")
-        rows = slice(first, first + len(rates))
-        self.staged_rates[rows] = torch.tensor(rates)
-        self.rates[rows].copy_(self.staged_rates[rows], non_blocking=True)
-        if self.graphed:
-            self.graphs[first // self.chunk].replay()
-        else:
-            self._steps(first, len(rates))
+        sizes = self._sizes(first, len(rates))
+        self.staged_rates[first:first + len(rates)] = torch.tensor(rates)
+        self._stage(first, sizes)
+        if not self.graphed:
+            self._steps(sizes)
+            return
+        if sizes not in self.graphs:
+            self._capture(sizes)
+        self.graphs[sizes].replay()
 
-    def _steps(self, first: int, count: int) -> None:
-        for i in range(first, first + count):
-            self.step(self.x[self.slices[i]], self.y[self.slices[i]], self.rates[i])
+    def _stage(self, first: int, sizes: tuple[int, ...]) -> None:
+        """Copy the chunk's rows and rates into the buffers its steps read."""
+        rows = self._rows(first, len(sizes))
+        self.x[:rows.stop - rows.start].copy_(self.epoch_x[rows])
+        self.y[:rows.stop - rows.start].copy_(self.epoch_y[rows])
+        self.rates[:len(sizes)].copy_(self.staged_rates[first:first + len(sizes)], non_blocking=True)
 
-    def _capture(self) -> None:
-        """Warm up each batch shape on a side stream (cuDNN and autograd set themselves up
-        there; undone), then capture every chunk into graphs that share one memory pool,
-        inside the run's RNG scope, so their dropout advances the run's own generator."""
+    def _steps(self, sizes: tuple[int, ...]) -> None:
+        start = 0
+        for j, size in enumerate(sizes):
+            self.step(self.x[start:start + size], self.y[start:start + size], self.rates[j])
+            start += size
+
+    def _capture(self, sizes: tuple[int, ...]) -> None:
+        """Warm up each batch size on a side stream (autograd and the compiled kernels set
+        themselves up there; undone), then capture the chunk's steps inside the run's RNG
+        scope, so replays advance the run's own generator. A run's graphs share a memory pool."""
+        pool = next(iter(self.graphs.values())).pool() if self.graphs else None
         with _CAPTURE_LOCK, self.step.rng.active(), torch.cuda.device(self.x.device):
             caller = torch.cuda.current_stream()
             side = torch.cuda.Stream()
             side.wait_stream(caller)
             with torch.cuda.stream(side):
-                for s in self._first_of_each_shape():
-                    run_and_undo(self.step, self.x[s], self.y[s], self.rates[0], self.warmup_steps)
-            pool = None
-            for first in range(0, len(self.slices), self.chunk):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
-                    self._steps(first, min(self.chunk, len(self.slices) - first))
-                pool = graph.pool()
-                self.graphs.append(graph)
+                for size in set(sizes):
+                    run_and_undo(self.step, self.x[:size], self.y[:size], self.rates[0], self.warmup_steps)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                self._steps(sizes)
             caller.wait_stream(side)
             side.synchronize()
+        self.graphs[sizes] = graph
