@@ -8,6 +8,9 @@ import statistics
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from tests.conftest import ROOT, cli_env
 from tests.mnist_fixture import SHARED_MNIST
 
@@ -57,3 +60,13 @@ def test_cpu_step_benchmark_times_each_variant_in_fresh_processes():
     base = float(rows[0][1])
     for _, ms, ratio in rows:
         assert float(ms) > 0 and abs(float(ratio) - base / float(ms)) < 0.01
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU it times ~1,000 kernel configurations")
+def test_the_tile_benchmark_says_it_needs_a_gpu_and_times_nothing_without_one(tmp_path):
+    out = tmp_path / "tiles.json"
+    proc = subprocess.run([sys.executable, "benchmarks/conv_tiles.py", "--json", str(out)],
+                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "times Triton kernels on a CUDA GPU; none is available here" in proc.stderr
+    assert not out.exists()
