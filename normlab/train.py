@@ -294,10 +294,10 @@ class Trainer:
         return evaluate(self.model, self.data.test_x, self.data.test_y, self.speedups.eval_batch_size)
 
     def prepare(self) -> float:
-        """Compile and capture the step for every batch shape of an epoch now, not in the first
-        epoch, and build the Triton convolutions' kernels for evaluation's shapes with one
-        evaluation; returns the seconds it took (about 0 when there is nothing to do, or it was
-        done). What the warm-up steps train is undone, so preparing changes no result."""
+        """Compile the step for every batch size of an epoch and capture its CUDA graphs now, not
+        in the first epoch, and build the Triton convolutions' kernels for evaluation's shapes
+        with one evaluation; returns the seconds it took (about 0 when there is nothing to do,
+        or it was done). What the warm-up steps train is undone, so preparing changes no result."""
         start = time.perf_counter()
         if self.speedups.compile or self.speedups.cuda_graphs:
             self.steps.prepare(self.data.normalize(self.data.train_x), self.data.train_y)
