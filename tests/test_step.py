@@ -110,7 +110,7 @@ def test_steps_launched_in_chunks_train_what_single_steps_train_and_stop_at_a_ch
                                    (Trainer(config, data, speedups=Speedups(chunk_steps=1)), 2)):
         with pytest.raises(TrainingStopped, match=f"stopped after step {stopped_after} of 5 in epoch 1; 0 epochs"):
             trainer.run_epoch(StopAfter(trainer, 2))
-
+        assert trainer.scheduler.last_epoch == stopped_after  # the schedule went no further
 
 
 def test_a_chunk_is_launched_whole():
