@@ -48,39 +48,15 @@ def convolutions(dataset: str) -> list[tuple[tuple[int, ...], int, int, int]]:
 def gather_gemm(x: torch.Tensor, weight: torch.Tensor, out_channels: int, padding: int, flip: bool,
                 tiles: tuple[int, int, int]):
     """A launcher of normlab.conv's gather-GEMM with these tiles (forward, or input gradient)."""
-    n, c, h, w = x.shape
-    k = weight.shape[-1]
-    ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
-    out = torch.empty((n, out_channels, ho, wo), device="cuda")
-    block_m, block_r, warps = tiles
-
-    def launch():
-        conv._gather_gemm[(conv.triton.cdiv(n * ho * wo, block_m),)](
-            x, weight, out, n, c, h, w, out_channels, ho, wo, *x.stride(), *weight.stride(), padding,
-            K=k, FLIP=flip, PADDED=padding > 0, PRECISION="tf32", BLOCK_M=block_m,
-            BLOCK_O=conv._block(out_channels), BLOCK_R=block_r, num_warps=warps, num_stages=1)
-    return launch
+    return lambda: conv._conv(x, weight, out_channels, padding, flip, tiles)
 
 
 def weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape: tuple[int, ...], padding: int,
                 tiles: tuple[int, int, int, int]):
-    """A launcher of normlab.conv's weight-gradient partial sums with these tiles."""
-    o, c, k, _ = weight_shape
-    n, _, h, w = x.shape
-    ho, wo = grad.shape[2:]
-    block_m, block_r, warps, target = tiles
-    rows, columns = n * ho * wo, conv.triton.cdiv(c * k * k, block_r)
-    programs = max(1, min(conv.triton.cdiv(rows, block_m), target // columns))
-    rows_per_program = conv.triton.cdiv(conv.triton.cdiv(rows, programs), block_m) * block_m
-    programs = conv.triton.cdiv(rows, rows_per_program)
-    parts = torch.empty((programs, o, c * k * k), device="cuda")
-
-    def launch():
-        conv._weight_grad_parts[(programs, columns)](
-            x, grad, parts, n, c, h, w, o, ho, wo, *x.stride(), *grad.stride(), padding, rows_per_program,
-            K=k, PADDED=padding > 0, PRECISION="tf32", BLOCK_M=block_m, BLOCK_O=conv._block(o),
-            BLOCK_R=block_r, num_warps=warps, num_stages=1)
-    return launch
+    """A launcher of normlab.conv's weight-gradient partial sums with these tiles and target
+    program count."""
+    *blocks, target = tiles
+    return lambda: conv._weight_grad_partials(grad, x, list(weight_shape), padding, tuple(blocks), target)
 
 
 def microseconds(launch) -> float | None:
@@ -133,7 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 **time_kernel(name, make, GEMM_TILES, chosen)})
             results.append({"dataset": dataset, "layer": index, "shape": [c, o, k, padding, h],
                             **time_kernel("weight gradient", lambda t: weight_grad(grad, x, (o, c, k, k), padding, t),
-                                          WEIGHT_GRAD_TILES, (*conv._WEIGHT_GRAD_TILES, 512))})
+                                          WEIGHT_GRAD_TILES, (*conv._WEIGHT_GRAD_TILES, conv._WEIGHT_GRAD_PROGRAMS))})
             for r in results[-len(kernels) - 1:]:
                 print(f"{dataset} conv {index} (in {c}, out {o}, k {k}, pad {padding}, {h}x{h}) {r['kernel']:15s} "
                       f"normlab {r['normlab']:6.2f}  best {r['best']:6.2f} {tuple(r['best_tiles'])}", flush=True)

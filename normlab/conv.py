@@ -142,16 +142,19 @@ def _gemm_tiles(rows: int) -> tuple[int, int, int]:
     return (128, 16, 2) if rows >= 32768 else (32, 32, 4)
 
 
-_WEIGHT_GRAD_TILES = (64, 32, 4)  # and ~512 programs in all
+_WEIGHT_GRAD_TILES = (64, 32, 4)
+_WEIGHT_GRAD_PROGRAMS = 512  # ~4 per SM
 
 
-def _conv(x: torch.Tensor, weight: torch.Tensor, out_channels: int, padding: int, flip: bool) -> torch.Tensor:
-    """Launch the gather-GEMM; ``weight`` is indexed [o, c, kh, kw] through its strides."""
+def _conv(x: torch.Tensor, weight: torch.Tensor, out_channels: int, padding: int, flip: bool,
+          tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Launch the gather-GEMM; ``weight`` is indexed [o, c, kh, kw] through its strides.
+    ``tiles`` (rows, reduction columns, warps) default to the rule for the layer's size."""
     n, c, h, w = x.shape
     k = weight.shape[-1]
     ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
     out = torch.empty((n, out_channels, ho, wo), device=x.device, dtype=x.dtype)
-    block_m, block_r, warps = _gemm_tiles(n * ho * wo)
+    block_m, block_r, warps = tiles or _gemm_tiles(n * ho * wo)
     _gather_gemm[(triton.cdiv(n * ho * wo, block_m),)](
         x, weight, out, n, c, h, w, out_channels, ho, wo, *x.stride(), *weight.stride(), padding,
         K=k, FLIP=flip, PADDED=padding > 0, PRECISION=_precision(), BLOCK_M=block_m,
@@ -172,13 +175,31 @@ def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, padding: int) ->
     return _conv(grad, weight.transpose(0, 1), weight.shape[1], k - 1 - padding, flip=True)
 
 
-def _weight_grad_split(rows: int, reduction: int) -> tuple[int, int]:
-    """(programs, rows per program) of the weight gradient's split reduction: ~512 programs
-    in all (~4 per SM), each over a whole number of row tiles."""
-    block_m, block_r, _ = _WEIGHT_GRAD_TILES
-    programs = max(1, min(triton.cdiv(rows, block_m), 512 // triton.cdiv(reduction, block_r)))
+def _weight_grad_split(rows: int, reduction: int, tiles: tuple[int, int, int] = _WEIGHT_GRAD_TILES,
+                       target: int = _WEIGHT_GRAD_PROGRAMS) -> tuple[int, int]:
+    """(programs, rows per program) of the weight gradient's split reduction: about
+    ``target`` programs in all, each over a whole number of row tiles."""
+    block_m, block_r, _ = tiles
+    programs = max(1, min(triton.cdiv(rows, block_m), target // triton.cdiv(reduction, block_r)))
     rows_per_program = triton.cdiv(triton.cdiv(rows, programs), block_m) * block_m
     return triton.cdiv(rows, rows_per_program), rows_per_program
+
+
+def _weight_grad_partials(grad: torch.Tensor, x: torch.Tensor, weight_shape: list[int], padding: int,
+                          tiles: tuple[int, int, int] = _WEIGHT_GRAD_TILES,
+                          target: int = _WEIGHT_GRAD_PROGRAMS) -> torch.Tensor:
+    """Launch the weight gradient's split reduction; returns its (programs, o, c*k*k) parts."""
+    o, c, k, _ = weight_shape
+    n, _, h, w = x.shape
+    ho, wo = grad.shape[2:]
+    programs, rows_per_program = _weight_grad_split(n * ho * wo, c * k * k, tiles, target)
+    parts = torch.empty((programs, o, c * k * k), device=x.device, dtype=torch.float32)
+    block_m, block_r, warps = tiles
+    _weight_grad_parts[(programs, triton.cdiv(c * k * k, block_r))](
+        x, grad, parts, n, c, h, w, o, ho, wo, *x.stride(), *grad.stride(), padding, rows_per_program,
+        K=k, PADDED=padding > 0, PRECISION=_precision(), BLOCK_M=block_m, BLOCK_O=_block(o),
+        BLOCK_R=block_r, num_warps=warps, num_stages=1)
+    return parts
 
 
 @torch.library.custom_op("normlab::conv2d_weight_grad_parts", mutates_args=())
@@ -187,17 +208,7 @@ def conv2d_weight_grad_parts(grad: torch.Tensor, x: torch.Tensor, weight_shape: 
     """d loss / d weight as per-program partial sums over the rows, shape (programs, o, c*k*k):
     their sum over dim 0 is the gradient. The sum is left to the caller so that, compiled,
     Inductor fuses it (a separate reduction kernel per layer cost 29 us of a 370 us step)."""
-    o, c, k, _ = weight_shape
-    n, _, h, w = x.shape
-    ho, wo = grad.shape[2:]
-    programs, rows_per_program = _weight_grad_split(n * ho * wo, c * k * k)
-    parts = torch.empty((programs, o, c * k * k), device=x.device, dtype=torch.float32)
-    block_m, block_r, warps = _WEIGHT_GRAD_TILES
-    _weight_grad_parts[(programs, triton.cdiv(c * k * k, block_r))](
-        x, grad, parts, n, c, h, w, o, ho, wo, *x.stride(), *grad.stride(), padding, rows_per_program,
-        K=k, PADDED=padding > 0, PRECISION=_precision(), BLOCK_M=block_m, BLOCK_O=_block(o),
-        BLOCK_R=block_r, num_warps=warps, num_stages=1)
-    return parts
+    return _weight_grad_partials(grad, x, weight_shape, padding)
 
 
 @conv2d.register_fake

@@ -225,7 +225,7 @@ class EpochSteps:
         # written on the host, a row per step of the epoch, then copied without waiting for the
         # GPU (pinned memory); a row is rewritten only in the next epoch, after the GPU read it
         self.staged_rates = torch.zeros(len(slices), 2, pin_memory=device.type == "cuda")
-        self.rows = max(self._rows(first).stop - self._rows(first).start for first in self._firsts())
+        self.rows = max(rows.stop - rows.start for rows in map(self._rows, self._firsts()))
         self.x: torch.Tensor | None = None  # the chunk's rows, allocated for the data's shape
         self.y: torch.Tensor | None = None
         self.epoch_x: torch.Tensor | None = None
@@ -255,13 +255,14 @@ class EpochSteps:
         """Compile the step for every batch size of an epoch and, graphed, capture every chunk
         shape now (x and y: a whole epoch's worth of warm-up data; what they train is undone)."""
         self.load(x, y)
-        for size in sorted(set(self._sizes(0, len(self.slices))), reverse=True):
+        for size in sorted({s.stop - s.start for s in self.slices}, reverse=True):
             self.step.prepare(x[:size], y[:size], self.rates[0])
         if self.graphed:
             for first in self._firsts():
-                if self._sizes(first) not in self.graphs:
-                    self._stage(first, self._sizes(first))
-                    self._capture(self._sizes(first))
+                sizes = self._sizes(first)
+                if sizes not in self.graphs:
+                    self._stage(first, sizes)
+                    self._capture(sizes)
 
     def run(self, first: int, rates: list[tuple[float, float]]) -> None:
         """Steps ``first`` to ``first + len(rates) - 1``, which start a chunk, at these rates."""

@@ -299,7 +299,7 @@ class Trainer:
         with one evaluation; returns the seconds it took (about 0 when there is nothing to do,
         or it was done). What the warm-up steps train is undone, so preparing changes no result."""
         start = time.perf_counter()
-        if self.speedups.compile or self.speedups.cuda_graphs:
+        if self.train_step.compiled or self.steps.graphed:
             self.steps.prepare(self.data.normalize(self.data.train_x), self.data.train_y)
         if self.speedups.triton_convs and self.last_evaluation is None:
             self.evaluate()
