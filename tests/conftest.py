@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mnist_fixture import SHARED_MNIST, write_mnist
+from tests.mnist_fixture import write_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 # What MLflow and normlab write relative to the working directory; tests write elsewhere.
@@ -32,8 +32,6 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def mnist_dir(tmp_path_factory) -> Path:
     """--data-dir with train = first 8,000 real test digits, test = last 2,000."""
-    if not SHARED_MNIST.exists():
-        pytest.fail(f"the real MNIST digits are expected in {SHARED_MNIST}")
     return write_mnist(tmp_path_factory.mktemp("mnist"))
 
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, cli_env
-from tests.mnist_fixture import SHARED_MNIST
+from tests.mnist_fixture import mnist_t10k
 
 
 def test_tiny_benchmark_prints_medians_ratio_accuracies_costs_and_memory(tmp_path):
     out = tmp_path / "speed.json"
     proc = subprocess.run(
         [sys.executable, "benchmarks/speed.py", "--tiny", "--device", "cpu", "--study-epochs", "1",
-         "--data-dir", str(tmp_path / "no-mnist-here"), "--shared-mnist", str(SHARED_MNIST), "--json", str(out)],
+         "--data-dir", str(tmp_path / "no-mnist-here"), "--shared-mnist", str(mnist_t10k()), "--json", str(out)],
         cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr

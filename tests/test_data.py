@@ -10,14 +10,22 @@ import torch
 
 from normlab.data import (DATASETS, DataError, DeviceData, batch_slices, load_raw, random_crop_flip,
                           random_rotation)
-from tests.mnist_fixture import SHARED_MNIST
+from tests.mnist_fixture import FILES, REPO_MNIST, mnist_t10k, official_md5s, write_mnist
+
+
+def test_the_tests_digits_are_the_official_files_shipped_in_the_repository():
+    """The fixtures read the repository's own copy, which matches torchvision's md5 sums."""
+    assert mnist_t10k() == REPO_MNIST
+    assert {name: hashlib.md5((REPO_MNIST / name).read_bytes()).hexdigest() for name in FILES} == official_md5s()
+    assert official_md5s() == {"t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+                               "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}
 
 
 def test_mnist_folder_parses_through_torchvision_into_the_real_digits(mnist_dir):
     raw = load_raw("mnist", mnist_dir, download=False)
     assert raw.train_images.shape == (8000, 1, 28, 28) and raw.train_images.dtype == torch.uint8
     assert raw.test_images.shape == (2000, 1, 28, 28)
-    official_labels = gzip.decompress((SHARED_MNIST / "t10k-labels-idx1-ubyte.gz").read_bytes())[8:]
+    official_labels = gzip.decompress((mnist_t10k() / "t10k-labels-idx1-ubyte.gz").read_bytes())[8:]
     assert raw.train_labels[:10].tolist() == list(official_labels[:10])  # 7 2 1 0 4 1 4 9 5 9
     assert raw.test_labels.tolist() == list(official_labels[-2000:])
     assert sorted(raw.train_labels.unique().tolist()) == list(range(10))
@@ -93,8 +101,6 @@ def test_missing_data_that_cannot_be_downloaded_says_how_to_provide_it(tmp_path)
 
 
 def test_truncated_idx_file_is_named(tmp_path):
-    from tests.mnist_fixture import write_mnist
-
     root = write_mnist(tmp_path, train=200, test=100)
     target = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
     target.write_bytes(target.read_bytes()[:-100])
