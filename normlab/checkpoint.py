@@ -32,6 +32,17 @@ def load(path: Path) -> dict:
 
 
 def newest(*paths: Path | None) -> tuple[Path, dict] | None:
-    """Of the given checkpoint files that exist, the one furthest along (most epochs)."""
-    found = [(p, load(p)) for p in paths if p is not None and p.exists()]
+    """Of the given checkpoint files that exist, the one furthest along (most epochs). A
+    damaged one is passed over when another can be read (a corrupt artifact must not block
+    a resume from a good local copy); when none can, the first one's error is raised."""
+    found, errors = [], []
+    for path in paths:
+        if path is None or not path.exists():
+            continue
+        try:
+            found.append((path, load(path)))
+        except DataError as exc:
+            errors.append(exc)
+    if errors and not found:
+        raise errors[0]
     return max(found, key=lambda pair: pair[1]["epoch"], default=None)

@@ -99,88 +99,19 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
         click.echo(f"resuming run {point.run_id} after epoch {trainer.epoch} ({point.source})")
     from normlab.interrupts import stop_on_signals
 
+    from normlab.interrupts import exit_code
+    from normlab.lease import LeaseHeld
+
     with stop_on_signals(trainer.request_stop) as signals:
-        train_tracked(trainer, point, data_dir, experiment, checkpoint_dir, signals)
-
-
-@main.command("train-side-by-side", hidden=True)
-@click.option("--runs-json", required=True, type=click.Path(exists=True, dir_okay=False),
-              help='A JSON list of {"run_id": ..., "config": {TrainConfig fields}}.')
-@click.option("--data-dir", default="data", help="Folder holding the datasets.")
-@click.option("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N.")
-@click.option("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR, help="Local copies of the checkpoints.")
-def train_side_by_side_command(runs_json, data_dir, device, checkpoint_dir) -> None:
-    """Train runs made beforehand (a sweep's children) side by side in this one process.
-
-    Each run trains and logs as `normlab train` would in a process of its own; the data is
-    loaded once, and on a GPU the runs overlap on CUDA streams (normlab.side_by_side).
-    """
-    import json
-    import threading
-    import traceback
-
-    from normlab import tracking
-    from normlab.data import DeviceData, load_raw
-    from normlab.interrupts import exit_code, stop_on_signals
-    from normlab.side_by_side import run_side_by_side
-    from normlab.train import Trainer, resolve_device
-
-    try:
-        runs = [(r["run_id"], TrainConfig(**r["config"]).validate()) for r in json.loads(Path(runs_json).read_text())]
-        datasets = {config.dataset for _, config in runs}
-        if len(datasets) != 1:
-            raise ConfigError(f"runs side by side share one dataset; got {', '.join(sorted(datasets))}")
-        torch_device = resolve_device(device)
-    except (ConfigError, KeyError, TypeError, ValueError) as exc:
-        raise click.UsageError(f"{runs_json}: {exc}") from exc
-    tracking.use_bounded_http_retries()
-    try:
-        tracking.check_tracking_reachable()
-        data = DeviceData(load_raw(runs[0][1].dataset, data_dir), torch_device)
-        tracking.create_store_safely()
-    except (tracking.TrackingUnreachable, DataError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    trainers: list = []
-    stop: list[str] = []
-    lock = threading.Lock()
-
-    def request_stop(reason: str) -> None:
-        with lock:
-            stop.append(reason)
-            for trainer in trainers:
-                trainer.request_stop(reason)
-
-    def task(run_id: str, config: TrainConfig, signals: list[int]):
-        def train_one() -> None:
-            trainer = Trainer(config, data)
-            with lock:
-                trainers.append(trainer)
-                if stop:
-                    trainer.request_stop(stop[0])
-            train_tracked(trainer, None, data_dir, "", checkpoint_dir, signals, run_id=run_id,
-                          prefix=f"[{config.run_name}] ")
-        return train_one
-
-    click.echo(f"{len(runs)} runs side by side on {torch_device}: {', '.join(c.run_name for _, c in runs)}")
-    with stop_on_signals(request_stop) as signals:
-        outcomes = run_side_by_side([task(run_id, config, signals) for run_id, config in runs], torch_device)
-    failed = 0
-    for (run_id, config), outcome in zip(runs, outcomes):
-        error = outcome.error
-        if error is None or (isinstance(error, SystemExit) and error.code in (0, None)):
-            continue
-        failed += 1
-        if isinstance(error, click.ClickException):
-            lines = f"Error: {error.format_message()}".splitlines()
-        elif isinstance(error, SystemExit):
-            continue
-        else:
-            lines = "".join(traceback.format_exception(error)).splitlines()
-        prefix = f"[{config.run_name}] "
-        click.echo("\n".join(line if line.startswith(prefix) else prefix + line for line in lines), err=True)
-    if signals:
-        sys.exit(exit_code(signals[0]))
-    if failed:
+        try:
+            ending = train_tracked(trainer, point, data_dir, experiment, checkpoint_dir)
+        except LeaseHeld as exc:
+            raise click.ClickException(str(exc)) from exc
+    if ending.aborted:
+        sys.exit(130)
+    if ending.outcome == "interrupted":
+        sys.exit(exit_code(signals[0]) if signals else 130)
+    if ending.outcome == "failed":
         sys.exit(1)
 
 
@@ -300,29 +231,6 @@ def _seeds(ctx, param, value: str) -> tuple[int, ...]:
     return _comma_list(int)(ctx, param, value)
 
 
-def _side_by_side(ctx, param, value: str) -> int | None:
-    """'auto' (None: the sweep decides by device) or a count of at least 1."""
-    if value == "auto":
-        return None
-    try:
-        count = int(value)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise click.BadParameter(f"{value!r}: give auto or a whole number of at least 1")
-    return count
-
-
-def _shard(ctx, param, value: str) -> tuple[int, int]:
-    try:
-        k, n = (int(v) for v in value.split("/"))
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected K/N, e.g. 2/4 (the 2nd of 4 shares; K is 1-based)") from None
-    if not (n >= 1 and 1 <= k <= n):
-        raise click.BadParameter(f"{value!r}: need 1 <= K <= N (K is 1-based)")
-    return k, n
-
-
 @main.command()
 @click.option("--norms", default="bn,ln,gn", callback=_comma_list(str),
               help=f"Comma-separated norms, from: {', '.join(NORMS)}.")
@@ -337,48 +245,53 @@ def _shard(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--data-dir", default="data", help="Folder holding (or receiving) the datasets.")
 @click.option("--epochs", type=int, default=DEFAULTS.epochs, help="Training epochs of every child.")
 @click.option("--lr", type=float, default=DEFAULTS.lr, help="Peak learning rate of every child.")
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N; with several GPUs each job gets one.")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, help="Training processes at the same time.")
-@click.option("--side-by-side", "side_by_side", default="auto", callback=_side_by_side,
-              help="Children each process trains at once: auto is 3 on a GPU (CUDA streams), 1 on a CPU.")
-@click.option("--shard", "shard_", default="1/1", callback=_shard,
-              help="K/N: run only share K of N of the grid (for job arrays); 1-based.")
+@click.option("--device", default="auto",
+              help="auto (every visible GPU, one worker each; else the CPU), cpu, cuda or cuda:N.")
+@click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS", ""), show_default="$RAY_ADDRESS",
+              help="Run the workers on this Ray cluster (auto, or HOST:PORT) instead of this machine.")
+@click.option("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR,
+              help="Local copy of each unfinished child's last checkpoint: DIR/RUN_ID/last.pt.")
 @click.option("--experiment", default="normlab", help="MLflow experiment (ignored under `mlflow run`).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Also keep the comparison files in this folder (they are logged on the parent anyway).")
-def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epochs, lr, device, jobs,
-          side_by_side, shard_, experiment, out) -> None:
+def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epochs, lr, device, address,
+          checkpoint_dir, experiment, out) -> None:
     """Run a grid of variants x seeds as child runs of one parent run, then compare them.
 
-    Re-running the same command resumes: finished children are kept, failed, killed and
-    missing ones are trained. Several sweep processes (or machines) on the same grid and
-    tracking server share the work.
+    The children train in warm worker processes, one per GPU (or one on the CPU), or on a
+    Ray cluster with --address. Re-running the same command resumes: finished children are
+    kept, interrupted and failed ones continue from their checkpoints, missing ones train.
     """
-    from pathlib import Path
-
-    from normlab.sweep import Grid, Interrupted, run_sweep
+    from normlab import tracking
+    from normlab.sweep import Grid, run_sweep
 
     l1_norms = norms if l1_on.strip() == "all" else tuple(v.strip() for v in l1_on.split(",") if v.strip())
     grid = Grid(norms=norms, l1=l1, l1_on=l1_norms, groups=groups, batch_sizes=batch_sizes, seeds=seeds,
                 dataset=dataset, epochs=epochs, lr=lr)
+    tracking.use_bounded_http_retries()
     try:
-        outcome = run_sweep(grid, experiment=experiment, data_dir=data_dir, device=device, jobs=jobs,
-                            side_by_side=side_by_side, shard_k=shard_[0], shard_n=shard_[1],
+        tracking.check_tracking_reachable()
+        outcome = run_sweep(grid, experiment=experiment, data_dir=data_dir, device=device,
+                            checkpoint_dir=checkpoint_dir, address=address or None,
                             out_dir=Path(out) if out else None, echo=click.echo)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    except DataError as exc:
+    except (DataError, tracking.TrackingUnreachable) as exc:
         raise click.ClickException(str(exc)) from exc
-    except Interrupted as exc:
-        click.echo(f"sweep interrupted ({exc}); run the same command again to resume", err=True)
+    total = len(grid.configs())
+    click.echo(f"sweep: {len(outcome.done)} of {total} children finished; parent run {outcome.parent_id}")
+    if outcome.interrupted:
+        click.echo("sweep interrupted; run the same command again to resume", err=True)
         sys.exit(130)
-    share_done = sum(1 for c in grid.configs()[shard_[0] - 1::shard_[1]] if c.config_hash() in outcome.done)
-    click.echo(f"sweep: {len(outcome.trained)} trained now, {share_done} of this worker's share finished, "
-               f"{len(outcome.done)} of {len(grid.configs())} in the whole grid; parent run {outcome.parent_id}")
+    if outcome.busy:
+        click.echo(f"{len(outcome.busy)} children are being trained by another process; run the same command "
+                   f"again once it is done to compare them", err=True)
     if outcome.failures:
         click.echo(f"{len(outcome.failures)} children failed (run the same command again to retry them):", err=True)
         for failure in outcome.failures:
-            click.echo(f"- {failure.config.run_name} (run {failure.run_id}): {failure.reason}", err=True)
+            reason = failure.reason.strip().splitlines()
+            click.echo(f"- {failure.config.run_name} (run {failure.run_id or '-'}): "
+                       f"{reason[-1] if reason else failure.status}", err=True)
         sys.exit(1)
 
 
@@ -395,7 +308,11 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
               help="Also compare runs that are not FINISHED (running, failed, killed).")
 @click.option("--log-to-run", "log_to_run_id", default="",
               help="Log the outputs into this run (default: the `mlflow run` run, else a new one).")
-def compare(experiment, filter_string, parent_run_id, run_ids, out_dir, include_unfinished, log_to_run_id) -> None:
+@click.option("--band", type=click.Choice(["range", "ci"]), default="range",
+              help="What the curves' bands and the whiskers span: the seeds' min-max, or the 95% "
+                   "confidence interval of the mean (Student t).")
+def compare(experiment, filter_string, parent_run_id, run_ids, out_dir, include_unfinished, log_to_run_id,
+            band) -> None:
     """Compare variants: curves over epochs, final accuracy per seed, mistakes, results table."""
     import warnings
     from pathlib import Path
@@ -408,7 +325,8 @@ def compare(experiment, filter_string, parent_run_id, run_ids, out_dir, include_
         warnings.simplefilter("always")
         try:
             result = run_comparison(Path(out_dir), experiment, filter_string or None, parent_run_id or None,
-                                    ids or None, log_to_run_id or None, include_unfinished=include_unfinished)
+                                    ids or None, log_to_run_id or None, include_unfinished=include_unfinished,
+                                    band=band)
         except SelectionError as exc:
             raise click.ClickException(str(exc)) from exc
         finally:

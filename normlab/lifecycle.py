@@ -2,30 +2,36 @@
 per-epoch metrics, and record how it ended (finished, interrupted, failed) in its status and tags.
 
 `normlab train` and every sweep worker call ``train_tracked`` for each run, so a sweep's child
-is exactly what a run trained alone is.
+is exactly what a run trained alone is. It returns how the run ended instead of exiting, so a
+worker can go on to its next run; the command line turns the ending into an exit status.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import click
 
 from normlab.train import Callbacks, EpochRecord
 
+Echo = Callable[..., None]  # echo(message, err=False)
+
 
 class Progress(Callbacks):
     """A bar per epoch on a terminal; one line per epoch otherwise (logs, CI, mlflow run)."""
 
-    def __init__(self, epochs: int, stream=None, prefix: str = ""):
+    def __init__(self, epochs: int, echo: Echo, bars: bool):
         self.epochs = epochs
-        self.stream = stream or sys.stdout
-        self.prefix = prefix  # set for runs side by side: no bars then, one prefixed line per epoch
+        self.echo = echo
+        self.bars = bars and sys.stdout.isatty()
         self.bar = None
 
     def epoch_started(self, epoch: int, steps: int) -> None:
-        if self.stream.isatty() and not self.prefix:
-            self.bar = click.progressbar(length=steps, label=f"epoch {epoch}/{self.epochs}", file=self.stream)
+        if self.bars:
+            self.bar = click.progressbar(length=steps, label=f"epoch {epoch}/{self.epochs}")
             self.bar.__enter__()
 
     def step_done(self) -> None:
@@ -36,91 +42,127 @@ class Progress(Callbacks):
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
-        click.echo(
-            f"{self.prefix}epoch {record.epoch:>3}/{self.epochs}  train_loss {record.train_loss:.4f}  "
-            f"train_acc {record.train_acc:6.2f}%  test_loss {record.test_loss:.4f}  "
-            f"test_acc {record.test_acc:6.2f}%  ({record.seconds:.1f} s)",
-            file=self.stream,
-        )
+        self.echo(f"epoch {record.epoch:>3}/{self.epochs}  train_loss {record.train_loss:.4f}  "
+                  f"train_acc {record.train_acc:6.2f}%  test_loss {record.test_loss:.4f}  "
+                  f"test_acc {record.test_acc:6.2f}%  ({record.seconds:.1f} s)")
 
 
-def train_tracked(trainer, point, data_dir: str, experiment: str, checkpoint_dir: str, signals: list[int],
-                  run_id: str | None = None, prefix: str = "") -> None:
-    """Fit inside an MLflow run and record how it ended: finished, interrupted (a signal) or
-    failed (diverged, store unreachable, any error), in tags as well as the run status.
+@dataclass(frozen=True)
+class Ending:
+    """How a run ended: ``outcome`` is finished, interrupted or failed (tracking.RUN_STATUS)."""
 
-    ``signals`` lists those received (interrupts.stop_on_signals), for the exit code;
-    ``run_id`` is a run made beforehand (by a sweep); ``prefix`` starts every line printed,
-    so runs side by side can be told apart.
+    run_id: str
+    outcome: str
+    reason: str = ""
+    test_acc: float | None = None
+    test_loss: float | None = None
+    aborted: bool = False  # a second Ctrl-C: the process should exit at once
+
+    @property
+    def status(self) -> str:
+        from normlab.tracking import RUN_STATUS
+
+        return RUN_STATUS[self.outcome]
+
+
+def train_tracked(trainer, point, data_dir: str, experiment: str, checkpoint_dir: str,
+                  run_id: str | None = None, echo: Echo = click.echo, bars: bool = True) -> Ending:
+    """Fit inside an MLflow run and record how it ended: finished, interrupted (a stop
+    request) or failed (diverged, store unreachable, any error), in tags as well as the run
+    status; returns that ending. Errors that are not about this run's training (a bug)
+    are recorded and raised.
+
+    ``point`` is a resume.ResumePoint or None; ``run_id`` a run made beforehand (by a
+    sweep); ``echo`` prints a line about this run (a worker prefixes it with the run's name).
     """
-    import shutil
-
-    from mlflow.exceptions import MlflowException
-
     from normlab import tracking
-    from normlab.interrupts import exit_code
-    from normlab.train import CallbackList, NonFiniteLoss, TrainingStopped, fit
-
-    def say(message: str, err: bool = False) -> None:
-        click.echo("\n".join(prefix + line for line in message.splitlines()), err=err)
+    from normlab.lease import Lease
 
     config, data = trainer.config, trainer.data
     if point is None:
         run = tracking.start_training_run(config, experiment, run_id)
+        owned = Lease(run.info.run_id, contested=False)
     else:
+        owned = Lease(point.run_id)  # refuses (LeaseHeld) while another process trains it
         run = tracking.resume_training_run(point.run_id, trainer.epoch)
-    run_id = run.info.run_id
+    try:
+        return _train_in_run(trainer, point, run.info.run_id, data_dir, checkpoint_dir, echo, bars)
+    finally:
+        owned.release()
+
+
+def _train_in_run(trainer, point, run_id: str, data_dir: str, checkpoint_dir: str, echo: Echo,
+                  bars: bool) -> Ending:
+    from mlflow.exceptions import MlflowException
+
+    from normlab import tracking
+    from normlab.redaction import redact
+    from normlab.train import CallbackList, NonFiniteLoss, TrainingStopped, fit
+
+    config, data = trainer.config, trainer.data
     local = tracking.local_checkpoint_path(checkpoint_dir, run_id)
     resume_hint = f"resume with: normlab train --resume {run_id}"
     uploads = tracking.EpochUploads(run_id)
+    checkpointer = None
     try:
-        say(f"MLflow run {run_id} ({config.run_name}); checkpoints: {local} and artifact "
-            f"{tracking.CHECKPOINT_ARTIFACT}")
+        echo(f"MLflow run {run_id} ({config.run_name}); checkpoints: {local} and artifact "
+             f"{tracking.CHECKPOINT_ARTIFACT}")
         if point is None:
             tracking.mark_running()
             tracking.log_run_setup(config, data, trainer.model, data_dir)
         else:
             relogged = tracking.log_missing_epochs(run_id, point.records)
             if relogged:
-                say(f"logged the metrics of epochs {relogged} from the checkpoint")
+                echo(f"logged the metrics of epochs {relogged} from the checkpoint")
+            if point.source_is_local:  # the artifact may lag behind: bring it up to date
+                uploads.submit(tracking.upload_checkpoint, run_id, local)
         checkpointer = tracking.Checkpointer(trainer, uploads, local, point.records if point else [])
-        progress = Progress(config.epochs, prefix=prefix)
-        if trainer.speedups.cuda_graphs and trainer.epoch < config.epochs:
-            say("compiling the training step and capturing its CUDA graphs (10-25 s the first time on "
-                "this machine, about 1 s once Inductor's cache holds the variant)")
-            say(f"step ready in {trainer.prepare():.1f} s")
+        if trainer.epoch < config.epochs:
+            seconds = trainer.prepare()
+            if seconds > 1:
+                echo(f"step compiled and captured in {seconds:.1f} s")
+        progress = Progress(config.epochs, echo, bars)
         result = fit(trainer, CallbackList(checkpointer, tracking.MetricLogger(uploads), progress))
         uploads.close()
         tracking.log_results(config, data, result)
     except TrainingStopped as exc:
         _close_quietly(uploads)
-        tracking.record_ending(run_id, "interrupted", f"{exc}; {resume_hint}")
-        say(f"interrupted: {exc}.\nLast checkpoint: {local}; {resume_hint}", err=True)
-        sys.exit(exit_code(signals[0]))
+        if checkpointer is not None and checkpointer.records:
+            reason = f"{exc}; {resume_hint}"
+            echo(f"interrupted: {exc}.\nLast checkpoint: {local}; {resume_hint}", err=True)
+        else:
+            reason = f"{exc}; no epoch completed, so there is nothing to resume: train it again"
+            echo(f"interrupted: {reason}", err=True)
+        tracking.record_ending(run_id, "interrupted", reason)
+        return Ending(run_id, "interrupted", reason)
     except KeyboardInterrupt:
         reason = f"aborted by a second Ctrl-C; epochs up to the last checkpoint are kept; {resume_hint}"
         tracking.record_ending(run_id, "interrupted", reason)
-        say(f"aborted: {reason}", err=True)
-        sys.exit(130)
+        echo(f"aborted: {reason}", err=True)
+        return Ending(run_id, "interrupted", reason, aborted=True)
     except NonFiniteLoss as exc:
         _close_quietly(uploads)
         tracking.record_ending(run_id, "failed", str(exc))
-        raise click.ClickException(prefix + str(exc)) from exc
+        echo(f"Error: {exc}", err=True)
+        return Ending(run_id, "failed", str(exc))
     except MlflowException as exc:
-        reason = f"MLflow failed during training: {str(exc).splitlines()[0]}"
+        reason = f"MLflow failed during training: {redact(str(exc).splitlines()[0])}"
         tracking.record_ending(run_id, "failed", f"{reason}; {resume_hint}")
-        raise click.ClickException(f"{prefix}{reason}\nCompleted epochs are checkpointed in {local}; "
-                                   f"{resume_hint}") from exc
+        message = f"{reason}\nCompleted epochs are checkpointed in {local}; {resume_hint}"
+        echo(f"Error: {message}", err=True)
+        return Ending(run_id, "failed", message)
     except BaseException as exc:
-        tracking.record_ending(run_id, "failed", f"{type(exc).__name__}: {exc}")
+        tracking.record_ending(run_id, "failed", redact(f"{type(exc).__name__}: {exc}"))
         raise
     if tracking.record_ending(run_id, "finished"):
         shutil.rmtree(local.parent, ignore_errors=True)  # the artifact keeps the final checkpoint
-    final = result.records[-1] if result.records else None
-    if final is not None:
-        say(f"done: test accuracy {final.test_acc:.2f}%, test loss {final.test_loss:.4f}; MLflow calls of "
-            f"the epoch loop: {uploads.busy_seconds:.2f} s on the upload thread, training waited "
-            f"{uploads.waited_seconds:.2f} s for them")
+    final = checkpointer.records[-1] if checkpointer.records else None
+    if final is None:
+        return Ending(run_id, "finished")
+    echo(f"done: test accuracy {final['test_acc']:.2f}%, test loss {final['test_loss']:.4f}; MLflow calls of "
+         f"the epoch loop: {uploads.busy_seconds:.2f} s on the upload thread, training waited "
+         f"{uploads.waited_seconds:.2f} s for them")
+    return Ending(run_id, "finished", test_acc=final["test_acc"], test_loss=final["test_loss"])
 
 
 def _close_quietly(uploads) -> None:

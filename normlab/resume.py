@@ -25,6 +25,7 @@ class ResumePoint:
     config: TrainConfig
     state: dict  # Trainer.state_dict() plus run_id, data_digest and records
     source: str  # where the checkpoint came from, for the console
+    source_is_local: bool  # the local copy was newer than (or instead of) the artifact
 
     @property
     def records(self) -> list[dict]:
@@ -44,9 +45,12 @@ def merged_config(run_id: str, given: TrainConfig, explicit: set[str], saved: Tr
 
 def find(run_id: str, given: TrainConfig, explicit: set[str], checkpoint_dir: str | Path) -> ResumePoint:
     """The newest checkpoint of run_id (local copy or artifact) and the config to continue with."""
+    from normlab.lease import LeaseHeld, check_free
+
     try:
         tracking.require_run(run_id)
-    except LookupError as exc:
+        check_free(run_id)
+    except (LookupError, LeaseHeld) as exc:
         raise ResumeError(str(exc)) from exc
     local = tracking.local_checkpoint_path(checkpoint_dir, run_id)
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,15 +59,16 @@ def find(run_id: str, given: TrainConfig, explicit: set[str], checkpoint_dir: st
             raise ResumeError(f"run {run_id} has no checkpoint: neither {local} nor its artifact "
                               f"{tracking.CHECKPOINT_ARTIFACT} exists, so it cannot be resumed")
         path, state = found
-        source = str(path) if path == local else f"artifact {tracking.CHECKPOINT_ARTIFACT}"
+        is_local = path == local
+        source = str(path) if is_local else f"artifact {tracking.CHECKPOINT_ARTIFACT}"
     config = merged_config(run_id, given, explicit, TrainConfig(**state["config"]))
-    if state["epoch"] >= config.epochs:
-        raise ResumeError(f"run {run_id} already completed all {config.epochs} epochs; nothing to resume")
+    if state["epoch"] >= config.epochs and tracking.run_outcome(run_id) == "finished":
+        raise ResumeError(f"run {run_id} already finished all {config.epochs} epochs; nothing to resume")
     last_logged = max(tracking.logged_steps(run_id), default=0)
     if last_logged > state["epoch"]:
         raise ResumeError(f"run {run_id} has metrics up to epoch {last_logged} but its newest checkpoint "
                           f"({source}) ends at epoch {state['epoch']}; resuming would log those epochs twice")
-    return ResumePoint(run_id, config, state, source)
+    return ResumePoint(run_id, config, state, source, is_local)
 
 
 def check_same_data(point: ResumePoint, digest: str) -> None:

@@ -45,6 +45,27 @@ def git_commit() -> str | None:
         return None
 
 
+def experiment_id(name: str, client: MlflowClient | None = None) -> str:
+    """The id of experiment ``name``, created when missing (or when another process created
+    it a moment before); a deleted one is refused with how to restore it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    client = client or MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise MlflowException(f"experiment {name!r} is deleted; restore it "
+                              f"(mlflow experiments restore) or choose another --experiment")
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
 def start_training_run(config: TrainConfig, experiment: str = EXPERIMENT, run_id: str | None = None) -> mlflow.ActiveRun:
     """Run `run_id` (a sweep made it), the run `mlflow run` created (MLFLOW_RUN_ID), or a
     new one in `experiment`. The active run is this thread's: runs side by side each start
@@ -429,6 +450,16 @@ class Checkpointer(Callbacks):
                             str(Path(CHECKPOINT_ARTIFACT).parent))
 
 
+def upload_checkpoint(run_id: str, local_path: Path) -> None:
+    """The local checkpoint as the run's artifact checkpoint/last.pt (replacing it)."""
+    MlflowClient().log_artifact(run_id, str(local_path), str(Path(CHECKPOINT_ARTIFACT).parent))
+
+
+def run_outcome(run_id: str) -> str:
+    """What normlab recorded of how the run ended (running, finished, interrupted, failed)."""
+    return MlflowClient().get_run(run_id).data.tags.get(STATUS_TAG, "running")
+
+
 def download_checkpoint(run_id: str, dst_dir: str | Path) -> Path | None:
     """The run's checkpoint artifact, downloaded into dst_dir; None when it has none."""
     names = {f.path for f in MlflowClient().list_artifacts(run_id, str(Path(CHECKPOINT_ARTIFACT).parent))}
@@ -496,8 +527,9 @@ TRAINING_RUN_TAG = "variant"  # set by log_run_setup; sweep parents and comparis
 COMPARISON_ARTIFACT_DIR = "comparison"
 # Settings that are not part of a variant's name; when they differ between the selected
 # runs, the variant label says so ("LN, batch 64") rather than averaging unlike runs as seeds.
-DISTINGUISHING = {"dataset": "{}", "epochs": "{} epochs", "batch_size": "batch {}", "lr": "lr {:g}",
-                  "momentum": "momentum {:g}", "dropout": "dropout {:g}"}
+DISTINGUISHING = {"dataset": "{}".format, "epochs": lambda n: f"{n} epoch{'' if n == 1 else 's'}",
+                  "batch_size": "batch {}".format, "lr": "lr {:g}".format, "momentum": "momentum {:g}".format,
+                  "dropout": "dropout {:g}".format}
 RUN_COLUMNS = ("run_id", "variant", "norm", "l1", "groups", "batch_size", "seed", "status")
 
 
@@ -628,7 +660,7 @@ def runs_frame(runs: list):
         frame[column] = frame[column].astype("Int64")
     differing = [k for k in DISTINGUISHING if frame[k].nunique(dropna=True) > 1]
     frame["variant"] = [
-        ", ".join([row.base_label] + [DISTINGUISHING[k].format(getattr(row, k)) for k in differing])
+        ", ".join([row.base_label] + [DISTINGUISHING[k](getattr(row, k)) for k in differing])
         for row in frame.itertuples()
     ]
     order = frame.assign(norm_rank=frame["norm"].map({n: i for i, n in enumerate(NORMS)}).fillna(len(NORMS)))

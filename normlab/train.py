@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -20,6 +21,11 @@ from normlab.host_memory import keep_freed_memory
 from normlab.models import ConfigError, Net, check_norm, use_triton_convs, variant_label
 from normlab.rng import RunRNG
 from normlab.step import EpochSteps, Speedups, TrainStep
+
+
+# Dynamo, Inductor and CUDA-graph capture are not thread-safe: runs side by side in one
+# process (normlab.worker) prepare one at a time, then train concurrently.
+PREPARE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -299,10 +305,11 @@ class Trainer:
         with one evaluation; returns the seconds it took (about 0 when there is nothing to do,
         or it was done). What the warm-up steps train is undone, so preparing changes no result."""
         start = time.perf_counter()
-        if self.train_step.compiled or self.steps.graphed:
-            self.steps.prepare(self.data.normalize(self.data.train_x), self.data.train_y)
-        if self.speedups.triton_convs and self.last_evaluation is None:
-            self.evaluate()
+        with PREPARE_LOCK:
+            if self.train_step.compiled or self.steps.graphed:
+                self.steps.prepare(self.data.normalize(self.data.train_x), self.data.train_y)
+            if self.speedups.triton_convs and self.last_evaluation is None:
+                self.evaluate()
         return time.perf_counter() - start
 
     def train_epoch(self, callbacks: Callbacks) -> tuple[float, float]:

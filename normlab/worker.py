@@ -1,0 +1,172 @@
+"""A warm worker: one process per device that trains run after run.
+
+On a GPU a run's training takes seconds, while importing torch and MLflow, starting CUDA,
+loading the data and compiling its step take longer. A worker pays those once: it keeps
+each dataset on its device, and Dynamo keeps the compiled step of every (variant, batch
+shape) it has seen, so the next run of that variant only captures its CUDA graphs. Each
+request is still one ordinary MLflow run trained by ``lifecycle.train_tracked``, exactly
+what `normlab train` does (which is a worker with one run).
+
+On a GPU a worker trains up to ``concurrent`` runs at once, each in a thread with its own
+CUDA stream, because one run of this small model leaves most of the chip idle. Compiling
+and capturing are not thread-safe; Trainer.prepare does them one run at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import traceback
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import click
+import torch
+
+from normlab.data import DataError, DeviceData, load_raw
+from normlab.lifecycle import Ending, train_tracked
+from normlab.models import ConfigError
+from normlab.train import TrainConfig, Trainer, resolve_device
+
+# Runs a GPU worker trains at once. Three side by side had 1.5x the throughput of one after
+# another on an H200, more gave no more (docs/speed.md); a CPU run uses every core alone.
+CONCURRENT_ON_GPU = 3
+LOG_LINES = 40  # the last lines of a run's output kept for its failure report
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One run for a worker: a new run (``tags`` name its sweep) or ``resume`` of ``run_id``."""
+
+    config: TrainConfig
+    tags: dict = field(default_factory=dict)
+    experiment_id: str | None = None
+    run_id: str | None = None
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a worker reports of a request; ``status`` is FINISHED, FAILED, KILLED, or
+    SKIPPED when another process already trains or trained it."""
+
+    config: TrainConfig
+    run_id: str | None
+    status: str
+    reason: str = ""
+    test_acc: float | None = None
+    seconds: float = 0.0
+    device: str = ""
+
+
+class Worker:
+    """Trains requests in this process on one device, keeping data and compiled steps warm."""
+
+    def __init__(self, device: str, data_dir: str, experiment: str, checkpoint_dir: str,
+                 concurrent: int | None = None, bars: bool = False):
+        self.device = resolve_device(device)
+        self.data_dir = data_dir
+        self.experiment = experiment
+        self.checkpoint_dir = checkpoint_dir
+        self.concurrent = concurrent or (CONCURRENT_ON_GPU if self.device.type == "cuda" else 1)
+        self.bars = bars
+        self.datasets: dict[str, DeviceData] = {}
+        self.trainers: list[Trainer] = []
+        self.stop_reason: str | None = None
+        self.lock = threading.Lock()
+
+    @property
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+        return "cpu"
+
+    def data(self, dataset: str) -> DeviceData:
+        """The dataset on this worker's device, loaded on first use (one thread at a time)."""
+        with self.lock:
+            if dataset not in self.datasets:
+                self.datasets[dataset] = DeviceData(load_raw(dataset, self.data_dir), self.device)
+            return self.datasets[dataset]
+
+    def request_stop(self, reason: str) -> None:
+        """Stop every run at the end of its current step; later requests are not started."""
+        with self.lock:
+            self.stop_reason = reason
+            for trainer in self.trainers:
+                trainer.request_stop(reason)
+
+    def train(self, request: RunRequest, echo=None, on_run=None) -> RunResult:
+        """Train one request to its end; never raises for the run's own failures.
+        ``on_run(run_id)`` is called once the request's run exists."""
+        from normlab import resume, tracking
+        from normlab.lease import LeaseHeld
+        from normlab.sweep_tracking import create_child_run
+
+        start = time.perf_counter()
+        config = request.config
+        prefix = f"[{config.run_name}] "
+        lines: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
+
+        def say(message: str, err: bool = False) -> None:
+            for line in str(message).splitlines():
+                lines.append(line)
+                (echo or click.echo)(prefix + line, err=err)
+
+        def result(status: str, reason: str = "", ending: Ending | None = None, run_id=None) -> RunResult:
+            return RunResult(config, run_id or (ending.run_id if ending else request.run_id), status, reason,
+                             ending.test_acc if ending else None, time.perf_counter() - start, self.device_name)
+
+        if self.stop_reason is not None:
+            return result("KILLED", f"not started: {self.stop_reason}")
+        trainer = None
+        try:
+            data = self.data(config.dataset)
+            trainer = Trainer(config, data)
+            point = None
+            if request.resume:
+                point = resume.find(request.run_id, config, set(), self.checkpoint_dir)
+                resume.check_same_data(point, data.raw.digest())
+                trainer.load_state_dict(point.state)
+                say(f"resuming run {point.run_id} after epoch {trainer.epoch} ({point.source})")
+            run_id = request.run_id if not request.resume else None
+            if point is None and request.tags:
+                run_id = create_child_run(request.experiment_id, config, request.tags)
+                if run_id is None:
+                    return result("SKIPPED", "another process trains or trained it")
+            if on_run is not None:
+                on_run(run_id or request.run_id)
+            with self.lock:
+                self.trainers.append(trainer)
+                if self.stop_reason is not None:
+                    trainer.request_stop(self.stop_reason)
+            ending = train_tracked(trainer, point, self.data_dir, self.experiment, self.checkpoint_dir,
+                                   run_id=run_id, echo=say, bars=self.bars and self.concurrent == 1)
+        except LeaseHeld as exc:
+            return result("SKIPPED", str(exc))
+        except (ConfigError, DataError, resume.ResumeError) as exc:
+            say(f"Error: {exc}", err=True)
+            if request.run_id and not request.resume:
+                tracking.fail_run_if_open(request.run_id, str(exc))
+            return result("FAILED", str(exc))
+        except Exception as exc:  # a bug: train_tracked recorded it; report it with its traceback
+            say("".join(traceback.format_exception(exc)), err=True)
+            return result("FAILED", "\n".join(lines))
+        finally:
+            if trainer is not None:
+                with self.lock:
+                    if trainer in self.trainers:
+                        self.trainers.remove(trainer)
+        if ending.aborted:
+            raise KeyboardInterrupt
+        if ending.outcome != "finished":
+            tracking.attach_log(ending.run_id, "\n".join(lines))
+            return result(ending.status, "\n".join(list(lines)[-15:]), ending)
+        return result("FINISHED", "", ending)
+
+    def stream(self):
+        """A context for one thread of runs side by side: its own CUDA stream on a GPU."""
+        if self.device.type != "cuda":
+            return nullcontext()
+        return torch.cuda.stream(torch.cuda.Stream(self.device))
