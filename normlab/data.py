@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,22 +30,26 @@ class DataError(RuntimeError):
 class DatasetSpec:
     name: str
     folder: str  # under --data-dir, as torchvision lays it out
-    expected_files: tuple[str, ...]
+    train_files: tuple[str, ...]  # the files each split's images and labels come from
+    test_files: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...]
     augmentation: str  # human-readable, logged as a param
     source: str  # where torchvision downloads it from
+    other_files: tuple[str, ...] = ()
+
+    @property
+    def expected_files(self) -> tuple[str, ...]:
+        return self.train_files + self.test_files + self.other_files
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec(
         name="mnist",
         folder="MNIST/raw",
-        expected_files=(
-            "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-            "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
-        ),
+        train_files=("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+        test_files=("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
         mean=(0.1307,),
         std=(0.3081,),
         classes=tuple(str(d) for d in range(10)),
@@ -54,12 +59,14 @@ DATASETS: dict[str, DatasetSpec] = {
     "cifar10": DatasetSpec(
         name="cifar10",
         folder="cifar-10-batches-py",
-        expected_files=tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta"),
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
         mean=(0.4914, 0.4822, 0.4465),
         std=(0.2470, 0.2435, 0.2616),
         classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
         augmentation="random crop (4 px padding) + horizontal flip",
         source="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        other_files=("batches.meta",),
     ),
 }
 
@@ -88,16 +95,35 @@ class RawSplits:
         return h.hexdigest()[:16]
 
 
-def _missing_data_message(spec: DatasetSpec, root: Path, reason: str) -> str:
+def _missing_data_message(spec: DatasetSpec, root: Path, reason: str, details: str = "") -> str:
     folder = root / spec.folder
     files = ", ".join(spec.expected_files)
     return (
-        f"{spec.name} data is not in {folder} and could not be downloaded ({reason}).\n"
+        f"{spec.name} data is not in {folder} and could not be downloaded: {reason}.\n{details}"
         f"Expected files in {folder}: {files}.\n"
         f"Provide them by running once on a machine with internet (torchvision downloads "
         f"from {spec.source}) and copying the folder, or point --data-dir at a folder "
         f"that already holds {spec.folder}/."
     )
+
+
+def _download_failure(spec: DatasetSpec, exc: Exception) -> tuple[str, str]:
+    """What went wrong, and one line per address torchvision tried with what it got.
+
+    MNIST's error names the file on its first line and lists each mirror under it as
+    "Tried MIRROR, got:" and the error; other datasets raise their one URL's error.
+    """
+    text = str(exc)
+    file = re.match(r"Error downloading (\S+?):", text)
+    tried = re.findall(r"^Tried (\S+), got:\n(.*)$", text, re.M)
+    if file and tried:
+        attempts = [(mirror + file.group(1), error.strip()) for mirror, error in tried]
+    else:
+        attempts = [(spec.source, " ".join(text.split()) or type(exc).__name__)]
+    unreachable = all("urlopen error" in error for _, error in attempts)
+    servers = "servers" if len(attempts) > 1 else "server"
+    reason = f"no connection to the download {servers} (is this machine offline?)" if unreachable else "the download failed"
+    return reason, "".join(f"  tried {url}: {error}\n" for url, error in attempts)
 
 
 def _check_writable(root: Path) -> None:
@@ -151,7 +177,7 @@ def load_raw(name: str, data_dir: str | os.PathLike, download: bool = True) -> R
     present = folder.is_dir() and all((folder / f).exists() for f in spec.expected_files)
     if not present:
         if not download:
-            raise DataError(_missing_data_message(spec, root, "download disabled"))
+            raise DataError(_missing_data_message(spec, root, "downloading is disabled"))
         _check_writable(root)
     elif name == "mnist":
         for f in spec.expected_files:
@@ -166,7 +192,7 @@ def load_raw(name: str, data_dir: str | os.PathLike, download: bool = True) -> R
             bad = ", ".join(_files_failing_md5(cls, folder)) or "none by md5"
             raise DataError(f"{spec.name} files in {folder} failed torchvision's checks ({exc}); files whose "
                             f"md5 differs from the official one: {bad}. Delete them and download again") from exc
-        raise DataError(_missing_data_message(spec, root, str(exc).splitlines()[0])) from exc
+        raise DataError(_missing_data_message(spec, root, *_download_failure(spec, exc))) from exc
 
     def images(ds) -> torch.Tensor:
         data = torch.as_tensor(ds.data)
@@ -175,7 +201,33 @@ def load_raw(name: str, data_dir: str | os.PathLike, download: bool = True) -> R
     def labels(ds) -> torch.Tensor:
         return torch.as_tensor(ds.targets, dtype=torch.int64)
 
-    return RawSplits(spec, images(train), labels(train), images(test), labels(test))
+    splits = RawSplits(spec, images(train), labels(train), images(test), labels(test))
+    check_labels(splits, folder)
+    return splits
+
+
+def check_labels(splits: RawSplits, folder: Path) -> None:
+    """One label per image, each a valid class, before any run is created.
+
+    torchvision parses images and labels without comparing them: fewer labels than images
+    would train silently on fewer images, and a label beyond the classes fails mid-training.
+    """
+    spec = splits.spec
+    classes = len(spec.classes)
+    for split, files, images, labels in [("train", spec.train_files, splits.train_images, splits.train_labels),
+                                         ("test", spec.test_files, splits.test_images, splits.test_labels)]:
+        if len(images) != len(labels):
+            raise DataError(f"{spec.name} {split} split in {folder} ({', '.join(files)}): {len(images)} images but "
+                            f"{len(labels)} labels; every image needs exactly one label. The files are damaged or "
+                            f"come from different sets; delete them and download again")
+        bad = (labels < 0) | (labels >= classes)
+        if bad.any():
+            first = int(bad.nonzero()[0, 0])
+            label_files = [f for f in files if "labels" in f] or files  # MNIST keeps labels in their own file
+            where = folder / label_files[0] if len(label_files) == 1 else f"{folder} ({', '.join(label_files)})"
+            raise DataError(f"{where} holds label {int(labels[first])} (image {first} of the {split} split; "
+                            f"{int(bad.sum())} of {len(labels)} labels out of range): valid labels are 0-{classes - 1}, "
+                            f"the {classes} classes of {spec.name}. The file is damaged; delete it and download again")
 
 
 def random_rotation(x: torch.Tensor, degrees: float, generator: torch.Generator) -> torch.Tensor:

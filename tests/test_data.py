@@ -3,6 +3,8 @@
 import gzip
 import hashlib
 import pickle
+import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,13 @@ import torch
 
 from normlab.data import (DATASETS, DataError, DeviceData, batch_slices, load_raw, random_crop_flip,
                           random_rotation)
-from tests.mnist_fixture import FILES, REPO_MNIST, mnist_t10k, official_md5s, write_mnist
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from torchvision.datasets import MNIST
+
+from normlab.cli import main
+from tests.mlflow_server import free_port
+from tests.mnist_fixture import FILES, REPO_MNIST, mnist_t10k, official_md5s, write_idx, write_mnist
 
 
 def test_the_tests_digits_are_the_official_files_shipped_in_the_repository():
@@ -94,10 +102,77 @@ def test_missing_data_without_download_names_folder_files_and_fix(tmp_path):
     assert "--data-dir" in message
 
 
-def test_missing_data_that_cannot_be_downloaded_says_how_to_provide_it(tmp_path):
-    with pytest.raises(DataError, match="could not be downloaded") as err:
-        load_raw("mnist", tmp_path / "fresh")  # no internet here: torchvision's download fails
-    assert "Expected files" in str(err.value)
+def test_offline_train_says_what_failed_which_urls_it_tried_and_where_the_files_go(tmp_path, tracking_uri,
+                                                                                    monkeypatch):
+    """The main command without data and without internet (CI has none: torchvision's real
+    download fails); a machine that reaches the mirror is pointed at a closed local port instead."""
+    try:
+        socket.getaddrinfo("ossci-datasets.s3.amazonaws.com", 443)
+        monkeypatch.setattr(MNIST, "mirrors", [f"http://127.0.0.1:{free_port()}/mnist/"])
+    except OSError:
+        pass  # offline, as CI is: the real mirrors are tried and fail
+    data = tmp_path / "fresh"
+    result = CliRunner().invoke(main, ["train", "--device", "cpu", "--data-dir", str(data)])
+    assert result.exit_code == 1
+    message = result.output
+    folder = data / "MNIST" / "raw"
+    servers = "servers" if len(MNIST.mirrors) > 1 else "server"
+    assert (f"mnist data is not in {folder} and could not be downloaded: no connection to the download {servers} "
+            f"(is this machine offline?).\n") in message
+    for mirror in MNIST.mirrors:
+        assert f"  tried {mirror}train-images-idx3-ubyte.gz: <urlopen error " in message
+    assert f"Expected files in {folder}: train-images-idx3-ubyte, train-labels-idx1-ubyte, " in message
+    assert "point --data-dir at a folder that already holds MNIST/raw/" in message
+    assert ":)" not in message and "()" not in message
+    assert no_runs(tracking_uri)
+
+
+def no_runs(tracking_uri: str) -> bool:
+    """True when the store holds no run (or was never even created)."""
+    if not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        return True
+    client = MlflowClient()
+    return not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def _relabel(raw_folder, split, labels):
+    """Replace a split's label file by a well-formed IDX file holding these labels."""
+    write_idx(raw_folder / f"{split}-labels-idx1-ubyte", (len(labels),), bytes(labels))
+
+
+def _labels(raw_folder, split):
+    return list((raw_folder / f"{split}-labels-idx1-ubyte").read_bytes()[8:])
+
+
+@pytest.mark.parametrize("split, edit, expected", [
+    ("train", lambda labels: labels[:190], "mnist train split in {folder} (train-images-idx3-ubyte, "
+     "train-labels-idx1-ubyte): 200 images but 190 labels; every image needs exactly one label"),
+    ("t10k", lambda labels: labels + [3] * 5, "mnist test split in {folder} (t10k-images-idx3-ubyte, "
+     "t10k-labels-idx1-ubyte): 100 images but 105 labels"),
+    ("train", lambda labels: labels[:5] + [12] + labels[6:], "{folder}/train-labels-idx1-ubyte holds label 12 "
+     "(image 5 of the train split; 1 of 200 labels out of range): valid labels are 0-9, the 10 classes of mnist"),
+    ("t10k", lambda labels: [255] * 3 + labels[3:], "{folder}/t10k-labels-idx1-ubyte holds label 255 "
+     "(image 0 of the test split; 3 of 100 labels out of range): valid labels are 0-9"),
+])
+def test_labels_that_do_not_match_the_images_are_refused_naming_the_file(split, edit, expected, tmp_path):
+    root = write_mnist(tmp_path, train=200, test=100)
+    folder = root / "MNIST" / "raw"
+    _relabel(folder, split, edit(_labels(folder, split)))
+    with pytest.raises(DataError) as err:
+        load_raw("mnist", root)
+    assert expected.format(folder=folder) in str(err.value)
+    assert "delete" in str(err.value)
+
+
+def test_a_bad_label_stops_train_before_any_run_is_created(tmp_path, tracking_uri):
+    """Today's failure was an IndexError mid-training, in a run already created."""
+    root = write_mnist(tmp_path / "data", train=200, test=100)
+    folder = root / "MNIST" / "raw"
+    _relabel(folder, "train", [12] + _labels(folder, "train")[1:])
+    result = CliRunner().invoke(main, ["train", "--device", "cpu", "--epochs", "1", "--data-dir", str(root)])
+    assert result.exit_code == 1
+    assert f"{folder / 'train-labels-idx1-ubyte'} holds label 12 (image 0 of the train split" in result.output
+    assert no_runs(tracking_uri)
 
 
 def test_truncated_idx_file_is_named(tmp_path):
@@ -108,7 +183,7 @@ def test_truncated_idx_file_is_named(tmp_path):
         load_raw("mnist", root)
 
 
-def _write_cifar(root, monkeypatch, n_train=50, n_test=20):
+def _write_cifar(root, monkeypatch, n_train=50, n_test=20, first_test_label=None):
     """CIFAR-10 in its own pickle format; torchvision's md5 list pointed at these files."""
     import torchvision
 
@@ -118,6 +193,8 @@ def _write_cifar(root, monkeypatch, n_train=50, n_test=20):
     train_list, test_list = [], []
     for name, n, target in [(f"data_batch_{i}", n_train // 5, train_list) for i in range(1, 6)] + [("test_batch", n_test, test_list)]:
         batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+        if name == "test_batch" and first_test_label is not None:
+            batch["labels"][0] = first_test_label
         path = folder / name
         path.write_bytes(pickle.dumps(batch))
         target.append([name, hashlib.md5(path.read_bytes()).hexdigest()])
@@ -141,4 +218,11 @@ def test_cifar10_parses_through_torchvision_and_its_md5_checks(tmp_path, monkeyp
     # a corrupted batch fails torchvision's md5 check, and the file's folder is named
     (folder / "data_batch_3").write_bytes(b"garbage")
     with pytest.raises(DataError, match="cifar-10-batches-py"):
+        load_raw("cifar10", tmp_path, download=False)
+
+
+def test_cifar10_label_out_of_range_is_refused_naming_the_batch(tmp_path, monkeypatch):
+    folder = _write_cifar(tmp_path, monkeypatch, first_test_label=10)
+    with pytest.raises(DataError, match=(f"{folder}/test_batch holds label 10 \\(image 0 of the test split; "
+                                         f"1 of 20 labels out of range\\): valid labels are 0-9, the 10 classes")):
         load_raw("cifar10", tmp_path, download=False)
