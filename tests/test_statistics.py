@@ -1,0 +1,246 @@
+"""The statistics of the comparison: against hand-worked small cases and scipy, and the
+findings' wording on hand-made per-seed numbers (pure functions, no store: fast).
+
+The store-backed check of the same columns and sentences is in test_compare.py.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from normlab import results, statistics
+from normlab.statistics import Difference, compare_pairs, holm, summarize, welch
+
+# --- one sample ----------------------------------------------------------------------------
+
+
+def test_summary_of_three_values_by_hand():
+    # mean 2, s = 1, t(0.975, 2) = 4.3027 (tables), half width 4.3027 / sqrt(3) = 2.4841
+    s = summarize([1.0, 2.0, 3.0])
+    assert (s.n, s.mean, s.std) == (3, 2.0, 1.0)
+    assert s.ci == pytest.approx((2 - 2.48414, 2 + 2.48414), abs=1e-5)
+
+
+@pytest.mark.parametrize("values", [[99.1, 99.25, 98.95, 99.4, 99.2], [97.0, 97.5], np.linspace(90, 95, 10)])
+def test_summary_equals_scipy(values):
+    s = summarize(values)
+    expected = stats.ttest_1samp(values, 0.0).confidence_interval(0.95)
+    assert s.ci == pytest.approx((expected.low, expected.high), rel=1e-12)
+    assert s.std == pytest.approx(np.std(values, ddof=1), rel=1e-12)
+
+
+def test_one_value_has_no_std_and_no_interval_rather_than_nan():
+    s = summarize([98.5])
+    assert (s.n, s.mean, s.std, s.ci) == (1, 98.5, None, None)
+    with pytest.raises(ValueError, match="no values"):
+        summarize([])
+
+
+# --- a pair --------------------------------------------------------------------------------
+
+
+def test_welch_by_hand():
+    # a: mean 2.5, s² = 5/3; b: mean 6, s² = 10. se² = (5/3)/4 + 10/5 = 29/12.
+    # t = -3.5 / sqrt(29/12); df = (29/12)² / ((5/12)²/3 + 2²/4) = 2523/457 = 5.5208
+    d = welch([1, 2, 3, 4], [2, 4, 6, 8, 10], "A", "B")
+    assert (d.a, d.b, d.n_a, d.n_b, d.difference) == ("A", "B", 4, 5, -3.5)
+    assert d.t == pytest.approx(-3.5 / math.sqrt(29 / 12), rel=1e-12)
+    assert d.df == pytest.approx(2523 / 457, rel=1e-12)
+    half = stats.t.ppf(0.975, 2523 / 457) * math.sqrt(29 / 12)
+    assert d.ci == pytest.approx((-3.5 - half, -3.5 + half), rel=1e-12)
+    assert d.p == pytest.approx(2 * stats.t.sf(3.5 / math.sqrt(29 / 12), 2523 / 457), rel=1e-12)
+    assert d.p == pytest.approx(0.0691, abs=1e-4)
+    assert d.ci[0] < 0 < d.ci[1]  # p > 0.05 and the interval holds zero: one and the same statement
+
+
+def test_welch_equals_scipy_and_is_antisymmetric():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(99.0, 0.2, 6), rng.normal(98.7, 0.4, 9)
+    d = welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert (d.t, d.df, d.p) == pytest.approx((ref.statistic, ref.df, ref.pvalue), rel=1e-12)
+    flipped = welch(b, a)
+    assert (flipped.difference, flipped.t, flipped.p) == pytest.approx((-d.difference, -d.t, d.p), rel=1e-12)
+    assert flipped.ci == pytest.approx((-d.ci[1], -d.ci[0]), rel=1e-12)
+
+
+def test_no_test_with_one_seed_or_no_spread():
+    one = welch([98.0], [97.0, 97.5], "GN", "LN")
+    assert (one.ci, one.t, one.df, one.p) == (None, None, None, None)
+    assert one.difference == pytest.approx(0.75)
+    assert one.verdict() == "GN has one seed: no interval or test"
+    assert welch([98.0], [97.0], "GN", "LN").verdict() == "GN and LN have one seed: no interval or test"
+    flat = welch([98.0] * 5, [97.0] * 5, "GN", "LN")
+    assert flat.p is None and "no spread, no test" in flat.verdict()
+
+
+def test_holm_by_hand():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04; running max -> 0.06 last
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([0.02]) == pytest.approx([0.02])  # one test: nothing to correct
+    assert holm([]) == []
+
+
+def test_holm_over_pairs_with_a_test_only():
+    samples = {"A": [99.0, 99.1, 98.9, 99.05, 98.95], "B": [98.0, 98.1, 97.9, 98.05, 97.95],
+               "C": [98.9, 99.1, 99.0, 98.95, 99.0], "D": [97.0]}
+    pairs = [("A", "B"), ("A", "C"), ("B", "C"), ("A", "D")]
+    found = compare_pairs(samples, pairs)
+    raw = [stats.ttest_ind(samples[a], samples[b], equal_var=False).pvalue for a, b in pairs[:3]]
+    assert [d.p_holm for d in found[:3]] == pytest.approx(holm(raw))  # m = 3: D's pair has no test
+    assert found[3].p_holm is None and found[3].verdict() == "D has one seed: no interval or test"
+    ab = found[0]
+    assert ab.real and ab.verdict() == "real: A is higher (Holm-adjusted p < 0.05)"
+    assert ab.ci[0] > 0  # real implies the (unadjusted) 95% interval excludes zero
+    assert found[1].verdict() == "not shown to differ (Holm-adjusted p ≥ 0.05)"
+
+
+def test_interval_excluding_zero_is_not_enough_after_holm():
+    # raw p just under 0.05 in each of three pairs: intervals exclude zero, Holm's p do not pass
+    d = [Difference("A", "B", 5, 5, 1.0, (0.01, 1.99), 2.5, 8.0, 0.04, holm([0.04, 0.045, 0.049])[0])]
+    assert d[0].p_holm == pytest.approx(0.12)
+    assert not d[0].real and d[0].verdict().startswith("not shown to differ")
+
+
+def test_fewer_than_five_seeds_get_no_verdict_whatever_p():
+    [d] = compare_pairs({"A": [99.0, 99.1, 99.05, 99.12], "B": [90.0, 90.1, 90.05, 90.02, 90.08]}, [("A", "B")])
+    assert d.p < 1e-6
+    assert not d.real
+    assert d.verdict() == "n is too small for a verdict (4 and 5 seeds; at least 5 per variant are needed)"
+
+
+def test_format_p():
+    assert [statistics.format_p(p) for p in (0.0004, 0.0131, 0.06, 0.41, 1.0)] == [
+        "< 0.001", "= 0.013", "= 0.060", "= 0.41", "= 1.00"]
+
+
+# --- the table and findings on hand-made runs ---------------------------------------------
+
+
+def hand_made(finals: dict[str, list[float]], epochs: dict[str, int] | None = None):
+    """runs and tidy history as tracking.runs_frame / load_histories give them, one test_acc
+    curve per seed ending at the given final accuracy (loss = (100 - acc) / 100)."""
+    runs, history = [], []
+    for variant, values in finals.items():
+        budget = (epochs or {}).get(variant, 3)
+        for seed, final in enumerate(values, 1):
+            run_id = f"{variant}-{seed}"
+            runs.append(dict(run_id=run_id, variant=variant, seed=seed, status="FINISHED", duration_s=10.0,
+                             norm="ln", groups=None, l1=0.0, batch_size=128, dataset="mnist", epochs=budget,
+                             train_size=8000, test_size=2000, parameters=7750))
+            for epoch in range(1, budget + 1):
+                acc = final - (budget - epoch)
+                for metric, value in (("test_acc", acc), ("test_loss", (100 - acc) / 100),
+                                      ("train_acc", acc - 0.5), ("train_loss", (100 - acc) / 90)):
+                    history.append(dict(run_id=run_id, variant=variant, metric=metric, epoch=epoch, value=value))
+    runs, history = pd.DataFrame(runs), pd.DataFrame(history)
+    order = list(finals)
+    runs["variant"] = pd.Categorical(runs["variant"], categories=order, ordered=True)
+    history["variant"] = pd.Categorical(history["variant"], categories=order, ordered=True)
+    runs_metrics = results.per_run(history, runs)
+    return results.summary_table(runs_metrics, history), runs_metrics
+
+
+FIVE = {"LN": [99.0, 99.1, 99.05, 99.15, 99.1], "BN": [98.0, 98.1, 98.05, 98.0, 98.1],
+        "GN": [99.05, 99.0, 99.2, 99.1, 98.95]}
+
+
+def test_table_has_mean_std_and_interval_of_final_and_best_accuracy_and_loss():
+    table, _ = hand_made({"LN": [99.0, 99.2, 99.1], "GN": [98.5]})
+    ln, gn = table.set_index("variant").loc["LN"], table.set_index("variant").loc["GN"]
+    ci = stats.ttest_1samp([99.0, 99.2, 99.1], 0).confidence_interval(0.95)
+    for name in ("final_test_acc", "best_test_acc"):  # curves rise: best = final here
+        assert (ln[f"{name}_mean"], ln[f"{name}_std"]) == pytest.approx((99.1, 0.1))
+        assert (ln[f"{name}_ci_low"], ln[f"{name}_ci_high"]) == pytest.approx((ci.low, ci.high))
+    loss_ci = stats.ttest_1samp([0.01, 0.008, 0.009], 0).confidence_interval(0.95)
+    for name in ("final_test_loss", "min_test_loss"):
+        assert ln[f"{name}_mean"] == pytest.approx(0.009)
+        assert (ln[f"{name}_ci_low"], ln[f"{name}_ci_high"]) == pytest.approx((loss_ci.low, loss_ci.high))
+    assert gn["final_test_acc_mean"] == 98.5 and np.isnan(gn["final_test_acc_ci_low"])  # an empty CSV cell
+    markdown = results.markdown_table(table)
+    assert f"| 99.10 ± 0.10 [{ci.low:.2f}, {ci.high:.2f}] | 99.10 ± 0.10 [{ci.low:.2f}, {ci.high:.2f}] | 3 | " \
+           f"0.0090 ± 0.0010 [{loss_ci.low:.4f}, {loss_ci.high:.4f}] |" in markdown
+    assert "| GN | 7,750 | 1 (1) | 98.50 (1 seed) | 98.50 (1 seed) | 3 | 0.0150 (1 seed) | 0.0150 (1 seed) |" \
+        in markdown
+    assert "nan" not in markdown.lower()
+    assert "2 of 2 variants have fewer than 5 seeds" in results.table_note(table)
+
+
+def test_findings_with_five_seeds_give_verdicts_with_holm():
+    table, runs_metrics = hand_made(FIVE)
+    text = results.findings(table, runs_metrics)
+    assert "too small" not in text
+    assert [m for m in re.findall(r"^\d\. \*\*(.+?)\*\*", text, re.M)] == ["LN", "GN", "BN"]
+    assert "Holm's method across the 3 pairs with a test in this comparison" in text
+    assert "called real only when its Holm-adjusted p < 0.05 and both variants have at least 5 seeds" in text
+    pairs = dict(((d.a, d.b), d) for _, d in results.pairwise(table, runs_metrics))
+    assert set(pairs) == {("LN", "GN"), ("LN", "BN"), ("GN", "BN")}
+    raw = {k: stats.ttest_ind(FIVE[k[0]], FIVE[k[1]], equal_var=False) for k in pairs}
+    adjusted = dict(zip(raw, holm([r.pvalue for r in raw.values()])))
+    ln_bn = pairs[("LN", "BN")]
+    ci = raw[("LN", "BN")].confidence_interval(0.95)
+    assert ln_bn.real and ln_bn.p_holm == pytest.approx(adjusted[("LN", "BN")])
+    assert (f"- **LN** − **BN**: +1.03 points, 95% CI [{ci.low:+.2f}, {ci.high:+.2f}]; Welch t = "
+            f"{raw[('LN', 'BN')].statistic:.2f}, df = {raw[('LN', 'BN')].df:.1f}, p < 0.001, "
+            f"Holm-adjusted p < 0.001: real: LN is higher (Holm-adjusted p < 0.05).") in text
+    ln_gn = pairs[("LN", "GN")]
+    assert not ln_gn.real and adjusted[("LN", "GN")] > 0.05
+    assert (f"- **LN** − **GN**: +0.02 points, 95% CI [" in text
+            and "not shown to differ (Holm-adjusted p ≥ 0.05)." in text)
+    frame = results.differences_frame(results.pairwise(table, runs_metrics))
+    assert frame[["higher", "lower"]].values.tolist() == [["LN", "GN"], ["LN", "BN"], ["GN", "BN"]]
+    assert frame["real"].tolist() == [False, True, True]
+    np.testing.assert_allclose(frame["p_holm"], [adjusted[k] for k in [("LN", "GN"), ("LN", "BN"), ("GN", "BN")]])
+
+
+def test_findings_say_n_is_too_small_below_five_seeds_and_one_seed_has_no_test():
+    table, runs_metrics = hand_made({"LN": [99.0, 99.2, 99.1], "BN": [98.0, 98.2], "GN": [98.5]})
+    text = results.findings(table, runs_metrics)
+    assert text.startswith("**n is too small for a verdict**: LN has 3 seeds; BN has 2 seeds; GN has 1 seed; "
+                           "at least 5 seeds per variant are needed")
+    assert "across the 1 pair with a test" in text  # LN − BN; the pairs with GN have none
+    assert re.search(r"- \*\*LN\*\* − \*\*BN\*\*: \+1\.00 points, 95% CI \[[+-][\d.]+, \+[\d.]+\]; Welch t = "
+                     r"[\d.]+, df = [\d.]+, p = [\d.]+, Holm-adjusted p = [\d.]+: n is too small for a verdict "
+                     r"\(3 and 2 seeds; at least 5 per variant are needed\)\.", text)
+    assert "- **LN** − **GN**: +0.60 points; GN has one seed: no interval or test." in text
+    assert "- **GN** − **BN**: +0.40 points; GN has one seed: no interval or test." in text
+    assert "3. **BN**: 98.10 ± 0.14 % [96.83, 99.37] (n=2, range 98.00–98.20)" in text
+    assert "2. **GN**: 98.50 % (one seed: no std or interval)" in text
+    assert "nan" not in text.lower() and "real:" not in text
+
+
+def test_findings_do_not_rank_different_epoch_budgets_against_each_other():
+    table, runs_metrics = hand_made({"LN, 1 epoch": [97.0, 97.2], "BN, 1 epoch": [96.0, 96.3],
+                                     "LN, 3 epochs": [99.0, 99.1], "BN, 3 epochs": [98.0, 98.2]},
+                                    epochs={"LN, 1 epoch": 1, "BN, 1 epoch": 1})
+    text = results.findings(table, runs_metrics)
+    assert "These runs are not all comparable: they differ in data or epoch budget" in text
+    one = "mnist, 8000/2000 train/test images, 1 epoch"
+    three = "mnist, 8000/2000 train/test images, 3 epochs"
+    assert f"## {three}" in text and f"## {one}" in text
+    sections = text.split("## ")[1:]
+    assert [re.findall(r"^\d\. \*\*(.+?)\*\*", s, re.M) for s in sections] == [
+        ["LN, 3 epochs", "BN, 3 epochs"], ["LN, 1 epoch", "BN, 1 epoch"]]
+    pairs = [(label, d.a, d.b) for label, d in results.pairwise(table, runs_metrics)]
+    assert pairs == [(three, "LN, 3 epochs", "BN, 3 epochs"), (one, "LN, 1 epoch", "BN, 1 epoch")]
+    assert "across the 2 pairs with a test" in text
+
+
+def test_representative_run_is_the_seed_nearest_the_mean_and_says_so():
+    _, runs_metrics = hand_made({"LN": [99.0, 99.2], "BN": [98.0, 98.6, 98.2], "GN": [98.5],
+                                 "IN": [97.0, 97.4, 97.2, 97.6]})
+    picked = results.representative_runs(runs_metrics).set_index("variant")
+    assert picked.loc["LN", "seed"] == 1  # equally near: the lower accuracy
+    assert picked.loc["LN", "picked"] == ("the seed nearest the mean final accuracy of 2 seeds (99.10%), "
+                                          "the lower of 2 equally near")
+    assert picked.loc["BN", "seed"] == 3  # mean 98.27: 98.2 is nearest (the median would be the same here)
+    assert picked.loc["BN", "picked"] == "the seed nearest the mean final accuracy of 3 seeds (98.27%)"
+    assert picked.loc["GN", "picked"] == "the only seed"
+    assert picked.loc["IN", "seed"] == 3  # mean 97.3: 97.2 and 97.4 equally near, the lower
