@@ -44,26 +44,30 @@ class Comparison:
 
     def describe(self) -> str:
         """'9 runs, 3 variants; mnist (60000/10000 train/test images), 20 epochs' for titles."""
-        epochs = ", ".join(str(e) for e in sorted(self.runs_metrics["final_epoch"].unique()))
+        epochs = sorted(int(e) for e in self.runs_metrics["final_epoch"].unique())
         datasets = ", ".join(sorted(self.runs_metrics["dataset"].astype(str).unique()))
         sizes = ", ".join(f"{a}/{b}" for a, b in self.runs[["train_size", "test_size"]].drop_duplicates()
                           .itertuples(index=False))
-        return (f"{len(self.runs_metrics)} runs, {len(self.table)} variants; {datasets} "
-                f"({sizes} train/test images), {epochs} epochs")
+        return (f"{len(self.runs_metrics)} run{'' if len(self.runs_metrics) == 1 else 's'}, "
+                f"{len(self.table)} variant{'' if len(self.table) == 1 else 's'}; {datasets} "
+                f"({sizes} train/test images), {', '.join(map(str, epochs))} epoch{'' if epochs == [1] else 's'}")
 
-    def figures(self) -> dict[str, Figure]:
-        """The curve and summary figures, by file name (the caller closes them)."""
+    def figures(self, band: str = "range") -> dict[str, Figure]:
+        """The curve and summary figures, by file name (the caller closes them); `band` as in
+        plots.BANDS: the seeds' min–max or the 95% confidence interval of the mean."""
+        plots.check_band(band)
         context = self.describe()
-        figures = {name: plots.curves_figure(self.history, metrics, f"{title} ({context})")
+        figures = {name: plots.curves_figure(self.history, metrics, f"{title} ({context})", band)
                    for name, (metrics, title) in CURVE_FILES.items()}
         figures["final_accuracy.png"] = plots.final_accuracy_figure(
-            self.runs_metrics, f"Final test accuracy per seed ({context})")
+            self.runs_metrics, f"Final test accuracy per seed ({context})", band)
         if self.history["batch_size"].nunique() > 1:  # the batch-size study
-            figures["batch_size.png"] = plots.batch_size_figure(self.history)
+            figures["batch_size.png"] = plots.batch_size_figure(self.history, band=band)
         return figures
 
     def galleries(self, download_dir: Path) -> dict[str, Figure]:
-        """Per variant, the representative run's logged misclassified.png, titled; by file name."""
+        """Per variant, the representative run's logged misclassified.png, titled with which seed
+        it is and why (results.representative_runs); by file name."""
         figures = {}
         for run in results.representative_runs(self.runs_metrics).itertuples():
             found = tracking.download_misclassified(run.run_id, download_dir / run.run_id)
@@ -72,10 +76,8 @@ class Comparison:
                     f"run {run.run_id} ({run.variant}) has no misclassified.png/json artifacts; no gallery"))
                 continue
             png, mistakes = found
-            n = int((self.runs_metrics["variant"].astype(str) == str(run.variant)).sum())
             title = (f"{run.variant}: {len(mistakes)} most confident test mistakes\n"
-                     f"seed {run.seed}, run {run.run_id[:8]}"
-                     + (f" (median final accuracy of {n} seeds)" if n > 1 else ""))
+                     f"seed {run.seed}, run {run.run_id[:8]}: {run.picked}")
             confidences = [m["confidence"] for m in mistakes]
             caption = (f"final test accuracy {run.final_test_acc:.2f}%; confidence in the wrong class "
                        f"{max(confidences):.2f}–{min(confidences):.2f}" if confidences else "no mistakes")
@@ -128,40 +130,48 @@ def _drop_unused_variants(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def write_outputs(comparison: Comparison, out_dir: Path) -> dict[str, Path]:
-    """Figures, galleries, results.csv/.md, runs.csv and findings.md under out_dir."""
+def write_outputs(comparison: Comparison, out_dir: Path, band: str = "range") -> dict[str, Path]:
+    """Figures, galleries, results.csv/.md, runs.csv, differences.csv and findings.md under out_dir."""
+    plots.check_band(band)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     with tempfile.TemporaryDirectory() as downloads:
-        figures = {**comparison.figures(), **comparison.galleries(Path(downloads))}
+        figures = {**comparison.figures(band), **comparison.galleries(Path(downloads))}
         for name, figure in figures.items():
             figure.savefig(out_dir / name, dpi=110, bbox_inches="tight")
             plt.close(figure)
             files[name] = out_dir / name
     comparison.table.to_csv(out_dir / "results.csv", index=False)
     comparison.runs_metrics.to_csv(out_dir / "runs.csv", index=False)
+    results.differences_frame(results.pairwise(comparison.table, comparison.runs_metrics)).to_csv(
+        out_dir / "differences.csv", index=False)
     (out_dir / "results.md").write_text(
-        f"Results of {comparison.describe()}; mean ± sample std over seeds.\n\n"
+        f"Results of {comparison.describe()}: {results.table_note(comparison.table)}\n\n"
         + results.markdown_table(comparison.table))
     (out_dir / "findings.md").write_text(results.findings(comparison.table, comparison.runs_metrics))
-    for name in ("results.csv", "runs.csv", "results.md", "findings.md"):
+    for name in ("results.csv", "runs.csv", "differences.csv", "results.md", "findings.md"):
         files[name] = out_dir / name
     return files
 
 
 def run_comparison(out_dir: Path, experiment: str = "normlab", filter_string: str | None = None,
                    parent_run_id: str | None = None, run_ids: list[str] | None = None,
-                   log_to_run_id: str | None = None, *, include_unfinished: bool = False) -> Comparison:
+                   log_to_run_id: str | None = None, *, include_unfinished: bool = False,
+                   band: str = "range") -> Comparison:
     """Compare the selected runs: write every output under out_dir and log it to MLflow.
+
+    `band`: what the curves' bands and the whiskers span, 'range' (min–max over seeds) or
+    'ci' (95% confidence interval of the mean); checked before any run is read.
 
     The files go under 'comparison/' of `log_to_run_id` (a sweep passes its parent run),
     else of the run `mlflow run` started, else of a new run in the compared runs'
     experiment; that run is tagged with the compared run ids.
     """
+    plots.check_band(band)
     comparison = load_comparison(experiment, filter_string, parent_run_id, run_ids, include_unfinished)
-    comparison.files = write_outputs(comparison, Path(out_dir))
+    comparison.files = write_outputs(comparison, Path(out_dir), band)
     params = {"experiment": experiment, "filter": filter_string or "", "parent_run_id": parent_run_id or "",
-              "include_unfinished": str(include_unfinished)}
+              "include_unfinished": str(include_unfinished), "band": band}
     comparison.logged_to_run_id = tracking.log_comparison(
         list(comparison.files.values()), list(comparison.runs_metrics["run_id"]), params,
         log_to_run_id, experiment_id=str(comparison.runs["experiment_id"].iloc[0]))

@@ -91,22 +91,24 @@ def _norm_label(norm: str, groups=None, l1=None) -> str:
     return variant_label(norm, int(groups) if pd.notna(groups) else 1, float(l1) if pd.notna(l1) else 0.0)
 
 
-def batch_size_figure(df, metric: str = "test_acc") -> Figure:
+def batch_size_figure(df, metric: str = "test_acc", band: str = "range") -> Figure:
     """Final test accuracy against batch size (log x), one line per norm setting.
 
-    The line is the mean over seeds, the bars span the lowest to highest seed, and every
-    seed is a dot: the small-model analogue of the GroupNorm paper's Figure 1. Lines are
-    keyed by norm (and groups and L1 when the frame has them), not by the variant label,
-    which may itself name the batch size.
+    The line is the mean over seeds, the bars span the lowest to highest seed (`range`) or
+    the 95% t interval of the mean (`ci`), and every seed is a dot: the small-model analogue
+    of the GroupNorm paper's Figure 1. Lines are keyed by norm (and groups and L1 when the
+    frame has them), not by the variant label, which may itself name the batch size.
     """
+    check_band(band)
     final = final_values(df, metric)
     keys = [c for c in ("norm", "groups", "l1") if c in final.columns]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for key, runs in final.groupby(keys, sort=False, observed=True, dropna=False):  # groups is NA but for gn
         key = key if isinstance(key, tuple) else (key,)
-        stats = runs.groupby("batch_size")["value"].agg(["mean", "min", "max"]).sort_index()
+        stats = spread_stats(runs.groupby("batch_size")["value"], band).sort_index()
+        stats = stats.fillna({"low": stats["mean"], "high": stats["mean"]})  # one seed: no bar
         line = ax.errorbar(stats.index, stats["mean"],
-                           yerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]],
+                           yerr=[stats["mean"] - stats["low"], stats["high"] - stats["mean"]],
                            marker="o", capsize=3,
                            label=f"{_norm_label(*key)} ({runs['seed'].nunique()} seeds)")
         ax.scatter(runs["batch_size"], runs["value"], s=10, alpha=0.4, color=line[0].get_color())
@@ -116,7 +118,7 @@ def batch_size_figure(df, metric: str = "test_acc") -> Figure:
     ax.minorticks_off()
     ax.set_xlabel("batch size (log scale)")
     ax.set_ylabel("final test accuracy (%)" if metric == "test_acc" else f"final {metric}")
-    ax.set_title("Final test accuracy vs batch size (mean, seed min-max)")
+    ax.set_title(f"Final test accuracy vs batch size (mean, bars: {SPREADS[band]})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -131,7 +133,37 @@ METRIC_NAMES = {
     "test_loss": ("Test loss", "loss (mean NLL per image, nats)"),
     "test_acc": ("Test accuracy", "accuracy (%)"),
 }
-BAND = "line: mean over seeds, band: min–max"
+BANDS = {  # --band: what the shaded band (and the whiskers) span; the legend title says which
+    "range": "line: mean over seeds, band: min–max over seeds",
+    "ci": "line: mean over seeds, band: 95% CI of the mean (Student t)",
+}
+SPREADS = {"range": "min–max over seeds", "ci": "95% CI of the mean"}  # whisker labels
+
+
+def check_band(band: str) -> str:
+    """The band name, or a ValueError naming the choices."""
+    if band not in BANDS:
+        raise ValueError(f"unknown band {band!r}: choose one of {', '.join(BANDS)}")
+    return band
+
+
+def spread(values, band: str) -> tuple[float, float]:
+    """(low, high) of one sample for a band or whisker: min–max, or the 95% t interval of the
+    mean; NaN for the interval of one value (nothing is drawn)."""
+    from normlab.statistics import summarize
+
+    values = np.asarray(values, dtype=float)
+    if band == "range":
+        return values.min(), values.max()
+    return summarize(values).ci or (np.nan, np.nan)
+
+
+def spread_stats(grouped, band: str):
+    """Per group of a grouped Series: mean, and the band's low and high (floats, NaN for none)."""
+    import pandas as pd
+
+    bounds = np.array([spread(values, band) for _, values in grouped], dtype=float).reshape(-1, 2)
+    return pd.DataFrame({"mean": grouped.mean(), "low": bounds[:, 0], "high": bounds[:, 1]})
 
 
 def variant_colors(variants: Sequence[str]) -> dict[str, tuple]:
@@ -148,35 +180,41 @@ def _variants(history) -> list[str]:
     return list(dict.fromkeys(map(str, column)))
 
 
-def _curve_stats(history, metric: str, variant: str):
-    """Per epoch: mean, min, max over the variant's runs, and the number of runs."""
+def _curve_stats(history, metric: str, variant: str, band: str):
+    """Per epoch: mean, band low and high over the variant's runs; and the number of runs."""
     rows = history[(history["metric"] == metric) & (history["variant"].astype(str) == variant)]
-    stats = rows.groupby("epoch")["value"].agg(["mean", "min", "max"])
-    return stats, rows["run_id"].nunique()
+    return spread_stats(rows.groupby("epoch")["value"], band), rows["run_id"].nunique()
 
 
 def _format_value(metric: str, value: float) -> str:
     return f"{value:.2f}%" if metric.endswith("_acc") else f"{value:.4f}"
 
 
-def _draw_curves(ax, history, metric: str, colors: dict, epochs: tuple[int, int], annotate: bool) -> None:
-    """Each variant's mean line (+ min-max band for several seeds) over the epoch range."""
+def _draw_curves(ax, history, metric: str, colors: dict, epochs: tuple[int, int], annotate: bool,
+                 band: str) -> None:
+    """Each variant's mean line (+ band for several seeds) over the epoch range.
+
+    A single epoch has no width for a band: its mean is a marker and the band a whisker.
+    """
     from matplotlib.ticker import MaxNLocator
 
     first, last = epochs
     lows, highs, ends = [], [], []
     for variant in _variants(history):
-        stats, n = _curve_stats(history, metric, variant)
+        stats, n = _curve_stats(history, metric, variant, band)
         stats = stats.loc[first:last]
         if stats.empty:
             continue
         color = colors[variant]
         ax.plot(stats.index, stats["mean"], color=color, marker="o" if len(stats) < 12 else None,
-                markersize=3, label=f"{variant} (n={n})")
-        if n > 1:
-            ax.fill_between(stats.index, stats["min"], stats["max"], color=color, alpha=0.2, linewidth=0)
-        lows.append(stats["min"].min())
-        highs.append(stats["max"].max())
+                markersize=6 if len(stats) == 1 else 3, label=f"{variant} (n={n})")
+        if n > 1 and len(stats) == 1:
+            mean, low, high = stats.iloc[0][["mean", "low", "high"]]
+            ax.errorbar(stats.index, [mean], yerr=[[mean - low], [high - mean]], color=color, capsize=5, lw=1.5)
+        elif n > 1:
+            ax.fill_between(stats.index, stats["low"], stats["high"], color=color, alpha=0.2, linewidth=0)
+        lows.append(stats[["mean", "low"]].min().min())
+        highs.append(stats[["mean", "high"]].max().max())
         ends.append((stats.index[-1], stats["mean"].iloc[-1], color))
     ax.set_xlim(first - 0.3, last + 0.3 + (0.25 * (last - first) + 0.5 if annotate else 0))
     low, high = min(lows), max(highs)
@@ -201,12 +239,18 @@ def _annotate_ends(ax, metric: str, ends: list[tuple[int, float, tuple]], min_ga
                     fontsize=8, va="center", arrowprops=dict(arrowstyle="-", color=color, lw=0.6))
 
 
-def curves_figure(history, metrics: Sequence[str], title: str) -> Figure:
+def _epoch_range(first: int, last: int) -> str:
+    return f"epoch {first}" if first == last else f"epochs {first}–{last}"
+
+
+def curves_figure(history, metrics: Sequence[str], title: str, band: str = "range") -> Figure:
     """One row per metric: all epochs on the left, the last half zoomed on the right.
 
     The zoom is where variants separate (late epochs differ by tenths of a percent); the
-    final value of each variant (mean over seeds) is written at the end of its line.
+    final value of each variant (mean over seeds) is written at the end of its line. The
+    band spans the seeds' min–max (`range`) or the 95% t interval of the mean (`ci`).
     """
+    check_band(band)
     colors = variant_colors(_variants(history))
     first, last = int(history["epoch"].min()), int(history["epoch"].max())
     zoom = last - first >= 3
@@ -214,23 +258,27 @@ def curves_figure(history, metrics: Sequence[str], title: str) -> Figure:
     fig, axes = plt.subplots(len(metrics), cols, figsize=(6.2 * cols, 4.2 * len(metrics)), squeeze=False)
     for row, metric in zip(axes, metrics):
         name = METRIC_NAMES[metric][0]
-        _draw_curves(row[0], history, metric, colors, (first, last), annotate=not zoom)
-        row[0].set_title(f"{name}, epochs {first}–{last}")
+        _draw_curves(row[0], history, metric, colors, (first, last), annotate=not zoom, band=band)
+        row[0].set_title(f"{name}, {_epoch_range(first, last)}")
         if zoom:
             start = (first + last + 1) // 2
-            _draw_curves(row[1], history, metric, colors, (start, last), annotate=True)
-            row[1].set_title(f"{name}, epochs {start}–{last} (zoom)")
-        row[0].legend(title=BAND, fontsize=8, title_fontsize=8)
+            _draw_curves(row[1], history, metric, colors, (start, last), annotate=True, band=band)
+            row[1].set_title(f"{name}, {_epoch_range(start, last)} (zoom)")
+        row[0].legend(title=BANDS[band], fontsize=8, title_fontsize=8)
     fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     return fig
 
 
-def final_accuracy_figure(runs_metrics, title: str) -> Figure:
-    """Each variant's last-epoch test accuracy: one dot per seed, mean bar, min–max whisker."""
+def final_accuracy_figure(runs_metrics, title: str, band: str = "range") -> Figure:
+    """Each variant's last-epoch test accuracy: one dot per seed, mean bar, and a whisker
+    spanning the seeds' min–max (`range`) or the 95% t interval of the mean (`ci`)."""
+    check_band(band)
     variants = _variants(runs_metrics)
     colors = variant_colors(variants)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.9 * len(variants) + 1.5), 4.6))
+    drawn = False  # the whisker's legend entry, once
+    lows, highs = [runs_metrics["final_test_acc"].min()], [runs_metrics["final_test_acc"].max()]
     for x, variant in enumerate(variants):
         values = runs_metrics.loc[runs_metrics["variant"].astype(str) == variant, "final_test_acc"].to_numpy()
         offsets = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
@@ -238,13 +286,17 @@ def final_accuracy_figure(runs_metrics, title: str) -> Figure:
                    label="one seed" if x == 0 else None)
         mean = values.mean()
         ax.hlines(mean, x - 0.25, x + 0.25, color="black", lw=2, zorder=4, label="mean" if x == 0 else None)
-        ax.vlines(x, values.min(), values.max(), color="gray", lw=1, zorder=2,
-                  label="min–max over seeds" if x == 0 else None)
-        spread = f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else ""
-        ax.annotate(f"{mean:.2f}{spread}%\nn={len(values)}", xy=(x + 0.28, mean), fontsize=8, va="center")
+        low, high = spread(values, band)
+        if not np.isnan(low):
+            ax.vlines(x, low, high, color="gray", lw=1, zorder=2, label=SPREADS[band] if not drawn else None)
+            drawn = True
+            lows.append(low)
+            highs.append(high)
+        std = f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else ""
+        ax.annotate(f"{mean:.2f}{std}%\nn={len(values)}", xy=(x + 0.28, mean), fontsize=8, va="center")
     ax.set_xticks(range(len(variants)), variants, rotation=15 if len(variants) > 4 else 0)
     ax.set_xlim(-0.6, len(variants) - 0.1)
-    low, high = runs_metrics["final_test_acc"].min(), runs_metrics["final_test_acc"].max()
+    low, high = min(lows), max(highs)
     pad = (high - low) * 0.15 or 0.1
     ax.set_ylim(low - pad, high + pad)
     ax.set_ylabel("final test accuracy (%)")

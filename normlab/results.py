@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import pandas as pd
 
-SETTINGS = ["norm", "groups", "l1", "batch_size", "dataset", "epochs", "parameters"]
+from normlab import statistics
+
+SETTINGS = ["norm", "groups", "l1", "batch_size", "dataset", "epochs", "train_size", "test_size", "parameters"]
+COMPARABLE = ["dataset", "train_size", "test_size", "epochs"]  # accuracies are ranked only within equal values
+INTERVAL_METRICS = ("final_test_acc", "best_test_acc", "final_test_loss", "min_test_loss")
+NAN = float("nan")
 
 
 def per_run(history: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: final and best test accuracy, epoch of best, min test loss, gap, time.
+    """One row per run: final and best test accuracy, epoch of best, final and min test loss, gap, time.
 
     'Final' is the run's last logged epoch. The gap is final train minus final test
     accuracy in percentage points (train accuracy is measured on augmented images with
@@ -30,6 +35,7 @@ def per_run(history: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
             "final_test_acc": test_acc.loc[last],
             "best_test_acc": test_acc.max(),
             "best_epoch": int(test_acc.idxmax()),
+            "final_test_loss": curves["test_loss"].loc[last],
             "min_test_loss": curves["test_loss"].min(),
             "final_gap": curves["train_acc"].loc[last] - test_acc.loc[last],
         })
@@ -39,7 +45,9 @@ def per_run(history: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary_table(runs_metrics: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
-    """One row per variant: settings, n seeds, mean and std of each per-run number.
+    """One row per variant: settings, n seeds, mean and std of each per-run number, and the
+    95% Student-t interval of the mean for the accuracies and losses (NaN, an empty CSV
+    cell, where one seed gives no std or interval).
 
     `best_epoch` is the epoch where the mean-over-seeds test accuracy curve peaks.
     """
@@ -51,9 +59,14 @@ def summary_table(runs_metrics: pd.DataFrame, history: pd.DataFrame) -> pd.DataF
         row = {"variant": variant, **{k: first[k] for k in SETTINGS}}
         row["n"] = len(group)
         row["seeds"] = " ".join(str(s) for s in group["seed"])
-        for name in ("final_test_acc", "best_test_acc", "min_test_loss", "final_gap", "duration_s"):
+        for name in INTERVAL_METRICS:
+            summary = statistics.summarize(group[name])
+            row[f"{name}_mean"] = summary.mean
+            row[f"{name}_std"] = NAN if summary.std is None else summary.std
+            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = summary.ci or (NAN, NAN)
+        for name in ("final_gap", "duration_s"):
             row[f"{name}_mean"] = group[name].mean()
-            row[f"{name}_std"] = group[name].std(ddof=1) if len(group) > 1 else float("nan")
+            row[f"{name}_std"] = group[name].std(ddof=1) if len(group) > 1 else NAN
         row["final_test_acc_min"] = group["final_test_acc"].min()
         row["final_test_acc_max"] = group["final_test_acc"].max()
         row["best_epoch"] = int(mean_curves.loc[variant].idxmax())
@@ -67,20 +80,30 @@ def _mean_std(mean: float, std: float, digits: int) -> str:
     return f"{mean:.{digits}f}" if pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def stat_cell(row, name: str, digits: int) -> str:
+    """'97.12 ± 0.31 [96.80, 97.44]' (mean ± std [95% CI]); '97.12 (1 seed)' without spread."""
+    mean, std = getattr(row, f"{name}_mean"), getattr(row, f"{name}_std")
+    if pd.isna(std):
+        return f"{mean:.{digits}f} (1 seed)"
+    low, high = getattr(row, f"{name}_ci_low"), getattr(row, f"{name}_ci_high")
+    return f"{mean:.{digits}f} ± {std:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def markdown_table(table: pd.DataFrame) -> str:
-    """The table a README embeds: mean ± std over seeds (sample std, n-1), n per row."""
-    header = ["variant", "params", "n (seeds)", "final test acc (%)", "best test acc (%)",
-              "epoch of best", "min test loss", "train − test acc (pp)", "run time (s)"]
+    """The table a README embeds: mean ± std [95% CI] over seeds, n per row."""
+    header = ["variant", "params", "n (seeds)", "final test acc (%)", "best test acc (%)", "epoch of best",
+              "final test loss", "min test loss", "train − test acc (pp)", "run time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for r in table.itertuples():
         cells = [
             r.variant,
             f"{r.parameters:,}" if not pd.isna(r.parameters) else "?",
             f"{r.n} ({r.seeds})",
-            _mean_std(r.final_test_acc_mean, r.final_test_acc_std, 2),
-            _mean_std(r.best_test_acc_mean, r.best_test_acc_std, 2),
+            stat_cell(r, "final_test_acc", 2),
+            stat_cell(r, "best_test_acc", 2),
             str(r.best_epoch),
-            _mean_std(r.min_test_loss_mean, r.min_test_loss_std, 4),
+            stat_cell(r, "final_test_loss", 4),
+            stat_cell(r, "min_test_loss", 4),
             _mean_std(r.final_gap_mean, r.final_gap_std, 2),
             _mean_std(r.duration_s_mean, r.duration_s_std, 1),
         ]
@@ -88,48 +111,139 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def spread_verdict(a: pd.Series, b: pd.Series) -> str:
-    """Whether two variants' per-seed final accuracies separate: compare their ranges."""
-    if len(a) < 2 or len(b) < 2:
-        return "one seed on at least one side, so the seed-to-seed spread is unknown"
-    if a.min() > b.max() or b.min() > a.max():
-        return "the seed ranges do not overlap: the difference exceeds the seed-to-seed spread"
-    return "the seed ranges overlap: the difference is within the seed-to-seed spread"
+def table_note(table: pd.DataFrame) -> str:
+    """What the table's cells are, and a warning where some variant has fewer than 5 seeds."""
+    note = (f"mean ± sample std (n − 1) over seeds [{statistics.INTERVAL}]; "
+            f"a variant with one seed has neither.")
+    few = table[table["n"] < statistics.MIN_SEEDS]
+    if len(few):
+        note += (f" {len(few)} of {len(table)} variants have fewer than {statistics.MIN_SEEDS} seeds: "
+                 f"their intervals are wide, and findings.md gives no verdict on them.")
+    return note
+
+
+def _epochs(n) -> str:
+    return "? epochs" if pd.isna(n) else f"{n} epoch" + ("" if n == 1 else "s")
+
+
+def _group_label(dataset, train_size, test_size, epochs) -> str:
+    """'mnist, 1000/500 train/test images, 4 epochs'."""
+    sizes = "?" if pd.isna(train_size) or pd.isna(test_size) else f"{train_size}/{test_size}"
+    return f"{dataset}, {sizes} train/test images, {_epochs(epochs)}"
+
+
+def ranked_groups(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Variants that can be ranked against each other, best final test accuracy first.
+
+    Accuracies are comparable only on the same data and epoch budget: the table is split by
+    dataset, train/test sizes and epochs (labelled as in _group_label).
+    """
+    groups = []
+    for key, group in table.groupby(COMPARABLE, dropna=False, sort=True):
+        ranked = group.sort_values("final_test_acc_mean", ascending=False, kind="stable").reset_index(drop=True)
+        groups.append((_group_label(*key), ranked, key[-1]))
+    # the largest group first, then the longest budget (the study before its smoke test)
+    groups.sort(key=lambda g: (-len(g[1]), -(g[2] if pd.notna(g[2]) else 0)))
+    return [(label, ranked) for label, ranked, _ in groups]
+
+
+def pairwise(table: pd.DataFrame, runs_metrics: pd.DataFrame) -> list[tuple[str, statistics.Difference]]:
+    """(group label, higher-ranked minus lower-ranked) for every pair ranked together, Welch on
+    the final test accuracies, Holm-adjusted across all pairs of the comparison that have a test."""
+    finals = {v: g["final_test_acc"].to_numpy() for v, g in runs_metrics.groupby(runs_metrics["variant"].astype(str))}
+    labelled = [(label, (ranked["variant"][i], ranked["variant"][j]))
+                for label, ranked in ranked_groups(table)
+                for i in range(len(ranked)) for j in range(i + 1, len(ranked))]
+    differences = statistics.compare_pairs(finals, [pair for _, pair in labelled])
+    return [(label, d) for (label, _), d in zip(labelled, differences)]
+
+
+def differences_frame(pairs: list[tuple[str, statistics.Difference]]) -> pd.DataFrame:
+    """differences.csv: one row per pair; test columns empty where there is no test."""
+    rows = []
+    for label, d in pairs:
+        low, high = d.ci or (NAN, NAN)
+        rows.append({"runs": label, "higher": d.a, "lower": d.b, "n_higher": d.n_a, "n_lower": d.n_b,
+                     "difference": d.difference, "ci_low": low, "ci_high": high,
+                     **{k: NAN if getattr(d, k) is None else getattr(d, k) for k in ("t", "df", "p", "p_holm")},
+                     "real": d.real, "verdict": d.verdict()})
+    columns = ["runs", "higher", "lower", "n_higher", "n_lower", "difference", "ci_low", "ci_high", "t", "df", "p",
+               "p_holm", "real", "verdict"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _difference_line(d: statistics.Difference) -> str:
+    head = f"- **{d.a}** − **{d.b}**: {d.difference:+.2f} points"
+    if d.p is None:
+        return f"{head}; {d.verdict()}."
+    return (f"{head}, 95% CI [{d.ci[0]:+.2f}, {d.ci[1]:+.2f}]; Welch t = {d.t:.2f}, df = {d.df:.1f}, "
+            f"p {statistics.format_p(d.p)}, Holm-adjusted p {statistics.format_p(d.p_holm)}: {d.verdict()}.")
 
 
 def findings(table: pd.DataFrame, runs_metrics: pd.DataFrame) -> str:
-    """Markdown: variants ranked by final test accuracy; each against the best and the next one."""
-    ranked = table.sort_values("final_test_acc_mean", ascending=False).reset_index(drop=True)
-    finals = {v: g["final_test_acc"] for v, g in runs_metrics.groupby(runs_metrics["variant"].astype(str))}
-    epochs = sorted({int(e) for e in runs_metrics["final_epoch"]})
-    datasets = sorted({str(d) for d in runs_metrics["dataset"]})
-    lines = [f"Final test accuracy ({', '.join(datasets)}, epoch {', '.join(map(str, epochs))}), "
-             f"mean ± std over seeds, best first:", ""]
-    for i, r in enumerate(ranked.itertuples(), 1):
-        lines.append(f"{i}. **{r.variant}**: {_mean_std(r.final_test_acc_mean, r.final_test_acc_std, 2)} % "
-                     f"(n={r.n}, range {r.final_test_acc_min:.2f}–{r.final_test_acc_max:.2f})")
-    # each variant against the best, and each against the next in the ranking
-    pairs = dict.fromkeys([(0, i) for i in range(1, len(ranked))] + [(i, i + 1) for i in range(1, len(ranked) - 1)])
+    """Markdown: per group of comparable runs, variants ranked by final test accuracy, then every
+    pair's difference with its interval, test and verdict (rules in normlab.statistics)."""
+    groups = ranked_groups(table)
+    pairs = pairwise(table, runs_metrics)
+    tested = sum(d.p is not None for _, d in pairs)
+    lines = []
+    if len(groups) > 1:
+        lines += [f"These runs are not all comparable: they differ in data or epoch budget "
+                  f"({'; '.join(label for label, _ in groups)}). Each group is ranked on its own below; "
+                  f"no variant is ranked or tested against one of another group.", ""]
+    few = table[table["n"] < statistics.MIN_SEEDS]
+    if len(few):
+        seeds = "; ".join(f"{r.variant} has {r.n} seed{'' if r.n == 1 else 's'}" for r in few.itertuples())
+        lines += [f"**n is too small for a verdict**: {seeds}; at least "
+                  f"{statistics.MIN_SEEDS} seeds per variant are needed (`normlab sweep --seeds "
+                  f"{statistics.MIN_SEEDS}`). The numbers below describe these runs; they do not say which "
+                  f"variant is better.", ""]
     if pairs:
-        lines += ["", "Differences:", ""]
-    for i, j in pairs:
-        high, low = ranked.iloc[i], ranked.iloc[j]
-        lines.append(f"- {high.variant} vs {low.variant}: "
-                     f"{high.final_test_acc_mean - low.final_test_acc_mean:.2f} points higher; "
-                     f"{spread_verdict(finals[high.variant], finals[low.variant])}.")
-    lowest_loss = table.loc[table["min_test_loss_mean"].idxmin()]
-    lines += ["", f"Lowest test loss: {lowest_loss.variant} "
-                  f"({_mean_std(lowest_loss.min_test_loss_mean, lowest_loss.min_test_loss_std, 4)}). "
-                  f"Train − test accuracy at the last epoch ranges from {table['final_gap_mean'].min():.2f} "
-                  f"to {table['final_gap_mean'].max():.2f} points (train accuracy is measured on augmented "
-                  f"images with dropout, so a negative gap is not a sign of overfitting)."]
+        lines += [f"Differences in final test accuracy, for each pair ranked together (higher minus lower mean, "
+                  f"in points): {statistics.PAIR_METHOD} the {tested} pair{'' if tested == 1 else 's'} with a test "
+                  f"in this comparison. A difference is called real only when its Holm-adjusted p < "
+                  f"{statistics.ALPHA:.2f} and both variants have at least {statistics.MIN_SEEDS} seeds; its 95% "
+                  f"interval then excludes zero as well (an interval that excludes zero before the correction "
+                  f"is not enough).", ""]
+    for label, ranked in groups:
+        if len(groups) > 1:
+            lines += [f"## {label}", ""]
+        lines += [f"Final test accuracy ({label}): mean ± std over seeds [{statistics.INTERVAL}], best first:", ""]
+        for i, r in enumerate(ranked.itertuples(), 1):
+            if r.n == 1:
+                lines.append(f"{i}. **{r.variant}**: {r.final_test_acc_mean:.2f} % (one seed: no std or interval)")
+                continue
+            lines.append(f"{i}. **{r.variant}**: {r.final_test_acc_mean:.2f} ± {r.final_test_acc_std:.2f} % "
+                         f"[{r.final_test_acc_ci_low:.2f}, {r.final_test_acc_ci_high:.2f}] "
+                         f"(n={r.n}, range {r.final_test_acc_min:.2f}–{r.final_test_acc_max:.2f})")
+        group_pairs = [d for group, d in pairs if group == label]
+        if group_pairs:
+            lines += ["", "Differences in final test accuracy:", ""] + [_difference_line(d) for d in group_pairs]
+        lowest = ranked.loc[ranked["min_test_loss_mean"].idxmin()]
+        lines += ["", f"Lowest test loss: {lowest.variant} ({stat_cell(lowest, 'min_test_loss', 4)}).", ""]
+    lines += [f"Train − test accuracy at the last epoch ranges from {table['final_gap_mean'].min():.2f} "
+              f"to {table['final_gap_mean'].max():.2f} points (train accuracy is measured on augmented "
+              f"images with dropout, so a negative gap is not a sign of overfitting)."]
     return "\n".join(lines) + "\n"
 
 
 def representative_runs(runs_metrics: pd.DataFrame) -> pd.DataFrame:
-    """Per variant, the run with the median final test accuracy (the lower one for even n)."""
+    """Per variant, the run whose final test accuracy is nearest the variant's mean, and why.
+
+    Ties (always the case with two seeds) go to the lower accuracy, then the lower seed;
+    the `picked` column says which rule chose the run, for the gallery's title.
+    """
     picked = []
     for _, group in runs_metrics.groupby("variant", observed=True, sort=True):
-        ordered = group.sort_values(["final_test_acc", "seed"]).reset_index(drop=True)
-        picked.append(ordered.iloc[(len(ordered) - 1) // 2])
+        mean = group["final_test_acc"].mean()
+        distance = (group["final_test_acc"] - mean).abs().round(9)  # equal up to float noise: a tie
+        ordered = group.assign(distance=distance).sort_values(["distance", "final_test_acc", "seed"])
+        run = ordered.iloc[0].drop("distance")
+        tied = int((distance == distance.min()).sum())
+        if len(group) == 1:
+            run["picked"] = "the only seed"
+        else:
+            run["picked"] = (f"the seed nearest the mean final accuracy of {len(group)} seeds ({mean:.2f}%)"
+                             + (f", the lower of {tied} equally near" if tied > 1 else ""))
+        picked.append(run)
     return pd.DataFrame(picked).reset_index(drop=True)
