@@ -43,7 +43,8 @@ def main() -> None:
 @click.option("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--experiment", default="normlab", help="MLflow experiment (ignored under `mlflow run`).")
 @click.option("--resume", "resume_run", default="", metavar="RUN_ID",
-              help="Continue this run from its last checkpoint; options left out come from the checkpoint.")
+              help="Continue this run from its last checkpoint; options left out come from the checkpoint "
+                   "(--data-dir from the run).")
 @click.option("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR,
               help="Local copy of each unfinished run's last checkpoint: DIR/RUN_ID/last.pt.")
 @click.pass_context
@@ -77,6 +78,8 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
         except (resume.ResumeError, DataError) as exc:
             raise click.ClickException(str(exc)) from exc
         config = point.config
+        if ctx.get_parameter_source("data_dir") in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            data_dir = tracking.logged_data_dir(resume_run) or data_dir  # as the hint prints it: no --data-dir
     try:
         data = DeviceData(load_raw(config.dataset, data_dir), torch_device)
     except DataError as exc:

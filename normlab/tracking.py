@@ -59,7 +59,7 @@ def experiment_id(name: str, client: MlflowClient | None = None) -> str:
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
     except MlflowException as exc:
         if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
@@ -77,7 +77,33 @@ def start_training_run(config: TrainConfig, experiment: str = EXPERIMENT, run_id
             mlflow.set_experiment(experiment)
         run = mlflow.start_run(run_name=config.run_name)
     mlflow.set_tag("mlflow.runName", config.run_name)  # `mlflow run` names runs randomly
+    mark_model_training(run.info.experiment_id)
     return run
+
+
+# MLflow's experiment kind: `custom_model_development` is its model-training view (runs,
+# metric charts, logged models) rather than the GenAI view (traces, evaluations).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+_KIND_CHECKED: set[str] = set()
+
+
+def mark_model_training(experiment_id: str) -> None:
+    """Tag the experiment as model training, unless someone chose its kind already (a kind
+    MLflow inferred, ending in `_inferred`, is not a choice). Once per experiment and process."""
+    if experiment_id in _KIND_CHECKED:
+        return
+    client = MlflowClient()
+    kind = client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG, "")
+    if kind in ("", "no_inferred_type") or kind.endswith("_inferred"):
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    _KIND_CHECKED.add(experiment_id)
+
+
+def describe_sweep_parent(run_id: str, text: str) -> None:
+    """The run's description in the MLflow UI (Markdown; the tag the UI's description editor
+    writes), for a sweep's parent: what it holds and how to see it."""
+    MlflowClient().set_tag(run_id, "mlflow.note.content", text)
 
 
 def _run_id_from_env() -> str | None:
@@ -96,10 +122,16 @@ def _same_value(logged: str, ours: str) -> bool:
         return False
 
 
+# Params `mlflow run` logs as the user asked, which normlab resolves to another value: the
+# request stays the param; what it resolved to is in the tag `normlab.<name>`.
+AS_REQUESTED = ("device",)
+
+
 def log_params(params: dict[str, object]) -> None:
     """Log params, skipping those `mlflow run` already logged with an equal value.
 
-    MLflow refuses to change a logged param, so re-logging '0.05' over '.05' would fail.
+    MLflow refuses to change a logged param, so re-logging '0.05' over '.05' would fail;
+    `device=auto` from `mlflow run` stays (AS_REQUESTED), whatever device auto picked.
     """
     run_id = mlflow.active_run().info.run_id
     existing = MlflowClient().get_run(run_id).data.params
@@ -107,7 +139,7 @@ def log_params(params: dict[str, object]) -> None:
     for key, value in params.items():
         text = str(value)
         if key in existing:
-            if not _same_value(existing[key], text):
+            if key not in AS_REQUESTED and not _same_value(existing[key], text):
                 raise ValueError(f"param {key} was logged as {existing[key]!r} but the run uses {text!r}")
             continue
         fresh[key] = text
@@ -146,6 +178,8 @@ def _log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module
         "norm": config.norm,
         "dataset": config.dataset,
         "device": torch.cuda.get_device_name(data.device) if data.device.type == "cuda" else platform.processor() or "cpu",
+        "normlab.device": str(data.device),  # what --device auto resolved to
+        "normlab.data_dir": str(Path(data_dir).resolve()),  # where a resume finds the data
         "config_hash": config.config_hash(),
         "normlab_version": normlab.__version__,
         "torch_version": torch.__version__,
@@ -249,7 +283,26 @@ def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> Non
     plt.close(figure)
     mlflow.log_dict([asdict(m) for m in mistakes], "misclassified.json")
     mlflow.log_text(summary_text(result.model, config.dataset), "model_summary.txt")
-    log_model(result.model, data)
+    model_id = log_model(result.model, data, name=config.run_name)
+    link_final_metrics(mlflow.active_run().info.run_id, model_id)
+
+
+MODEL_METRICS = ("test_acc", "test_loss")  # the columns of MLflow's models table
+
+
+def link_final_metrics(run_id: str, model_id: str) -> None:
+    """Link the run's last test accuracy and loss to its logged model, so the models table
+    compares models by them. They are logged again with the step, time and value they have,
+    which the SQL store (sqlite, server) keeps as one entry: the histories gain nothing."""
+    client = MlflowClient()
+    final = []
+    for key in MODEL_METRICS:
+        history = client.get_metric_history(run_id, key)
+        if history:
+            last = max(history, key=lambda m: (m.step, m.timestamp))
+            final.append(Metric(key, last.value, last.timestamp, last.step, model_id=model_id))
+    if final:
+        client.log_batch(run_id, metrics=final)
 
 
 @contextmanager
@@ -279,19 +332,21 @@ _EXPORT_LOCK = threading.Lock()
 CHECK_ON_CPU = {"MLFLOW_DEFAULT_PREDICTION_DEVICE": "cpu"}
 
 
-def log_model(model: torch.nn.Module, data: DeviceData) -> None:
-    """The trained model with its source code, so `mlflow.pytorch.load_model` works anywhere."""
+def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model") -> str:
+    """The trained model with its source code, so `mlflow.pytorch.load_model` works anywhere;
+    named after the run (`gn2-s1`), as the models table lists it. Returns its model id."""
     model = model.cpu().eval()
     example = data.test_x[:2].cpu().numpy().astype(np.float32)
     with _EXPORT_LOCK, _environment(CHECK_ON_CPU, keep_users=True):
         info = mlflow.pytorch.log_model(
             model,
-            name="model",
+            name=name,
             input_example=example,
             code_paths=[str(PACKAGE_DIR)],
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
         )
     mlflow.set_tag("model_uri", info.model_uri)
+    return info.model_id
 
 
 
@@ -506,6 +561,13 @@ def resume_training_run(run_id: str, after_epoch: int) -> mlflow.ActiveRun:
     return run
 
 
+def logged_data_dir(run_id: str) -> str | None:
+    """The data folder a run trained on: the absolute path it logged (tag normlab.data_dir),
+    else its data_dir param (runs from before that tag); None when it logged neither."""
+    data = MlflowClient().get_run(run_id).data
+    return data.tags.get("normlab.data_dir") or data.params.get("data_dir")
+
+
 def require_run(run_id: str) -> None:
     """Raise a clear error when the tracking store has no such run."""
     from mlflow.exceptions import MlflowException
@@ -544,12 +606,17 @@ class Selection:
     searched: str  # what was searched, for messages: "experiment 'normlab', parent run abc"
 
 
+MLFLOW_DEFAULT_EXPERIMENT = "Default"  # where MLflow puts runs that name no experiment
+
+
 def select_runs(experiment: str = EXPERIMENT, filter_string: str | None = None,
                 parent_run_id: str | None = None, run_ids: list[str] | None = None,
                 include_unfinished: bool = False) -> Selection:
     """Training runs of an experiment, narrowed by filter, parent (sweep) run or run ids.
 
-    Explicit run ids are looked up wherever they live (the experiment is then not used).
+    The experiment "normlab" (the default) also takes in the training runs in MLflow's
+    "Default" experiment, where `mlflow run` puts them unless told otherwise. Explicit run
+    ids are looked up wherever they live (the experiment is then not used).
     Raises SelectionError, naming what was searched, when nothing is left to compare.
     """
     from mlflow.entities import ViewType
@@ -563,12 +630,19 @@ def select_runs(experiment: str = EXPERIMENT, filter_string: str | None = None,
         searched = f"run ids {', '.join(run_ids)}"
     else:
         found = client.get_experiment_by_name(experiment)
-        if found is None:
+        experiment_ids = [found.experiment_id] if found is not None else []
+        searched = f"experiment {experiment!r}"
+        if experiment == EXPERIMENT:
+            # `mlflow run . -P norm=ln` without --experiment-name trains in MLflow's "Default"
+            # experiment (MLproject cannot name one): normlab's runs there count as normlab's
+            default = client.get_experiment_by_name(MLFLOW_DEFAULT_EXPERIMENT)
+            if default is not None and default.lifecycle_stage == "active":
+                experiment_ids.append(default.experiment_id)
+                searched += f" and normlab's runs in {MLFLOW_DEFAULT_EXPERIMENT!r} (from `mlflow run`)"
+        if not experiment_ids:
             names = sorted(e.name for e in client.search_experiments())
             raise SelectionError(f"no experiment named {experiment!r} in {mlflow.get_tracking_uri()}; "
                                  f"experiments there: {', '.join(names) or 'none'}")
-        experiment_ids = [found.experiment_id]
-        searched = f"experiment {experiment!r}"
     if parent_run_id:
         _get_run(client, parent_run_id, "parent run")
         clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
