@@ -210,7 +210,8 @@ def _draw_curves(ax, history, metric: str, colors: dict, epochs: tuple[int, int]
                 markersize=6 if len(stats) == 1 else 3, label=f"{variant} (n={n})")
         if n > 1 and len(stats) == 1:
             mean, low, high = stats.iloc[0][["mean", "low", "high"]]
-            ax.errorbar(stats.index, [mean], yerr=[[mean - low], [high - mean]], color=color, capsize=5, lw=1.5)
+            ax.errorbar(stats.index, [mean], yerr=[[mean - low], [high - mean]], fmt="none", color=color, capsize=5,
+                        lw=1.5)
         elif n > 1:
             ax.fill_between(stats.index, stats["low"], stats["high"], color=color, alpha=0.2, linewidth=0)
         lows.append(stats[["mean", "low"]].min().min())

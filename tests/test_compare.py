@@ -2,8 +2,10 @@
 
 Five runs are trained once for the module with the real `train` command, in this process
 to pay the imports once (BN + L1 and LN with seeds 1 and 2, GN with one seed; 4 epochs on
-1,000 real digits). Expected numbers come from what each training
-process printed per epoch, not from MLflow, so the store round trip is checked too.
+1,000 real digits), and two 1-epoch LN runs in experiment "short" for the edges (one epoch,
+unequal epoch budgets). Expected numbers come from what each training
+process printed per epoch, not from MLflow, so the store round trip is checked too; the
+statistics expected of them come from scipy.stats on those printed numbers.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from matplotlib.collections import PathCollection, PolyCollection
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
+from scipy import stats
 
 from normlab import compare, plots, results
 from normlab.cli import main
@@ -38,6 +41,7 @@ TRAINED = [  # (norm, l1, seed, child of the sweep parent run)
     ("ln", "0", 2, True),
     ("gn", "0", 1, False),
 ]
+SHORT_SEEDS = (1, 2)  # LN, 1 epoch, in experiment "short"
 LABELS = {"bn": "BN + L1 (1e-05)", "ln": "LN", "gn": "GN (2 groups)"}
 EPOCH_LINE = re.compile(r"epoch\s+(\d+)/\d+\s+train_loss ([\d.]+)\s+train_acc\s+([\d.]+)%\s+"
                         r"test_loss ([\d.]+)\s+test_acc\s+([\d.]+)%")
@@ -58,6 +62,7 @@ class Store:
     uri: str
     parent_id: str
     runs: list[TrainedRun] = field(default_factory=list)
+    short: list[TrainedRun] = field(default_factory=list)  # LN, 1 epoch
 
     def run(self, norm: str, seed: int) -> TrainedRun:
         return next(r for r in self.runs if r.variant == LABELS[norm] and r.seed == seed)
@@ -89,6 +94,7 @@ def store(tmp_path_factory, small_mnist_dir) -> Store:
         experiment = client.create_experiment("normlab", artifact_location=str(root / "artifacts"))
         client.create_experiment("odd", artifact_location=str(root / "odd-artifacts"))
         client.create_experiment("comparisons", artifact_location=str(root / "comparison-artifacts"))
+        client.create_experiment("short", artifact_location=str(root / "short-artifacts"))
         parent = client.create_run(experiment, run_name="sweep").info.run_id
         client.set_terminated(parent)
 
@@ -104,6 +110,13 @@ def store(tmp_path_factory, small_mnist_dir) -> Store:
             built.runs.append(TrainedRun(run_id, LABELS[norm], seed, printed))
             if child:
                 client.set_tag(run_id, "mlflow.parentRunId", parent)
+        for seed in SHORT_SEEDS:
+            done = CliRunner().invoke(main, ["train", "--norm", "ln", "--seed", str(seed), "--epochs", "1",
+                                             "--experiment", "short", "--data-dir", str(small_mnist_dir),
+                                             "--device", "cpu"])
+            assert done.exit_code == 0, done.output[-3000:]
+            run_id, printed = parse_training_output(done.output)
+            built.short.append(TrainedRun(run_id, "LN", seed, printed))
         torch.set_num_threads(threads)
         os.environ.pop("MLFLOW_EXPERIMENT_ID")  # left by training; `mlflow run` refuses it with a name
         yield built
@@ -164,7 +177,7 @@ def test_select_by_parent_filter_and_run_ids(store):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"experiment": "nope"}, "no experiment named 'nope'"),
-    ({"filter_string": "params.norm = 'in'"}, "no training runs to compare in experiment 'normlab', filter"),
+    ({"filter_string": "params.norm = 'in'"}, "no training runs to compare in experiment 'normlab'"),
     ({"filter_string": "params.norm === 'ln'"}, "MLflow could not search"),
     ({"run_ids": ["0" * 32]}, f"run '{'0' * 32}' not found"),
     ({"parent_run_id": "f" * 32}, f"parent run '{'f' * 32}' not found"),
@@ -233,7 +246,7 @@ def test_test_accuracy_figure_has_a_line_per_variant_and_bands_for_seeds(store, 
         assert all(float(t).is_integer() for t in ax.get_xticks())
     legend = full.get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["BN + L1 (1e-05) (n=2)", "LN (n=2)", "GN (2 groups) (n=1)"]
-    assert legend.get_title().get_text() == plots.BAND
+    assert legend.get_title().get_text() == "line: mean over seeds, band: min–max over seeds"
     lines = {line.get_label(): line for line in full.get_lines()}
     bands = [c for c in full.collections if isinstance(c, PolyCollection)]
     assert len(lines) == 3 and len(bands) == 2  # one band per variant with two seeds
@@ -249,6 +262,35 @@ def test_test_accuracy_figure_has_a_line_per_variant_and_bands_for_seeds(store, 
     np.testing.assert_allclose(gn.get_ydata(), store.run("gn", 1).printed["test_acc"], atol=6e-3)
     finals = {f"{seed_stats(store, v, 'test_acc')['mean'].iloc[-1]:.2f}%" for v in LABELS.values()}
     assert {t.get_text() for t in zoom.texts} == finals
+    plt.close("all")
+
+
+def t_interval(values) -> tuple[float, float]:
+    """scipy's 95% t interval of the mean; a point where the seeds agree exactly."""
+    mean, sem = np.mean(values), stats.sem(values)
+    return (mean, mean) if sem == 0 else stats.t.interval(0.95, len(values) - 1, loc=mean, scale=sem)
+
+
+def test_confidence_band_is_the_t_interval_of_each_epochs_seeds(store, comparison):
+    figures = comparison.figures(band="ci")
+    full = figures["test_accuracy.png"].axes[0]
+    assert full.get_legend().get_title().get_text() == "line: mean over seeds, band: 95% CI of the mean (Student t)"
+    bands = [c for c in full.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 2  # GN has one seed: no band
+    for variant, band in zip(["BN + L1 (1e-05)", "LN"], bands):
+        per_epoch = pd.concat([r.printed["test_acc"] for r in store.runs if r.variant == variant], axis=1)
+        intervals = np.array([t_interval(row) for row in per_epoch.to_numpy()])
+        corners = band.get_paths()[0].vertices
+        np.testing.assert_allclose(corners[:, 1].min(), intervals[:, 0].min(), atol=0.05)
+        np.testing.assert_allclose(corners[:, 1].max(), intervals[:, 1].max(), atol=0.05)
+        assert intervals[:, 1].max() - intervals[:, 0].min() > per_epoch.max().max() - per_epoch.min().min()
+    whiskers = figures["final_accuracy.png"].axes[0]
+    assert "95% CI of the mean" in [t.get_text() for t in whiskers.get_legend().get_texts()]
+    [lines] = [c for c in whiskers.collections if c.get_label() == "95% CI of the mean"]  # BN's, drawn first
+    bn = [r.printed["test_acc"].iloc[-1] for r in store.runs if r.variant == "BN + L1 (1e-05)"]
+    np.testing.assert_allclose(sorted(lines.get_segments()[0][:, 1]), t_interval(bn), atol=0.01)
+    with pytest.raises(ValueError, match="unknown band 'sd': choose one of range, ci"):
+        comparison.figures(band="sd")
     plt.close("all")
 
 
@@ -278,6 +320,43 @@ def test_final_accuracy_figure_shows_every_seed(store, comparison):
     plt.close("all")
 
 
+def test_one_epoch_shows_markers_and_whiskers_and_says_epoch(store):
+    short = compare.load_comparison("short")
+    assert short.describe() == "2 runs, 1 variant; mnist (1000/500 train/test images), 1 epoch"
+    figures = short.figures()
+    values = [r.printed["test_acc"].loc[1] for r in store.short]
+    [ax] = figures["test_accuracy.png"].axes  # one epoch: no zoom panel
+    assert ax.get_title() == "Test accuracy, epoch 1"
+    [line] = ax.get_lines()[:1]
+    assert (line.get_marker(), line.get_markersize()) == ("o", 6)
+    np.testing.assert_allclose(line.get_ydata(), [np.mean(values)], atol=6e-3)
+    assert not [c for c in ax.collections if isinstance(c, PolyCollection)]  # no zero-width band
+    [whisker] = ax.containers  # the seeds' min-max as an error bar
+    np.testing.assert_allclose(sorted(whisker.lines[2][0].get_segments()[0][:, 1]), sorted(values), atol=6e-3)
+    titles = [ax.get_title() for f in figures.values() for ax in f.axes] + [
+        f._suptitle.get_text() for f in figures.values() if f._suptitle is not None]
+    assert "Test accuracy by variant (2 runs, 1 variant; mnist (1000/500 train/test images), 1 epoch)" in titles
+    assert not [t for t in titles if "1 epochs" in t or "1–1" in t]
+    plt.close("all")
+
+
+def test_unequal_epoch_budgets_are_not_ranked_against_each_other(store):
+    ids = [r.run_id for r in store.short] + [store.run(n, s).run_id for n in ("bn", "ln") for s in (1, 2)]
+    mixed = compare.load_comparison(run_ids=ids)
+    assert mixed.table["variant"].tolist() == ["BN + L1 (1e-05), 4 epochs", "LN, 1 epoch", "LN, 4 epochs"]
+    text = results.findings(mixed.table, mixed.runs_metrics)
+    assert "These runs are not all comparable: they differ in data or epoch budget" in text
+    sections = re.split(r"^## ", text, flags=re.M)[1:]
+    assert [s.splitlines()[0] for s in sections] == ["mnist, 1000/500 train/test images, 4 epochs",
+                                                     "mnist, 1000/500 train/test images, 1 epoch"]
+    assert re.findall(r"^\d\. \*\*(.+?)\*\*", sections[1], re.M) == ["LN, 1 epoch"]
+    assert sorted(re.findall(r"^\d\. \*\*(.+?)\*\*", sections[0], re.M)) == ["BN + L1 (1e-05), 4 epochs",
+                                                                            "LN, 4 epochs"]
+    pairs = results.pairwise(mixed.table, mixed.runs_metrics)
+    assert [{d.a, d.b} for _, d in pairs] == [{"BN + L1 (1e-05), 4 epochs", "LN, 4 epochs"}]
+    assert "1 epoch**" not in "".join(x for x in text.splitlines() if x.startswith("- "))
+
+
 # --- table ---------------------------------------------------------------------------
 
 
@@ -290,39 +369,60 @@ def test_table_numbers_equal_the_histories(store, comparison):
         row = table.loc[variant]
         final = pd.Series([r.printed["test_acc"].iloc[-1] for r in runs])
         best = pd.Series([r.printed["test_acc"].max() for r in runs])
+        final_loss = pd.Series([r.printed["test_loss"].iloc[-1] for r in runs])
         min_loss = pd.Series([r.printed["test_loss"].min() for r in runs])
         gap = pd.Series([r.printed["train_acc"].iloc[-1] - r.printed["test_acc"].iloc[-1] for r in runs])
         infos = [client.get_run(r.run_id).info for r in runs]
         duration = pd.Series([(i.end_time - i.start_time) / 1000 for i in infos])
         assert (row["n"], row["seeds"], row["parameters"]) == (len(runs), " ".join(str(r.seed) for r in runs), 7750)
         for name, values, tol in [("final_test_acc", final, 6e-3), ("best_test_acc", best, 6e-3),
-                                  ("min_test_loss", min_loss, 6e-5), ("final_gap", gap, 1.2e-2),
-                                  ("duration_s", duration, 1e-9)]:
+                                  ("final_test_loss", final_loss, 6e-5), ("min_test_loss", min_loss, 6e-5),
+                                  ("final_gap", gap, 1.2e-2), ("duration_s", duration, 1e-9)]:
             assert row[f"{name}_mean"] == pytest.approx(values.mean(), abs=tol)
             if len(runs) > 1:
                 assert row[f"{name}_std"] == pytest.approx(values.std(), abs=2 * tol)
             else:
                 assert np.isnan(row[f"{name}_std"])
+            if name in results.INTERVAL_METRICS and len(runs) > 1:  # t(0.975, 1) = 12.7: 13 x the error
+                interval = (row[f"{name}_ci_low"], row[f"{name}_ci_high"])
+                assert interval == pytest.approx(t_interval(values), abs=20 * tol)
+            elif name in results.INTERVAL_METRICS:
+                assert np.isnan(row[f"{name}_ci_low"]) and np.isnan(row[f"{name}_ci_high"])
         assert row["best_epoch"] == seed_stats(store, variant, "test_acc")["mean"].idxmax()
     markdown = results.markdown_table(comparison.table)
     ln = table.loc["LN"]
-    assert (f"| LN | 7,750 | 2 (1 2) | {ln.final_test_acc_mean:.2f} ± {ln.final_test_acc_std:.2f} | "
-            in markdown)
+    assert (f"| LN | 7,750 | 2 (1 2) | {ln.final_test_acc_mean:.2f} ± {ln.final_test_acc_std:.2f} "
+            f"[{ln.final_test_acc_ci_low:.2f}, {ln.final_test_acc_ci_high:.2f}] | " in markdown)
     gn = table.loc["GN (2 groups)"]
-    assert f"| GN (2 groups) | 7,750 | 1 (1) | {gn.final_test_acc_mean:.2f} | " in markdown
+    assert (f"| GN (2 groups) | 7,750 | 1 (1) | {gn.final_test_acc_mean:.2f} (1 seed) | "
+            f"{gn.best_test_acc_mean:.2f} (1 seed) | {gn.best_epoch} | {gn.final_test_loss_mean:.4f} (1 seed) | "
+            in markdown)
+    assert "nan" not in markdown.lower()
 
 
-def test_findings_rank_variants_and_judge_the_seed_spread(comparison):
+def test_findings_rank_variants_test_the_pair_and_say_n_is_too_small(store, comparison):
     text = results.findings(comparison.table, comparison.runs_metrics)
     ranked = comparison.table.sort_values("final_test_acc_mean", ascending=False)["variant"].tolist()
     assert [re.search(rf"^{i}\. \*\*(.+?)\*\*", text, re.M).group(1) for i in (1, 2, 3)] == ranked
-    finals = comparison.runs_metrics.groupby(comparison.runs_metrics["variant"].astype(str))["final_test_acc"]
-    bn, ln = finals.get_group("BN + L1 (1e-05)"), finals.get_group("LN")
-    separate = bn.min() > ln.max() or ln.min() > bn.max()
-    verdict = "do not overlap" if separate else "overlap"
-    assert re.search(rf"- (LN vs BN \+ L1 \(1e-05\)|BN \+ L1 \(1e-05\) vs LN): [\d.]+ points higher; "
-                     rf"the seed ranges {verdict}", text)
-    assert "one seed on at least one side" in text  # GN has a single seed
+    assert text.startswith("**n is too small for a verdict**: BN + L1 (1e-05) has 2 seeds; LN has 2 seeds; "
+                           "GN (2 groups) has 1 seed; at least 5 seeds per variant are needed")
+    assert "Holm's method across the 1 pair with a test in this comparison" in text  # GN's pairs have none
+    assert "not all comparable" not in text  # one dataset, one budget
+    printed = {v: [r.printed["test_acc"].iloc[-1] for r in store.runs if r.variant == v] for v in LABELS.values()}
+    high, low = sorted(["BN + L1 (1e-05)", "LN"], key=lambda v: -np.mean(printed[v]))
+    welch = stats.ttest_ind(printed[high], printed[low], equal_var=False)
+    [(_, pair)] = [p for p in results.pairwise(comparison.table, comparison.runs_metrics) if p[1].p is not None]
+    assert (pair.a, pair.b) == (high, low)
+    assert (pair.difference, pair.t, pair.df) == pytest.approx(
+        (np.mean(printed[high]) - np.mean(printed[low]), welch.statistic, welch.df), abs=0.02)
+    assert pair.p == pytest.approx(welch.pvalue, abs=0.01) and pair.p_holm == pair.p  # one test: Holm = raw
+    line = next(x for x in text.splitlines() if x.startswith(f"- **{high}** − **{low}**"))
+    assert line.endswith(": n is too small for a verdict (2 and 2 seeds; at least 5 per variant are needed).")
+    assert f", 95% CI [{pair.ci[0]:+.2f}, {pair.ci[1]:+.2f}]; Welch t = {pair.t:.2f}, df = {pair.df:.1f}, " in line
+    gn = "GN (2 groups)"
+    assert sum(f"**{gn}**" in x and x.endswith(f"{gn} has one seed: no interval or test.")
+               for x in text.splitlines()) == 2
+    assert "real:" not in text and "nan" not in text.lower()
 
 
 # --- outputs, galleries, logging ---------------------------------------------------------
@@ -334,12 +434,25 @@ def test_run_comparison_writes_stable_files_and_logs_them(tmp_path, store):
     done = compare.run_comparison(out, parent_run_id=store.parent_id)
     expected = {"test_loss.png", "test_accuracy.png", "train_curves.png", "final_accuracy.png",
                 "misclassified_bn-l1-1e-05.png", "misclassified_ln.png",
-                "results.csv", "results.md", "runs.csv", "findings.md"}
+                "results.csv", "results.md", "runs.csv", "differences.csv", "findings.md"}
     assert {p.name for p in out.iterdir()} == expected == set(done.files)
     written = pd.read_csv(out / "results.csv")
     assert written["variant"].tolist() == ["BN + L1 (1e-05)", "LN"]
-    np.testing.assert_allclose(written["final_test_acc_mean"], done.table["final_test_acc_mean"])
-    assert results.markdown_table(done.table) in (out / "results.md").read_text()
+    for metric in results.INTERVAL_METRICS:
+        for stat in ("mean", "std", "ci_low", "ci_high"):
+            np.testing.assert_allclose(written[f"{metric}_{stat}"], done.table[f"{metric}_{stat}"])
+    assert (written["final_test_acc_ci_low"] < written["final_test_acc_mean"]).all()
+    md = (out / "results.md").read_text()
+    assert results.markdown_table(done.table) in md
+    assert ("mean ± sample std (n − 1) over seeds [95% Student-t confidence interval of the mean]; a variant "
+            "with one seed has neither. 2 of 2 variants have fewer than 5 seeds") in md
+    [pair] = pd.read_csv(out / "differences.csv").to_dict("records")
+    ranked = done.table.sort_values("final_test_acc_mean", ascending=False)["variant"].tolist()
+    assert ([pair["higher"], pair["lower"], pair["n_higher"], pair["n_lower"], pair["real"]] == ranked + [2, 2, False])
+    assert pair["runs"] == "mnist, 1000/500 train/test images, 4 epochs"
+    assert pair["ci_low"] < pair["difference"] < pair["ci_high"] and pair["p_holm"] == pair["p"]
+    assert pair["verdict"] == "n is too small for a verdict (2 and 2 seeds; at least 5 per variant are needed)"
+    assert (out / "findings.md").read_text() == results.findings(done.table, done.runs_metrics)
 
     logged = client.get_run(done.logged_to_run_id)
     assert logged.info.run_id not in store.children | {store.parent_id}
@@ -376,10 +489,13 @@ def test_galleries_are_the_runs_logged_mistake_images(tmp_path, store, compariso
     finals = comparison.runs_metrics.set_index("run_id")["final_test_acc"]
     for (name, figure), variant in zip(galleries.items(), LABELS.values()):
         runs = [r for r in store.runs if r.variant == variant]
-        shown = min(runs, key=lambda r: (finals[r.run_id], r.seed))  # the lower median of one or two
+        shown = min(runs, key=lambda r: (finals[r.run_id], r.seed))  # one seed, or two equally near their mean
         title = figure._suptitle.get_text()
         assert title.startswith(f"{variant}: 10 most confident test mistakes")
-        assert f"seed {shown.seed}, run {shown.run_id[:8]}" in title
+        why = ("the only seed" if len(runs) == 1 else
+               f"the seed nearest the mean final accuracy of 2 seeds ({finals[[r.run_id for r in runs]].mean():.2f}%), "
+               f"the lower of 2 equally near")
+        assert title.endswith(f"seed {shown.seed}, run {shown.run_id[:8]}: {why}")
         artifact = client.download_artifacts(shown.run_id, "misclassified.png", str(tmp_path / shown.run_id))
         np.testing.assert_array_equal(figure.axes[0].images[0].get_array(), plt.imread(artifact))
         mistakes = json.loads(Path(client.download_artifacts(shown.run_id, "misclassified.json",
@@ -401,6 +517,10 @@ def test_compare_command(tmp_path, store):
     assert (out / "test_accuracy.png").stat().st_size > 10_000
     assert "warning:" not in done.output
 
+    bad = CliRunner().invoke(main, ["compare", "--band", "sd", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "'sd' is not one of 'range', 'ci'" in bad.output
+    assert not (tmp_path / "bad").exists()
+
     missing = CliRunner().invoke(main, ["compare", "--experiment", "nope", "--out", str(tmp_path / "none")])
     assert missing.exit_code == 1
     assert "Error: no experiment named 'nope'" in missing.output and "normlab" in missing.output
@@ -415,13 +535,14 @@ def test_mlproject_compare_entry_point(tmp_path, store):
     done = subprocess.run(
         [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "compare", "--env-manager", "local",
          "--experiment-name", "comparisons", "-P", f"run_ids={store.run('ln', 1).run_id},{store.run('gn', 1).run_id}",
-         "-P", f"out={out}"],
+         "-P", f"out={out}", "-P", "band=ci"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "results.md").exists()
     client = MlflowClient()
     [run] = client.search_runs([client.get_experiment_by_name("comparisons").experiment_id])
     assert run.data.tags["compared_run_ids"] == f"{store.run('ln', 1).run_id},{store.run('gn', 1).run_id}"
+    assert run.data.params["band"] == "ci"
     assert "comparison/results.csv" in {a.path for a in client.list_artifacts(run.info.run_id, "comparison")}
 
 
@@ -449,4 +570,5 @@ def test_notebook_runs_top_to_bottom_against_the_store(store, monkeypatch):
     text = "".join(o.get("text", "") + o.get("data", {}).get("text/markdown", "") for o in outputs)
     assert "Compared 5 runs, 3 variants" in text and store.uri in text
     assert "| GN (2 groups) | 7,750 | 1 (1) |" in text
-    assert "Differences:" in text
+    assert "**n is too small for a verdict**" in text
+    assert "Differences in final test accuracy:" in text
