@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -102,6 +103,7 @@ def _train_in_run(trainer, point, run_id: str, data_dir: str, checkpoint_dir: st
     config, data = trainer.config, trainer.data
     local = tracking.local_checkpoint_path(checkpoint_dir, run_id)
     resume_hint = f"resume with: normlab train --resume {run_id}"
+    started, phases = time.perf_counter(), {}
     uploads = tracking.EpochUploads(run_id)
     checkpointer = None
     try:
@@ -117,14 +119,16 @@ def _train_in_run(trainer, point, run_id: str, data_dir: str, checkpoint_dir: st
             if point.source_is_local:  # the artifact may lag behind: bring it up to date
                 uploads.submit(tracking.upload_checkpoint, run_id, local)
         checkpointer = tracking.Checkpointer(trainer, uploads, local, point.records if point else [])
-        if trainer.epoch < config.epochs:
-            seconds = trainer.prepare()
-            if seconds > 1:
-                echo(f"step compiled and captured in {seconds:.1f} s")
+        phases["setup"] = time.perf_counter() - started
+        phases["compile and capture"] = trainer.prepare() if trainer.epoch < config.epochs else 0.0
         progress = Progress(config.epochs, echo, bars)
+        started = time.perf_counter()
         result = fit(trainer, CallbackList(checkpointer, tracking.MetricLogger(uploads), progress))
+        phases["training and evaluation"] = time.perf_counter() - started
+        started = time.perf_counter()
         uploads.close()
         tracking.log_results(config, data, result)
+        phases["artifacts and model"] = time.perf_counter() - started
     except TrainingStopped as exc:
         _close_quietly(uploads)
         if checkpointer is not None and checkpointer.records:
@@ -159,9 +163,9 @@ def _train_in_run(trainer, point, run_id: str, data_dir: str, checkpoint_dir: st
     final = checkpointer.records[-1] if checkpointer.records else None
     if final is None:
         return Ending(run_id, "finished")
-    echo(f"done: test accuracy {final['test_acc']:.2f}%, test loss {final['test_loss']:.4f}; MLflow calls of "
-         f"the epoch loop: {uploads.busy_seconds:.2f} s on the upload thread, training waited "
-         f"{uploads.waited_seconds:.2f} s for them")
+    echo(f"done: test accuracy {final['test_acc']:.2f}%, test loss {final['test_loss']:.4f}")
+    echo("phases: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases.items())
+         + f"; training waited {uploads.waited_seconds:.2f} s for MLflow")
     return Ending(run_id, "finished", test_acc=final["test_acc"], test_loss=final["test_loss"])
 
 

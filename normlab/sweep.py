@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -156,6 +155,7 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
          f"{' (resuming it)' if existed else ''}; {len(plan.done)} finished already, {len(plan.resume)} to "
          f"resume, {len(plan.start)} to start, {len(plan.busy)} being trained elsewhere; {executor.describe()}")
     started = time.perf_counter()
+    echo(f"sweep: runs handed to the workers {_since_process_start():.1f} s after the command started")
 
     def settle(result) -> None:
         name = result.config.run_name
@@ -185,7 +185,9 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
         records.finish_parent("KILLED")
     elif all(c.config_hash() in outcome.done for c in configs):
         try:
+            started = time.perf_counter()
             compare_children(records, configs, outcome.done, out_dir, echo)
+            echo(f"sweep: comparison took {time.perf_counter() - started:.1f} s")
         except Exception:
             records.finish_parent("FAILED")
             raise
@@ -193,6 +195,12 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     elif outcome.failures:
         records.finish_parent("FAILED")
     return outcome
+
+
+def _since_process_start() -> float:
+    import normlab
+
+    return time.time() - normlab.IMPORTED_AT
 
 
 def check_writable(folder: Path, option: str) -> None:

@@ -1,0 +1,157 @@
+"""What the user waits for: normlab's commands timed as processes, against the notebook pipeline.
+
+Each row is one command run as a user runs it (a new process, its own fresh MLflow store),
+timed from start to exit, on a cold compile cache (empty Inductor and Triton caches, as on a
+fresh machine) or a warm one. The notebook pipeline (benchmarks/speed.py's DataLoader + PIL
+loop) runs as one process per study variant for --notebook-epochs epochs; its wall time for
+the full study is that process's fixed cost plus the study's epochs at its median epoch time,
+said so in the output. Per-phase times are read from the commands' own output.
+
+    python benchmarks/e2e.py --out benchmarks/results/e2e.json            # GPU: the full table
+    python benchmarks/e2e.py --epochs 2 --rows train,sweep1 --device cpu  # a quick CPU look
+
+Data: 60,000 training images (the first 8,000 real MNIST test digits, tiled) and the other
+2,000 as test set, unless --data-dir holds full MNIST.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.speed import STUDY, prepare_mnist  # noqa: E402
+
+ROWS = ("sweep1-cold", "sweep1", "sweep10", "train", "mlflow-run", "notebook")
+
+
+def run(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> tuple[float, str, int]:
+    """Run a command as a process; (wall seconds, its output, exit status)."""
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    output = done.stdout + done.stderr
+    log.write_text(output)
+    return wall, output, done.returncode
+
+
+def phases(output: str) -> dict[str, float]:
+    """Sum each phase over the runs in a command's output, plus the sweep's own phases."""
+    total: dict[str, float] = {}
+    for line in re.findall(r"phases: (.*?);", output):
+        for name, seconds in re.findall(r"([a-z ]+?) ([0-9.]+) s", line):
+            total[name.strip()] = total.get(name.strip(), 0.0) + float(seconds)
+    for pattern, name in ((r"runs handed to the workers ([0-9.]+) s", "start (imports, store, data check)"),
+                          (r"comparison took ([0-9.]+) s", "comparison")):
+        found = re.search(pattern, output)
+        if found:
+            total[name] = float(found.group(1))
+    return total
+
+
+def finished(output: str) -> int:
+    return len(re.findall(r"^finished ", output, re.M)) or len(re.findall(r"\] done: test accuracy|^\S*done: test", output, re.M))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--notebook-epochs", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma list from {', '.join(ROWS)}")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
+    parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    parser.add_argument("--logs", type=Path, help="keep each command's output in this folder")
+    args = parser.parse_args()
+    rows = args.rows.split(",")
+    work = Path(tempfile.mkdtemp(prefix="normlab-e2e-"))
+    digits = next((p for p in (ROOT / "tests" / "data" / "mnist-t10k", ROOT.parent / "shared" / "data" / "mnist-t10k")
+                   if p.exists()), ROOT / "tests" / "data" / "mnist-t10k")
+    data, source = prepare_mnist(args.data_dir, digits, work / "data", None, None, holdout=2000)
+    logs = args.logs or work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    base = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                PYTHONUNBUFFERED="1")
+    warm_cache = {"TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"), "TRITON_CACHE_DIR": str(work / "triton")}
+    results: list[dict] = []
+    epochs = ["--epochs", str(args.epochs)]
+
+    def time_row(name: str, command: list[str], cold: bool = False, runs: int = 1) -> None:
+        env = dict(base, MLFLOW_TRACKING_URI=f"sqlite:///{work / name / 'mlflow.db'}", **warm_cache)
+        if cold:
+            env.update(TORCHINDUCTOR_CACHE_DIR=str(work / "cold-inductor"), TRITON_CACHE_DIR=str(work / "cold-triton"))
+        (work / name).mkdir(parents=True, exist_ok=True)
+        wall, output, status = run(command, env, work / name, logs / f"{name}.log")
+        row = {"row": name, "command": " ".join(command[2:] if command[0] == sys.executable else command),
+               "cache": "cold" if cold else "warm", "wall_s": round(wall, 2), "exit": status,
+               "runs_finished": finished(output), "runs": runs, "phases_s": phases(output)}
+        results.append(row)
+        print(f"{name:<12} {row['cache']:<5} {wall:7.1f} s  exit {status}  finished {row['runs_finished']}/{runs}  "
+              f"{json.dumps({k: round(v, 1) for k, v in row['phases_s'].items()})}", flush=True)
+        if status != 0:
+            print(output[-3000:], flush=True)
+
+    normlab = [sys.executable, "-m", "normlab"]
+    common = ["--data-dir", str(data), "--device", args.device]
+    if "sweep1-cold" in rows:
+        time_row("sweep1-cold", normlab + ["sweep", *common, *epochs], cold=True, runs=3)
+    if "sweep1" in rows:
+        time_row("warm-up", normlab + ["sweep", *common, *epochs], runs=3)  # fills the warm cache
+        time_row("sweep1", normlab + ["sweep", *common, *epochs], runs=3)
+    if "sweep10" in rows:
+        time_row("sweep10", normlab + ["sweep", "--seeds", "10", *common, *epochs], runs=30)
+    if "train" in rows:
+        time_row("train", normlab + ["train", "--norm", "ln", *common, *epochs])
+    if "mlflow-run" in rows:
+        time_row("mlflow-run", [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
+                                "-P", "norm=ln", "-P", f"data_dir={data}", "-P", f"epochs={args.epochs}"])
+    notebook = None
+    if "notebook" in rows:
+        per_variant = []
+        for config in STUDY:
+            code = ("import json,sys,torch; sys.path.insert(0, %r); from benchmarks.speed import notebook_runs; "
+                    "from normlab.train import TrainConfig, resolve_device; "
+                    "r = notebook_runs(__import__('pathlib').Path(%r), resolve_device(%r), %d, [1], 2, "
+                    "TrainConfig(norm=%r, groups=%d, l1=%r)); print(json.dumps(r.epoch_seconds))"
+                    % (str(ROOT), str(data), args.device, args.notebook_epochs, config.norm, config.groups, config.l1))
+            wall, output, status = run([sys.executable, "-c", code], base, work, logs / f"notebook-{config.norm}.log")
+            seconds = json.loads(output.strip().splitlines()[-1])
+            fixed = wall - sum(seconds)
+            per_variant.append({"variant": config.label, "process_wall_s": round(wall, 2), "epoch_seconds": seconds,
+                                "fixed_s": round(fixed, 2),
+                                "study_wall_s": round(fixed + args.epochs * statistics.median(seconds), 1)})
+            print(f"notebook {config.label:<12} {wall:6.1f} s for {args.notebook_epochs} epochs "
+                  f"(median epoch {statistics.median(seconds):.2f} s, fixed {fixed:.1f} s)", flush=True)
+        notebook = {"variants": per_variant, "study_wall_s": round(sum(v["study_wall_s"] for v in per_variant), 1),
+                    "how": f"each variant's process fixed cost + {args.epochs} x its median epoch "
+                           f"(measured over {args.notebook_epochs} epochs)"}
+        print(f"notebook study (3 variants x {args.epochs} epochs, one after another): {notebook['study_wall_s']:.1f} s "
+              f"({notebook['how']})")
+        for row in results:
+            if row["row"].startswith("sweep1"):
+                row["x_notebook"] = round(notebook["study_wall_s"] / row["wall_s"], 1)
+                print(f"{row['row']}: {row['x_notebook']}x faster than the notebook study")
+    import torch
+
+    report = {"date": time.strftime("%Y-%m-%d"), "data": source, "epochs": args.epochs,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+              "torch": torch.__version__, "python": platform.python_version(), "rows": results, "notebook": notebook}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
