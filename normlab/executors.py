@@ -33,9 +33,10 @@ class WorkerSettings:
     tracking_uri: str
 
 
-def local_devices(device: str) -> list[tuple[str, dict[str, str]]]:
+def local_devices(device: str, cpu_workers: int = 1) -> list[tuple[str, dict[str, str]]]:
     """(device, environment) of each local worker: one per visible GPU, pinned to it with
-    CUDA_VISIBLE_DEVICES, for auto/cuda when there is a GPU; else the one device asked for."""
+    CUDA_VISIBLE_DEVICES, for auto/cuda when there is a GPU; else ``cpu_workers`` on the
+    CPU, sharing its cores (OMP_NUM_THREADS), or the one device asked for."""
     import torch
 
     from normlab.train import resolve_device
@@ -46,7 +47,18 @@ def local_devices(device: str) -> list[tuple[str, dict[str, str]]]:
         gpus = [g.strip() for g in visible.split(",") if g.strip()] if visible is not None \
             else [str(i) for i in range(torch.cuda.device_count())]
         return [("cuda", {"CUDA_VISIBLE_DEVICES": gpu}) for gpu in gpus]
+    if resolved.type == "cpu" and cpu_workers > 1:
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // cpu_workers))
+        return [("cpu", {"OMP_NUM_THREADS": threads}) for _ in range(cpu_workers)]
     return [(str(resolved), {})]
+
+
+def local_executor(device: str, cpu_workers: int, settings: WorkerSettings, echo: Callable[[str], None]):
+    """Worker processes, one per device; the sweep's own process when there is one device."""
+    devices = local_devices(device, cpu_workers)
+    if len(devices) == 1:
+        return InProcessExecutor(devices[0][0], settings, echo)
+    return LocalExecutor(devices, settings, echo)
 
 
 def _retry(request: RunRequest, result: RunResult, attempts: dict[str, int]) -> RunRequest | None:
@@ -69,6 +81,52 @@ def _worker_died(request: RunRequest, run_id: str | None, why: str, device: str)
 
 
 # -- on this machine --------------------------------------------------------------------
+
+class InProcessExecutor:
+    """The worker in the sweep's own process, for a machine with one device: the command has
+    imported torch and MLflow and read the data already, so no second process pays that again."""
+
+    def __init__(self, device: str, settings: WorkerSettings, echo: Callable[[str], None]):
+        from normlab.worker import Worker
+
+        self.worker = Worker(device, settings.data_dir, settings.experiment, settings.checkpoint_dir)
+        self.echo = echo
+        self.stopping = False
+
+    def describe(self) -> str:
+        return f"1 worker in this process ({self.worker.device_name}), {self.worker.concurrent} run(s) at once"
+
+    def run(self, requests: list[RunRequest], on_result: OnResult) -> None:
+        from normlab.interrupts import stop_on_signals
+
+        tasks: queue.Queue = queue.Queue()
+        for request in requests:
+            tasks.put(request)
+        lock = threading.Lock()
+
+        def serve() -> None:
+            with self.worker.stream():
+                while True:
+                    try:
+                        request = tasks.get_nowait()
+                    except queue.Empty:
+                        return
+                    result = self.worker.train(request)
+                    with lock:
+                        on_result(result)
+
+        def stop(reason: str) -> None:
+            self.stopping = True
+            self.worker.request_stop(reason)
+
+        with stop_on_signals(stop):
+            threads = [threading.Thread(target=serve, daemon=True) for _ in range(min(self.worker.concurrent, len(requests)))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(timeout=0.2)
+
 
 def _local_worker(index: int, device: str, settings: WorkerSettings, tasks, results) -> None:
     """A worker process: ``concurrent`` threads take requests from the shared queue until a
@@ -102,8 +160,9 @@ class LocalExecutor:
     """One worker process per device of this machine, fed from one queue (so a worker that
     finishes early takes the next run), with no service to start."""
 
-    def __init__(self, device: str, settings: WorkerSettings, echo: Callable[[str], None]):
-        self.devices = local_devices(device)
+    def __init__(self, devices: list[tuple[str, dict[str, str]]], settings: WorkerSettings,
+                 echo: Callable[[str], None]):
+        self.devices = devices
         self.settings = settings
         self.echo = echo
         self.context = multiprocessing.get_context("spawn")  # CUDA cannot be forked

@@ -120,17 +120,18 @@ class Outcome:
 
 
 def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkpoint_dir: str,
-              address: str | None = None, out_dir: Path | None = None,
+              address: str | None = None, cpu_workers: int = 1, out_dir: Path | None = None,
               echo: Callable[[str], None] = print) -> Outcome:
     """Validate, open the parent, train what MLflow says is left, then compare on the parent.
 
     ``address`` (a Ray cluster, or "auto") runs the workers as Ray actors; without it they
-    are processes on this machine, one per GPU."""
+    are processes on this machine, one per GPU (``cpu_workers`` on a machine without one),
+    or this process itself when there is one device."""
     import mlflow
 
     from normlab import sweep_tracking as st
     from normlab import tracking
-    from normlab.executors import LocalExecutor, RayExecutor, WorkerSettings
+    from normlab.executors import RayExecutor, WorkerSettings, local_executor
     from normlab.worker import RunRequest
 
     configs = grid.validate()
@@ -150,7 +151,8 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     requests += [RunRequest(by_hash[h], records.child_tags(by_hash[h], commit), records.experiment_id,
                             run_id=run_id, resume=True) for h, run_id in plan.resume.items()]
     settings = WorkerSettings(str(data_dir), records.experiment_name(), checkpoint_dir, mlflow.get_tracking_uri())
-    executor = RayExecutor(address, settings, echo) if address else LocalExecutor(device, settings, echo)
+    executor = (RayExecutor(address, settings, echo) if address
+                else local_executor(device, cpu_workers, settings, echo))
     echo(f"sweep {grid.sweep_hash()}: {len(configs)} children, parent run {parent_id}"
          f"{' (resuming it)' if existed else ''}; {len(plan.done)} finished already, {len(plan.resume)} to "
          f"resume, {len(plan.start)} to start, {len(plan.busy)} being trained elsewhere; {executor.describe()}")
