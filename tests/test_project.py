@@ -2,6 +2,8 @@
 
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -20,11 +23,14 @@ from tests.conftest import ROOT, cli_env, run_cli
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 
 
-def mlflow_run(*params: str, experiment: str = "project-test", timeout: float = 900) -> subprocess.CompletedProcess:
+def mlflow_run(*params: str, experiment: str | None = "project-test", entry: str = "main",
+               timeout: float = 900) -> subprocess.CompletedProcess:
     """`mlflow run ROOT` from another folder, without this checkout on PYTHONPATH: as in the
-    environment MLflow builds from conda.yaml, the project runs from its own folder."""
-    args = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
-            "--experiment-name", experiment]
+    environment MLflow builds from conda.yaml, the project runs from its own folder.
+    experiment=None names none, as a user typing `mlflow run .` does."""
+    args = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-e", entry]
+    if experiment is not None:
+        args += ["--experiment-name", experiment]
     for p in params:
         args += ["-P", p]
     env = cli_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
@@ -95,13 +101,64 @@ def test_bad_parameters_fail_before_training(tracking_uri, small_mnist_dir, para
         assert MlflowClient().get_metric_history(run.info.run_id, "test_acc") == []
 
 
-def test_params_given_in_mlflow_spelling_do_not_conflict(tracking_uri, small_mnist_dir):
-    """`-P lr=.05 -P l1=1e-5` is logged by MLflow as typed; ours ('0.05', '1e-05') must not clash."""
-    proc = mlflow_run("norm=ln", "epochs=1", "lr=.05", "l1=1e-5", "batch_size=256",
-                      f"data_dir={small_mnist_dir}", "device=cpu", experiment="spelling")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    [run] = runs_of("spelling")
-    assert run.info.status == "FINISHED" and run.data.params["lr"] == ".05"
+def test_mlflow_run_as_typed_then_ctrl_c_then_the_printed_resume_then_compare(tracking_uri, small_mnist_dir,
+                                                                                tmp_path):
+    """What a user types: `mlflow run` with the defaults (device=auto, no experiment name)
+    and their own spellings (`-P lr=.05 -P l1=1e-5 -P seed=3`), Ctrl-C during epoch 2, the
+    resume command exactly as printed (no --data-dir), then `mlflow run -e compare` with its
+    defaults. One `mlflow run` of each entry point: they take half a minute each."""
+    cache = tmp_path / "cache"  # the default --checkpoint-dir lives under XDG_CACHE_HOME
+    args = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-P", "norm=ln",
+            "-P", "epochs=2", "-P", "lr=.05", "-P", "l1=1e-5", "-P", "seed=3", "-P", f"data_dir={small_mnist_dir}"]
+    env = cli_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], XDG_CACHE_HOME=str(cache))
+    env.pop("PYTHONPATH")
+    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch   1/2"):
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches `mlflow run`
+            break
+    out, err = proc.communicate(timeout=300)
+    assert lines and lines[-1].startswith("epoch   1/2"), "".join(lines) + out + err
+    [hint] = re.findall(r"resume with: (normlab train --resume \w+)", err)
+
+    [run] = runs_of("Default")  # where `mlflow run` puts a run when no experiment is named
+    assert run.data.tags["normlab.status"] == "interrupted"
+    assert hint.split()[-1] == run.info.run_id
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    resumed = subprocess.run(shlex.split(hint), cwd=elsewhere, env=cli_env(XDG_CACHE_HOME=str(cache)),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming run {run.info.run_id} after epoch 1" in resumed.stdout
+
+    client = MlflowClient()
+    run = client.get_run(run.info.run_id)
+    params, tags = run.data.params, run.data.tags
+    # as the user typed them, next to what normlab resolved
+    assert params["device"] == "auto" and tags["normlab.device"] == "cpu"
+    assert params["lr"] == ".05" and params["l1"] == "1e-5" and params["seed"] == "3"
+    assert params["groups"] == "2" and params["batch_size"] == "128" and params["dataset"] == "mnist"
+    assert params["resume"] == "''"  # MLflow logs an empty default as the shell's quoted ''
+    assert tags["normlab.data_dir"] == str(Path(small_mnist_dir).resolve())
+    assert tags["mlflow.runName"] == "ln-l1_1e-05-s3" and tags["normlab.status"] == "finished"
+    for metric in METRICS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2], metric
+    [model] = client.search_logged_models([run.info.experiment_id])
+    assert model.name == "ln-l1_1e-05-s3" and model.source_run_id == run.info.run_id
+    final = {m.key: m.value for m in model.metrics}
+    assert final == {k: run.data.metrics[k] for k in ("test_acc", "test_loss")}
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    # `mlflow run -e compare` with its defaults finds the run although it is in "Default"
+    compared = mlflow_run("out=" + str(tmp_path / "out"), entry="compare", experiment=None)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "out" / "runs.csv")
+    assert table["run_id"].tolist() == [run.info.run_id]
+    [comparison] = [r for r in runs_of("Default") if r.info.run_id != run.info.run_id]
+    assert comparison.data.tags["compared_run_ids"] == run.info.run_id
 
 
 def test_normlab_train_creates_its_own_named_run(tracking_uri, small_mnist_dir):
