@@ -282,11 +282,18 @@ def test_readme_shows_the_real_output_and_figure(printed):
     assert without_rounding_noise(readme_block("normlab explain")) == without_rounding_noise(printed)
     assert readme_block("normlab summary --norm bn") == run("summary", "--norm", "bn").output
     assert (ROOT / "docs" / "normalizations.png").is_file()
-    rows = re.findall(r"^\| (`bn`.*|`none`) \| ([\d,]+) \| ([\d,]+) \|$", (ROOT / "README.md").read_text(), re.M)
+    rows = re.findall(r"^\| (`bn`.*|`in`.*|`none`) \| ([\d,]+) \| ([\d,]+) \|$", (ROOT / "README.md").read_text(), re.M)
+    listed = {}  # (dataset, norm, groups) -> the count the README gives
     for norms, mnist, cifar in rows:
+        # a row lists norms, and for gn the MNIST group counts it covers ("1, 2 or 5 groups", "10 groups")
+        mnist_groups = [int(g) for g in re.findall(r"(\d+)(?:,| or| groups)", norms.split("CIFAR")[0])]
         for norm in re.findall(r"`(\w+)`", norms):
             if norm in NORMS:
-                groups = valid_groups("mnist") if norm == "gn" else [2]
-                assert {count_parameters(Net("mnist", norm, g)) for g in groups} == {int(mnist.replace(",", ""))}
-                assert count_parameters(Net("cifar10", norm, 2)) == int(cifar.replace(",", ""))
-    assert len(rows) == 2
+                for g in (mnist_groups if norm == "gn" else [2]):
+                    listed["mnist", norm, g] = int(mnist.replace(",", ""))
+                if norm != "gn" or "CIFAR-10: any" in norms:
+                    for g in (valid_groups("cifar10") if norm == "gn" else [2]):
+                        listed["cifar10", norm, g] = int(cifar.replace(",", ""))
+    expected = {(d, n, g): count_parameters(Net(d, n, g)) for d in ARCHITECTURES for n in NORMS
+                for g in (valid_groups(d) if n == "gn" else [2])}
+    assert listed == expected
