@@ -113,10 +113,16 @@ def mark_model_training(experiment_id: str) -> None:
     MLflow inferred, ending in `_inferred`, is not a choice). Once per experiment and process."""
     if experiment_id in _KIND_CHECKED:
         return
+    from mlflow.exceptions import MlflowException
+
     client = MlflowClient()
     kind = client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG, "")
     if kind in ("", "no_inferred_type") or kind.endswith("_inferred"):
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        try:
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        except MlflowException:  # runs starting together: another one's insert came first
+            if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+                raise
     _KIND_CHECKED.add(experiment_id)
 
 
