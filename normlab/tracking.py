@@ -126,12 +126,6 @@ def mark_model_training(experiment_id: str) -> None:
     _KIND_CHECKED.add(experiment_id)
 
 
-def describe_sweep_parent(run_id: str, text: str) -> None:
-    """The run's description in the MLflow UI (Markdown; the tag the UI's description editor
-    writes), for a sweep's parent: what it holds and how to see it."""
-    MlflowClient().set_tag(run_id, "mlflow.note.content", text)
-
-
 def _run_id_from_env() -> str | None:
     from mlflow.environment_variables import MLFLOW_RUN_ID
 
