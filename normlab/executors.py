@@ -92,6 +92,7 @@ class InProcessExecutor:
         self.worker = Worker(device, settings.data_dir, settings.experiment, settings.checkpoint_dir)
         self.echo = echo
         self.stopping = False
+        self.workers = 1
 
     def describe(self) -> str:
         return f"1 worker in this process ({self.worker.device_name}), {self.worker.concurrent} run(s) at once"
@@ -163,6 +164,7 @@ class LocalExecutor:
     def __init__(self, devices: list[tuple[str, dict[str, str]]], settings: WorkerSettings,
                  echo: Callable[[str], None]):
         self.devices = devices
+        self.workers = len(devices)
         self.settings = settings
         self.echo = echo
         self.context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
@@ -176,7 +178,7 @@ class LocalExecutor:
         return CONCURRENT_ON_GPU if self.devices[0][0].startswith("cuda") else 1
 
     def describe(self) -> str:
-        where = ", ".join(f"GPU {env['CUDA_VISIBLE_DEVICES']}" if env else device for device, env in self.devices)
+        where = ", ".join(self._where(i) for i in range(len(self.devices)))
         return f"{len(self.devices)} local worker process(es) ({where}), {self.concurrent} run(s) at once each"
 
     def _start(self, index: int) -> None:
@@ -194,7 +196,7 @@ class LocalExecutor:
 
     def _where(self, index: int) -> str:
         device, env = self.devices[index]
-        return f"GPU {env['CUDA_VISIBLE_DEVICES']}" if env else device
+        return f"GPU {env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in env else f"{device} worker {index + 1}"
 
     def run(self, requests: list[RunRequest], on_result: OnResult) -> None:
         """Train every request; returns when each has a result (or the sweep is stopped)."""
@@ -300,6 +302,7 @@ class RayExecutor:
             count = int(resources.get("CPU", 1))
         actor_class = ray.remote(RayWorker).options(max_concurrency=self.concurrent, **options)
         self.actors = [actor_class.remote(settings) for _ in range(count)]
+        self.workers = count
         self.nodes = len(nodes)
 
     def describe(self) -> str:

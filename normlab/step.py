@@ -39,17 +39,24 @@ class Speedups:
     eval_batch_size: int = 500  # test images per forward pass in evaluation
 
     @classmethod
-    def default(cls, device: torch.device) -> "Speedups":
-        """On a GPU: CUDA graphs of 64 compiled steps each, with normlab.conv's convolutions, and
-        evaluation in batches of 2000 (1.7x faster than 1000). On the H200 an epoch took 0.276 s
-        uncompiled, 0.264 s with cuDNN, 0.151 s with one graph per step and 0.145 s so, for
-        21-27 s of compiling per variant the first time, under 0.5 s once the caches hold it;
-        NHWC made it no faster. On the CPU: malloc keeps freed memory, and evaluation batches
-        of 500, whose activations stay under glibc's 32 MB mmap limit (1000 took twice as
-        long); compiling made CPU steps slower."""
+    def default(cls, device: torch.device, epochs_ahead: int = 0) -> "Speedups":
+        """On a GPU: CUDA graphs of 64 steps each with normlab.conv's convolutions, evaluation in
+        batches of 2000, and the step compiled when ``epochs_ahead`` (the epochs this process
+        will train of this variant and batch size) reach COMPILE_PAYS_FROM_EPOCHS. On the CPU:
+        malloc keeps freed memory, evaluation in batches of 500 (under glibc's mmap limit), no
+        compiling (it made CPU steps slower). docs/speed.md has the measurements."""
         cuda = device.type == "cuda"
-        return cls(cuda_graphs=cuda, chunk_steps=64 if cuda else 1, keep_freed_memory=not cuda, compile=cuda,
+        return cls(cuda_graphs=cuda, chunk_steps=64 if cuda else 1, keep_freed_memory=not cuda,
+                   compile=cuda and epochs_ahead >= COMPILE_PAYS_FROM_EPOCHS,
                    triton_convs=cuda, eval_batch_size=2000 if cuda else 500)
+
+
+# Compiling the step saves about 0.11 s of a 60,000-image epoch on an H200 (0.14 instead of
+# 0.25 s) and costs 22-29 s per variant on a machine whose compile caches are empty, 1.7-2.9 s
+# once they hold it (benchmarks/results/h200-2026-11-29-compile-rule.txt). A process cannot
+# tell which it will get, so it compiles when even the cold cost is paid back: from 200
+# epochs of one variant and batch size (ten 20-epoch runs, a 10-seed study's share).
+COMPILE_PAYS_FROM_EPOCHS = 200
 
 
 class TrainStep:

@@ -132,7 +132,7 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     from normlab import sweep_tracking as st
     from normlab import tracking
     from normlab.executors import RayExecutor, WorkerSettings, local_executor
-    from normlab.worker import RunRequest
+    from normlab.worker import RunRequest, compile_key
 
     configs = grid.validate()
     check_resources(configs, data_dir, device)
@@ -146,13 +146,17 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     for run_id in plan.abandoned:
         records.mark_failed(run_id, "FAILED", "abandoned: the process training it is gone")
     outcome = Outcome(parent_id, done=dict(plan.done), busy=dict(plan.busy))
-    requests = [RunRequest(c, records.child_tags(c, commit), records.experiment_id) for c in plan.start]
-    by_hash = {c.config_hash(): c for c in configs}
-    requests += [RunRequest(by_hash[h], records.child_tags(by_hash[h], commit), records.experiment_id,
-                            run_id=run_id, resume=True) for h, run_id in plan.resume.items()]
     settings = WorkerSettings(str(data_dir), records.experiment_name(), checkpoint_dir, mlflow.get_tracking_uri())
     executor = (RayExecutor(address, settings, echo) if address
                 else local_executor(device, cpu_workers, settings, echo))
+    by_hash = {c.config_hash(): c for c in configs}
+    todo = plan.start + [by_hash[h] for h in plan.resume]
+    ahead = epochs_per_worker(todo, executor.workers)
+    requests = [RunRequest(c, records.child_tags(c, commit), records.experiment_id,
+                           epochs_ahead=ahead[compile_key(c)]) for c in plan.start]
+    requests += [RunRequest(by_hash[h], records.child_tags(by_hash[h], commit), records.experiment_id,
+                            run_id=run_id, resume=True, epochs_ahead=ahead[compile_key(by_hash[h])])
+                 for h, run_id in plan.resume.items()]
     echo(f"sweep {grid.sweep_hash()}: {len(configs)} children, parent run {parent_id}"
          f"{' (resuming it)' if existed else ''}; {len(plan.done)} finished already, {len(plan.resume)} to "
          f"resume, {len(plan.start)} to start, {len(plan.busy)} being trained elsewhere; {executor.describe()}")
@@ -197,6 +201,16 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     elif outcome.failures:
         records.finish_parent("FAILED")
     return outcome
+
+
+def epochs_per_worker(configs: list[TrainConfig], workers: int) -> dict[tuple, int]:
+    """The epochs of each compile key (variant and batch size) one worker trains, about."""
+    from normlab.worker import compile_key
+
+    total: dict[tuple, int] = {}
+    for config in configs:
+        total[compile_key(config)] = total.get(compile_key(config), 0) + config.epochs
+    return {key: epochs // max(1, workers) for key, epochs in total.items()}
 
 
 def _since_process_start() -> float:

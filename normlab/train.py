@@ -23,9 +23,11 @@ from normlab.rng import RunRNG
 from normlab.step import EpochSteps, Speedups, TrainStep
 
 
-# Dynamo, Inductor and CUDA-graph capture are not thread-safe: runs side by side in one
-# process (normlab.worker) prepare one at a time, then train concurrently.
-PREPARE_LOCK = threading.Lock()
+# Dynamo, AOTAutograd and torch.export share process-wide tracing state, and a CUDA graph
+# must not capture another thread's work: runs side by side in one process (normlab.worker)
+# compile, capture and export their models one at a time, holding this lock, and train
+# concurrently in between.
+TRACING_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -44,14 +46,24 @@ class TrainConfig:
     seed: int = 1
 
     def validate(self) -> "TrainConfig":
-        """Raise ConfigError for anything that cannot train; checks needing no data."""
+        """Raise ConfigError for anything that cannot train; checks needing no data.
+
+        NaN passes every comparison, so floats are checked to be finite first: ``--l1 nan``
+        would otherwise train without L1 under an "L1" label, and an infinite --lr or --l1
+        only fails epochs later as a diverged loss."""
         check_dataset(self.dataset)
         check_norm(self.norm, self.groups, self.dataset)
-        for name in ("epochs", "batch_size", "lr"):
+        for name in ("epochs", "batch_size"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.l1 < 0:
-            raise ConfigError(f"--l1 must be zero or positive, got {self.l1}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be positive and finite, got {self.lr}; the default is "
+                              f"--lr {TrainConfig.lr}")
+        if not (math.isfinite(self.l1) and self.l1 >= 0):
+            raise ConfigError(f"--l1 must be zero or positive and finite, got {self.l1}; 0 means no L1, "
+                              f"and the study's BN + L1 uses --l1 1e-5")
+        if not 0 <= self.seed < 2**64:
+            raise ConfigError(f"--seed must be in 0..{2**64 - 1} (torch seeds are unsigned 64-bit), got {self.seed}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.dropout < 1:
@@ -214,18 +226,20 @@ class FitResult:
 class Trainer:
     """Model, optimizer, schedule and RNG for one config; one call of run_epoch per epoch.
 
-    ``speedups`` defaults to what pays on the data's device (normlab.step.Speedups); any
-    choice trains the same steps with the same schedule.
+    ``speedups`` defaults to what pays on the data's device for ``epochs_ahead`` epochs of
+    this variant in this process (default: this run's; normlab.step.Speedups); any choice
+    trains the same steps with the same schedule.
     """
 
-    def __init__(self, config: TrainConfig, data: DeviceData, *, speedups: Speedups | None = None):
+    def __init__(self, config: TrainConfig, data: DeviceData, *, speedups: Speedups | None = None,
+                 epochs_ahead: int | None = None):
         config.validate().check_fits(data.train_size)
         self.config = config
         self.data = data
         device = data.device
         self.rng = RunRNG(config.seed, device)  # weights and dropout
         self.generator = torch.Generator(device=device).manual_seed(config.seed)  # shuffle and augmentation
-        self.speedups = speedups or Speedups.default(device)
+        self.speedups = speedups or Speedups.default(device, config.epochs if epochs_ahead is None else epochs_ahead)
         if self.speedups.keep_freed_memory:
             keep_freed_memory()
         with self.rng.active():
@@ -305,7 +319,7 @@ class Trainer:
         with one evaluation; returns the seconds it took (about 0 when there is nothing to do,
         or it was done). What the warm-up steps train is undone, so preparing changes no result."""
         start = time.perf_counter()
-        with PREPARE_LOCK:
+        with TRACING_LOCK:
             if self.train_step.compiled or self.steps.graphed:
                 self.steps.prepare(self.data.normalize(self.data.train_x), self.data.train_y)
             if self.speedups.triton_convs and self.last_evaluation is None:

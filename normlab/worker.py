@@ -44,6 +44,7 @@ class RunRequest:
     experiment_id: str | None = None
     run_id: str | None = None
     resume: bool = False
+    epochs_ahead: int = 0  # epochs of this variant a worker trains in this sweep (compile when it pays)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ class RunResult:
     device: str = ""
 
 
+def compile_key(config: TrainConfig) -> tuple:
+    """What a compiled step depends on: the model, the L1 weight (a constant in the update)
+    and the batch size."""
+    return config.dataset, config.norm, config.groups if config.norm == "gn" else None, config.l1, config.batch_size
+
+
 class Worker:
     """Trains requests in this process on one device, keeping data and compiled steps warm."""
 
@@ -72,6 +79,7 @@ class Worker:
         self.concurrent = concurrent or (CONCURRENT_ON_GPU if self.device.type == "cuda" else 1)
         self.bars = bars
         self.datasets: dict[str, DeviceData] = {}
+        self.compiled: set[tuple] = set()  # steps compiled in this process: later runs reuse them
         self.trainers: list[Trainer] = []
         self.stop_reason: str | None = None
         self.lock = threading.Lock()
@@ -123,7 +131,11 @@ class Worker:
         trainer = None
         try:
             data = self.data(config.dataset)
-            trainer = Trainer(config, data)
+            key = compile_key(config)
+            ahead = float("inf") if key in self.compiled else max(request.epochs_ahead, config.epochs)
+            trainer = Trainer(config, data, epochs_ahead=ahead)
+            if trainer.speedups.compile:
+                self.compiled.add(key)
             point = None
             if request.resume:
                 point = resume.find(request.run_id, config, set(), self.checkpoint_dir)
