@@ -60,6 +60,7 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
     try:
         config.validate()
         torch_device = resolve_device(device)
+        tracking.check_checkpoint_dir(checkpoint_dir)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     tracking.use_bounded_http_retries()
@@ -252,13 +253,15 @@ def _seeds(ctx, param, value: str) -> tuple[int, ...]:
               help="auto (every visible GPU, one worker each; else the CPU), cpu, cuda or cuda:N.")
 @click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS", ""), show_default="$RAY_ADDRESS",
               help="Run the workers on this Ray cluster (auto, or HOST:PORT) instead of this machine.")
+@click.option("--workers", type=click.IntRange(min=1), default=1,
+              help="Worker processes on a machine without a GPU, sharing its cores (with GPUs: one per GPU).")
 @click.option("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR,
               help="Local copy of each unfinished child's last checkpoint: DIR/RUN_ID/last.pt.")
 @click.option("--experiment", default="normlab", help="MLflow experiment (ignored under `mlflow run`).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Also keep the comparison files in this folder (they are logged on the parent anyway).")
 def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epochs, lr, device, address,
-          checkpoint_dir, experiment, out) -> None:
+          workers, checkpoint_dir, experiment, out) -> None:
     """Run a grid of variants x seeds as child runs of one parent run, then compare them.
 
     The children train in warm worker processes, one per GPU (or one on the CPU), or on a
@@ -275,7 +278,7 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
     try:
         tracking.check_tracking_reachable()
         outcome = run_sweep(grid, experiment=experiment, data_dir=data_dir, device=device,
-                            checkpoint_dir=checkpoint_dir, address=address or None,
+                            checkpoint_dir=checkpoint_dir, address=address or None, cpu_workers=workers,
                             out_dir=Path(out) if out else None, echo=click.echo)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

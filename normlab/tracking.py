@@ -26,7 +26,8 @@ import normlab
 from normlab import plots
 from normlab.data import DeviceData
 from normlab.models import summary_text
-from normlab.train import Callbacks, EpochRecord, FitResult, TrainConfig
+from normlab.redaction import redact
+from normlab.train import TRACING_LOCK, Callbacks, EpochRecord, FitResult, TrainConfig
 
 EXPERIMENT = "normlab"
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
@@ -341,11 +342,6 @@ def _environment(settings: dict[str, str], keep_users: bool = False):
                 os.environ[k] = v
 
 
-# MLflow 3 serializes a PyTorch model through torch.export, whose tracing is process-wide:
-# runs side by side (one thread each) that log their models at once break each other's trace.
-_EXPORT_LOCK = threading.Lock()
-
-
 # MLflow checks the input example by loading the model on the GPU when there is one, which
 # a model exported from the CPU cannot do (a warning for every GPU run): check on the CPU,
 # unless the user chose a device.
@@ -353,16 +349,18 @@ CHECK_ON_CPU = {"MLFLOW_DEFAULT_PREDICTION_DEVICE": "cpu"}
 
 
 def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model") -> str:
-    """The trained model with its source code, so `mlflow.pytorch.load_model` works anywhere;
-    named after the run (`gn2-s1`), as the models table lists it. Returns its model id."""
+    """The trained model as a torch.export program (pt2), so `mlflow.pytorch.load_model` works
+    anywhere without normlab's code; named after the run (`gn2-s1`), as the models table lists
+    it. Returns its model id. No code_paths: MLflow would put the artifact's code/ first on the
+    loader's sys.path, so whoever can write to the store could run code as normlab there."""
     model = model.cpu().eval()
     example = data.test_x[:2].cpu().numpy().astype(np.float32)
-    with _EXPORT_LOCK, _environment(CHECK_ON_CPU, keep_users=True):
+    with TRACING_LOCK, _environment(CHECK_ON_CPU, keep_users=True):  # torch.export traces
         info = mlflow.pytorch.log_model(
             model,
             name=name,
             input_example=example,
-            code_paths=[str(PACKAGE_DIR)],
+            serialization_format="pt2",  # not pickle (MLflow's default on Databricks), which needs the code
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
         )
     mlflow.set_tag("model_uri", info.model_uri)
@@ -395,9 +393,20 @@ def use_bounded_http_retries() -> None:
     each retry on stderr (urllib3 logs them to a NullHandler), so an outage is visible."""
     for name, value in HTTP_RETRY_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    hide_credentialed_links()
     retries = logging.getLogger("urllib3.connectionpool")
     if not any(isinstance(h, _RetryReporter) for h in retries.handlers):
         retries.addHandler(_RetryReporter())
+
+
+def hide_credentialed_links() -> None:
+    """When the tracking URI carries a user or password, stop MLflow printing its "View run
+    at" links, which it builds from the whole URI, secret included, on every run it ends."""
+    from urllib.parse import urlsplit
+
+    uri = urlsplit(mlflow.get_tracking_uri())
+    if uri.username or uri.password:
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 class _RetryReporter(logging.Handler):
@@ -408,22 +417,48 @@ class _RetryReporter(logging.Handler):
         self.setFormatter(logging.Formatter("%(asctime)s tracking server did not answer; %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stderr, flush=True)
+        print(redact(self.format(record)), file=sys.stderr, flush=True)
+
+
+# What a refusing server's status means for the user, by HTTP status.
+REFUSAL_ADVICE = {
+    401: "it asks for credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+         "(MLflow's basic-auth app) or MLFLOW_TRACKING_TOKEN",
+    403: "it refuses this client: a server started with --allowed-hosts must list the host name "
+         "in MLFLOW_TRACKING_URI ({host}); with authentication, this user needs permission",
+}
 
 
 def check_tracking_reachable(timeout: float = 5.0) -> None:
     """Fail within seconds, before any data is loaded, when an http(s) tracking server does
-    not answer its /health (MLflow's own retries would take minutes to give up)."""
-    import requests
+    not answer or refuses normlab's calls, with the server's reason. It makes an API call
+    (experiments/search, as a run does) with the credentials MLflow sends: a server whose
+    security middleware or authentication refuses every API call (403 Invalid Host header,
+    401) still answers /health. MLflow's own retries would take minutes to give up."""
+    from urllib.parse import urlsplit
+
+    from mlflow.tracking._tracking_service.utils import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
 
     uri = mlflow.get_tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
-        except requests.RequestException as exc:
-            raise TrackingUnreachable(
-                f"the MLflow tracking server {uri} cannot be reached ({type(exc).__name__}); start it, "
-                f"or point MLFLOW_TRACKING_URI at one that runs (unset it for a local store)") from exc
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
+                                max_retries=0, timeout=timeout, raise_on_status=False,
+                                params={"max_results": 1})
+    except Exception as exc:  # MLflow wraps the connection error (refused, DNS, TLS, timeout)
+        cause = exc.__cause__ or exc.__context__ or exc
+        raise TrackingUnreachable(
+            f"the MLflow tracking server {redact(uri)} cannot be reached ({type(cause).__name__}); start it, "
+            f"or point MLFLOW_TRACKING_URI at one that runs (unset it for a local store)") from None
+    if not response.ok:
+        reason = " ".join(response.text.split())[:300] or response.reason
+        advice = REFUSAL_ADVICE.get(response.status_code, "see the server's log").format(
+            host=urlsplit(uri).hostname)
+        raise TrackingUnreachable(redact(
+            f"the MLflow tracking server {uri} refuses normlab's requests: HTTP {response.status_code} "
+            f"{reason!r}; {advice}"))
 
 
 def create_store_safely() -> None:
@@ -459,7 +494,8 @@ def record_ending(run_id: str, outcome: str, reason: str | None = None) -> bool:
     """
     tags = {STATUS_TAG: outcome}
     if reason:
-        tags[REASON_TAG] = reason[:4000]
+        tags[REASON_TAG] = redact(reason)[:4000]
+    hide_credentialed_links()  # a refused command's ending may come before use_bounded_http_retries
     _stop_system_metrics(run_id)
     with _environment(FEW_RETRIES):
         try:
@@ -473,8 +509,8 @@ def record_ending(run_id: str, outcome: str, reason: str | None = None) -> bool:
                 client.set_terminated(run_id, RUN_STATUS[outcome])
             return True
         except Exception as exc:  # the store is what failed; report and let the caller exit
-            print(f"warning: could not record that run {run_id} {outcome} in MLflow ({type(exc).__name__}: "
-                  f"{str(exc).splitlines()[0] if str(exc) else ''})", file=sys.stderr)
+            print(redact(f"warning: could not record that run {run_id} {outcome} in MLflow ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})"), file=sys.stderr)
             if mlflow.active_run() is not None:  # drop it, so MLflow's atexit hook does not retry
                 try:
                     mlflow.end_run(RUN_STATUS[outcome])
@@ -497,6 +533,24 @@ def fail_run_if_open(run_id: str, reason: str) -> None:
 
 def local_checkpoint_path(checkpoint_dir: str | Path, run_id: str) -> Path:
     return Path(checkpoint_dir).expanduser() / run_id / Path(CHECKPOINT_ARTIFACT).name
+
+
+def check_checkpoint_dir(checkpoint_dir: str | Path) -> None:
+    """Refuse a --checkpoint-dir where no file can be written, before data loads: otherwise
+    the first epoch trains and then fails at its checkpoint. Creates the folder, as the
+    first checkpoint would."""
+    import tempfile
+
+    from normlab.models import ConfigError
+
+    folder = Path(checkpoint_dir).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--checkpoint-dir {folder} is not writable ({exc.strerror or exc}); choose "
+                          f"another --checkpoint-dir or make it writable") from exc
 
 
 class Checkpointer(Callbacks):
@@ -596,8 +650,8 @@ def require_run(run_id: str) -> None:
     try:
         MlflowClient().get_run(run_id)
     except MlflowException as exc:
-        raise LookupError(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()} "
-                          f"({str(exc).splitlines()[0]})") from exc
+        raise LookupError(redact(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()} "
+                                 f"({str(exc).splitlines()[0]})")) from exc
 
 
 def mark_running() -> None:
@@ -662,7 +716,7 @@ def select_runs(experiment: str = EXPERIMENT, filter_string: str | None = None,
                 searched += f" and normlab's runs in {MLFLOW_DEFAULT_EXPERIMENT!r} (from `mlflow run`)"
         if not experiment_ids:
             names = sorted(e.name for e in client.search_experiments())
-            raise SelectionError(f"no experiment named {experiment!r} in {mlflow.get_tracking_uri()}; "
+            raise SelectionError(f"no experiment named {experiment!r} in {redact(mlflow.get_tracking_uri())}; "
                                  f"experiments there: {', '.join(names) or 'none'}")
     if parent_run_id:
         _get_run(client, parent_run_id, "parent run")
@@ -673,7 +727,7 @@ def select_runs(experiment: str = EXPERIMENT, filter_string: str | None = None,
     try:
         matched = _search_all(client, experiment_ids, " AND ".join(clauses), ViewType.ACTIVE_ONLY)
     except MlflowException as exc:
-        raise SelectionError(f"MLflow could not search {searched}: {exc.message}") from exc
+        raise SelectionError(f"MLflow could not search {searched}: {redact(exc.message)}") from exc
     training = [r for r in matched if TRAINING_RUN_TAG in r.data.tags]
     if include_unfinished:
         runs, left_out = training, []
@@ -692,7 +746,7 @@ def _get_run(client: MlflowClient, run_id: str, what: str):
     try:
         return client.get_run(run_id)
     except MlflowException as exc:
-        raise SelectionError(f"{what} {run_id!r} not found in {mlflow.get_tracking_uri()}") from exc
+        raise SelectionError(f"{what} {run_id!r} not found in {redact(mlflow.get_tracking_uri())}") from exc
 
 
 def _search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str, view_type) -> list:
@@ -806,8 +860,11 @@ def load_histories(runs, metrics: tuple[str, ...] = METRICS, workers: int = 8):
 
 
 def download_misclassified(run_id: str, dest: Path) -> tuple[Path, list[dict]] | None:
-    """The run's misclassified.png (path after download) and misclassified.json; None if absent."""
+    """The run's misclassified.png (path after download) and misclassified.json; None if absent,
+    or, with a warning, when they are not what log_results writes (a store's artifacts can be
+    written by anyone with access: a crafted list must not crash the comparison)."""
     import json
+    import warnings
 
     client = MlflowClient()
     names = {a.path for a in client.list_artifacts(run_id)}
@@ -816,7 +873,32 @@ def download_misclassified(run_id: str, dest: Path) -> tuple[Path, list[dict]] |
     dest.mkdir(parents=True, exist_ok=True)
     png = Path(client.download_artifacts(run_id, "misclassified.png", str(dest)))
     listed = Path(client.download_artifacts(run_id, "misclassified.json", str(dest)))
-    return png, json.loads(listed.read_text())
+    try:
+        mistakes = json.loads(listed.read_text())
+        problem = _misclassified_problem(mistakes)
+    except ValueError:  # not UTF-8, not JSON
+        problem = "is not JSON"
+    if problem is None and not png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n"):
+        problem = "has a misclassified.png that is not a PNG image"
+    if problem:
+        warnings.warn(f"run {run_id}: its misclassified.json {problem}; its gallery is left out")
+        return None
+    return png, mistakes
+
+
+def _misclassified_problem(mistakes) -> str | None:
+    """What is wrong with a misclassified.json's content, or None: it must be a list of
+    {index, true, pred: integers, confidence: a number in [0, 1]} (train.Misclassified)."""
+    if not isinstance(mistakes, list):
+        return f"holds a {type(mistakes).__name__}, not a list of mistakes"
+    for i, m in enumerate(mistakes):
+        fields = m if isinstance(m, dict) else {}
+        integers = all(type(fields.get(k)) is int for k in ("index", "true", "pred"))
+        confidence = fields.get("confidence")
+        if not (integers and type(confidence) in (int, float) and 0 <= confidence <= 1):
+            return (f"entry {i} ({ascii(m)[:80]}) is not {{index, true, pred: integers, confidence: a number "
+                    f"in [0, 1]}}")
+    return None
 
 
 def log_comparison(files: list[Path], compared_run_ids: list[str], params: dict[str, str],
@@ -844,5 +926,6 @@ def log_comparison(files: list[Path], compared_run_ids: list[str], params: dict[
     for path in files:
         client.log_artifact(run_id, str(path), COMPARISON_ARTIFACT_DIR)
     if created:
+        hide_credentialed_links()
         client.set_terminated(run_id, "FINISHED")
     return run_id
