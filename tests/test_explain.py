@@ -267,10 +267,8 @@ def test_ln_in_the_actual_model_has_layernorm_statistics_over_chw(dataset):
 
 
 def readme_block(command: str) -> str:
-    """The output pasted under `$ COMMAND` in the README's section on the normalizations."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## How the normalizations work", 1)[1].split("\n## ", 1)[0]
-    return section.split(f"$ {command}\n", 1)[1].split("```", 1)[0]
+    """The output pasted under `$ COMMAND` in docs/normalizations.md, the worked example."""
+    return (ROOT / "docs" / "normalizations.md").read_text().split(f"$ {command}\n", 1)[1].split("```", 1)[0]
 
 
 def without_rounding_noise(text: str) -> str:
@@ -282,7 +280,8 @@ def test_readme_shows_the_real_output_and_figure(printed):
     assert without_rounding_noise(readme_block("normlab explain")) == without_rounding_noise(printed)
     assert readme_block("normlab summary --norm bn") == run("summary", "--norm", "bn").output
     assert (ROOT / "docs" / "normalizations.png").is_file()
-    rows = re.findall(r"^\| (`bn`.*|`in`.*|`none`) \| ([\d,]+) \| ([\d,]+) \|$", (ROOT / "README.md").read_text(), re.M)
+    rows = re.findall(r"^\| (`bn`.*|`in`.*|`none`) \| ([\d,]+) \| ([\d,]+) \|$",
+                      (ROOT / "docs" / "normalizations.md").read_text(), re.M)
     listed = {}  # (dataset, norm, groups) -> the count the README gives
     for norms, mnist, cifar in rows:
         # a row lists norms, and for gn the MNIST group counts it covers ("1, 2 or 5 groups", "10 groups")
