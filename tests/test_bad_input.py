@@ -4,6 +4,7 @@ non-zero exit, and no run left RUNNING or called FINISHED."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import time
@@ -40,8 +41,14 @@ BAD_OPTIONS = [
     (["--norm", "gn", "--groups", "3"], ["--groups 3", "[10, 20]", "valid choices: 1, 2, 5, 10"]),
     (["--epochs", "0"], ["--epochs must be positive, got 0"]),
     (["--batch-size", "-1"], ["--batch-size must be positive, got -1"]),
-    (["--lr", "0"], ["--lr must be positive, got 0.0"]),
-    (["--l1", "-0.1"], ["--l1 must be zero or positive, got -0.1"]),
+    (["--lr", "0"], ["--lr must be positive and finite, got 0.0", "the default is --lr 0.05"]),
+    (["--lr", "inf"], ["--lr must be positive and finite, got inf", "the default is --lr 0.05"]),
+    (["--lr", "nan"], ["--lr must be positive and finite, got nan"]),
+    (["--l1", "-0.1"], ["--l1 must be zero or positive and finite, got -0.1"]),
+    (["--l1", "nan"], ["--l1 must be zero or positive and finite, got nan", "uses --l1 1e-5"]),
+    (["--l1", "inf"], ["--l1 must be zero or positive and finite, got inf", "0 means no L1"]),
+    (["--seed", str(2**64)], [f"--seed must be in 0..{2**64 - 1}", f"got {2**64}"]),
+    (["--seed", "-1"], [f"--seed must be in 0..{2**64 - 1}", "got -1"]),
     (["--epochs", "abc"], ["'--epochs'", "'abc'", "not a valid integer"]),
     (["--batch-size", "5000"], ["--batch-size 5000", "training split (1000 images)", "at most 1000"]),
 ]
@@ -174,3 +181,109 @@ def test_mlflow_run_with_a_non_numeric_parameter_ends_failed_with_the_reason(tra
     runs = client.search_runs([client.get_experiment_by_name("bad-input").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "'abc' is not a valid integer" in runs[0].data.tags["normlab.reason"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--l1", "nan"], "--l1 must be zero or positive and finite, got nan"),
+    (["--lr", "inf"], "--lr must be positive and finite, got inf; the default is --lr 0.05"),
+    (["--seed", str(2**64)], f"--seed must be in 0..{2**64 - 1} (torch seeds are unsigned 64-bit), got {2**64}"),
+])
+def test_non_finite_rates_and_huge_seeds_are_refused_as_typed(args, expected, small_mnist_dir, tracking_uri):
+    """As a user types them: `--l1 nan` trained a FINISHED "BN" run without L1, `--lr inf`
+    diverged and advised `--lr inf`, a seed beyond 64 bits was a traceback."""
+    proc = run_cli("train", "--device", "cpu", "--data-dir", str(small_mnist_dir), *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert "epoch " not in proc.stdout
+    assert no_runs_logged(tracking_uri)
+
+
+def test_unwritable_checkpoint_dir_is_refused_before_data_loads(tmp_path, tracking_uri):
+    folder = unwritable_dir(tmp_path) / "checkpoints"
+    data = tmp_path / "never-created"  # loading data would create it (and try to download)
+    result = train("--checkpoint-dir", str(folder), data_dir=data)
+    assert result.exit_code == 2, result.output
+    assert f"--checkpoint-dir {folder} is not writable" in result.output
+    assert "choose another --checkpoint-dir" in result.output
+    assert not data.exists()
+    assert no_runs_logged(tracking_uri)
+
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, small_mnist_dir) -> tuple[str, str, Path]:
+    """(tracking URI, run id, folder) of one real 1-epoch run in a sqlite store of its own."""
+    root = tmp_path_factory.mktemp("trained")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    proc = run_cli("train", "--epochs", "1", "--device", "cpu", "--data-dir", str(small_mnist_dir), cwd=root,
+                   MLFLOW_TRACKING_URI=uri)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return uri, next(l for l in proc.stdout.splitlines() if l.startswith("MLflow run ")).split()[2], root
+
+
+@pytest.fixture
+def in_store(trained_run, monkeypatch):
+    uri, run_id, root = trained_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield run_id, root
+    mlflow.set_tracking_uri(None)
+
+
+CRAFTED_MISTAKES = [
+    ([1, 2], "entry 0 (1) is not {index, true, pred: integers, confidence: a number in [0, 1]}"),
+    ({"index": 3}, "holds a dict, not a list of mistakes"),
+    ([{"index": 0, "true": 1, "pred": 2, "confidence": "high"}], "entry 0 ("),
+    ("not json", "is not JSON"),
+]
+
+
+def test_crafted_misclassified_json_is_skipped_with_a_warning(in_store, tmp_path):
+    """Anyone who can write to a store can replace a run's misclassified.json; `normlab compare`
+    crashed with a TypeError on a list of numbers. Now it leaves that gallery out and says so."""
+    import json
+
+    from normlab import tracking
+
+    run_id, root = in_store
+    crafted = tmp_path / "crafted" / "misclassified.json"
+    crafted.parent.mkdir()
+    for i, (content, problem) in enumerate(CRAFTED_MISTAKES):
+        crafted.write_text(content if isinstance(content, str) else json.dumps(content))
+        MlflowClient().log_artifact(run_id, str(crafted))  # replaces the run's own
+        with pytest.warns(UserWarning, match=re.escape(f"run {run_id}: its misclassified.json {problem}")):
+            assert tracking.download_misclassified(run_id, tmp_path / "download" / str(i)) is None
+
+    crafted.write_text(json.dumps([1, 2]))
+    MlflowClient().log_artifact(run_id, str(crafted))
+    out = tmp_path / "results"
+    proc = run_cli("compare", "--out", str(out), cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "TypeError" not in proc.stderr
+    assert f"run {run_id} (BN)" in proc.stderr and "no gallery" in proc.stderr
+    assert (out / "results.md").is_file() and not list(out.glob("misclassified_*.png"))
+
+
+def test_logged_model_carries_no_code_and_loads_without_normlab(in_store, tmp_path):
+    """MLflow puts a model's code/ artifact first on the loader's sys.path, so a tampered copy
+    would run as `normlab` on a later import: the model is a torch.export program instead,
+    which loads and predicts in a process where normlab cannot even be imported."""
+    import subprocess
+
+    run_id, root = in_store
+    model_uri = MlflowClient().get_run(run_id).data.tags["model_uri"]
+    files = {Path(p).parts[0] for p in _artifact_files(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path)))}
+    assert "code" not in files and "model.pt2" in {Path(p).name for p in _artifact_files(tmp_path)}
+    load = ("import sys; sys.modules['normlab'] = None\n"  # any import of normlab now fails
+            "import mlflow, torch\n"
+            f"model = mlflow.pytorch.load_model({model_uri!r})\n"
+            "print(tuple(model(torch.zeros(3, 1, 28, 28)).shape), [p for p in sys.path if 'code' in p])")
+    env = {k: v for k, v in cli_env().items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", load], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[-2] == "(3, 10) []"
+
+
+def _artifact_files(folder) -> list[str]:
+    return [str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file()]
