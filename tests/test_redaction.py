@@ -42,3 +42,24 @@ def test_a_secret_containing_another_is_masked_whole():
 def test_reads_the_process_environment_by_default(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter22")
     assert redact("login hunter22 at http://u:hunter22@h:1") == "login *** at http://***@h:1"
+
+
+def test_reasons_normlab_records_in_tags_are_redacted(tracking_uri, monkeypatch):
+    """record_ending and fail_run_if_open take reasons built from MLflow's exception texts,
+    which carry the whole tracking URI; the tags in the store do not."""
+    from mlflow import MlflowClient
+
+    from normlab import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-0123456789")
+    client = MlflowClient()
+    experiment = client.create_experiment("redaction")
+    ended, failed = (client.create_run(experiment).info.run_id for _ in range(2))
+    reason = ("MLflow failed during training: API request to http://alice:s3cret@10.0.0.5:5000/api/2.0/mlflow/"
+              "runs/log-batch failed (Authorization: Bearer tok-0123456789)")
+    assert tracking.record_ending(ended, "failed", reason)
+    tracking.fail_run_if_open(failed, reason)
+    for run_id in (ended, failed):
+        recorded = client.get_run(run_id).data.tags["normlab.reason"]
+        assert recorded == ("MLflow failed during training: API request to http://***@10.0.0.5:5000/api/2.0/mlflow/"
+                            "runs/log-batch failed (Authorization: Bearer ***)")

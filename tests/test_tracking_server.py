@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 
 import mlflow
@@ -18,7 +19,7 @@ from normlab.checkpoint import load
 from normlab.cli import main
 
 from tests.conftest import cli_env
-from tests.mlflow_server import MlflowServer
+from tests.mlflow_server import MlflowServer, free_port
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 
@@ -166,3 +167,57 @@ def test_four_runs_at_once_all_finish_with_complete_histories(store, request, sm
         run = client.get_run(run_id)
         assert (run.info.status, run.data.tags["normlab.status"]) == ("FINISHED", "finished")
         assert histories(client, run_id) == {m: [1, 2] for m in METRICS}
+
+
+def test_credentials_in_the_tracking_uri_reach_no_tag_param_artifact_or_output(server, small_mnist_dir, tmp_path):
+    """MLFLOW_TRACKING_URI=http://USER:SECRET@host:port (the plain server ignores the basic auth
+    MLflow sends): a whole `normlab train`, and one against a server that is not there, print
+    neither the user nor the password (MLflow's own "View run at" links are built from the
+    whole URI), and the server's database and artifact folder, which hold every tag, param,
+    metric, artifact and logged model, contain neither."""
+    user, secret = f"alice{uuid.uuid4().hex[:6]}", f"s3cret-{uuid.uuid4().hex}"
+    uri = server.uri.replace("http://", f"http://{user}:{secret}@")
+    proc = start_training(small_mnist_dir, tmp_path, "--epochs", "1", MLFLOW_TRACKING_URI=uri)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    run_id = next(l for l in out.splitlines() if l.startswith("MLflow run ")).split()[2]
+    run = MlflowClient(server.uri).get_run(run_id)
+    assert run.data.tags["normlab.status"] == "finished" and "model_uri" in run.data.tags
+    assert secret not in out + err and user not in out + err
+
+    stored = [p for p in server.root.rglob("*") if p.is_file() and p != server.log]
+    assert {"MLmodel", "last.pt", "misclassified.json"} <= {p.name for p in stored}
+    assert [p for p in stored if secret.encode() in p.read_bytes() or user.encode() in p.read_bytes()] == []
+
+    nowhere = f"http://{user}:{secret}@127.0.0.1:{free_port()}"
+    proc = start_training(small_mnist_dir, tmp_path, MLFLOW_TRACKING_URI=nowhere)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "the MLflow tracking server http://***@127.0.0.1:" in err and "cannot be reached" in err
+    assert secret not in out + err and user not in out + err
+
+
+def test_a_server_that_refuses_this_host_is_reported_before_data_loads(tmp_path, monkeypatch):
+    """MLflow's security middleware answers /health but refuses every API call whose Host
+    header it was not told to allow (403 Invalid Host header): normlab's reachability check
+    makes an API call, so the run stops at once with the server's reason, not after loading
+    data. The server is started with --allowed-hosts through its environment variable
+    (MLFLOW_SERVER_ALLOWED_HOSTS is what that option reads)."""
+    monkeypatch.setenv("MLFLOW_SERVER_ALLOWED_HOSTS", "mlflow.example.org")
+    refusing = MlflowServer(tmp_path / "server")
+    refusing.root.mkdir()
+    refusing.start()
+    try:
+        assert "Allowed hosts: mlflow.example.org" in refusing.log.read_text()
+        data = tmp_path / "never-created"  # loading data would create it (and try to download)
+        start = time.monotonic()
+        proc = start_training(data, tmp_path, MLFLOW_TRACKING_URI=refusing.uri)
+        out, err = proc.communicate(timeout=120)
+        assert time.monotonic() - start < 60
+    finally:
+        refusing.stop()
+    assert proc.returncode == 1, err[-3000:]
+    assert (f"the MLflow tracking server {refusing.uri} refuses normlab's requests: HTTP 403 "
+            f"'Invalid Host header - possible DNS rebinding attack detected'") in err
+    assert "--allowed-hosts must list the host name in MLFLOW_TRACKING_URI (127.0.0.1)" in err
+    assert "Traceback" not in err and not data.exists()
