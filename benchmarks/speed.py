@@ -250,8 +250,8 @@ def study_runs(data: DeviceData, configs: list[TrainConfig], side_by_side: bool,
     artifacts after it, are fixed costs, reported apart; side by side, the runs start their
     epochs together once all are prepared."""
     import threading
+    from concurrent.futures import ThreadPoolExecutor
 
-    from normlab.side_by_side import run_side_by_side
     from normlab.train import CallbackList, fit
 
     ready = threading.Barrier(len(configs)) if side_by_side else None
@@ -290,11 +290,14 @@ def study_runs(data: DeviceData, configs: list[TrainConfig], side_by_side: bool,
     if not side_by_side:
         runs = [one(c) for c in configs]
         return sum(r.loop_end - r.loop_start for r in runs), runs
-    outcomes = run_side_by_side([lambda c=c: one(c) for c in configs], data.device)
-    for o in outcomes:
-        if o.error is not None:
-            raise o.error
-    runs = [o.value for o in outcomes]
+    def on_its_stream(config: TrainConfig) -> StudyRun:
+        if data.device.type != "cuda":
+            return one(config)
+        with torch.cuda.stream(torch.cuda.Stream(data.device)):
+            return one(config)
+
+    with ThreadPoolExecutor(len(configs)) as pool:
+        runs = list(pool.map(on_its_stream, configs))
     return max(r.loop_end for r in runs) - min(r.loop_start for r in runs), runs
 
 
