@@ -71,24 +71,24 @@ TRAINING = re.compile(r"^(normlab (train|sweep)\b|mlflow run \.(?!.* -e (?!main\
 class Command:
     text: str  # as written, continuation lines joined, comment dropped
     line: int  # README line where it starts
-    exported: dict[str, str] = field(default_factory=dict)  # `export` lines above it in its block
+    exports: list[str] = field(default_factory=list)  # `export` lines above it in its block
 
     def skip_reason(self) -> str | None:
-        env = " ".join(f"{k}={v}" for k, v in self.exported.items())
         for pattern, reason in SKIPPED:
-            if re.search(pattern, self.text) or (env and re.search(pattern, env)):
+            if any(re.search(pattern, line) for line in [self.text, *self.exports]):
                 return reason
         return None
 
     def to_run(self) -> str:
-        """The command without its setup prefix, with training shortened to one epoch."""
+        """The command without its setup prefix, with training shortened to one epoch, after
+        the `export` lines above it in its block."""
         parts = [p.strip() for p in self.text.split("&&")]
         while parts and SETUP.match(parts[0]):
             parts.pop(0)
         command = " && ".join(parts)
         if TRAINING.match(command):
             command += " -P epochs=1" if command.startswith("mlflow run") else " --epochs 1"
-        return command
+        return "; ".join([*self.exports, command])
 
 
 def strip_comment(line: str) -> str:
@@ -108,7 +108,7 @@ def readme_commands(text: str) -> list[Command]:
     commands = []
     for block in re.finditer(r"^```bash\n(.*?)^```", text, re.S | re.M):
         first_line = text[:block.start()].count("\n") + 2
-        exported: dict[str, str] = {}
+        exports: list[str] = []
         pending, start = "", 0
         for offset, raw in enumerate(block.group(1).splitlines()):
             line = strip_comment(raw)
@@ -121,10 +121,9 @@ def readme_commands(text: str) -> list[Command]:
             if not line:
                 continue
             if line.startswith("export "):
-                key, _, value = line[len("export "):].partition("=")
-                exported[key] = value
+                exports.append(line)
                 continue
-            commands.append(Command(line, start, dict(exported)))
+            commands.append(Command(line, start, list(exports)))
     return commands
 
 
@@ -132,13 +131,16 @@ def test_readme_parsing_joins_continuations_drops_comments_and_setup():
     text = ("```bash\npython3 -m venv .venv && . .venv/bin/activate && pip install -e . && normlab sweep --out r\n"
             "# a comment\nmlflow server --host 0.0.0.0 \\\n  --workers 4   # trailing\n"
             "export MLFLOW_TRACKING_URI=http://tracking-host:5000\nnormlab compare --filter \"a # b\"\n```\n"
+            "```bash\nexport OMP_NUM_THREADS=1\nnormlab train\n```\n"
             "```text\nnormlab train\n```\n```bash\nmlflow run . -e compare --env-manager local -P out=x\nmlflow run . -P norm=ln\n```\n")
-    sweep, server, compare, run_compare, conda_run = readme_commands(text)
+    sweep, server, compare, train, run_compare, conda_run = readme_commands(text)
     assert sweep.to_run() == "normlab sweep --out r --epochs 1" and sweep.line == 2
     assert server.text == "mlflow server --host 0.0.0.0 --workers 4" and server.line == 4
     assert "server" in server.skip_reason()
-    assert compare.text == 'normlab compare --filter "a # b"' and compare.to_run() == compare.text
+    assert compare.text == 'normlab compare --filter "a # b"'
+    assert compare.to_run() == "export MLFLOW_TRACKING_URI=http://tracking-host:5000; " + compare.text
     assert "tracking server" in compare.skip_reason()  # it follows the export in its block
+    assert train.to_run() == "export OMP_NUM_THREADS=1; normlab train --epochs 1" and train.skip_reason() is None
     assert run_compare.to_run() == run_compare.text and run_compare.skip_reason() is None
     assert "conda" in conda_run.skip_reason()
     assert Command("mlflow run . -P norm=ln --env-manager local", 1).to_run().endswith(" -P epochs=1")
