@@ -64,6 +64,25 @@ def finished(output: str) -> int:
     return len(re.findall(r"^finished ", output, re.M)) or len(re.findall(r"\] done: test accuracy|^\S*done: test", output, re.M))
 
 
+def same_histories(store: Path, *runs: tuple[str, str]) -> bool | None:
+    """Whether the named runs (experiment, run name) logged the same test_acc history."""
+    if not store.exists():
+        return None
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{store}")
+    histories = []
+    for experiment, run_name in runs:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return None
+        matches = client.search_runs([found.experiment_id], f"tags.mlflow.runName = '{run_name}'")
+        if not matches:
+            return None
+        histories.append([(m.step, m.value) for m in client.get_metric_history(matches[0].info.run_id, "test_acc")])
+    return all(h == histories[0] for h in histories)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=20)
@@ -122,6 +141,11 @@ def main() -> None:
             time_row("warm-up", normlab + ["sweep", *common, *epochs], runs=3)  # fills the warm cache
         time_row("sweep1", normlab + ["sweep", *common, *epochs], runs=3)
     if "sweep10" in rows:
+        # The 10-seed study compiles its steps (normlab.step.COMPILE_PAYS_FROM_EPOCHS); this
+        # fills the warm cache with them, as an earlier study on the machine would have.
+        base["NORMLAB_COMPILE"] = "always"
+        time_row("warm-up-compiled", normlab + ["sweep", *common, "--epochs", "1"], runs=3)
+        del base["NORMLAB_COMPILE"]
         time_row("sweep10", normlab + ["sweep", "--seeds", "10", *common, *epochs], runs=30)
     if "train" in rows:
         time_row("train", normlab + ["train", "--norm", "ln", *common, *epochs])
@@ -154,6 +178,10 @@ def main() -> None:
             if row["row"].startswith("sweep1"):
                 row["x_notebook"] = round(notebook["study_wall_s"] / row["wall_s"], 1)
                 print(f"{row['row']}: {row['x_notebook']}x faster than the notebook study")
+    same = same_histories(work / "mlflow.db", ("sweep1", "ln-s1"), ("train", "ln-s1"))
+    if same is not None:
+        print(f"ln-s1 trained in the sweep's worker (3 runs at once) and alone by normlab train: "
+              f"test_acc histories {'identical' if same else 'differ'}")
     import torch
 
     report = {"date": time.strftime("%Y-%m-%d"), "data": source, "epochs": args.epochs,

@@ -15,6 +15,7 @@ generators (normlab.rng), so several runs can train side by side in one process.
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from normlab.models import ConfigError
 from normlab.rng import RunRNG
 
 
@@ -46,8 +48,12 @@ class Speedups:
         malloc keeps freed memory, evaluation in batches of 500 (under glibc's mmap limit), no
         compiling (it made CPU steps slower). docs/speed.md has the measurements."""
         cuda = device.type == "cuda"
+        choice = os.environ.get("NORMLAB_COMPILE", "auto")
+        if choice not in COMPILE_CHOICES:
+            raise ConfigError(f"NORMLAB_COMPILE={choice!r}; valid choices: {', '.join(COMPILE_CHOICES)}")
+        compiled = {"always": True, "never": False}.get(choice, epochs_ahead >= COMPILE_PAYS_FROM_EPOCHS)
         return cls(cuda_graphs=cuda, chunk_steps=64 if cuda else 1, keep_freed_memory=not cuda,
-                   compile=cuda and epochs_ahead >= COMPILE_PAYS_FROM_EPOCHS,
+                   compile=cuda and compiled,
                    triton_convs=cuda, eval_batch_size=2000 if cuda else 500)
 
 
@@ -57,6 +63,7 @@ class Speedups:
 # tell which it will get, so it compiles when even the cold cost is paid back: from 200
 # epochs of one variant and batch size (ten 20-epoch runs, a 10-seed study's share).
 COMPILE_PAYS_FROM_EPOCHS = 200
+COMPILE_CHOICES = ("auto", "always", "never")  # NORMLAB_COMPILE overrides the rule on a GPU
 
 
 class TrainStep:

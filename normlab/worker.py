@@ -96,6 +96,8 @@ class Worker:
         with self.lock:
             if dataset not in self.datasets:
                 self.datasets[dataset] = DeviceData(load_raw(dataset, self.data_dir), self.device)
+                if self.device.type == "cuda":  # copied on this thread's stream; others read it next
+                    torch.cuda.synchronize(self.device)
             return self.datasets[dataset]
 
     def request_stop(self, reason: str) -> None:
