@@ -1,30 +1,31 @@
-"""Sweeps: the grid, the claim and liveness rules, and real sweeps as a user runs them:
-subprocesses on a temporary sqlite store and against a real `mlflow server`, killed with
-real signals and resumed."""
+"""Sweeps: the grid, and real sweeps as a user runs them: subprocesses on temporary sqlite
+stores with real digits, stopped with real signals and run again, with worker processes
+killed under them; and the lock that keeps two runs of one process from tracing at once."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from normlab import sweep_tracking as st
+from normlab.checkpoint import load
 from normlab.cli import main
 from normlab.models import ConfigError
-from normlab.sweep import Grid, job_environment, shard
-from normlab.train import TrainConfig
+from normlab.sweep import Grid
 from tests.conftest import cli_env, run_cli
-from tests.mlflow_server import MlflowServer
 
-# one thread per training process: on a shared 2-core machine, oversubscribed threads
-# make a 1,000-image epoch take 20-30 s instead of 4 s
-FAST = {"OMP_NUM_THREADS": "1"}
 SMALL = ("--norms", "bn,ln", "--seeds", "2", "--epochs", "1")
 SMALL_GRID = Grid(norms=("bn", "ln"), seeds=(1, 2), epochs=1)
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
@@ -64,36 +65,13 @@ def test_bad_grids_fail_with_the_reason(grid, message):
         grid.validate()
 
 
-def test_shards_split_the_grid_exactly():
-    configs = Grid(norms=("bn", "ln", "gn"), seeds=(1, 2, 3, 4)).configs()
-    for n in (1, 2, 5, 12, 13):
-        shares = [shard(configs, k, n) for k in range(1, n + 1)]
-        flat = [c for s in shares for c in s]
-        assert sorted(c.config_hash() for c in flat) == sorted(c.config_hash() for c in configs)
-        assert len(flat) == len(configs)  # disjoint
-        assert max(map(len, shares)) - min(map(len, shares)) <= 1
-    with pytest.raises(ConfigError, match="1 <= K <= N"):
-        shard(configs, 0, 2)
-
-
-def test_jobs_get_one_gpu_each_or_a_share_of_the_cpu_threads(monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert [job_environment(s, 2, "auto", ["0", "1"], 16) for s in range(2)] == [
-        {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
-    assert job_environment(5, 8, "cuda", ["2", "3", "6"], 16) == {"CUDA_VISIBLE_DEVICES": "6"}
-    assert job_environment(0, 1, "auto", ["0"], 16) == {}  # one GPU: nothing to split
-    assert job_environment(1, 4, "cpu", [], 16) == {"OMP_NUM_THREADS": "4"}
-    assert job_environment(1, 4, "cpu", [], 2) == {"OMP_NUM_THREADS": "1"}
-
-
 def test_cli_rejects_bad_options_before_creating_anything(tmp_path, tracking_uri):
     runner = CliRunner()
     for args, message in [
-        (("--shard", "3/2"), "need 1 <= K <= N"),
-        (("--shard", "2"), "expected K/N"),
         (("--seeds", "two"), "give a count"),
         (("--batch-sizes", "32,x"), "comma-separated list of ints"),
         (("--norms", "bn,gn", "--groups", "3"), "child gn3-s1"),
+        (("--workers", "0"), "0 is not in the range x>=1"),
     ]:
         result = runner.invoke(main, ["sweep", *args, "--data-dir", str(tmp_path)])
         assert result.exit_code == 2, result.output
@@ -102,8 +80,6 @@ def test_cli_rejects_bad_options_before_creating_anything(tmp_path, tracking_uri
 
 
 def test_batch_size_figure_has_a_line_per_norm_over_batch_sizes():
-    import pandas as pd
-
     from normlab import plots
 
     rows = []
@@ -126,85 +102,53 @@ def test_batch_size_figure_has_a_line_per_norm_over_batch_sizes():
     assert list(means["BN + L1 (1e-05) (3 seeds)"]) == pytest.approx([92 + 2 / 64, 92 + 8 / 64, 94.0])
 
 
-# -- the rules that decide what a worker does -----------------------------------------------
+# -- helpers for real sweeps --------------------------------------------------------------
 
-def child(status, attempt=1, **tags) -> st.Child:
-    return st.Child(f"run{attempt}", "h", attempt, status, start_time=100.0,
-                    end_time=None if status == "RUNNING" else 150.0, tags=tags)
+class Lines:
+    """A process's output read on a thread: every line kept, and a wait for the first line
+    (after ``start``) that matches a regular expression."""
 
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
 
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self.changed:
+                self.lines.append(line)
+                self.changed.notify_all()
+        with self.changed:
+            self.lines.append(None)  # the end
+            self.changed.notify_all()
 
+    def wait_for(self, pattern: str, timeout: float, start: int = 0) -> re.Match:
+        """The first match of ``pattern`` in a line from index ``start`` on."""
+        def found():
+            for line in self.lines[start:]:
+                if line is None:
+                    raise AssertionError(f"the process ended with no line matching {pattern!r}:\n{self.text[-4000:]}")
+                match = re.search(pattern, line)
+                if match:
+                    return match
+            return None
+        with self.changed:
+            match = self.changed.wait_for(found, timeout)
+        assert match, f"no line matching {pattern!r} within {timeout} s:\n{self.text[-4000:]}"
+        return match
 
-def test_config_state_rules():
-    now, here, me = 1000.0, "this-host", st.Worker("this-host", os.getpid(), "t")
-    state = lambda claims, children, **kw: st.config_state(  # noqa: E731
-        claims, children, commit=kw.get("commit", "abc"), now=now, started_at=kw.get("started_at", 500.0), host=here)
-    claim1 = [st.Claim(1, me, 90.0)]
-    assert state([], []).kind == st.OPEN and state([], []).next_attempt == 1
-    assert state(claim1, [child("FINISHED", git_commit="abc")]).kind == st.DONE
-    # finished with other code: trained again, as attempt 2
-    assert (state(claim1, [child("FINISHED", git_commit="old")]).kind, state(
-        claim1, [child("FINISHED", git_commit="old")]).next_attempt) == (st.OPEN, 2)
-    # running under a live local worker: someone is on it
-    assert state(claim1, [child("RUNNING", sweep_worker=str(me))]).kind == st.ACTIVE
-    # running, but its worker and its training process are gone
-    gone = st.Worker(here, dead_pid(), "t")
-    assert state(claim1, [child("RUNNING", sweep_worker=str(gone), sweep_child_pid=str(dead_pid()))]).kind == st.DEAD
-    # another host: the heartbeat decides
-    far = str(st.Worker("other-host", 1, "t"))
-    assert state(claim1, [child("RUNNING", sweep_worker=far, sweep_heartbeat=str(now - 10))]).kind == st.ACTIVE
-    assert state(claim1, [child("RUNNING", sweep_worker=far,
-                                sweep_heartbeat=str(now - st.STALE_S - 1))]).kind == st.DEAD
-    # failed before this sweep started: retried; failed during it: reported, not looped on
-    assert state(claim1, [child("FAILED", sweep_outcome="error")], started_at=120.0).kind == st.FAILED
-    assert state(claim1, [child("FAILED", sweep_outcome="error")], started_at=200.0).kind == st.OPEN
-    assert state(claim1, [child("FAILED", sweep_outcome="abandoned")], started_at=120.0).kind == st.OPEN
-    assert state(claim1, [child("KILLED", sweep_outcome="interrupted")], started_at=120.0).kind == st.OPEN
-    # claimed but the claimer died before creating the run
-    assert state([st.Claim(1, gone, now - 5)], []).next_attempt == 2
-    assert state([st.Claim(1, me, now - 5)], []).kind == st.ACTIVE
+    @property
+    def text(self) -> str:
+        return "".join(line for line in self.lines if line is not None)
 
 
-def test_claims_and_parent_election_are_atomic_in_the_store(tracking_uri):
-    store_a = st.SweepStore("claims", "cafe00000001")
-    parent, resumed = store_a.open_parent("sweep-test", {"norms": "bn"})
-    assert not resumed
-    config = TrainConfig(norm="ln")
-    a, b = st.Worker("h", 1, "a"), st.Worker("h", 2, "b")
-    assert store_a.claim(config, 1, a) is True
-    assert store_a.claim(config, 1, b) is False  # the param exists with another owner
-    assert store_a.claim(config, 2, b) is True  # the next attempt is a new claim
-    # a second worker on the same grid elects the same parent, even from its own candidate
-    store_b = st.SweepStore("claims", "cafe00000001")
-    own = store_b.client.create_run(store_b.experiment_id).info.run_id
-    assert store_b._elect(own) == parent
-    assert store_b.open_parent("sweep-test", {"norms": "bn"}) == (parent, True)
+def start(args, cwd: Path, **env) -> tuple[subprocess.Popen, Lines]:
+    """`python -m normlab ARGS` started, its stdout and stderr merged and read line by line."""
+    proc = subprocess.Popen([sys.executable, "-m", "normlab", *args], cwd=cwd, env=cli_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, Lines(proc.stdout)
 
-
-def test_workers_opening_a_new_sweep_at_once_agree_on_one_parent(tracking_uri):
-    from concurrent.futures import ThreadPoolExecutor
-    from threading import Barrier
-
-    st.SweepStore("race", "beef00000002")  # the experiment exists; the parent does not
-    barrier = Barrier(4)
-
-    def open_parent(_):
-        store = st.SweepStore("race", "beef00000002")
-        barrier.wait()
-        return store.open_parent("sweep-race", {"norms": "ln"})[0]
-    with ThreadPoolExecutor(4) as pool:
-        parents = list(pool.map(open_parent, range(4)))
-    assert len(set(parents)) == 1
-    client = MlflowClient()
-    active = client.search_runs([client.get_experiment_by_name("race").experiment_id])
-    assert [r.info.run_id for r in active] == parents[:1]  # the losers' candidates are deleted
-
-
-# -- real sweeps --------------------------------------------------------------------------
 
 def sweep_runs(client: MlflowClient, experiment: str = "normlab"):
     """(parents, children) of every sweep in the experiment, children keyed by run id."""
@@ -215,10 +159,14 @@ def sweep_runs(client: MlflowClient, experiment: str = "normlab"):
     return parents, children
 
 
+def histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    return {m: [(x.step, x.value) for x in client.get_metric_history(run_id, m)] for m in METRICS}
+
+
 def assert_complete_history(client: MlflowClient, run_id: str, epochs: int) -> None:
-    for metric in METRICS:
-        steps = [m.step for m in client.get_metric_history(run_id, metric)]
-        assert steps == list(range(1, epochs + 1)), (run_id, metric, steps)
+    """Every metric has each epoch exactly once."""
+    for metric, history in histories(client, run_id).items():
+        assert sorted(step for step, _ in history) == list(range(1, epochs + 1)), (run_id, metric, history)
 
 
 def assert_one_finished_child_per_config(client, grid: Grid, children: dict) -> dict[str, str]:
@@ -230,190 +178,88 @@ def assert_one_finished_child_per_config(client, grid: Grid, children: dict) -> 
         assert len(mine) == 1, (config.run_name, [r.info.status for r in mine])
         run = mine[0]
         assert run.data.tags["mlflow.runName"] == config.run_name
+        assert run.data.tags["normlab.status"] == "finished"
         assert run.data.params["norm"] == config.norm and int(run.data.params["seed"]) == config.seed
         assert_complete_history(client, run.info.run_id, config.epochs)
         finished[config.config_hash()] = run.info.run_id
     return finished
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+def store_uri(folder: Path) -> str:
+    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
-def test_sweep_killed_then_interrupted_resumes_and_then_has_nothing_to_do(tmp_path, tracking_uri, small_mnist_dir):
-    args = ("sweep", *SMALL, "--data-dir", str(small_mnist_dir))
-    client = MlflowClient()
-    log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen([sys.executable, "-m", "normlab", *args], cwd=tmp_path, env=cli_env(**FAST),
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        def one_done_one_training():
-            if client.get_experiment_by_name("normlab") is None:
-                return None
-            _, children = sweep_runs(client)
-            done = [r for r in children.values() if r.info.status == "FINISHED"]
-            training = [r for r in children.values() if r.info.status == "RUNNING" and st.CHILD_PID in r.data.tags]
-            return (done, training) if done and training else None
-        done, training = wait_for(one_done_one_training, 400, "a finished and a training child")
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the sweep and its training process, no cleanup
-        first.wait()
-        log.close()
-    killed = training[0].info.run_id
-    assert client.get_run(killed).info.status == "RUNNING"  # left dangling by the kill
+# -- a sweep as typed ---------------------------------------------------------------------
 
-    # Ctrl-C or a scheduler's SIGTERM to the sweep alone: it stops its child and marks it KILLED
-    second = subprocess.Popen([sys.executable, "-m", "normlab", *args], cwd=tmp_path, env=cli_env(**FAST),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory, small_mnist_dir):
+    """`normlab sweep --norms bn,ln --seeds 2 --epochs 1 --out OUT` in its own store."""
+    tmp = tmp_path_factory.mktemp("small-sweep")
+    uri = store_uri(tmp)
+    proc = run_cli("sweep", *SMALL, "--data-dir", str(small_mnist_dir), "--checkpoint-dir", str(tmp / "ck"),
+                   "--out", str(tmp / "out"), cwd=tmp, MLFLOW_TRACKING_URI=uri)
+    return dict(proc=proc, uri=uri, tmp=tmp, client=MlflowClient(uri))
 
-    def retrying():
-        _, children = sweep_runs(client)
-        return [r for r in children.values() if r.info.status == "RUNNING" and st.CHILD_PID in r.data.tags
-                and r.info.run_id != killed]
-    interrupted = wait_for(retrying, 300, "the sweep to retrain the killed child")[0]
-    second.send_signal(signal.SIGTERM)
-    out, err = second.communicate(timeout=120)
-    assert second.returncode == 130, out + err
-    assert "left RUNNING by a dead worker" in out and "run the same command again to resume" in err
-    assert not st.pid_alive(int(interrupted.data.tags[st.CHILD_PID]))
-    stopped = client.get_run(interrupted.info.run_id)
-    assert (stopped.info.status, stopped.data.tags[st.OUTCOME]) == ("KILLED", "interrupted")
 
-    third = run_cli(*args, cwd=tmp_path, **FAST)
-    assert third.returncode == 0, third.stdout + third.stderr
-    assert "database is locked" not in third.stdout + third.stderr
+def test_a_small_sweep_trains_each_child_once_under_one_parent_and_compares_them(small_sweep):
+    proc, client, out_dir = small_sweep["proc"], small_sweep["client"], small_sweep["tmp"] / "out"
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     parents, children = sweep_runs(client)
-    assert len(parents) == 1
+    assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
+    parent_id = parent.info.run_id
     assert parent.info.status == "FINISHED"
     assert parent.data.tags[st.SWEEP_HASH] == SMALL_GRID.sweep_hash()
-    assert parent.data.params["norms"] == "bn,ln" and parent.data.params["children"] == "4"
-    assert client.get_run(killed).info.status == "FAILED"
-    assert client.get_run(killed).data.tags[st.OUTCOME] == "abandoned"
+    assert parent.data.params["norms"] == "bn,ln" and parent.data.params["seeds"] == "1,2"
+    assert parent.data.params["children"] == "4" and parent.data.params["epochs"] == "1"
     finished = assert_one_finished_child_per_config(client, SMALL_GRID, children)
-    assert finished[done[0].data.tags[st.CONFIG_HASH]] == done[0].info.run_id  # not trained again
-    assert len(children) == 6  # 4 configs + the attempts killed with SIGKILL and with SIGTERM
-    for run in children.values():
+    for config in SMALL_GRID.configs():
+        run = children[finished[config.config_hash()]]
         tags = run.data.tags
-        assert tags["mlflow.parentRunId"] == parent.info.run_id == tags[st.SWEEP_PARENT]
-        assert tags[st.SWEEP_HASH] == SMALL_GRID.sweep_hash()
-    for config in SMALL_GRID.configs():  # the hash the child logged itself is the sweep's
-        assert client.get_run(finished[config.config_hash()]).data.tags["config_hash"] == config.config_hash()
-    assert SMALL_GRID.configs()[0].l1 == 1e-5 and children[finished[SMALL_GRID.configs()[0].config_hash()]] \
-        .data.params["l1"] == "1e-05"
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
-    assert {"comparison/results.csv", "comparison/test_accuracy.png"} <= artifacts, artifacts
-    compared = client.get_run(parent.info.run_id).data.tags["compared_run_ids"]
-    assert sorted(compared.split(",")) == sorted(finished.values())
+        assert tags[st.CONFIG_HASH] == config.config_hash()
+        assert tags[st.SWEEP_PARENT] == tags["mlflow.parentRunId"] == parent_id
+        assert tags[st.DEVICE] == "cpu"
+        assert run.data.params["l1"] == ("1e-05" if config.norm == "bn" else "0.0")
+        # what the sweep printed is what the run holds
+        acc = run.data.metrics["test_acc"]
+        assert f"finished {config.run_name} (run {run.info.run_id}) on cpu: test_acc {acc:.2f}%" in proc.stdout
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"misclassified.png", "misclassified.json", "model_summary.txt", "checkpoint"} <= artifacts
+        assert tags["model_uri"].startswith("models:/")
+    assert f"sweep: 4 of 4 children finished; parent run {parent_id}" in proc.stdout
 
-    before = {r.info.run_id: r.info.start_time for r in children.values()}
-    fourth = run_cli(*args, cwd=tmp_path, **FAST)
-    assert fourth.returncode == 0, fourth.stdout + fourth.stderr
-    assert "(existing: resuming or joining it)" in fourth.stdout and "0 trained now" in fourth.stdout
-    assert "comparison: already logged" in fourth.stdout
-    _, children = sweep_runs(client)
-    assert {r.info.run_id: r.info.start_time for r in children.values()} == before
-
-
-def test_a_failing_child_is_reported_and_the_others_finish(tmp_path, tracking_uri, small_mnist_dir):
-    """--jobs 2 on sqlite; one training process is killed (as the OOM killer would)."""
-    grid = Grid(norms=("bn", "ln"), epochs=1)
-    args = ("sweep", "--norms", "bn,ln", "--epochs", "1", "--jobs", "2", "--data-dir", str(small_mnist_dir))
-    client = MlflowClient()
-    sweep = subprocess.Popen([sys.executable, "-m", "normlab", *args], cwd=tmp_path, env=cli_env(**FAST),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ln_hash = grid.configs()[1].config_hash()
-
-    def ln_child_pid():
-        if client.get_experiment_by_name("normlab") is None:
-            return None
-        _, children = sweep_runs(client)
-        pids = [r.data.tags.get(st.CHILD_PID) for r in children.values() if r.data.tags[st.CONFIG_HASH] == ln_hash]
-        return int(pids[0]) if pids and pids[0] else None
-    os.kill(wait_for(ln_child_pid, 300, "the ln child to start"), signal.SIGKILL)
-    out, err = sweep.communicate(timeout=600)
-    assert sweep.returncode == 1, out + err
-    assert "1 children failed" in err and "ln-s1" in err and "killed by signal SIGKILL" in err
-    assert "database is locked" not in out + err
-    parents, children = sweep_runs(client)
-    assert parents[0].info.status == "FAILED"
-    by_config = {r.data.tags[st.CONFIG_HASH]: r for r in children.values()}
-    assert by_config[ln_hash].info.status == "FAILED"
-    assert by_config[ln_hash].data.tags[st.OUTCOME] == "error"
-    assert "SIGKILL" in by_config[ln_hash].data.tags[st.ERROR]
-    bn = by_config[grid.configs()[0].config_hash()]
-    assert bn.info.status == "FINISHED"
-    assert_complete_history(client, bn.info.run_id, 1)
+    # the comparison, on the parent and in --out, says where it wrote what
+    compared = {a.path for a in client.list_artifacts(parent_id, "comparison")}
+    written = sorted(p.name for p in out_dir.iterdir())
+    assert {"comparison/" + name for name in written} == compared
+    assert {"results.csv", "runs.csv", "test_accuracy.png", "findings.md"} <= set(written)
+    assert f"comparison: wrote {len(written)} files to {out_dir}/ ({', '.join(written)})" in proc.stdout
+    assert f"comparison: logged under 'comparison/' of parent run {parent_id}" in proc.stdout
+    table = pd.read_csv(out_dir / "runs.csv")
+    assert sorted(table["run_id"]) == sorted(finished.values())
+    for row in table.itertuples():
+        assert row.final_test_acc == pytest.approx(children[row.run_id].data.metrics["test_acc"])
 
 
-def test_children_side_by_side_in_one_process_train_what_normlab_train_trains(
-        tmp_path, tracking_uri, small_mnist_dir):
-    """--side-by-side 3 (the GPU default) on the CPU: one process, one thread per child."""
-    grid = Grid(norms=("bn", "ln", "gn"), epochs=2)
-    sweep = run_cli("sweep", "--norms", "bn,ln,gn", "--epochs", "2", "--side-by-side", "3",
-                    "--data-dir", str(small_mnist_dir), cwd=tmp_path, **FAST)
-    assert sweep.returncode == 0, sweep.stdout + sweep.stderr
-    assert sweep.stdout.count("side by side in process") == 3
-    client = MlflowClient()
-    parents, children = sweep_runs(client)
-    finished = assert_one_finished_child_per_config(client, grid, children)
-    assert len({children[r].data.tags[st.CHILD_PID] for r in finished.values()}) == 1
-    assert parents[0].info.status == "FINISHED"
-    ln = grid.configs()[1]
-    alone = run_cli("train", "--norm", "ln", "--epochs", "2", "--data-dir", str(small_mnist_dir),
-                    "--experiment", "alone", cwd=tmp_path, **FAST)
+def test_runs_after_others_in_one_worker_log_exactly_what_each_logs_alone(small_sweep, small_mnist_dir):
+    """ln-s2 is the sweep's fourth run in one warm worker; `normlab train` of its config
+    alone, in a fresh process, logs the same numbers bit for bit and ends with the same weights."""
+    client, tmp = small_sweep["client"], small_sweep["tmp"]
+    alone = run_cli("train", "--norm", "ln", "--seed", "2", "--epochs", "1", "--data-dir", str(small_mnist_dir),
+                    "--experiment", "alone", "--checkpoint-dir", str(tmp / "ck-alone"), cwd=tmp,
+                    MLFLOW_TRACKING_URI=small_sweep["uri"])
     assert alone.returncode == 0, alone.stdout + alone.stderr
-    alone_id = client.search_runs([client.get_experiment_by_name("alone").experiment_id])[0].info.run_id
-    for metric in METRICS:
-        side = [m.value for m in client.get_metric_history(finished[ln.config_hash()], metric)]
-        assert side == [m.value for m in client.get_metric_history(alone_id, metric)], metric
-    artifacts = {a.path for a in client.list_artifacts(finished[ln.config_hash()])}
-    assert {"misclassified.png", "model_summary.txt", "checkpoint"} <= artifacts, artifacts
-
-
-@pytest.fixture
-def mlflow_server(tmp_path, monkeypatch):
-    """A real `mlflow server` on 127.0.0.1 with a sqlite backend and a served artifact root."""
-    server = MlflowServer(tmp_path)
-    server.start()
-    try:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
-        import mlflow
-
-        mlflow.set_tracking_uri(server.uri)
-        yield server.uri
-        mlflow.set_tracking_uri(None)
-    finally:
-        server.stop()
-
-
-def test_two_sweeps_with_two_jobs_on_a_tracking_server_train_each_child_once(
-        tmp_path, mlflow_server, small_mnist_dir):
-    """The batch-size study's shape (2 norms x 2 batch sizes), so its figure is checked too."""
-    grid = Grid(norms=("bn", "ln"), batch_sizes=(50, 100), epochs=1)
-    args = ("sweep", "--norms", "bn,ln", "--batch-sizes", "50,100", "--epochs", "1", "--jobs", "2",
-            "--data-dir", str(small_mnist_dir))
-    workers = [subprocess.Popen([sys.executable, "-m", "normlab", *args], cwd=tmp_path,
-                                env=cli_env(MLFLOW_TRACKING_URI=mlflow_server, **FAST),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = [w.communicate(timeout=600) for w in workers]
-    for worker, (out, err) in zip(workers, outputs):
-        assert worker.returncode == 0, out + err
-        assert "database is locked" not in out + err
-    client = MlflowClient(mlflow_server)
-    parents, children = sweep_runs(client)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == 4  # each config trained exactly once, across both workers
-    assert {r.data.tags[st.ATTEMPT] for r in children.values()} == {"1"}
-    assert_one_finished_child_per_config(client, grid, children)
-    trained = [int(out.split(" trained now")[0].rsplit("sweep: ", 1)[1]) for out, _ in outputs]
-    assert sum(trained) == 4, trained
-    assert sum("comparison: logged" in out for out, _ in outputs) == 1
-    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "comparison")}
-    assert {"comparison/results.csv", "comparison/batch_size.png"} <= artifacts, artifacts
+    [alone_run] = client.search_runs([client.get_experiment_by_name("alone").experiment_id])
+    ln2 = next(c for c in SMALL_GRID.configs() if (c.norm, c.seed) == ("ln", 2))
+    _, children = sweep_runs(client)
+    [child] = [r for r in children.values() if r.data.tags[st.CONFIG_HASH] == ln2.config_hash()]
+    assert alone_run.data.tags["config_hash"] == child.data.tags["config_hash"] == ln2.config_hash()
+    assert histories(client, child.info.run_id) == histories(client, alone_run.info.run_id)
+    weights = [load(Path(client.download_artifacts(r.info.run_id, "checkpoint/last.pt", str(tmp / r.info.run_id))))
+               for r in (child, alone_run)]
+    assert weights[0]["model"].keys() == weights[1]["model"].keys()
+    for name, tensor in weights[0]["model"].items():
+        assert torch.equal(tensor, weights[1]["model"][name]), name
+    mistakes = [Path(client.download_artifacts(r.info.run_id, "misclassified.json", str(tmp / r.info.run_id)))
+                .read_text() for r in (child, alone_run)]
+    assert mistakes[0] == mistakes[1]
