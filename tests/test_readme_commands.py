@@ -1,6 +1,7 @@
 """The README's commands, run as a user would type them.
 
-Every command in README.md's ```bash blocks runs in order, each in a fresh copy of this
+Every command in the ```bash blocks of README.md, then of the pages it links in docs/
+(docs/*.md, where its longer parts moved), runs in order, each in a fresh copy of this
 checkout (the folder a user has cloned), with two things supplied: a real-digit MNIST
 folder at ./data (the tests' 1,000/500-digit split, in torchvision's layout) and
 MLFLOW_TRACKING_URI pointing at one sqlite store for the whole test, so later commands see
@@ -31,6 +32,12 @@ from tests.conftest import ROOT, cli_env
 
 README = ROOT / "README.md"
 
+
+def documented() -> list[Path]:
+    """README.md, then the pages in docs/ it points to for the longer parts."""
+    return [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
 # (pattern searched in the command, or in the environment its block exported, and why it is skipped)
 SKIPPED = [
     (r"^mlflow run \.(?!.*--env-manager local)",
@@ -47,6 +54,8 @@ SKIPPED = [
      "`mlflow server`)"),
     (r"--address|SLURM|JOB_COMPLETION_INDEX|\bray\b", "needs a cluster (Ray, SLURM or Kubernetes)"),
     (r"benchmarks/(side_by_side|conv_tiles)\.py|--device cuda", "needs a CUDA GPU"),
+    (r"--seeds ([4-9]|\d\d+)\b",
+     "more than 3 seeds: 12 runs or more, minutes on CI's 2 cores; the same sweep with --seeds 3 runs"),
     (r"--batch-sizes [^ ]*\b2,",
      "the batch-size study: 36 runs, and batch 2 is 500 steps an epoch even on the test split: "
      "over 10 minutes on CI's 2 cores (normlab sweep with one batch size runs the same code)"),
@@ -70,10 +79,12 @@ TRAINING = re.compile(r"^(normlab (train|sweep)\b|mlflow run \.(?!.* -e (?!main\
 @dataclass
 class Command:
     text: str  # as written, continuation lines joined, comment dropped
-    line: int  # README line where it starts
+    line: int  # line of its file where it starts
     exports: list[str] = field(default_factory=list)  # `export` lines above it in its block
 
     def skip_reason(self) -> str | None:
+        if not self.to_run().split("; ")[-1]:
+            return "only sets up an environment (virtual environment, pip install): CI makes its own (.ci/run)"
         for pattern, reason in SKIPPED:
             if any(re.search(pattern, line) for line in [self.text, *self.exports]):
                 return reason
@@ -193,26 +204,27 @@ def fresh_checkout(dest: Path, data: Path) -> Path:
 
 
 def test_readme_commands_run_as_written(small_mnist_dir, tmp_path):
-    commands = readme_commands(README.read_text())
-    assert len(commands) >= 20, [c.text for c in commands]  # the parser found the README's blocks
+    commands = [(path.relative_to(ROOT), c) for path in documented() for c in readme_commands(path.read_text())]
+    assert len(commands) >= 20, [c.text for _, c in commands]  # the parser found the README's blocks
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()
     env = cli_env(MLFLOW_TRACKING_URI=uri)
     env.pop("PYTHONPATH")  # what the user has: the installed normlab, the checkout as the working folder
     runs, report, failures = Runs(uri), [], []
-    for i, command in enumerate(commands):
+    for i, (path, command) in enumerate(commands):
+        where = f"{path}:{command.line}"
         reason = command.skip_reason()
         if reason:
-            report.append(f"README:{command.line} skipped: {command.text}\n    ({reason})")
+            report.append(f"{where} skipped: {command.text}\n    ({reason})")
             continue
         to_run = runs.fill(command.to_run())
         folder = fresh_checkout(tmp_path / f"command-{i}", small_mnist_dir)
         start = time.monotonic()
         proc = subprocess.run(["bash", "-c", to_run], cwd=folder, env=env, capture_output=True, text=True,
                               timeout=600)
-        report.append(f"README:{command.line} ran in {time.monotonic() - start:.0f} s: {to_run}")
+        report.append(f"{where} ran in {time.monotonic() - start:.0f} s: {to_run}")
         if proc.returncode != 0:
-            failures.append(f"README:{command.line}: {to_run}\nexit {proc.returncode}\n"
+            failures.append(f"{where}: {to_run}\nexit {proc.returncode}\n"
                             f"{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}")
     print("\n".join(report))
     assert not failures, "\n\n".join(failures)
