@@ -14,6 +14,7 @@ import os
 import queue
 import signal
 import threading
+import traceback
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -112,7 +113,11 @@ class InProcessExecutor:
                         request = tasks.get_nowait()
                     except queue.Empty:
                         return
-                    result = self.worker.train(request)
+                    try:
+                        result = self.worker.train(request)
+                    except Exception:  # a bug outside the run: fail this run, not the ones after it
+                        result = RunResult(request.config, request.run_id, "FAILED", traceback.format_exc(),
+                                           device=self.worker.device_name)
                     with lock:
                         on_result(result)
 

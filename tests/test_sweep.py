@@ -263,3 +263,86 @@ def test_runs_after_others_in_one_worker_log_exactly_what_each_logs_alone(small_
     mistakes = [Path(client.download_artifacts(r.info.run_id, "misclassified.json", str(tmp / r.info.run_id)))
                 .read_text() for r in (child, alone_run)]
     assert mistakes[0] == mistakes[1]
+
+
+# -- stopped, failing, resumed ------------------------------------------------------------
+
+def test_ctrl_c_kills_the_running_child_and_the_same_command_resumes_only_what_is_missing(
+        tmp_path, small_mnist_dir):
+    """SIGINT to the sweep in the second child's second epoch: that child and the parent are
+    KILLED, exit 130. The same command again keeps the finished child, resumes the stopped
+    one in its own run from its checkpoint, and starts the two that never began."""
+    grid = Grid(norms=("bn", "ln"), seeds=(1, 2), epochs=2)
+    args = ("sweep", "--norms", "bn,ln", "--seeds", "2", "--epochs", "2", "--data-dir", str(small_mnist_dir),
+            "--checkpoint-dir", str(tmp_path / "ck"))
+    uri = store_uri(tmp_path)
+    client = MlflowClient(uri)
+    first, second = grid.configs()[:2]
+    proc, out = start(args, tmp_path, MLFLOW_TRACKING_URI=uri)
+    out.wait_for(rf"^\[{re.escape(second.run_name)}\] epoch   1/2", timeout=300)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, out.text
+    out.thread.join(timeout=10)
+    assert "SIGINT received: stopping after the current step" in out.text
+    assert "sweep interrupted; run the same command again to resume" in out.text
+
+    parents, children = sweep_runs(client)
+    [parent] = parents
+    assert parent.info.status == "KILLED"
+    by_config = {r.data.tags[st.CONFIG_HASH]: r for r in children.values()}
+    assert set(by_config) == {first.config_hash(), second.config_hash()}  # the others never started
+    done, stopped = by_config[first.config_hash()], by_config[second.config_hash()]
+    assert done.info.status == "FINISHED"
+    assert (stopped.info.status, stopped.data.tags["normlab.status"]) == ("KILLED", "interrupted")
+    assert "SIGINT received" in stopped.data.tags[st.ERROR]
+    assert f"resume with: normlab train --resume {stopped.info.run_id}" in stopped.data.tags["normlab.reason"]
+    assert [s for s, _ in histories(client, stopped.info.run_id)["test_acc"]] == [1]
+    done_history = histories(client, done.info.run_id)
+
+    again = run_cli(*args, cwd=tmp_path, MLFLOW_TRACKING_URI=uri)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (f"sweep {grid.sweep_hash()}: 4 children, parent run {parent.info.run_id} (resuming it); "
+            f"1 finished already, 1 to resume, 2 to start, 0 being trained elsewhere") in again.stdout
+    assert f"[{second.run_name}] resuming run {stopped.info.run_id} after epoch 1" in again.stdout
+    assert f"[{first.run_name}]" not in again.stdout  # kept, not trained again
+    parents, children = sweep_runs(client)
+    assert [p.info.run_id for p in parents] == [parent.info.run_id]
+    assert parents[0].info.status == "FINISHED"
+    assert len(children) == 4
+    finished = assert_one_finished_child_per_config(client, grid, children)
+    assert finished[first.config_hash()] == done.info.run_id
+    assert histories(client, done.info.run_id) == done_history
+    assert finished[second.config_hash()] == stopped.info.run_id
+    assert children[stopped.info.run_id].data.tags["normlab.resumed"].startswith("after epoch 1 (it had ended interrupted")
+    assert load(Path(client.download_artifacts(stopped.info.run_id, "checkpoint/last.pt", str(tmp_path))))["epoch"] == 2
+
+    third = run_cli(*args, cwd=tmp_path, MLFLOW_TRACKING_URI=uri)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "4 finished already, 0 to resume, 0 to start" in third.stdout
+    assert "comparison: already logged on the parent for these children" in third.stdout
+    assert {r.info.run_id: r.info.end_time for r in sweep_runs(client)[1].values()} == \
+           {r.info.run_id: r.info.end_time for r in children.values()}
+
+
+def test_a_failing_child_is_reported_with_its_reason_and_log_and_the_others_finish(tmp_path, small_mnist_dir):
+    """L1 at 1e30 on BN alone: its loss becomes infinite in the first epoch, LN trains as usual."""
+    uri = store_uri(tmp_path)
+    proc = run_cli("sweep", "--norms", "bn,ln", "--l1", "1e30", "--epochs", "1", "--data-dir", str(small_mnist_dir),
+                   "--checkpoint-dir", str(tmp_path / "ck"), cwd=tmp_path, MLFLOW_TRACKING_URI=uri)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    client = MlflowClient(uri)
+    parents, children = sweep_runs(client)
+    assert parents[0].info.status == "FAILED"
+    by_name = {r.data.tags["mlflow.runName"]: r for r in children.values()}
+    assert sorted(by_name) == ["bn-l1_1e+30-s1", "ln-s1"]
+    failed, ln = by_name["bn-l1_1e+30-s1"], by_name["ln-s1"]
+    assert ln.info.status == "FINISHED"
+    assert_complete_history(client, ln.info.run_id, 1)
+    assert (failed.info.status, failed.data.tags["normlab.status"]) == ("FAILED", "failed")
+    assert "the loss became non-finite in epoch 1" in failed.data.tags[st.ERROR]
+    assert f"- bn-l1_1e+30-s1 (run {failed.info.run_id}): Error: the loss became non-finite in epoch 1" in proc.stderr
+    assert "1 children failed (run the same command again to retry them)" in proc.stderr
+    log = Path(client.download_artifacts(failed.info.run_id, "normlab.log", str(tmp_path))).read_text()
+    assert f"MLflow run {failed.info.run_id} (bn-l1_1e+30-s1)" in log
+    assert "Error: the loss became non-finite in epoch 1" in log
+    assert histories(client, failed.info.run_id)["train_loss"] == []  # no infinite curve
