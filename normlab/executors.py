@@ -62,22 +62,37 @@ def local_executor(device: str, cpu_workers: int, settings: WorkerSettings, echo
     return LocalExecutor(devices, settings, echo)
 
 
-def _retry(request: RunRequest, result: RunResult, attempts: dict[str, int]) -> RunRequest | None:
-    """The request that tries a run again after its worker died, or None when out of tries."""
+def _retry(request: RunRequest, result: RunResult, attempts: dict[str, int],
+           checkpoint_dir: str | None = None) -> RunRequest | None:
+    """The request that tries a run again after its worker died, or None when out of tries:
+    a resume of its run when it has a checkpoint (the artifact, or a local copy in
+    ``checkpoint_dir`` on this machine), else a new run (it died before its first epoch)."""
     key = request.config.config_hash()
     attempts[key] = attempts.get(key, 1) + 1
     if attempts[key] > MAX_ATTEMPTS:
         return None
-    if result.run_id:
+    if result.run_id and _has_checkpoint(result.run_id, checkpoint_dir):
         return replace(request, run_id=result.run_id, resume=True)
-    return request
+    return replace(request, run_id=None, resume=False)
+
+
+def _has_checkpoint(run_id: str, checkpoint_dir: str | None) -> bool:
+    from normlab.sweep_tracking import has_checkpoint
+    from normlab.tracking import local_checkpoint_path
+
+    if checkpoint_dir and local_checkpoint_path(checkpoint_dir, run_id).exists():
+        return True
+    return has_checkpoint(run_id)
 
 
 def _worker_died(request: RunRequest, run_id: str | None, why: str, device: str) -> RunResult:
+    """Its run FAILED with the reason and its lease broken, so a retry may resume it at once."""
     from normlab.lease import break_lease
+    from normlab.tracking import fail_run_if_open
 
     if run_id:
-        break_lease(run_id)  # its owner is gone: the retry may take it at once
+        break_lease(run_id)
+        fail_run_if_open(run_id, why)
     return RunResult(request.config, run_id, "FAILED", why, device=device)
 
 
@@ -143,7 +158,8 @@ def _local_worker(index: int, device: str, settings: WorkerSettings, tasks, resu
 
     os.environ["MLFLOW_TRACKING_URI"] = settings.tracking_uri
     tracking.use_bounded_http_retries()
-    worker = Worker(device, settings.data_dir, settings.experiment, settings.checkpoint_dir)
+    worker = Worker(device, settings.data_dir, settings.experiment, settings.checkpoint_dir,
+                    name=f"worker {index + 1}" if device == "cpu" else None)
 
     def serve() -> None:
         with worker.stream():
@@ -225,6 +241,8 @@ class LocalExecutor:
                     continue
                 if kind == "started":
                     held.setdefault(index, {})[key] = None
+                    self.echo(f"[{by_key[key].config.run_name}] started on {self._where(index)} "
+                              f"(pid {self.processes[index].pid})")
                 elif kind == "run":
                     held.setdefault(index, {})[key] = value
                 else:
@@ -250,7 +268,8 @@ class LocalExecutor:
             why = f"its worker process ({self._where(index)}, pid {process.pid}) died with exit code {process.exitcode}"
             for key, run_id in held.pop(index, {}).items():
                 result = _worker_died(by_key[key], run_id, why, self._where(index))
-                retry = None if self.stopping else _retry(by_key[key], result, attempts)
+                retry = None if self.stopping else _retry(by_key[key], result, attempts,
+                                                          self.settings.checkpoint_dir)
                 if retry is not None:
                     self.echo(f"[{retry.config.run_name}] {why}; trying it again ({'resuming' if retry.resume else 'anew'})")
                     by_key[key] = retry

@@ -154,10 +154,7 @@ class SweepRecords:
         return Plan(done, resume, busy, start, abandoned)
 
     def _has_checkpoint(self, run_id: str) -> bool:
-        from normlab.tracking import CHECKPOINT_ARTIFACT
-
-        folder = CHECKPOINT_ARTIFACT.rsplit("/", 1)[0]
-        return any(f.path == CHECKPOINT_ARTIFACT for f in self.client.list_artifacts(run_id, folder))
+        return has_checkpoint(run_id, self.client)
 
     def child_tags(self, config: TrainConfig, commit: str | None) -> dict[str, str]:
         """The tags that make a run this sweep's child for this config."""
@@ -183,6 +180,14 @@ class SweepRecords:
 
     def parent_tags(self) -> dict[str, str]:
         return self.client.get_run(self.parent_id).data.tags
+
+
+def has_checkpoint(run_id: str, client: MlflowClient | None = None) -> bool:
+    """Whether the run has its checkpoint artifact (so it can be resumed anywhere)."""
+    from normlab.tracking import CHECKPOINT_ARTIFACT
+
+    folder = CHECKPOINT_ARTIFACT.rsplit("/", 1)[0]
+    return any(f.path == CHECKPOINT_ARTIFACT for f in (client or MlflowClient()).list_artifacts(run_id, folder))
 
 
 def _alive(run, now: float) -> bool:

@@ -15,6 +15,7 @@ and capturing are not thread-safe; Trainer.prepare does them one run at a time.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 import traceback
@@ -86,8 +87,11 @@ class Worker:
     """Trains requests in this process on one device, keeping data and compiled steps warm."""
 
     def __init__(self, device: str, data_dir: str, experiment: str, checkpoint_dir: str,
-                 concurrent: int | None = None, bars: bool = False):
+                 concurrent: int | None = None, bars: bool = False, name: str | None = None):
+        """``name`` tells this worker from others on the same device (CPU workers sharing
+        the cores) in its runs' normlab.worker_device tag."""
         self.device = resolve_device(device)
+        self.name = name
         self.data_dir = data_dir
         self.experiment = experiment
         self.checkpoint_dir = checkpoint_dir
@@ -101,10 +105,16 @@ class Worker:
 
     @property
     def device_name(self) -> str:
+        """The device as the machine numbers it (a worker pinned with CUDA_VISIBLE_DEVICES=3
+        sees its GPU as cuda:0, and calls it cuda:3), and the worker's name if it has one."""
         if self.device.type == "cuda":
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-        return "cpu"
+            visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+            number = visible[index] if index < len(visible) else index
+            where = f"cuda:{number} ({torch.cuda.get_device_name(index)})"
+        else:
+            where = self.device.type
+        return f"{where} {self.name}" if self.name else where
 
     def data(self, dataset: str) -> DeviceData:
         """The dataset on this worker's device, loaded on first use (one thread at a time)."""

@@ -123,20 +123,23 @@ class Lines:
             self.lines.append(None)  # the end
             self.changed.notify_all()
 
-    def wait_for(self, pattern: str, timeout: float, start: int = 0) -> re.Match:
-        """The first match of ``pattern`` in a line from index ``start`` on."""
+    def find(self, pattern: str, timeout: float, start: int = 0) -> tuple[int, re.Match]:
+        """(index, match) of the first line from index ``start`` on that matches ``pattern``."""
         def found():
-            for line in self.lines[start:]:
-                if line is None:
+            for index in range(start, len(self.lines)):
+                if self.lines[index] is None:
                     raise AssertionError(f"the process ended with no line matching {pattern!r}:\n{self.text[-4000:]}")
-                match = re.search(pattern, line)
+                match = re.search(pattern, self.lines[index])
                 if match:
-                    return match
+                    return index, match
             return None
         with self.changed:
-            match = self.changed.wait_for(found, timeout)
-        assert match, f"no line matching {pattern!r} within {timeout} s:\n{self.text[-4000:]}"
-        return match
+            hit = self.changed.wait_for(found, timeout)
+        assert hit, f"no line matching {pattern!r} within {timeout} s:\n{self.text[-4000:]}"
+        return hit
+
+    def wait_for(self, pattern: str, timeout: float, start: int = 0) -> re.Match:
+        return self.find(pattern, timeout, start)[1]
 
     @property
     def text(self) -> str:
@@ -346,3 +349,60 @@ def test_a_failing_child_is_reported_with_its_reason_and_log_and_the_others_fini
     assert f"MLflow run {failed.info.run_id} (bn-l1_1e+30-s1)" in log
     assert "Error: the loss became non-finite in epoch 1" in log
     assert histories(client, failed.info.run_id)["train_loss"] == []  # no infinite curve
+
+
+def worker_pids(sweep_pid: int) -> list[int]:
+    """The sweep's spawned worker processes (its children that run multiprocessing's spawn_main)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == sweep_pid and "spawn_main" in cmdline:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def test_two_worker_processes_share_the_sweep_and_a_killed_one_has_its_run_resumed(tmp_path, small_mnist_dir):
+    """--workers 2 on the CPU: both processes train children; once each has finished one, the
+    worker training the next child is killed (SIGKILL, as the OOM killer does) in that child's
+    second epoch. Its run is marked FAILED, resumed from its checkpoint in the same run, and the
+    sweep ends with every child FINISHED exactly once with each epoch logged once."""
+    grid = Grid(norms=("bn", "ln"), seeds=(1, 2, 3), epochs=2)
+    uri = store_uri(tmp_path)
+    client = MlflowClient(uri)
+    proc, out = start(("sweep", "--norms", "bn,ln", "--seeds", "3", "--epochs", "2", "--workers", "2",
+                       "--data-dir", str(small_mnist_dir), "--checkpoint-dir", str(tmp_path / "ck")),
+                      tmp_path, MLFLOW_TRACKING_URI=uri)
+    try:
+        finished_on, line = set(), -1
+        while len(finished_on) < 2:  # until each worker has finished a child
+            line, match = out.find(r"^finished \S+ \(run \w+\) on (cpu worker \d)", timeout=300, start=line + 1)
+            finished_on.add(match.group(1))
+        match = out.wait_for(r"^\[(\S+)\] epoch   1/2", timeout=120, start=line + 1)
+        victim = match.group(1)
+        started = out.wait_for(rf"^\[{re.escape(victim)}\] started on (cpu worker \d) \(pid (\d+)\)", timeout=1)
+        run_id = out.wait_for(rf"^\[{re.escape(victim)}\] MLflow run (\w+) ", timeout=1).group(1)
+        pid = int(started.group(2))
+        assert pid in worker_pids(proc.pid)
+        os.kill(pid, signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, out.text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out.thread.join(timeout=10)
+    assert re.search(rf"\[{re.escape(victim)}\] its worker process \({started.group(1)}, pid {pid}\) died with "
+                     rf"exit code -9; trying it again \(resuming\)", out.text), out.text
+    assert f"[{victim}] resuming run {run_id} after epoch 1" in out.text
+
+    parents, children = sweep_runs(client)
+    assert parents[0].info.status == "FINISHED"
+    assert len(children) == len(grid.configs())  # the retry made no second run
+    finished = assert_one_finished_child_per_config(client, grid, children)
+    assert run_id in finished.values()
+    assert "its worker process" in children[run_id].data.tags["normlab.resumed"]
+    assert {r.data.tags[st.DEVICE] for r in children.values()} == {"cpu worker 1", "cpu worker 2"}
