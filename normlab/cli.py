@@ -138,9 +138,17 @@ def entry() -> None:
         if exc.code not in (0, None):
             _fail_launched_run(launched_run, f"exited with code {exc.code}")
         raise
-    except BaseException as exc:
-        _fail_launched_run(launched_run, f"{type(exc).__name__}: {exc}")
-        raise
+    except KeyboardInterrupt:
+        _fail_launched_run(launched_run, "aborted (Ctrl-C)")
+        sys.exit(130)
+    except Exception as exc:  # a bug: its traceback, without the credentials it may quote
+        import traceback
+
+        from normlab.redaction import redact
+
+        _fail_launched_run(launched_run, redact(f"{type(exc).__name__}: {exc}"))
+        click.echo(redact("".join(traceback.format_exception(exc))), err=True)
+        sys.exit(1)
     sys.exit(result if isinstance(result, int) else 0)
 
 

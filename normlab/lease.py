@@ -35,11 +35,27 @@ class LeaseHeld(RuntimeError):
 
 
 def holder(tags: dict[str, str], now: float | None = None) -> str | None:
-    """The owner of a lease that has not run out, other than this process; else None."""
+    """The owner of a lease that has not run out, other than this thread; else None. An owner
+    on this host whose process is gone holds nothing (no need to wait for the lease to lapse)."""
     owner, until = tags.get(OWNER_TAG), float(tags.get(UNTIL_TAG) or 0)
-    if owner and owner != _owner() and until > (now or time.time()):
+    if owner and owner != _owner() and until > (now or time.time()) and not _dead_here(owner):
         return owner
     return None
+
+
+def _dead_here(owner: str) -> bool:
+    """Whether the owner ran on this host in a process that no longer exists."""
+    host, _, rest = owner.partition(":")
+    pid = rest.split(":", 1)[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _owner() -> str:

@@ -166,7 +166,9 @@ class SweepRecords:
 
     def mark_failed(self, run_id: str, status: str, reason: str) -> None:
         """Tag why a child did not finish and close it if it is still open."""
-        self.client.set_tag(run_id, ERROR, reason[-4000:])
+        from normlab.redaction import redact
+
+        self.client.set_tag(run_id, ERROR, redact(reason)[-4000:])
         run = self.client.get_run(run_id)
         if run.info.status in ("RUNNING", "SCHEDULED"):
             self.client.set_tag(run_id, STATUS_TAG, {"KILLED": "interrupted"}.get(status, "failed"))
