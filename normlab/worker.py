@@ -28,11 +28,15 @@ import torch
 from normlab.data import DataError, DeviceData, load_raw
 from normlab.lifecycle import Ending, train_tracked
 from normlab.models import ConfigError
+from normlab.redaction import redact
 from normlab.train import TrainConfig, Trainer, resolve_device
 
-# Runs a GPU worker trains at once. Three side by side had 1.5x the throughput of one after
-# another on an H200, more gave no more (docs/speed.md); a CPU run uses every core alone.
-CONCURRENT_ON_GPU = 3
+# Runs a GPU worker trains at once, each in a thread with its own CUDA stream. Three side by
+# side trained 1.4x faster than one after another on an H200, but in the 10-seed study a run's
+# CUDA-graph capture failed while other threads trained (invalidated captures, CPU-to-GPU
+# copies during capture: benchmarks/results/h200-2026-11-29-e2e.txt), so runs go one at a
+# time until that is understood. A CPU run uses every core alone.
+CONCURRENT_ON_GPU = 1
 LOG_LINES = 40  # the last lines of a run's output kept for its failure report
 LOG_ARTIFACT = "normlab.log"  # where a run that did not finish keeps those lines
 
@@ -145,7 +149,7 @@ class Worker:
         lines: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
 
         def say(message: str, err: bool = False) -> None:
-            for line in str(message).splitlines():
+            for line in redact(str(message)).splitlines():
                 lines.append(line)
                 (echo or click.echo)(prefix + line, err=err)
 
