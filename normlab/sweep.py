@@ -127,8 +127,6 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     ``address`` (a Ray cluster, or "auto") runs the workers as Ray actors; without it they
     are processes on this machine, one per GPU (``cpu_workers`` on a machine without one),
     or this process itself when there is one device."""
-    import mlflow
-
     from normlab import sweep_tracking as st
     from normlab import tracking
     from normlab.executors import RayExecutor, WorkerSettings, local_executor
@@ -146,7 +144,7 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     for run_id in plan.abandoned:
         records.mark_failed(run_id, "FAILED", "abandoned: the process training it is gone")
     outcome = Outcome(parent_id, done=dict(plan.done), busy=dict(plan.busy))
-    settings = WorkerSettings(str(data_dir), records.experiment_name(), checkpoint_dir, mlflow.get_tracking_uri())
+    settings = WorkerSettings(str(data_dir), records.experiment_name(), checkpoint_dir, tracking.tracking_uri())
     executor = (RayExecutor(address, settings, echo) if address
                 else local_executor(device, cpu_workers, settings, echo))
     by_hash = {c.config_hash(): c for c in configs}

@@ -580,6 +580,26 @@ class Checkpointer(Callbacks):
                             str(Path(CHECKPOINT_ARTIFACT).parent))
 
 
+LOG_ARTIFACT = "normlab.log"  # where a run that did not finish keeps its last lines of output
+
+
+def attach_log(run_id: str, text: str) -> None:
+    """Keep a run's last lines of output as its artifact normlab.log (credentials redacted),
+    so a failed or stopped sweep child can be read in MLflow; best effort, since a store
+    that fails now is usually why the run ended."""
+    from normlab.redaction import redact
+
+    try:
+        MlflowClient().log_text(run_id, redact(text) + "\n", LOG_ARTIFACT)
+    except Exception:
+        pass
+
+
+def tracking_uri() -> str:
+    """The store this process logs to (MLFLOW_TRACKING_URI, else MLflow's default)."""
+    return mlflow.get_tracking_uri()
+
+
 def upload_checkpoint(run_id: str, local_path: Path) -> None:
     """The local checkpoint as the run's artifact checkpoint/last.pt (replacing it)."""
     MlflowClient().log_artifact(run_id, str(local_path), str(Path(CHECKPOINT_ARTIFACT).parent))

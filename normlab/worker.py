@@ -38,7 +38,6 @@ from normlab.train import TrainConfig, Trainer, resolve_device
 # time until that is understood. A CPU run uses every core alone.
 CONCURRENT_ON_GPU = 1
 LOG_LINES = 40  # the last lines of a run's output kept for its failure report
-LOG_ARTIFACT = "normlab.log"  # where a run that did not finish keeps those lines
 
 
 @dataclass(frozen=True)
@@ -65,20 +64,6 @@ class RunResult:
     test_acc: float | None = None
     seconds: float = 0.0
     device: str = ""
-
-
-def attach_log(run_id: str, text: str) -> None:
-    """Keep a run's last lines of output as its artifact normlab.log (credentials redacted),
-    so a failed or stopped sweep child can be read in MLflow; best effort, since a store
-    that fails now is usually why the run ended."""
-    from mlflow import MlflowClient
-
-    from normlab.redaction import redact
-
-    try:
-        MlflowClient().log_text(run_id, redact(text) + "\n", LOG_ARTIFACT)
-    except Exception:
-        pass
 
 
 def compile_key(config: TrainConfig) -> tuple:
@@ -204,7 +189,7 @@ class Worker:
         if ending.aborted:
             raise KeyboardInterrupt
         if ending.outcome != "finished":
-            attach_log(ending.run_id, "\n".join(lines))
+            tracking.attach_log(ending.run_id, "\n".join(lines))
             return result(ending.status, "\n".join(list(lines)[-15:]), ending)
         return result("FINISHED", "", ending)
 
