@@ -406,3 +406,113 @@ def test_two_worker_processes_share_the_sweep_and_a_killed_one_has_its_run_resum
     assert run_id in finished.values()
     assert "its worker process" in children[run_id].data.tags["normlab.resumed"]
     assert {r.data.tags[st.DEVICE] for r in children.values()} == {"cpu worker 1", "cpu worker 2"}
+
+
+def test_a_dead_workers_run_is_failed_then_resumed_from_a_checkpoint_or_trained_anew(tracking_uri, tmp_path):
+    """What the executors do with the run of a worker that died, on a real store: FAILED with
+    the reason and its lease broken; retried as a resume when the run has a checkpoint (the
+    artifact, or the local copy on this machine), as a new run when it has none, and not at
+    all once the attempts are spent."""
+    from normlab import lease
+    from normlab.executors import MAX_ATTEMPTS, _retry, _worker_died
+    from normlab.train import TrainConfig
+    from normlab.worker import RunRequest
+
+    client = MlflowClient()
+    experiment = client.create_experiment("retries")
+    config = TrainConfig(norm="ln", epochs=2)
+    request = RunRequest(config, {st.CONFIG_HASH: config.config_hash()}, experiment)
+    checkpoints = tmp_path / "ck"
+    runs = {}
+    for kind in ("bare", "artifact", "local"):
+        run_id = client.create_run(experiment, tags={lease.OWNER_TAG: "gone:1:x",
+                                                     lease.UNTIL_TAG: f"{time.time() + 600:.1f}"}).info.run_id
+        runs[kind] = run_id
+        result = _worker_died(request, run_id, "its worker process (cpu worker 1, pid 1) died with exit code -9",
+                              "cpu worker 1")
+        assert (result.status, result.run_id) == ("FAILED", run_id)
+        run = client.get_run(run_id)
+        assert (run.info.status, run.data.tags["normlab.status"]) == ("FAILED", "failed")
+        assert "died with exit code -9" in run.data.tags["normlab.reason"]
+        assert lease.holder(run.data.tags) is None  # broken: a retry may take it now
+    (tmp_path / "last.pt").write_bytes(b"a checkpoint")
+    client.log_artifact(runs["artifact"], str(tmp_path / "last.pt"), "checkpoint")
+    (checkpoints / runs["local"]).mkdir(parents=True)
+    (checkpoints / runs["local"] / "last.pt").write_bytes(b"a checkpoint")
+
+    def retried(kind, attempts=None):
+        return _retry(request, _worker_died(request, runs[kind], "died", "w"), attempts or {}, str(checkpoints))
+    assert (retried("bare").run_id, retried("bare").resume) == (None, False)  # a new run for the config
+    assert retried("bare").tags == request.tags
+    for kind in ("artifact", "local"):
+        assert (retried(kind).run_id, retried(kind).resume) == (runs[kind], True)
+    assert retried("artifact", {config.config_hash(): MAX_ATTEMPTS}) is None
+
+
+def test_compiling_capturing_and_exporting_never_run_in_two_threads_at_once(tracking_uri, small_mnist_dir,
+                                                                            monkeypatch):
+    """Runs side by side in one worker (three per GPU) prepare their steps (compile, CUDA-graph
+    capture, the Triton kernels' first evaluation) and export their models in threads. Here
+    two threads prepare and two log models at the same moment, and every traced section (the
+    evaluation prepare makes, torch.export inside log_model) records how many are running:
+    never more than one. Without normlab.train.TRACING_LOCK this fails on the CPU too: the
+    sections overlap and the two exports break each other ("ProxyTorchDispatchMode slot
+    already occupied", as on the H200), which leaves torch's tracing state unusable for the
+    rest of the process, so that is not run here."""
+    import mlflow
+
+    from normlab import train, tracking
+    from normlab.data import DeviceData, load_raw
+    from normlab.step import Speedups
+    from normlab.train import TrainConfig, Trainer
+
+    assert tracking.TRACING_LOCK is train.TRACING_LOCK
+    data = DeviceData(load_raw("mnist", str(small_mnist_dir)), torch.device("cpu"))
+    guard, state = threading.Lock(), {"running": 0, "most": 0, "sections": []}
+
+    def traced(function, what):
+        def wrapper(*args, **kwargs):
+            with guard:
+                state["running"] += 1
+                state["most"] = max(state["most"], state["running"])
+                state["sections"].append(what)
+            try:
+                time.sleep(0.05)  # a traced section takes a while on a GPU; so here too
+                return function(*args, **kwargs)
+            finally:
+                with guard:
+                    state["running"] -= 1
+        return wrapper
+    monkeypatch.setattr(train, "evaluate", traced(train.evaluate, "evaluate"))
+    monkeypatch.setattr(torch.export, "export", traced(torch.export.export, "export"))
+
+    trainers = [Trainer(TrainConfig(norm=norm, epochs=1), data, speedups=Speedups(triton_convs=True))
+                for norm in ("bn", "ln", "gn", "none")]
+    barrier = threading.Barrier(4)
+    errors = []
+
+    def prepare(trainer):
+        barrier.wait()
+        trainer.prepare()
+
+    def export(trainer):
+        with mlflow.start_run():
+            barrier.wait()
+            tracking.log_model(trainer.model, data, name=trainer.config.run_name)
+
+    def guarded(function, trainer):
+        try:
+            function(trainer)
+        except BaseException as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=guarded, args=(f, t)) for f, t in zip((prepare, prepare, export, export), trainers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert sorted(state["sections"]) == ["evaluate", "evaluate", "export", "export"]
+    assert state["most"] == 1
+    client = MlflowClient()
+    models = client.search_logged_models([client.get_experiment_by_name("Default").experiment_id])
+    assert sorted(m.name for m in models) == ["gn2-s1", "none-s1"]
