@@ -286,7 +286,8 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
     try:
         tracking.check_tracking_reachable()
         outcome = run_sweep(grid, experiment=experiment, data_dir=data_dir, device=device,
-                            checkpoint_dir=checkpoint_dir, address=address or None, cpu_workers=workers,
+                            checkpoint_dir=checkpoint_dir, address=address or os.environ.get("RAY_ADDRESS") or None,
+                            cpu_workers=workers,
                             out_dir=Path(out) if out else None, echo=click.echo)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
