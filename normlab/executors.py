@@ -9,11 +9,13 @@ checkpoint, up to MAX_ATTEMPTS times.
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import os
 import queue
 import signal
 import threading
+import time
 import traceback
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -300,105 +302,263 @@ class LocalExecutor:
 
 # -- on a Ray cluster -------------------------------------------------------------------
 
+RAY_WORKER_TAG = "normlab.ray_worker"  # the Ray actor that created a child: found again if it dies
+PLACEMENT_NOTE_S = 30.0  # say why nothing happens when Ray has placed no worker for this long
+
+
+def _forwarded_environment(tracking_uri: str) -> dict[str, str]:
+    """What the actors need from the driver's environment: the store and MLflow's settings,
+    credentials included (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN: a worker without them gets
+    HTTP 401), and normlab's own. Ray starts actors in its nodes' environment, not the driver's."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "NORMLAB_"))}
+    env.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run is the driver's, not the children's
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """ray.init waits without end for a HOST:PORT nobody answers at: fail at once instead."""
+    import socket
+
+    from normlab.models import ConfigError
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return  # auto, or a ray:// client address: Ray reports those itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"no Ray cluster answers at --address {address} ({exc.strerror or exc}); start one with "
+                          f"`ray start --head --port {port}` or give the head node's HOST:PORT (or auto, "
+                          f"on a node of the cluster)") from None
+
+
 class RayExecutor:
     """One Ray actor per GPU of the cluster (per CPU on a cluster without GPUs), each a
-    Worker; Ray places them, and reports an actor whose process or node died."""
+    Worker; Ray places them, and reports an actor whose process or node died.
+
+    Runs go to actors that Ray has placed and that have a free slot, so a run never waits
+    behind an actor that cannot start (another job holds the cluster's resources). An actor
+    that dies fails its run with the reason, which is then resumed from its checkpoint
+    artifact (or started again when it has none) on another actor. The actors are ended
+    as soon as the runs are, freeing the cluster for other jobs before the comparison."""
 
     def __init__(self, address: str, settings: WorkerSettings, echo: Callable[[str], None]):
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every line names its run: keep them all
         try:
             import ray
         except ImportError as exc:
             raise RuntimeError('--address needs Ray: pip install "normlab[ray]"') from exc
+        _check_reachable(address)
         self.ray = ray
-        self.settings = settings
+        # the actors' working folder is their node's, not the driver's
+        self.settings = replace(settings, data_dir=os.path.abspath(settings.data_dir),
+                                checkpoint_dir=os.path.abspath(os.path.expanduser(settings.checkpoint_dir)))
         self.echo = echo
         ray.init(address=address, log_to_driver=True,
-                 runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": settings.tracking_uri}})
-        resources = ray.cluster_resources()
+                 runtime_env={"env_vars": _forwarded_environment(settings.tracking_uri)})
         nodes = [n for n in ray.nodes() if n["Alive"]]
         check_store_for_cluster(settings.tracking_uri, len(nodes))
-        gpus = int(resources.get("GPU", 0))
+        # whole devices per node: 1.5 CPUs on each of two nodes is two workers, not three
+        gpus = sum(int(n["Resources"].get("GPU", 0)) for n in nodes)
+        cpus = sum(int(n["Resources"].get("CPU", 0)) for n in nodes)
         if gpus:
-            self.concurrent, options = CONCURRENT_ON_GPU, {"num_gpus": 1}
-            count = gpus
+            self.concurrent, self.options, self.workers, self.unit = CONCURRENT_ON_GPU, {"num_gpus": 1}, gpus, "GPU"
+        elif cpus:
+            self.concurrent, self.options, self.workers, self.unit = 1, {"num_cpus": 1}, cpus, "CPU"
         else:
-            self.concurrent, options = 1, {"num_cpus": 1}
-            count = int(resources.get("CPU", 1))
-        actor_class = ray.remote(RayWorker).options(max_concurrency=self.concurrent, **options)
-        self.actors = [actor_class.remote(settings) for _ in range(count)]
-        self.workers = count
+            from normlab.models import ConfigError
+
+            raise ConfigError(f"the Ray cluster at {address} has no GPU and no whole CPU to place a worker on; "
+                              f"start its nodes with --num-cpus or --num-gpus")
         self.nodes = len(nodes)
+        self.stopping = False
 
     def describe(self) -> str:
-        return (f"Ray: {len(self.actors)} worker actor(s) on {self.nodes} node(s), "
+        return (f"Ray: up to {self.workers} worker actor(s), one per {self.unit} of {self.nodes} node(s), "
                 f"{self.concurrent} run(s) at once each")
 
     def run(self, requests: list[RunRequest], on_result: OnResult) -> None:
+        """Train every request on the actors; returns when each has a result (or the sweep
+        is stopped). The first Ctrl-C (or SIGTERM) asks the actors to stop their runs after
+        the current step (they record themselves KILLED); a second Ctrl-C aborts at once."""
         ray = self.ray
-        waiting = list(requests)
-        attempts: dict[str, int] = {}
+        if not requests:
+            ray.shutdown()
+            return
+        lost = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)
+        # max_concurrency one above the runs, so that request_stop is heard while they train
+        actor_class = ray.remote(RayWorker).options(max_concurrency=self.concurrent + 1, **self.options)
+        actors = [actor_class.remote(self.settings) for _ in range(min(self.workers, len(requests)))]
+        starting = {actor.where.remote(): (index, actor) for index, actor in enumerate(actors, 1)}
+        names: dict = {}  # placed actor -> its device and node
+        load: dict = {}  # placed, living actor -> runs it trains now
         in_flight: dict = {}  # ObjectRef -> (actor, request)
-        load = {actor: 0 for actor in self.actors}
+        waiting = collections.deque(requests)
+        attempts: dict[str, int] = {}
+        idle_since = time.monotonic()
+        previous = {s: signal.signal(s, self._stop_handler(load)) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while waiting or in_flight:
-                for actor in list(load):
-                    while waiting and load[actor] < self.concurrent:
-                        request = waiting.pop(0)
-                        in_flight[actor.train.remote(request)] = (actor, request)
-                        load[actor] += 1
-                if not load:
-                    raise RuntimeError("every Ray worker actor died; the sweep cannot go on (run it again "
-                                       "to resume once the cluster has resources)")
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            while in_flight or (waiting and not self.stopping):  # an actor never placed holds nothing up
+                while waiting and not self.stopping:  # to the placed actor with the fewest runs
+                    free = [actor for actor in load if load[actor] < self.concurrent]
+                    if not free:
+                        break
+                    actor = min(free, key=load.get)
+                    request = waiting.popleft()
+                    in_flight[actor.train.remote(request)] = (actor, request)
+                    load[actor] += 1
+                if self.stopping:
+                    for ref in list(starting):  # not placed yet: nothing of theirs to stop
+                        ray.kill(starting.pop(ref)[1])
+                if not starting and not load:  # every actor died: nobody is left to train these
+                    while waiting:
+                        request = waiting.popleft()
+                        on_result(RunResult(request.config, request.run_id, "FAILED",
+                                            "every Ray worker of the sweep died; run the same command again "
+                                            "once the cluster has resources"))
+                if not in_flight and not starting:
+                    continue
+                if not load and time.monotonic() - idle_since > PLACEMENT_NOTE_S:
+                    self.echo(f"waiting for Ray to place the workers: each needs a free {self.unit} "
+                              f"(other jobs may hold them; `ray status` shows the cluster)")
+                    idle_since = float("inf")
+                ready, _ = ray.wait(list(in_flight) + list(starting), num_returns=1, timeout=1.0)
                 for ref in ready:
+                    if ref in starting:
+                        index, actor = starting.pop(ref)
+                        try:
+                            names[actor] = ray.get(ref)
+                            load[actor] = 0
+                            self.echo(f"Ray worker {index} ready: {names[actor]}")
+                        except ray.exceptions.RayError as exc:
+                            self.echo(f"Ray worker {index} could not start: {_first_line(exc)}")
+                        continue
                     actor, request = in_flight.pop(ref)
                     try:
                         result = ray.get(ref)
                         load[actor] -= 1
-                    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                            ray.exceptions.NodeDiedError) as exc:
-                        load.pop(actor, None)  # dead for good: its other runs fail the same way
-                        run_id = _run_of(request)
-                        result = _worker_died(request, run_id, f"its Ray worker died ({type(exc).__name__}: "
-                                                               f"{str(exc).splitlines()[0]})", "ray")
-                        retry = _retry(request, result, attempts)
+                    except lost as exc:
+                        if actor in load:  # dead for good: its other runs fail the same way
+                            del load[actor]
+                            ray.kill(actor)  # "unavailable" may be an actor cut off but running: end it
+                        where = names.get(actor, "ray")
+                        why = f"its Ray worker ({where}) died: {_first_line(exc)}"
+                        result = _worker_died(request, _ray_run_of(actor, request), why, where)
+                        retry = None if self.stopping else _retry(request, result, attempts)
                         if retry is not None:
-                            self.echo(f"[{request.config.run_name}] {result.reason}; trying it again")
-                            waiting.append(retry)
+                            self.echo(f"[{request.config.run_name}] {why}; trying it again "
+                                      f"({'resuming run ' + retry.run_id if retry.resume else 'as a new run'})")
+                            waiting.appendleft(retry)  # ahead of the runs not started yet
                             continue
+                    except ray.exceptions.RayTaskError as exc:  # a bug outside the run: this run fails
+                        from normlab.redaction import redact
+
+                        load[actor] = load.get(actor, 1) - 1
+                        result = RunResult(request.config, _ray_run_of(actor, request), "FAILED", redact(str(exc)),
+                                           device=names.get(actor, "ray"))
                     on_result(result)
-        except KeyboardInterrupt:
-            for actor in load:
-                actor.request_stop.remote("the sweep was interrupted")
-            for ref, (_, request) in in_flight.items():
-                try:
-                    on_result(ray.get(ref, timeout=60))
-                except Exception as exc:
-                    on_result(RunResult(request.config, _run_of(request), "KILLED", f"interrupted ({exc})"))
+        except KeyboardInterrupt:  # a second Ctrl-C: the runs still training end KILLED here
+            for actor, request in in_flight.values():
+                _abandon(_ray_run_of(actor, request), "the sweep was aborted by a second Ctrl-C; run it again "
+                                                      "to resume")
             raise
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            for actor in actors:  # free the cluster now (before the comparison), not at exit
+                try:
+                    ray.kill(actor)
+                except Exception:  # already gone
+                    pass
+            ray.shutdown()
+
+    def _stop_handler(self, load: dict):
+        """SIGINT/SIGTERM: the first asks every placed actor to stop its runs; a second
+        SIGINT raises KeyboardInterrupt (the actors' processes get no signal from a terminal)."""
+        def stop(signum, frame) -> None:
+            name = signal.Signals(signum).name
+            if self.stopping:
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                return
+            self.stopping = True
+            self.echo(f"{name} received: stopping the running children after their current step "
+                      f"(Ctrl-C again to abort now)")
+            for actor in load:
+                actor.request_stop.remote(f"{name} received")
+        return stop
 
 
-def _run_of(request: RunRequest) -> str | None:
-    """The run a request trains, when it was made beforehand or found in MLflow by its tags."""
+def _abandon(run_id: str | None, reason: str) -> None:
+    """A run left behind by an aborted sweep: KILLED with the reason, its lease ended."""
+    if not run_id:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from normlab.lease import break_lease
+    from normlab.tracking import STATUS_TAG, record_ending
+
+    try:
+        if MlflowClient().get_run(run_id).data.tags.get(STATUS_TAG, "running") == "running":
+            record_ending(run_id, "interrupted", reason)
+        break_lease(run_id)
+    except Exception:  # the store is down: the lease runs out by itself
+        pass
+
+
+def _first_line(exc: BaseException) -> str:
+    from normlab.redaction import redact
+
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return redact(f"{type(exc).__name__}: {lines[0] if lines else ''}")
+
+
+def _ray_run_of(actor, request: RunRequest) -> str | None:
+    """The run an actor trained for a request: the one it resumed, else the child it created
+    (tagged with its actor id; never another driver's run of the same config)."""
     if request.run_id:
         return request.run_id
-    from normlab.sweep_tracking import newest_child
+    if not request.tags:
+        return None
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    return newest_child(request.experiment_id, request.tags)
+    from normlab.sweep_tracking import CONFIG_HASH
+
+    runs = MlflowClient().search_runs(
+        [request.experiment_id],
+        filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{request.tags[MLFLOW_PARENT_RUN_ID]}' and "
+                      f"tags.{CONFIG_HASH} = '{request.tags[CONFIG_HASH]}' and "
+                      f"tags.`{RAY_WORKER_TAG}` = '{actor._actor_id.hex()}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 class RayWorker:
-    """A Worker as a Ray actor (threaded: ``max_concurrency`` runs at once)."""
+    """A Worker as a Ray actor (threaded: up to ``concurrent`` runs at once, and a stop request)."""
 
     def __init__(self, settings: WorkerSettings):
+        import ray
+
         from normlab import tracking
         from normlab.worker import Worker
 
         os.environ["MLFLOW_TRACKING_URI"] = settings.tracking_uri
         tracking.use_bounded_http_retries()
-        self.worker = Worker("auto", settings.data_dir, settings.experiment, settings.checkpoint_dir)
+        context = ray.get_runtime_context()
+        self.actor_id = context.get_actor_id()
+        self.node = f"on Ray node {context.get_node_id()[:8]} ({ray.util.get_node_ip_address()})"
+        self.worker = Worker("auto", settings.data_dir, settings.experiment, settings.checkpoint_dir,
+                             name=self.node)
+
+    def where(self) -> str:
+        """The device and node this worker trains on (answers once the actor is up)."""
+        return self.worker.device_name
 
     def train(self, request: RunRequest) -> RunResult:
+        if request.tags:  # the child it creates says which actor: the driver finds it if this one dies
+            request = replace(request, tags={**request.tags, RAY_WORKER_TAG: self.actor_id})
         with self.worker.stream():
             return self.worker.train(request)
 
@@ -411,9 +571,10 @@ def check_store_for_cluster(tracking_uri: str, nodes: int) -> None:
     one machine's disk, which the other nodes' workers cannot reach."""
     from normlab.models import ConfigError
 
-    local = tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
+    scheme = tracking_uri.split("://", 1)[0] if "://" in tracking_uri else ""
+    local = scheme in ("sqlite", "file") or (not scheme and tracking_uri not in ("databricks", "databricks-uc"))
     if nodes > 1 and local:
         raise ConfigError(f"the Ray cluster has {nodes} nodes, but MLFLOW_TRACKING_URI is a local store "
-                          f"({tracking_uri.split('://')[0]}), which workers on the other nodes cannot reach; "
-                          f"start a tracking server (mlflow server --host 0.0.0.0 ...) and set "
-                          f"MLFLOW_TRACKING_URI=http://HOST:PORT on the driver")
+                          f"({tracking_uri}), which workers on the other nodes cannot reach; start a tracking "
+                          f"server (mlflow server --host 0.0.0.0 ...) and set MLFLOW_TRACKING_URI=http://HOST:PORT "
+                          f"on the driver (docs/sweeps.md)")
