@@ -1,8 +1,8 @@
 """Sweeps on a real two-node Ray cluster on this machine: a head and a second node started
 with `ray start` (one CPU each, their own temp folders), a real `mlflow server` as the
-store, `normlab sweep --address` as a user runs it. A sweep spreads over both nodes while a
-second driver of the same sweep duplicates nothing; the second node killed mid-run loses no
-child; a sqlite store is refused for a cluster of two nodes before any run exists."""
+store, `normlab sweep --address` as a user runs it. A sweep spreads over both nodes; two
+drivers of one sweep train each child once; the second node killed mid-run loses no child;
+a sqlite store is refused for a cluster of two nodes."""
 
 from __future__ import annotations
 
@@ -98,13 +98,18 @@ class Cluster:
         self.head = RayNode(["--head", "--node-ip-address=127.0.0.1", f"--port={self.port}",
                              "--include-dashboard=false"], root, self.env)
         self.second: RayNode | None = None
-        self.ensure_two_nodes()
+        try:
+            self.ensure_two_nodes()
+        except BaseException:
+            self.stop()
+            raise
 
     def alive_nodes(self) -> int:
         code = ("import ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
                 "print(sum(n['Alive'] for n in ray.nodes()))" % self.address)
         out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
                              timeout=60, cwd=self.root)
+        assert out.returncode == 0, out.stderr[-3000:]
         return int(out.stdout.split()[-1])
 
     def ensure_two_nodes(self) -> None:
@@ -238,31 +243,46 @@ def test_sqlite_store_refused_for_two_nodes_before_any_run(cluster, small_mnist_
         assert runs == []
 
 
-def test_sweep_spreads_over_both_nodes_and_a_second_driver_duplicates_nothing(cluster, server, small_mnist_dir,
-                                                                                 tmp_path):
+def test_sweep_spreads_over_both_nodes(cluster, server, small_mnist_dir, tmp_path):
     cluster.ensure_two_nodes()
-    args = _sweep_args(cluster, small_mnist_dir, tmp_path, "--norms", "bn,ln", "--seeds", "2", "--epochs", "1")
-    first = Driver(args, tmp_path, MLFLOW_TRACKING_URI=server.uri)
-    first.wait_for(lambda line: line.startswith("Ray worker 2 ready"), timeout=180)
-    second = Driver(args, tmp_path, MLFLOW_TRACKING_URI=server.uri)  # the same command, while the first runs
-    assert first.finish() == 0, first.output[-6000:]
-    assert second.finish() == 0, second.output[-6000:]
-    assert "4 of 4 children finished" in first.output
-    assert "Ray: up to 2 worker actor(s), one per CPU of 2 node(s)" in first.output
+    driver = Driver(_sweep_args(cluster, small_mnist_dir, tmp_path, "--norms", "bn,ln", "--epochs", "1"), tmp_path,
+                    MLFLOW_TRACKING_URI=server.uri)
+    assert driver.finish() == 0, driver.output[-6000:]
+    assert "Ray: up to 2 worker actor(s), one per CPU of 2 node(s)" in driver.output
+    assert "2 of 2 children finished" in driver.output
 
     children = _children(server.uri, tmp_path.name)
-    assert len(children) == 4
+    assert sorted(runs[0].info.run_name for runs in children.values()) == ["bn-l1_1e-05-s1", "ln-s1"]
     nodes = set()
-    for config_hash, runs in children.items():
-        finished = [r for r in runs if r.info.status == "FINISHED"]
-        assert len(finished) == 1, [(r.info.run_name, r.info.status) for r in runs]
-        assert len(runs) == 1, [(r.info.run_name, r.info.status) for r in runs]  # nothing started twice
-        _check_complete(server.uri, finished[0], epochs=1)
-        assert finished[0].data.tags[st.DEVICE].startswith("cpu on Ray node ")
-        nodes.add(_node_of(finished[0]))
-    assert len(nodes) == 2, nodes  # both nodes trained children
-    trained_by_second = [line for line in second.lines if line.startswith("finished ")]
-    assert trained_by_second == [], second.output[-4000:]
+    for runs in children.values():
+        assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_name, r.info.status) for r in runs]
+        _check_complete(server.uri, runs[0], epochs=1)
+        assert runs[0].data.tags[st.DEVICE].startswith("cpu on Ray node ")
+        nodes.add(_node_of(runs[0]))
+    assert len(nodes) == 2, nodes  # one child on each node
+
+
+def test_two_drivers_of_one_sweep_train_each_child_once(cluster, server, small_mnist_dir, tmp_path):
+    """The same command twice at once: the cluster's two CPUs go to either driver's actors
+    or to both, and either way MLflow (leases, creation order) gives each config one child."""
+    cluster.ensure_two_nodes()
+    args = _sweep_args(cluster, small_mnist_dir, tmp_path, "--norms", "gn,ln", "--epochs", "1")
+    drivers = [Driver(args, tmp_path, MLFLOW_TRACKING_URI=server.uri) for _ in range(2)]
+    for driver in drivers:
+        assert driver.finish() == 0, driver.output[-6000:]
+    finished_lines = [line for driver in drivers for line in driver.lines if line.startswith("finished ")]
+    assert len(finished_lines) == 2, finished_lines  # each child trained to its end by one driver
+
+    client = MlflowClient(server.uri)
+    experiment_id = client.get_experiment_by_name(tmp_path.name).experiment_id
+    parents = client.search_runs([experiment_id], filter_string=f"tags.{st.SWEEP_ROLE} = 'parent'")
+    assert len(parents) == 1  # the later driver's parent gave way to the earlier one
+    children = _children(server.uri, tmp_path.name)
+    assert sorted(runs[0].info.run_name for runs in children.values()) == ["gn2-s1", "ln-s1"]
+    for runs in children.values():
+        assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_name, r.info.status) for r in runs]
+        assert runs[0].data.tags[st.SWEEP_PARENT] == parents[0].info.run_id
+        _check_complete(server.uri, runs[0], epochs=1)
 
 
 def test_second_node_killed_mid_run_loses_no_child(cluster, server, small_mnist_dir, tmp_path, monkeypatch):
