@@ -344,11 +344,15 @@ class RayExecutor:
     as soon as the runs are, freeing the cluster for other jobs before the comparison."""
 
     def __init__(self, address: str, settings: WorkerSettings, echo: Callable[[str], None]):
+        from normlab.models import ConfigError
+
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every line names its run: keep them all
         try:
             import ray
-        except ImportError as exc:
-            raise RuntimeError('--address needs Ray: pip install "normlab[ray]"') from exc
+        except ImportError:
+            raise ConfigError(f'--address {address} runs the sweep on Ray, which is not installed: '
+                              f'pip install -e ".[ray]" (or leave --address and RAY_ADDRESS out to train '
+                              f'on this machine)') from None
         _check_reachable(address)
         self.ray = ray
         # the actors' working folder is their node's, not the driver's
@@ -367,8 +371,6 @@ class RayExecutor:
         elif cpus:
             self.concurrent, self.options, self.workers, self.unit = 1, {"num_cpus": 1}, cpus, "CPU"
         else:
-            from normlab.models import ConfigError
-
             raise ConfigError(f"the Ray cluster at {address} has no GPU and no whole CPU to place a worker on; "
                               f"start its nodes with --num-cpus or --num-gpus")
         self.nodes = len(nodes)

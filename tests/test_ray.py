@@ -28,6 +28,8 @@ except ImportError:
 from mlflow.tracking import MlflowClient
 
 from normlab import sweep_tracking as st
+from normlab.executors import RayExecutor, WorkerSettings
+from normlab.models import ConfigError
 from tests.conftest import cli_env
 from tests.mlflow_server import MlflowServer, free_port
 
@@ -241,6 +243,17 @@ def test_sqlite_store_refused_for_two_nodes_before_any_run(cluster, small_mnist_
             pytest.xfail("run_sweep opens the sweep's parent run before it builds the executor that refuses the "
                          "store, and leaves it RUNNING: normlab/sweep.py should build the executor first")
         assert runs == []
+
+
+def test_an_address_where_no_cluster_answers_fails_at_once(tmp_path):
+    """ray.init would wait for it without end: the executor refuses it before connecting."""
+    port = free_port()
+    settings = WorkerSettings(str(tmp_path), "normlab", str(tmp_path), "http://127.0.0.1:5000")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"no Ray cluster answers at --address 127.0.0.1:{port} .*"
+                                          rf"`ray start --head --port {port}`"):
+        RayExecutor(f"127.0.0.1:{port}", settings, print)
+    assert time.monotonic() - started < 30
 
 
 def test_sweep_spreads_over_both_nodes(cluster, server, small_mnist_dir, tmp_path):
