@@ -279,3 +279,62 @@ def test_one_owner_per_run_a_dead_owners_lease_ends_and_of_two_resumes_at_once_o
     assert (run.info.status, run.data.tags["normlab.status"]) == ("FINISHED", "finished")
     assert steps(client, run_id) == {m: [1, 2, 3, 4] for m in METRICS}
     assert len(models_of(client, run)) == 1
+
+
+def test_a_run_whose_store_went_down_in_its_last_epoch_is_completed_by_the_resume(tmp_path, monkeypatch):
+    """Issue 15's outage: a real `mlflow server` dies (SIGKILL) during the last epoch, so that
+    epoch's uploads fail after training has finished (checkpoint local only, metrics, model and
+    status never logged). The resume, once the server is back, trains nothing and logs them all."""
+    data = write_mnist(tmp_path / "data", train=1000, test=500, tile=4)  # 4,000 images: epochs long enough
+    (tmp_path / "server").mkdir()
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    try:
+        client = MlflowClient(server.uri)
+        checkpoints = tmp_path / "ck"
+        proc, out = start_training(tmp_path, "--data-dir", str(data), "--epochs", "2", "--checkpoint-dir",
+                                   str(checkpoints), MLFLOW_TRACKING_URI=server.uri,
+                                   MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")  # an outage longer than the retries
+        run_id = out.wait_for(r"^MLflow run (\w+) ", timeout=300).group(1)
+        out.wait_for(r"^epoch   1/2", timeout=300)
+        while not (client.get_metric_history(run_id, "test_acc")
+                   and [f.path for f in client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/last.pt"]):
+            time.sleep(0.05)  # epoch 1 fully logged
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+        server.proc = None
+        assert "epoch   2/2" not in out.text, "the server died after the last epoch, not during it"
+        proc.wait(timeout=300)
+        out.thread.join(timeout=10)
+        assert proc.returncode == 1, out.text
+        local = checkpoints / run_id / "last.pt"
+        assert "epoch   2/2" in out.text and "Error: MLflow failed during training" in out.text
+        assert f"Completed epochs are checkpointed in {local}; resume with: normlab train --resume {run_id}" in out.text
+        assert load(local)["epoch"] == 2  # training had finished
+
+        server.start()
+        run = client.get_run(run_id)
+        assert (run.info.status, run.data.tags["normlab.status"]) == ("RUNNING", "running")
+        assert steps(client, run_id) == {m: [1] for m in METRICS} and models_of(client, run) == []
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+        mlflow.set_tracking_uri(server.uri)
+        try:
+            resumed = CliRunner().invoke(main, ["train", "--resume", run_id, "--device", "cpu",
+                                                "--checkpoint-dir", str(checkpoints)])
+        finally:
+            mlflow.set_tracking_uri(None)
+        assert resumed.exit_code == 0, resumed.output
+        assert f"resuming run {run_id} after epoch 2 ({local})" in resumed.output
+        assert "logged the metrics of epochs [2] from the checkpoint" in resumed.output
+        run = client.get_run(run_id)
+        assert (run.info.status, run.data.tags["normlab.status"]) == ("FINISHED", "finished")
+        final = load(Path(client.download_artifacts(run_id, "checkpoint/last.pt", str(tmp_path))))
+        assert final["epoch"] == 2
+        logged = histories(client, run_id)
+        assert logged == {m: [(r["epoch"], r[m]) for r in final["records"]] for m in METRICS}
+        assert [s for s, _ in logged["test_acc"]] == [1, 2]
+        [model] = models_of(client, run)
+        assert model.name == "bn-s1"
+        assert {"misclassified.png", "model_summary.txt"} <= {f.path for f in client.list_artifacts(run_id)}
+    finally:
+        server.stop()
