@@ -138,15 +138,15 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
         check_writable(out_dir, "--out")
     tracking.create_store_safely()
     records = st.SweepRecords(experiment, grid.sweep_hash())
+    settings = WorkerSettings(str(data_dir), records.experiment_name(), checkpoint_dir, tracking.tracking_uri())
+    executor = (RayExecutor(address, settings, echo) if address  # refuses a bad cluster before any run exists
+                else local_executor(device, cpu_workers, settings, echo))
     parent_id, existed = records.open_parent(grid.run_name(), grid.params(), grid.description())
     commit = tracking.git_commit()
     plan = records.plan(configs, commit)
     for run_id in plan.abandoned:
         records.mark_failed(run_id, "FAILED", "abandoned: the process training it is gone")
     outcome = Outcome(parent_id, done=dict(plan.done), busy=dict(plan.busy))
-    settings = WorkerSettings(str(data_dir), records.experiment_name(), checkpoint_dir, tracking.tracking_uri())
-    executor = (RayExecutor(address, settings, echo) if address
-                else local_executor(device, cpu_workers, settings, echo))
     by_hash = {c.config_hash(): c for c in configs}
     todo = plan.start + [by_hash[h] for h in plan.resume]
     ahead = epochs_per_worker(todo, executor.workers)
@@ -184,6 +184,10 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     except KeyboardInterrupt:
         outcome.interrupted = True
     outcome.interrupted = outcome.interrupted or getattr(executor, "stopping", False)
+    if outcome.busy:  # what other processes were training may have finished meanwhile
+        after = records.plan(configs, commit)
+        outcome.done.update(after.done)
+        outcome.busy = dict(after.busy)
     echo(f"sweep: trained {len(outcome.trained)} children in {time.perf_counter() - started:.1f} s")
     if outcome.interrupted:
         records.finish_parent("KILLED")

@@ -221,12 +221,3 @@ def create_child_run(experiment_id: str, config: TrainConfig, tags: dict[str, st
         client.delete_run(run.info.run_id)
         return None
     return run.info.run_id
-
-
-def newest_child(experiment_id: str, tags: dict[str, str]) -> str | None:
-    """The newest run made with these child tags (a worker that died may have made one)."""
-    runs = MlflowClient().search_runs(
-        [experiment_id], filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{tags[MLFLOW_PARENT_RUN_ID]}' and "
-                                       f"tags.{CONFIG_HASH} = '{tags[CONFIG_HASH]}'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
