@@ -72,6 +72,11 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
     if resume_run:
         explicit = {name for name in CONFIG_OPTIONS
                     if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+        if ctx.get_parameter_source("experiment") not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            run_experiment = tracking.experiment_of(resume_run)
+            if run_experiment not in (None, experiment):
+                raise click.UsageError(f"--experiment {experiment!r}: run {resume_run} is in experiment "
+                                       f"{run_experiment!r}, and a resume continues it there; leave --experiment out")
         try:
             point = resume.find(resume_run, config, explicit, checkpoint_dir)
         except ConfigError as exc:

@@ -496,13 +496,11 @@ def _abandon(run_id: str | None, reason: str) -> None:
     """A run left behind by an aborted sweep: KILLED with the reason, its lease ended."""
     if not run_id:
         return
-    from mlflow.tracking import MlflowClient
-
     from normlab.lease import break_lease
-    from normlab.tracking import STATUS_TAG, record_ending
+    from normlab.tracking import record_ending, run_outcome
 
     try:
-        if MlflowClient().get_run(run_id).data.tags.get(STATUS_TAG, "running") == "running":
+        if run_outcome(run_id) == "running":
             record_ending(run_id, "interrupted", reason)
         break_lease(run_id)
     except Exception:  # the store is down: the lease runs out by itself
@@ -523,18 +521,9 @@ def _ray_run_of(actor, request: RunRequest) -> str | None:
         return request.run_id
     if not request.tags:
         return None
-    from mlflow.tracking import MlflowClient
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+    from normlab.sweep_tracking import child_made_by
 
-    from normlab.sweep_tracking import CONFIG_HASH
-
-    runs = MlflowClient().search_runs(
-        [request.experiment_id],
-        filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{request.tags[MLFLOW_PARENT_RUN_ID]}' and "
-                      f"tags.{CONFIG_HASH} = '{request.tags[CONFIG_HASH]}' and "
-                      f"tags.`{RAY_WORKER_TAG}` = '{actor._actor_id.hex()}'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
+    return child_made_by(request.experiment_id, request.tags, RAY_WORKER_TAG, actor._actor_id.hex())
 
 
 class RayWorker:

@@ -221,3 +221,13 @@ def create_child_run(experiment_id: str, config: TrainConfig, tags: dict[str, st
         client.delete_run(run.info.run_id)
         return None
     return run.info.run_id
+
+
+def child_made_by(experiment_id: str, tags: dict[str, str], worker_tag: str, worker: str) -> str | None:
+    """The newest child with these sweep tags that ``worker`` (tagged ``worker_tag``) created."""
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{tags[MLFLOW_PARENT_RUN_ID]}' and "
+                      f"tags.{CONFIG_HASH} = '{tags[CONFIG_HASH]}' and tags.`{worker_tag}` = '{worker}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None

@@ -605,6 +605,17 @@ def upload_checkpoint(run_id: str, local_path: Path) -> None:
     MlflowClient().log_artifact(run_id, str(local_path), str(Path(CHECKPOINT_ARTIFACT).parent))
 
 
+def experiment_of(run_id: str) -> str | None:
+    """The name of the experiment a run belongs to; None when there is no such run."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+    except MlflowException:
+        return None
+
+
 def run_outcome(run_id: str) -> str:
     """What normlab recorded of how the run ended (running, finished, interrupted, failed)."""
     return MlflowClient().get_run(run_id).data.tags.get(STATUS_TAG, "running")

@@ -146,10 +146,10 @@ def test_longer_outage_stops_with_a_resumable_checkpoint_and_resume_fills_the_ga
     assert client.get_run(run_id).data.tags["normlab.status"] == "finished"
 
 
-def train_four_at_once(data_dir, tmp_path, uri) -> list[str]:
-    """Four training processes started together; returns their run ids once all are done."""
+def train_three_at_once(data_dir, tmp_path, uri) -> list[str]:
+    """Three training processes started together; returns their run ids once all are done."""
     procs = [start_training(data_dir, tmp_path, "--epochs", "2", "--seed", str(seed), MLFLOW_TRACKING_URI=uri)
-             for seed in range(1, 5)]
+             for seed in range(1, 4)]
     results = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
@@ -157,12 +157,12 @@ def train_four_at_once(data_dir, tmp_path, uri) -> list[str]:
 
 
 @pytest.mark.parametrize("store", ["sqlite", "server"])
-def test_four_runs_at_once_all_finish_with_complete_histories(store, request, small_mnist_dir, tmp_path):
+def test_runs_at_once_all_finish_with_complete_histories(store, request, small_mnist_dir, tmp_path):
     """A fresh sqlite store (tracking.create_store_safely makes its schema under a lock) or the server."""
     uri = request.getfixturevalue("server").uri if store == "server" else f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_ids = train_four_at_once(small_mnist_dir, tmp_path, uri)
+    run_ids = train_three_at_once(small_mnist_dir, tmp_path, uri)
     client = MlflowClient(uri)
-    assert len(set(run_ids)) == 4
+    assert len(set(run_ids)) == 3
     for run_id in run_ids:
         run = client.get_run(run_id)
         assert (run.info.status, run.data.tags["normlab.status"]) == ("FINISHED", "finished")
