@@ -64,6 +64,19 @@ def local_executor(device: str, cpu_workers: int, settings: WorkerSettings, echo
     return LocalExecutor(devices, settings, echo)
 
 
+def _first_stop(executor, signum: int) -> bool:
+    """Whether this is the first stop signal, which the caller passes on to its workers; a
+    second Ctrl-C aborts at once (KeyboardInterrupt)."""
+    if executor.stopping:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        return False
+    executor.stopping = True
+    executor.echo(f"{signal.Signals(signum).name} received: stopping the running children after their "
+                  f"current step (Ctrl-C again to abort now)")
+    return True
+
+
 def _retry(request: RunRequest, result: RunResult, attempts: dict[str, int],
            checkpoint_dir: str | None = None) -> RunRequest | None:
     """The request that tries a run again after its worker died, or None when out of tries:
@@ -288,13 +301,8 @@ class LocalExecutor:
     def _stop(self, signum, frame) -> None:
         """Ctrl-C reaches the workers too (one process group); SIGTERM to this process alone
         is passed on. Each stops its runs, which record themselves KILLED."""
-        if self.stopping:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
+        if not _first_stop(self, signum):
             return
-        self.stopping = True
-        self.echo(f"{signal.Signals(signum).name} received: stopping the running children after their "
-                  f"current step (Ctrl-C again to abort now)")
         for process in self.processes.values():
             if process.is_alive() and signum != signal.SIGINT:
                 os.kill(process.pid, signal.SIGTERM)
@@ -479,16 +487,10 @@ class RayExecutor:
         """SIGINT/SIGTERM: the first asks every placed actor to stop its runs; a second
         SIGINT raises KeyboardInterrupt (the actors' processes get no signal from a terminal)."""
         def stop(signum, frame) -> None:
-            name = signal.Signals(signum).name
-            if self.stopping:
-                if signum == signal.SIGINT:
-                    raise KeyboardInterrupt
+            if not _first_stop(self, signum):
                 return
-            self.stopping = True
-            self.echo(f"{name} received: stopping the running children after their current step "
-                      f"(Ctrl-C again to abort now)")
             for actor in load:
-                actor.request_stop.remote(f"{name} received")
+                actor.request_stop.remote(f"{signal.Signals(signum).name} received")
         return stop
 
 

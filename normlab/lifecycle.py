@@ -79,9 +79,8 @@ def train_tracked(trainer, point, data_dir: str, experiment: str, checkpoint_dir
     from normlab import tracking
     from normlab.lease import Lease
 
-    config, data = trainer.config, trainer.data
     if point is None:
-        run = tracking.start_training_run(config, experiment, run_id)
+        run = tracking.start_training_run(trainer.config, experiment, run_id)
         owned = Lease(run.info.run_id, contested=False)
     else:
         owned = Lease(point.run_id)  # refuses (LeaseHeld) while another process trains it

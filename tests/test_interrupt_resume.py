@@ -21,7 +21,7 @@ from normlab.cli import main
 from tests.conftest import cli_env
 from tests.mlflow_server import MlflowServer
 from tests.mnist_fixture import write_mnist
-from tests.test_sweep import Lines
+from tests.process_output import Lines
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 

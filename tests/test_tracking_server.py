@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from normlab.cli import main
 
 from tests.conftest import cli_env
 from tests.mlflow_server import MlflowServer, free_port
+from tests.process_output import Lines
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 
@@ -61,33 +61,6 @@ def histories(client: MlflowClient, run_id: str) -> dict[str, list[int]]:
     return {m: [x.step for x in client.get_metric_history(run_id, m)] for m in METRICS}
 
 
-class Lines:
-    """A process's stream read on a thread: every line kept, waiting for one that matches."""
-
-    def __init__(self, stream):
-        self.lines: list[str] = []
-        self.changed = threading.Condition()
-        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self.thread.start()
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            with self.changed:
-                self.lines.append(line)
-                self.changed.notify_all()
-
-    def wait_for(self, text: str, timeout: float) -> str:
-        with self.changed:
-            found = self.changed.wait_for(lambda: any(text in l for l in self.lines), timeout)
-        assert found, f"no line with {text!r} within {timeout} s: {''.join(self.lines)[-3000:]}"
-        return next(l for l in self.lines if text in l)
-
-    @property
-    def text(self) -> str:
-        self.thread.join(timeout=10)
-        return "".join(self.lines)
-
-
 def test_run_rides_out_a_server_restart_with_every_epoch_logged(server, small_mnist_dir, tmp_path):
     """Stop the server after epoch 1 is logged and start it again, on the same port and store,
     once the run is retrying: MLflow's retries (bounded by normlab to about two minutes)
@@ -98,7 +71,7 @@ def test_run_rides_out_a_server_restart_with_every_epoch_logged(server, small_mn
     with outage(server):
         err.wait_for("Retrying", timeout=120)  # the run met the outage
     assert proc.wait(timeout=300) == 0, err.text
-    run_id = out.wait_for("MLflow run ", timeout=1).split()[2]
+    run_id = out.wait_for(r"^MLflow run (\w+) ", timeout=1).group(1)
     run = MlflowClient(server.uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["normlab.status"] == "finished"
     assert histories(MlflowClient(server.uri), run_id) == {m: [1, 2, 3] for m in METRICS}
@@ -118,7 +91,7 @@ def test_longer_outage_stops_with_a_resumable_checkpoint_and_resume_fills_the_ga
     out, err = Lines(proc.stdout), Lines(proc.stderr)
     client = MlflowClient(server.uri)
     out.wait_for("epoch   1/4", timeout=300)
-    run_id = out.wait_for("MLflow run ", timeout=1).split()[2]
+    run_id = out.wait_for(r"^MLflow run (\w+) ", timeout=1).group(1)
     deadline = time.time() + 60
     while time.time() < deadline and (histories(client, run_id) != {m: [1] for m in METRICS}
                                       or checkpoint_artifacts(client, run_id) != ["checkpoint/last.pt"]):
