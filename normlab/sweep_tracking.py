@@ -205,15 +205,18 @@ def _same_code(run, commit: str | None) -> bool:
     return not commit or not theirs or theirs == commit
 
 
+def _same_config(tags: dict[str, str]) -> str:
+    """The search filter for the children of one sweep parent with one config."""
+    return f"tags.{MLFLOW_PARENT_RUN_ID} = '{tags[MLFLOW_PARENT_RUN_ID]}' and tags.{CONFIG_HASH} = '{tags[CONFIG_HASH]}'"
+
+
 def create_child_run(experiment_id: str, config: TrainConfig, tags: dict[str, str],
                      client: MlflowClient | None = None) -> str | None:
     """Create the child run for ``config`` and take its lease; None when another process
     created one for the same config first and still trains it (or finished it)."""
     client = client or MlflowClient()
     run = client.create_run(experiment_id, run_name=config.run_name, tags=tags)
-    rivals = [r for r in client.search_runs(
-        [experiment_id], filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{tags[MLFLOW_PARENT_RUN_ID]}' and "
-                                       f"tags.{CONFIG_HASH} = '{tags[CONFIG_HASH]}'")
+    rivals = [r for r in client.search_runs([experiment_id], filter_string=_same_config(tags))
         if r.info.status in ("RUNNING", "FINISHED") and r.info.run_id != run.info.run_id
         and _same_code(r, tags.get("git_commit"))
         and (r.info.status == "FINISHED" or (_alive(r, time.time()) and _order(r) < _order(run)))]
@@ -226,8 +229,6 @@ def create_child_run(experiment_id: str, config: TrainConfig, tags: dict[str, st
 def child_made_by(experiment_id: str, tags: dict[str, str], worker_tag: str, worker: str) -> str | None:
     """The newest child with these sweep tags that ``worker`` (tagged ``worker_tag``) created."""
     runs = MlflowClient().search_runs(
-        [experiment_id],
-        filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{tags[MLFLOW_PARENT_RUN_ID]}' and "
-                      f"tags.{CONFIG_HASH} = '{tags[CONFIG_HASH]}' and tags.`{worker_tag}` = '{worker}'",
+        [experiment_id], filter_string=f"{_same_config(tags)} and tags.`{worker_tag}` = '{worker}'",
         order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
