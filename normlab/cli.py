@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -117,6 +118,10 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
         except LeaseHeld as exc:
             raise click.ClickException(str(exc)) from exc
     if ending.aborted:
+        sys.exit(130)
+    if signals.count(signal.SIGINT) > 1:  # the abort's KeyboardInterrupt was dropped (below)
+        click.echo(f"the second Ctrl-C did not abort: something swallowed it (Python drops exceptions "
+                   f"raised in garbage-collector callbacks), and the run ended {ending.outcome}", err=True)
         sys.exit(130)
     if ending.outcome == "interrupted":
         sys.exit(exit_code(signals[0]) if signals else 130)

@@ -3,7 +3,9 @@
 The first SIGINT or SIGTERM calls `request_stop`; training then ends its step and raises
 TrainingStopped, so completed epochs, their metrics and the checkpoint stay intact. A
 second Ctrl-C aborts at once (KeyboardInterrupt) for when stopping cleanly hangs; a
-second SIGTERM (as `mlflow run` sends after passing on Ctrl-C) changes nothing.
+second SIGTERM (as `mlflow run` sends after passing on Ctrl-C) changes nothing. The
+KeyboardInterrupt can be lost (raised inside a garbage-collector callback, Python prints
+"Exception ignored" and goes on), so callers also count the SIGINTs received.
 """
 
 from __future__ import annotations

@@ -29,6 +29,15 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\nerror: the tests wrote {', '.join(written)} into the repository {ROOT}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def work_outside_the_repository(tmp_path_factory):
+    """Tests run from a temporary folder: a store first opened in this process (an
+    MlflowClient's first query) puts its Default experiment's artifacts in ./mlruns of the
+    working directory, and runs that a command logs there (`mlflow run` without an
+    experiment name) would otherwise write into the checkout."""
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture(scope="session")
 def mnist_dir(tmp_path_factory) -> Path:
     """--data-dir with train = first 8,000 real test digits, test = last 2,000."""

@@ -119,9 +119,9 @@ def test_longer_outage_stops_with_a_resumable_checkpoint_and_resume_fills_the_ga
     assert client.get_run(run_id).data.tags["normlab.status"] == "finished"
 
 
-def train_three_at_once(data_dir, tmp_path, uri) -> list[str]:
+def train_three_at_once(data_dir, tmp_path, uri, *args: str) -> list[str]:
     """Three training processes started together; returns their run ids once all are done."""
-    procs = [start_training(data_dir, tmp_path, "--epochs", "2", "--seed", str(seed), MLFLOW_TRACKING_URI=uri)
+    procs = [start_training(data_dir, tmp_path, "--epochs", "2", "--seed", str(seed), *args, MLFLOW_TRACKING_URI=uri)
              for seed in range(1, 4)]
     results = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, results):
@@ -133,9 +133,14 @@ def train_three_at_once(data_dir, tmp_path, uri) -> list[str]:
 def test_runs_at_once_all_finish_with_complete_histories(store, request, small_mnist_dir, tmp_path):
     """A fresh sqlite store (tracking.create_store_safely makes its schema under a lock) or the server."""
     uri = request.getfixturevalue("server").uri if store == "server" else f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_ids = train_three_at_once(small_mnist_dir, tmp_path, uri)
+    # a new experiment each: the three processes race to create it
+    run_ids = train_three_at_once(small_mnist_dir, tmp_path, uri, "--experiment", f"at-once-{store}")
     client = MlflowClient(uri)
     assert len(set(run_ids)) == 3
+    # all in it: mlflow.set_experiment(name), when another process created it first, returned
+    # without setting it, so that run went to the Default experiment
+    experiment = client.get_experiment_by_name(f"at-once-{store}").experiment_id
+    assert {client.get_run(r).info.experiment_id for r in run_ids} == {experiment}
     for run_id in run_ids:
         run = client.get_run(run_id)
         assert (run.info.status, run.data.tags["normlab.status"]) == ("FINISHED", "finished")
