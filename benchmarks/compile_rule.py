@@ -23,9 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.speed import STUDY, prepare_mnist  # noqa: E402
-from normlab.data import DeviceData, load_raw  # noqa: E402
-from normlab.step import Speedups  # noqa: E402
-from normlab.train import Callbacks, Trainer  # noqa: E402
+from normlab.engine.data import DeviceData, load_raw  # noqa: E402
+from normlab.engine.fast import Speedups  # noqa: E402
+from normlab.engine.train import Callbacks, Trainer  # noqa: E402
 
 SETS = {
     "eager": Speedups(eval_batch_size=2000),

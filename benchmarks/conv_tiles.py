@@ -1,10 +1,10 @@
 """Time every convolution of both models (batch 128) over Triton tile configurations (CUDA).
 
 For each convolution of the MNIST and CIFAR-10 models, its forward, input-gradient and
-weight-gradient kernels (normlab.conv) are timed with each tile configuration, each
+weight-gradient kernels (normlab.engine.fast.triton_conv) are timed with each tile configuration, each
 configuration replayed in a CUDA graph (triton.testing.do_bench_cudagraph). Prints, per
 kernel, the time with normlab's tiles, the best configuration and its time, and the totals
-per training step; --json keeps every timing. This is how normlab.conv's tile rules were
+per training step; --json keeps every timing. This is how normlab.engine.fast.triton_conv's tile rules were
 chosen (README, Speed).
 
     python benchmarks/conv_tiles.py --json benchmarks/results/conv-tiles.json
@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from normlab import conv  # noqa: E402
-from normlab.models import ARCHITECTURES, Conv2d, Net  # noqa: E402
+from normlab.engine.fast import triton_conv as conv  # noqa: E402
+from normlab.engine.fast.triton_conv import Conv2d  # noqa: E402
+from normlab.engine.models import ARCHITECTURES, Net
 
 BATCH = 128
 # (rows, reduction columns, warps) of the gather-GEMM; and of the weight gradient, with its
@@ -47,13 +48,13 @@ def convolutions(dataset: str) -> list[tuple[tuple[int, ...], int, int, int]]:
 
 def gather_gemm(x: torch.Tensor, weight: torch.Tensor, out_channels: int, padding: int, flip: bool,
                 tiles: tuple[int, int, int]):
-    """A launcher of normlab.conv's gather-GEMM with these tiles (forward, or input gradient)."""
+    """A launcher of normlab.engine.fast.triton_conv's gather-GEMM with these tiles (forward, or input gradient)."""
     return lambda: conv._conv(x, weight, out_channels, padding, flip, tiles)
 
 
 def weight_grad(grad: torch.Tensor, x: torch.Tensor, weight_shape: tuple[int, ...], padding: int,
                 tiles: tuple[int, int, int, int]):
-    """A launcher of normlab.conv's weight-gradient partial sums with these tiles and target
+    """A launcher of normlab.engine.fast.triton_conv's weight-gradient partial sums with these tiles and target
     program count."""
     *blocks, target = tiles
     return lambda: conv._weight_grad_partials(grad, x, list(weight_shape), padding, tuple(blocks), target)

@@ -25,10 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from normlab.host_memory import keep_freed_memory  # noqa: E402
-from normlab.models import Net  # noqa: E402
-from normlab.rng import RunRNG  # noqa: E402
-from normlab.step import TrainStep  # noqa: E402
+from normlab.engine.fast.host_memory import keep_freed_memory  # noqa: E402
+from normlab.engine.models import Net  # noqa: E402
+from normlab.engine.rng import RunRNG  # noqa: E402
+from normlab.engine.step import TrainStep  # noqa: E402
 
 VARIANTS = {  # name -> (normlab's dropout, malloc keeps freed memory)
     "torch's dropout, glibc malloc defaults": (False, False),

@@ -141,7 +141,7 @@ def main() -> None:
             time_row("warm-up", normlab + ["sweep", *common, *epochs], runs=3)  # fills the warm cache
         time_row("sweep1", normlab + ["sweep", *common, *epochs], runs=3)
     if "sweep10" in rows:
-        # The 10-seed study compiles its steps (normlab.step.COMPILE_PAYS_FROM_EPOCHS); this
+        # The 10-seed study compiles its steps (normlab.engine.step.COMPILE_PAYS_FROM_EPOCHS); this
         # fills the warm cache with them, as an earlier study on the machine would have.
         base["NORMLAB_COMPILE"] = "always"
         time_row("warm-up-compiled", normlab + ["sweep", *common, "--epochs", "1"], runs=3)
@@ -157,7 +157,7 @@ def main() -> None:
         per_variant = []
         for config in STUDY:
             code = ("import json,sys,torch; sys.path.insert(0, %r); from benchmarks.speed import notebook_runs; "
-                    "from normlab.train import TrainConfig, resolve_device; "
+                    "from normlab.engine.train import TrainConfig, resolve_device; "
                     "r = notebook_runs(__import__('pathlib').Path(%r), resolve_device(%r), %d, [1], 2, "
                     "TrainConfig(norm=%r, groups=%d, l1=%r)); print(json.dumps(r.epoch_seconds))"
                     % (str(ROOT), str(data), args.device, args.notebook_epochs, config.norm, config.groups, config.l1))

@@ -37,10 +37,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from normlab.data import DeviceData, load_raw  # noqa: E402
-from normlab.models import Dropout, Net, use_triton_convs  # noqa: E402
-from normlab.step import Speedups  # noqa: E402
-from normlab.train import Callbacks, TrainConfig, Trainer, resolve_device  # noqa: E402
+from normlab.engine.data import DeviceData, load_raw  # noqa: E402
+from normlab.engine.fast import Speedups  # noqa: E402
+from normlab.engine.fast.cpu_dropout import Dropout  # noqa: E402
+from normlab.engine.fast.triton_conv import use_triton_convs
+from normlab.engine.models import Net
+from normlab.engine.train import Callbacks, TrainConfig, Trainer, resolve_device  # noqa: E402
+from normlab.tracking import run_log
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 STUDY = (TrainConfig(norm="bn", l1=1e-5), TrainConfig(norm="ln"), TrainConfig(norm="gn", groups=2))
@@ -252,7 +255,7 @@ def study_runs(data: DeviceData, configs: list[TrainConfig], side_by_side: bool,
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from normlab.train import CallbackList, fit
+    from normlab.engine.train import CallbackList, fit
 
     ready = threading.Barrier(len(configs)) if side_by_side else None
 
@@ -272,17 +275,17 @@ def study_runs(data: DeviceData, configs: list[TrainConfig], side_by_side: bool,
             return StudyRun(config.label, loop_start, time.perf_counter(), result.records[-1].test_acc, prepared)
         import mlflow
 
-        from normlab import tracking
+
 
         with mlflow.start_run(run_name=config.run_name) as run:
             loop_start = time.perf_counter()
-            uploads = tracking.EpochUploads(run.info.run_id)
+            uploads = run_log.EpochUploads(run.info.run_id)
             local = store / "checkpoints" / run.info.run_id / "last.pt"
-            result = fit(trainer, CallbackList(tracking.Checkpointer(trainer, uploads, local),
-                                               tracking.MetricLogger(uploads)))
+            result = fit(trainer, CallbackList(run_log.Checkpointer(trainer, uploads, local),
+                                               run_log.MetricLogger(uploads)))
             uploads.close()
             loop_end = time.perf_counter()
-            tracking.log_results(config, data, result)
+            run_log.log_results(config, data, result)
             final = time.perf_counter() - loop_end
         return StudyRun(config.label, loop_start, loop_end, result.records[-1].test_acc, prepared,
                         uploads.busy_seconds, uploads.waited_seconds, final)
@@ -364,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      args.test_images, args.holdout)
         seeds = list(range(1, args.seeds + 1))
         # The notebook runs first, under glibc's malloc defaults as a notebook does: the engine
-        # then tunes malloc for the whole process (normlab.host_memory), which cannot be undone;
+        # then tunes malloc for the whole process (normlab.engine.fast.host_memory), which cannot be undone;
         # benchmarks/cpu_step.py measures that in fresh processes.
         notebook = notebook_runs(root, device, args.epochs, seeds, args.workers)
         base = [TrainConfig(norm="bn", epochs=args.epochs, seed=s) for s in seeds]
@@ -460,12 +463,10 @@ def ablation_variants(device: torch.device, compiled_cpu: bool) -> list[tuple[st
         return [("engine: defaults, one CUDA graph per step", replace(default, chunk_steps=1), False),
                 ("engine: defaults, cuDNN convolutions", replace(default, triton_convs=False), False),
                 ("engine: defaults, not compiled", replace(default, compile=False), False),
-                ("engine: defaults, NHWC", replace(default, channels_last=True), False),
                 ("engine: no CUDA graphs, not compiled", replace(default, cuda_graphs=False, compile=False), False),
                 ("engine: no CUDA graphs, not compiled, cuDNN convolutions",
                  replace(default, cuda_graphs=False, compile=False, triton_convs=False), False)]
-    return [("engine: CPU defaults, torch's dropout", default, True),
-            ("engine: CPU defaults, NHWC", replace(default, channels_last=True), False)] + (
+    return [("engine: CPU defaults, torch's dropout", default, True)] + (
         [("engine: CPU defaults, compiled", replace(default, compile=True), False)] if compiled_cpu else [])
 
 
@@ -485,10 +486,10 @@ def as_notebook_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def plain_device_runs(root: Path, device: torch.device, config: TrainConfig) -> Runs:
-    """Data on the device (normlab.data), but the textbook step: backward, optimizer.step(),
+    """Data on the device (normlab.engine.data), but the textbook step: backward, optimizer.step(),
     .item() every step. Separates what the data pipeline saves from what the step saves."""
-    from normlab.data import batch_slices
-    from normlab.train import evaluate
+    from normlab.engine.data import batch_slices
+    from normlab.engine.train import evaluate
 
     runs = Runs("device data, textbook eager step")
     data = DeviceData(load_raw("mnist", root, download=False), device)

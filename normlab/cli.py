@@ -10,10 +10,13 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from normlab.data import DATASETS, DataError
-from normlab.models import NORMS, ConfigError
-from normlab.lifecycle import train_tracked
-from normlab.train import TrainConfig
+from normlab import errors
+from normlab.engine.data import DATASETS
+from normlab.engine.models import NORMS
+from normlab.engine.train import TrainConfig
+from normlab.errors import ConfigError, DataError
+from normlab.tracking import connection, run_log
+from normlab.tracking.lifecycle import train_tracked
 
 DEFAULTS = TrainConfig()
 CONFIG_OPTIONS = ("norm", "groups", "l1", "dataset", "epochs", "batch_size", "lr", "seed")
@@ -52,29 +55,29 @@ def main() -> None:
 def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed, device, experiment,
           resume_run, checkpoint_dir) -> None:
     """Train one variant as one MLflow run: params, per-epoch metrics, mistakes, model."""
-    from normlab import resume, tracking
-    from normlab.data import DeviceData, load_raw
-    from normlab.train import Trainer, resolve_device
+    from normlab.engine.data import DeviceData, load_raw
+    from normlab.engine.train import Trainer, resolve_device
+    from normlab.tracking import resume
 
     config = TrainConfig(norm=norm, groups=groups, l1=l1, dataset=dataset, epochs=epochs,
                          batch_size=batch_size, lr=lr, seed=seed)
     try:
         config.validate()
         torch_device = resolve_device(device)
-        tracking.check_checkpoint_dir(checkpoint_dir)
+        run_log.check_checkpoint_dir(checkpoint_dir)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    tracking.use_bounded_http_retries()
+    connection.use_bounded_http_retries()
     try:
-        tracking.check_tracking_reachable()
-    except tracking.TrackingUnreachable as exc:
+        connection.check_tracking_reachable()
+    except errors.TrackingUnreachable as exc:
         raise click.ClickException(str(exc)) from exc
     point = None
     if resume_run:
         explicit = {name for name in CONFIG_OPTIONS
                     if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
         if ctx.get_parameter_source("experiment") not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
-            run_experiment = tracking.experiment_of(resume_run)
+            run_experiment = run_log.experiment_of(resume_run)
             if run_experiment not in (None, experiment):
                 raise click.UsageError(f"--experiment {experiment!r}: run {resume_run} is in experiment "
                                        f"{run_experiment!r}, and a resume continues it there; leave --experiment out")
@@ -86,7 +89,7 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
             raise click.ClickException(str(exc)) from exc
         config = point.config
         if ctx.get_parameter_source("data_dir") in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
-            data_dir = tracking.logged_data_dir(resume_run) or data_dir  # as the hint prints it: no --data-dir
+            data_dir = run_log.logged_data_dir(resume_run) or data_dir  # as the hint prints it: no --data-dir
     try:
         data = DeviceData(load_raw(config.dataset, data_dir), torch_device)
     except DataError as exc:
@@ -99,18 +102,16 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     try:
-        tracking.create_store_safely()
-    except tracking.TrackingUnreachable as exc:
+        connection.create_store_safely()
+    except errors.TrackingUnreachable as exc:
         raise click.ClickException(str(exc)) from exc
 
     click.echo(f"{config.label} on {config.dataset} ({data.train_size} train / {data.test_size} test), "
                f"{config.epochs} epochs, device {torch_device}")
     if point is not None:
         click.echo(f"resuming run {point.run_id} after epoch {trainer.epoch} ({point.source})")
-    from normlab.interrupts import stop_on_signals
-
-    from normlab.interrupts import exit_code
-    from normlab.lease import LeaseHeld
+    from normlab.engine.interrupts import exit_code, stop_on_signals
+    from normlab.errors import LeaseHeld
 
     with stop_on_signals(trainer.request_stop) as signals:
         try:
@@ -154,7 +155,7 @@ def entry() -> None:
     except Exception as exc:  # a bug: its traceback, without the credentials it may quote
         import traceback
 
-        from normlab.redaction import redact
+        from normlab.tracking.redaction import redact
 
         _fail_launched_run(launched_run, redact(f"{type(exc).__name__}: {exc}"))
         click.echo(redact("".join(traceback.format_exception(exc))), err=True)
@@ -164,9 +165,9 @@ def entry() -> None:
 
 def _fail_launched_run(run_id: str | None, reason: str) -> None:
     if run_id:
-        from normlab import tracking
 
-        tracking.fail_run_if_open(run_id, reason)
+
+        run_log.fail_run_if_open(run_id, reason)
 
 
 @main.command("explain")
@@ -183,7 +184,7 @@ def explain_command(norm, groups, out) -> None:
     """
     from pathlib import Path
 
-    from normlab import explain as worked
+    from normlab.analysis import explain as worked
 
     norms = worked.EXPLAINED if norm == "all" else (norm,)
     try:
@@ -194,7 +195,7 @@ def explain_command(norm, groups, out) -> None:
         raise click.UsageError(str(exc)) from exc
     click.echo(worked.render(result), nl=False)
     if out:
-        from normlab import plots
+        from normlab.analysis import plots
 
         path = Path(out) / "normalizations.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +217,7 @@ def summary_command(norm, dataset, groups) -> None:
 
     The same table a training run logs as model_summary.txt.
     """
-    from normlab.models import Net, check_norm, count_parameters, summary_text, variant_label
+    from normlab.engine.models import Net, check_norm, count_parameters, summary_text, variant_label
 
     try:
         check_norm(norm, groups, dataset)
@@ -286,22 +287,22 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
     Ray cluster with --address. Re-running the same command resumes: finished children are
     kept, interrupted and failed ones continue from their checkpoints, missing ones train.
     """
-    from normlab import tracking
-    from normlab.sweep import Grid, run_sweep
+
+    from normlab.sweep.driver import Grid, run_sweep
 
     l1_norms = norms if l1_on.strip() == "all" else tuple(v.strip() for v in l1_on.split(",") if v.strip())
     grid = Grid(norms=norms, l1=l1, l1_on=l1_norms, groups=groups, batch_sizes=batch_sizes, seeds=seeds,
                 dataset=dataset, epochs=epochs, lr=lr)
-    tracking.use_bounded_http_retries()
+    connection.use_bounded_http_retries()
     try:
-        tracking.check_tracking_reachable()
+        connection.check_tracking_reachable()
         outcome = run_sweep(grid, experiment=experiment, data_dir=data_dir, device=device,
                             checkpoint_dir=checkpoint_dir, address=address or os.environ.get("RAY_ADDRESS") or None,
                             cpu_workers=workers,
                             out_dir=Path(out) if out else None, echo=click.echo)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    except (DataError, tracking.TrackingUnreachable) as exc:
+    except (DataError, errors.TrackingUnreachable) as exc:
         raise click.ClickException(str(exc)) from exc
     total = len(grid.configs())
     click.echo(f"sweep: {len(outcome.done)} of {total} children finished; parent run {outcome.parent_id}")
@@ -342,8 +343,8 @@ def compare(experiment, filter_string, parent_run_id, run_ids, out_dir, include_
     import warnings
     from pathlib import Path
 
-    from normlab.compare import SkippedRunsWarning, run_comparison
-    from normlab.tracking import SelectionError
+    from normlab.analysis.compare import SkippedRunsWarning, run_comparison
+    from normlab.errors import SelectionError
 
     ids = [i.strip() for value in run_ids for i in value.split(",") if i.strip()]
     with warnings.catch_warnings(record=True) as caught:

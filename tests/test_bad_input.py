@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from normlab.cli import main
+from normlab.tracking import run_query
 from tests.conftest import ROOT, cli_env, run_cli
 from tests.mlflow_server import free_port
-
 
 
 def train(*args: str, data_dir: Path):
@@ -243,7 +243,7 @@ def test_crafted_misclassified_json_is_skipped_with_a_warning(in_store, tmp_path
     crashed with a TypeError on a list of numbers. Now it leaves that gallery out and says so."""
     import json
 
-    from normlab import tracking
+
 
     run_id, root = in_store
     crafted = tmp_path / "crafted" / "misclassified.json"
@@ -252,7 +252,7 @@ def test_crafted_misclassified_json_is_skipped_with_a_warning(in_store, tmp_path
         crafted.write_text(content if isinstance(content, str) else json.dumps(content))
         MlflowClient().log_artifact(run_id, str(crafted))  # replaces the run's own
         with pytest.warns(UserWarning, match=re.escape(f"run {run_id}: its misclassified.json {problem}")):
-            assert tracking.download_misclassified(run_id, tmp_path / "download" / str(i)) is None
+            assert run_query.download_misclassified(run_id, tmp_path / "download" / str(i)) is None
 
     crafted.write_text(json.dumps([1, 2]))
     MlflowClient().log_artifact(run_id, str(crafted))

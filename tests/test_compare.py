@@ -23,14 +23,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from matplotlib.collections import PathCollection, PolyCollection
 from click.testing import CliRunner
+from matplotlib.collections import PathCollection, PolyCollection
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from normlab import compare, plots, results
+from normlab.analysis import compare, results
 from normlab.cli import main
-from normlab.tracking import SelectionError
+from normlab.errors import SelectionError
 from tests.conftest import ROOT, cli_env
 
 EPOCHS = 4

@@ -1,4 +1,4 @@
-"""normlab.conv's Triton convolutions compute what torch's convolution computes.
+"""normlab.engine.fast.triton_conv's Triton convolutions compute what torch's convolution computes.
 
 CI has no GPU, so the kernels run there in Triton's interpreter (TRITON_INTERPRET=1, numpy
 on the CPU), in a subprocess because the switch is read when the kernels are defined: the
@@ -18,8 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from normlab import conv
-from normlab.models import Conv2d, Net, use_triton_convs
+from normlab.engine.fast import triton_conv as conv
+from normlab.engine.fast.triton_conv import Conv2d, use_triton_convs
+from normlab.engine.models import Net
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -32,7 +33,7 @@ SHAPES = [(3, 1, 10, 28, 3, 0), (2, 10, 20, 26, 3, 0), (2, 20, 10, 24, 1, 0), (3
 
 COMPARE = """
 import json, sys, torch, torch.nn.functional as F
-from normlab import conv
+from normlab.engine.fast import triton_conv as conv
 torch.manual_seed(0)
 errors = []
 for n, c, o, size, k, p in json.loads(sys.argv[1]):

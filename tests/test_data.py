@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from normlab.data import (DATASETS, DataError, DeviceData, batch_slices, load_raw, random_crop_flip,
-                          random_rotation)
 from click.testing import CliRunner
 from mlflow import MlflowClient
 from torchvision.datasets import MNIST
 
 from normlab.cli import main
+from normlab.engine.data import DATASETS, DeviceData, batch_slices, load_raw, random_crop_flip, random_rotation
+from normlab.errors import DataError
 from tests.mlflow_server import free_port
 from tests.mnist_fixture import FILES, REPO_MNIST, mnist_t10k, official_md5s, write_idx, write_mnist
 

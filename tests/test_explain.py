@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
-from normlab import explain as worked
-from normlab import plots
+from normlab.analysis import explain as worked
+from normlab.analysis import plots
+from normlab.analysis.explain import EXAMPLE
 from normlab.cli import main
-from normlab.explain import EXAMPLE
-from normlab.models import ARCHITECTURES, NORMS, Net, count_parameters, valid_groups
+from normlab.engine.models import ARCHITECTURES, NORMS, Net, count_parameters, valid_groups
 from tests.conftest import ROOT
 
 N, C, H, W = EXAMPLE.shape

@@ -1,4 +1,4 @@
-"""normlab.host_memory: malloc keeps freed activations, so steps stop faulting in fresh pages."""
+"""normlab.engine.fast.host_memory: malloc keeps freed activations, so steps stop faulting in fresh pages."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.conftest import ROOT, cli_env
 # the defaults as they come, in fresh processes).
 STEPS = """
 import ctypes, resource, sys, torch
-from normlab import host_memory
+from normlab.engine.fast import host_memory
 if sys.argv[1] == "keep":
     assert host_memory.keep_freed_memory()
 else:

@@ -16,8 +16,8 @@ import torch
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from normlab.checkpoint import load
 from normlab.cli import main
+from normlab.engine.checkpoint import load
 from tests.conftest import cli_env
 from tests.mlflow_server import MlflowServer
 from tests.mnist_fixture import write_mnist
@@ -242,7 +242,7 @@ def test_one_owner_per_run_a_dead_owners_lease_ends_and_of_two_resumes_at_once_o
     naming its owner and the lease, until it runs out. Then two resumes started at the same
     moment: exactly one trains the run to its end, the other is refused the same way, and the
     run has each epoch once and one model."""
-    from normlab import lease
+    from normlab.tracking import lease
 
     checkpoints = tmp_path / "ck"
     client = MlflowClient()

@@ -4,8 +4,20 @@ import pytest
 import torch
 from torch import nn
 
-from normlab.models import (ARCHITECTURES, NORMS, ConfigError, Conv2d, Dropout, Net, check_norm, count_parameters,
-                            summarize, summary_text, valid_groups, variant_label)
+from normlab.engine.fast.cpu_dropout import Dropout
+from normlab.engine.fast.triton_conv import Conv2d
+from normlab.engine.models import (
+    ARCHITECTURES,
+    NORMS,
+    Net,
+    check_norm,
+    count_parameters,
+    summarize,
+    summary_text,
+    valid_groups,
+    variant_label,
+)
+from normlab.errors import ConfigError
 
 
 @pytest.mark.parametrize("norm", list(NORMS))
@@ -66,7 +78,7 @@ def test_eval_output_depends_on_the_input(dataset, norm, groups):
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """4,000 real training digits and 1,000 held-out ones, on the CPU."""
-    from normlab.data import DeviceData, load_raw
+    from normlab.engine.data import DeviceData, load_raw
     from tests.mnist_fixture import write_mnist
 
     return DeviceData(load_raw("mnist", write_mnist(tmp_path_factory.mktemp("mnist-4k"), 4000, 1000)), "cpu")
@@ -78,7 +90,7 @@ def test_every_norm_and_group_count_learns_real_digits(norm, groups, digits):
     """One epoch (two without a norm, which starts slower) of batches of 16 at the default
     learning rate: far above chance (10%; the constant-output models stayed at 10-14% after
     three epochs), every variant at least 70% on held-out digits. A few seconds each."""
-    from normlab.train import TrainConfig, Trainer, fit
+    from normlab.engine.train import TrainConfig, Trainer, fit
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CI's 2 cores: one thread each

@@ -27,9 +27,9 @@ except ImportError:
 
 from mlflow.tracking import MlflowClient
 
-from normlab import sweep_tracking as st
-from normlab.executors import RayExecutor, WorkerSettings
-from normlab.models import ConfigError
+from normlab.errors import ConfigError
+from normlab.sweep.executors import RayExecutor, WorkerSettings
+from normlab.tracking import sweep_records as st
 from tests.conftest import cli_env
 from tests.mlflow_server import MlflowServer, free_port
 

@@ -1,8 +1,9 @@
-"""normlab.redaction: credentials in URIs and secret environment variables never pass."""
+"""normlab.tracking.redaction: credentials in URIs and secret environment variables never pass."""
 
 import pytest
 
-from normlab.redaction import redact, secret_values
+from normlab.tracking import run_log
+from normlab.tracking.redaction import redact, secret_values
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -49,7 +50,7 @@ def test_reasons_normlab_records_in_tags_are_redacted(tracking_uri, monkeypatch)
     which carry the whole tracking URI; the tags in the store do not."""
     from mlflow import MlflowClient
 
-    from normlab import tracking
+
 
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-0123456789")
     client = MlflowClient()
@@ -57,8 +58,8 @@ def test_reasons_normlab_records_in_tags_are_redacted(tracking_uri, monkeypatch)
     ended, failed = (client.create_run(experiment).info.run_id for _ in range(2))
     reason = ("MLflow failed during training: API request to http://alice:s3cret@10.0.0.5:5000/api/2.0/mlflow/"
               "runs/log-batch failed (Authorization: Bearer tok-0123456789)")
-    assert tracking.record_ending(ended, "failed", reason)
-    tracking.fail_run_if_open(failed, reason)
+    assert run_log.record_ending(ended, "failed", reason)
+    run_log.fail_run_if_open(failed, reason)
     for run_id in (ended, failed):
         recorded = client.get_run(run_id).data.tags["normlab.reason"]
         assert recorded == ("MLflow failed during training: API request to http://***@10.0.0.5:5000/api/2.0/mlflow/"

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from normlab import results, statistics
-from normlab.statistics import Difference, compare_pairs, holm, summarize, welch
+from normlab.analysis import results, statistics
+from normlab.analysis.statistics import Difference, compare_pairs, holm, summarize, welch
 
 # --- one sample ----------------------------------------------------------------------------
 

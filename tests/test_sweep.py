@@ -19,11 +19,12 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from normlab import sweep_tracking as st
-from normlab.checkpoint import load
 from normlab.cli import main
-from normlab.models import ConfigError
-from normlab.sweep import Grid
+from normlab.engine.checkpoint import load
+from normlab.errors import ConfigError
+from normlab.sweep.driver import Grid
+from normlab.tracking import run_log
+from normlab.tracking import sweep_records as st
 from tests.conftest import cli_env, run_cli
 from tests.process_output import Lines
 
@@ -79,7 +80,7 @@ def test_cli_rejects_bad_options_before_creating_anything(tmp_path, tracking_uri
 
 
 def test_batch_size_figure_has_a_line_per_norm_over_batch_sizes():
-    from normlab import plots
+    from normlab.analysis import plots
 
     rows = []
     for norm, l1 in (("bn", 1e-5), ("gn", 0.0)):
@@ -393,10 +394,10 @@ def test_a_dead_workers_run_is_failed_then_resumed_from_a_checkpoint_or_trained_
     the reason and its lease broken; retried as a resume when the run has a checkpoint (the
     artifact, or the local copy on this machine), as a new run when it has none, and not at
     all once the attempts are spent."""
-    from normlab import lease
-    from normlab.executors import MAX_ATTEMPTS, _retry, _worker_died
-    from normlab.train import TrainConfig
-    from normlab.worker import RunRequest
+    from normlab.engine.train import TrainConfig
+    from normlab.sweep.executors import MAX_ATTEMPTS, _retry, _worker_died
+    from normlab.sweep.worker import RunRequest
+    from normlab.tracking import lease
 
     client = MlflowClient()
     experiment = client.create_experiment("retries")
@@ -435,18 +436,18 @@ def test_compiling_capturing_and_exporting_never_run_in_two_threads_at_once(trac
     capture, the Triton kernels' first evaluation) and export their models in threads. Here
     two threads prepare and two log models at the same moment, and every traced section (the
     evaluation prepare makes, torch.export inside log_model) records how many are running:
-    never more than one. Without normlab.train.TRACING_LOCK this fails on the CPU too: the
+    never more than one. Without normlab.engine.train.TRACING_LOCK this fails on the CPU too: the
     sections overlap and the two exports break each other ("ProxyTorchDispatchMode slot
     already occupied", as on the H200), which leaves torch's tracing state unusable for the
     rest of the process, so that is not run here."""
     import mlflow
 
-    from normlab import train, tracking
-    from normlab.data import DeviceData, load_raw
-    from normlab.step import Speedups
-    from normlab.train import TrainConfig, Trainer
+    from normlab.engine import train
+    from normlab.engine.data import DeviceData, load_raw
+    from normlab.engine.fast import Speedups
+    from normlab.engine.train import TrainConfig, Trainer
 
-    assert tracking.TRACING_LOCK is train.TRACING_LOCK
+    assert run_log.TRACING_LOCK is train.TRACING_LOCK
     data = DeviceData(load_raw("mnist", str(small_mnist_dir)), torch.device("cpu"))
     guard, state = threading.Lock(), {"running": 0, "most": 0, "sections": []}
 
@@ -478,7 +479,7 @@ def test_compiling_capturing_and_exporting_never_run_in_two_threads_at_once(trac
     def export(trainer):
         with mlflow.start_run():
             barrier.wait()
-            tracking.log_model(trainer.model, data, name=trainer.config.run_name)
+            run_log.log_model(trainer.model, data, name=trainer.config.run_name)
 
     def guarded(function, trainer):
         try:

@@ -14,9 +14,8 @@ import torch
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from normlab.checkpoint import load
 from normlab.cli import main
-
+from normlab.engine.checkpoint import load
 from tests.conftest import cli_env
 from tests.mlflow_server import MlflowServer, free_port
 from tests.process_output import Lines

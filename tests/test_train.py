@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from normlab.data import DeviceData, load_raw
-from normlab.models import ConfigError
-from normlab.train import TrainConfig, Trainer, evaluate, fit, most_confident_mistakes
+from normlab.engine.data import DeviceData, load_raw
+from normlab.engine.train import TrainConfig, Trainer, evaluate, fit, most_confident_mistakes
+from normlab.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_mistakes_are_wrong_and_most_confident_first(small_data):
 
 
 def test_fewer_mistakes_than_asked_returns_them_all():
-    from normlab.train import Evaluation
+    from normlab.engine.train import Evaluation
 
     ev = Evaluation(0.0, 0.0, torch.tensor([1, 2, 3]), torch.tensor([0.9, 0.5, 0.7]))
     picked = most_confident_mistakes(ev, torch.tensor([1, 0, 0]), k=10)

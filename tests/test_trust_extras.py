@@ -12,8 +12,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from normlab import checkpoint
-from normlab.data import DataError
+from normlab.engine import checkpoint
+from normlab.errors import DataError
 from tests.conftest import cli_env, run_cli
 
 

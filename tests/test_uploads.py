@@ -7,7 +7,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from normlab.tracking import EpochUploads
+from normlab.tracking.run_log import EpochUploads
 
 
 def test_calls_are_made_in_order_and_all_are_made_by_close(tracking_uri):

@@ -19,11 +19,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from normlab.models import ConfigError
-
-
-class DataError(RuntimeError):
-    """Data that is missing, unreadable or corrupt; the message says how to fix it."""
+from normlab.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)

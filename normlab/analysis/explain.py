@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from normlab.models import NORMS, ConfigError
+from normlab.engine.models import NORMS
+from normlab.errors import ConfigError
 
 # N=2 samples, C=4 channels, 2x2 pixels. Chosen so that every set of every norm (and GN
 # with any valid group count) has an integer mean and an integer variance.

@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from normlab.models import NORMS, ConfigError
-from normlab.train import TrainConfig
+from normlab.engine.models import NORMS
+from normlab.engine.train import TrainConfig
+from normlab.errors import ConfigError
+from normlab.tracking import connection
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -96,8 +99,8 @@ class Grid:
 def check_resources(configs: list[TrainConfig], data_dir: str, device: str) -> None:
     """Device and data once, before any run exists: a missing dataset is downloaded here,
     not by N children racing into one folder, and too-large batch sizes fail now."""
-    from normlab.data import load_raw
-    from normlab.train import resolve_device
+    from normlab.engine.data import load_raw
+    from normlab.engine.train import resolve_device
 
     resolve_device(device)
     raw = load_raw(configs[0].dataset, data_dir)
@@ -127,22 +130,21 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     ``address`` (a Ray cluster, or "auto") runs the workers as Ray actors; without it they
     are processes on this machine, one per GPU (``cpu_workers`` on a machine without one),
     or this process itself when there is one device."""
-    from normlab import sweep_tracking as st
-    from normlab import tracking
-    from normlab.executors import RayExecutor, WorkerSettings, local_executor
-    from normlab.worker import RunRequest, compile_key
+    from normlab.sweep.executors import RayExecutor, WorkerSettings, local_executor
+    from normlab.sweep.worker import RunRequest, compile_key
+    from normlab.tracking import sweep_records as st
 
     configs = grid.validate()
     check_resources(configs, data_dir, device)
     if out_dir is not None:
         check_writable(out_dir, "--out")
-    tracking.create_store_safely()
+    connection.create_store_safely()
     records = st.SweepRecords(experiment, grid.sweep_hash())
-    settings = WorkerSettings(str(data_dir), records.experiment_name(), checkpoint_dir, tracking.tracking_uri())
+    settings = WorkerSettings(str(data_dir), records.experiment_name(), checkpoint_dir, connection.tracking_uri())
     executor = (RayExecutor(address, settings, echo) if address  # refuses a bad cluster before any run exists
                 else local_executor(device, cpu_workers, settings, echo))
     parent_id, existed = records.open_parent(grid.run_name(), grid.params(), grid.description())
-    commit = tracking.git_commit()
+    commit = connection.git_commit()
     plan = records.plan(configs, commit)
     for run_id in plan.abandoned:
         records.mark_failed(run_id, "FAILED", "abandoned: the process training it is gone")
@@ -207,7 +209,7 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
 
 def epochs_per_worker(configs: list[TrainConfig], workers: int) -> dict[tuple, int]:
     """The epochs of each compile key (variant and batch size) one worker trains, about."""
-    from normlab.worker import compile_key
+    from normlab.sweep.worker import compile_key
 
     total: dict[tuple, int] = {}
     for config in configs:
@@ -234,8 +236,8 @@ def check_writable(folder: Path, option: str) -> None:
 def compare_children(records, configs: list[TrainConfig], done: dict[str, str], out_dir: Path | None,
                      echo: Callable[[str], None]) -> None:
     """The comparison of the finished children, logged on the parent (once per set of children)."""
-    from normlab import sweep_tracking as st
-    from normlab.compare import run_comparison
+    from normlab.analysis.compare import run_comparison
+    from normlab.tracking import sweep_records as st
 
     run_ids = [done[c.config_hash()] for c in configs]
     fingerprint = hashlib.sha256(",".join(sorted(run_ids)).encode()).hexdigest()[:12]

@@ -24,6 +24,7 @@ graphs call them like any aten op.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 try:
     import triton
@@ -247,3 +248,23 @@ def _backward(ctx, grad):
 
 
 conv2d.register_autograd(_backward, setup_context=_setup)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that runs on CUDA as these Triton kernels: at this model's 1-20
+    channels they take half of cuDNN's time in a graphed training step (README, Speed). On
+    the CPU, or with ``triton_kernels`` off, it is ``nn.Conv2d``. Same parameters and state."""
+
+    triton_kernels = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.triton_kernels and usable(x, self):
+            return conv2d(x, self.weight, self.padding[0])
+        return super().forward(x)
+
+
+def use_triton_convs(model: nn.Module, on: bool) -> None:
+    """Switch every normlab Conv2d of the model to the Triton kernels (on) or cuDNN (off)."""
+    for layer in model.modules():
+        if isinstance(layer, Conv2d):
+            layer.triton_kernels = on

@@ -22,11 +22,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from normlab import conv
-
-
-class ConfigError(ValueError):
-    """A user-supplied setting that cannot work; raised before any expensive work."""
+from normlab.engine.fast.cpu_dropout import Dropout
+from normlab.engine.fast.triton_conv import Conv2d
+from normlab.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -105,48 +103,6 @@ def variant_label(norm: str, groups: int = 2, l1: float = 0.0) -> str:
     if l1 > 0:
         label += f" + L1 ({l1:g})"
     return label
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` that draws a quarter of the random numbers on the CPU.
-
-    For its mask torch draws one Mersenne-twister number per element, a quarter of a
-    CPU training step of this model. Here one 64-bit draw gives four 16-bit values, and an
-    element is dropped when its value is among the lowest ``round(p * 2**16)`` of the 2**16
-    (p = 0.05 drops 3277/65536 = 0.050003); kept elements are scaled by one over the kept
-    fraction, so the expectation is the input. Elsewhere (CUDA's Philox draws cost
-    nothing here) and in eval mode it is ``nn.Dropout``.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dropped = round(self.p * 2**16)
-        if not self.training or x.device.type != "cpu" or dropped in (0, 2**16):
-            return super().forward(x)
-        # every bit random (a bare random_() leaves the top bit 0: that lane would never drop)
-        words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
-        values = words.view(torch.int16)[: x.numel()].view(x.shape)
-        keep = torch.where(values >= dropped - 2**15, 2**16 / (2**16 - dropped), 0.0)
-        return x * keep
-
-
-class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` that runs on CUDA as normlab.conv's Triton kernels: at this model's 1-20
-    channels they take half of cuDNN's time in a graphed training step (README, Speed). On
-    the CPU, or with ``triton_kernels`` off, it is ``nn.Conv2d``. Same parameters and state."""
-
-    triton_kernels = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.triton_kernels and conv.usable(x, self):
-            return conv.conv2d(x, self.weight, self.padding[0])
-        return super().forward(x)
-
-
-def use_triton_convs(model: nn.Module, on: bool) -> None:
-    """Switch every normlab Conv2d of the model to the Triton kernels (on) or cuDNN (off)."""
-    for layer in model.modules():
-        if isinstance(layer, Conv2d):
-            layer.triton_kernels = on
 
 
 def normalizes_each_channel_alone(layer: nn.Module) -> bool:

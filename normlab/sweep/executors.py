@@ -1,6 +1,6 @@
 """Where a sweep's runs train: warm worker processes on this machine, or Ray actors on a cluster.
 
-Both start one normlab.worker.Worker per device (per GPU; one on a machine without one),
+Both start one normlab.sweep.worker.Worker per device (per GPU; one on a machine without one),
 hand it RunRequests and report each RunResult as it comes back. Neither decides what to
 train: the sweep does, from MLflow. A worker that dies (a crash, a lost node) fails the
 runs it held with the reason, and they are tried again, resumed from their last
@@ -20,7 +20,8 @@ import traceback
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from normlab.worker import CONCURRENT_ON_GPU, RunRequest, RunResult
+from normlab.sweep.worker import CONCURRENT_ON_GPU, RunRequest, RunResult
+from normlab.tracking import connection
 
 MAX_ATTEMPTS = 3  # tries per run when workers die under it
 OnResult = Callable[[RunResult], None]
@@ -42,7 +43,7 @@ def local_devices(device: str, cpu_workers: int = 1) -> list[tuple[str, dict[str
     CPU, sharing its cores (OMP_NUM_THREADS), or the one device asked for."""
     import torch
 
-    from normlab.train import resolve_device
+    from normlab.engine.train import resolve_device
 
     resolved = resolve_device(device)
     if resolved.type == "cuda" and device in ("auto", "cuda"):
@@ -92,8 +93,8 @@ def _retry(request: RunRequest, result: RunResult, attempts: dict[str, int],
 
 
 def _has_checkpoint(run_id: str, checkpoint_dir: str | None) -> bool:
-    from normlab.sweep_tracking import has_checkpoint
-    from normlab.tracking import local_checkpoint_path
+    from normlab.tracking.run_log import local_checkpoint_path
+    from normlab.tracking.sweep_records import has_checkpoint
 
     if checkpoint_dir and local_checkpoint_path(checkpoint_dir, run_id).exists():
         return True
@@ -102,8 +103,8 @@ def _has_checkpoint(run_id: str, checkpoint_dir: str | None) -> bool:
 
 def _worker_died(request: RunRequest, run_id: str | None, why: str, device: str) -> RunResult:
     """Its run FAILED with the reason and its lease broken, so a retry may resume it at once."""
-    from normlab.lease import break_lease
-    from normlab.tracking import fail_run_if_open
+    from normlab.tracking.lease import break_lease
+    from normlab.tracking.run_log import fail_run_if_open
 
     if run_id:
         break_lease(run_id)
@@ -118,7 +119,7 @@ class InProcessExecutor:
     imported torch and MLflow and read the data already, so no second process pays that again."""
 
     def __init__(self, device: str, settings: WorkerSettings, echo: Callable[[str], None]):
-        from normlab.worker import Worker
+        from normlab.sweep.worker import Worker
 
         self.worker = Worker(device, settings.data_dir, settings.experiment, settings.checkpoint_dir)
         self.echo = echo
@@ -129,7 +130,7 @@ class InProcessExecutor:
         return f"1 worker in this process ({self.worker.device_name}), {self.worker.concurrent} run(s) at once"
 
     def run(self, requests: list[RunRequest], on_result: OnResult) -> None:
-        from normlab.interrupts import stop_on_signals
+        from normlab.engine.interrupts import stop_on_signals
 
         tasks: queue.Queue = queue.Queue()
         for request in requests:
@@ -167,12 +168,12 @@ class InProcessExecutor:
 def _local_worker(index: int, device: str, settings: WorkerSettings, tasks, results) -> None:
     """A worker process: ``concurrent`` threads take requests from the shared queue until a
     None; the first SIGINT/SIGTERM stops the running runs at their next step."""
-    from normlab import tracking
-    from normlab.interrupts import stop_on_signals
-    from normlab.worker import Worker
+
+    from normlab.engine.interrupts import stop_on_signals
+    from normlab.sweep.worker import Worker
 
     os.environ["MLFLOW_TRACKING_URI"] = settings.tracking_uri
-    tracking.use_bounded_http_retries()
+    connection.use_bounded_http_retries()
     worker = Worker(device, settings.data_dir, settings.experiment, settings.checkpoint_dir,
                     name=f"worker {index + 1}" if device == "cpu" else None)
 
@@ -328,7 +329,7 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """ray.init waits without end for a HOST:PORT nobody answers at: fail at once instead."""
     import socket
 
-    from normlab.models import ConfigError
+    from normlab.errors import ConfigError
 
     host, _, port = address.rpartition(":")
     if "://" in address or not host or not port.isdigit():
@@ -352,7 +353,7 @@ class RayExecutor:
     as soon as the runs are, freeing the cluster for other jobs before the comparison."""
 
     def __init__(self, address: str, settings: WorkerSettings, echo: Callable[[str], None]):
-        from normlab.models import ConfigError
+        from normlab.errors import ConfigError
 
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every line names its run: keep them all
         try:
@@ -462,7 +463,7 @@ class RayExecutor:
                             waiting.appendleft(retry)  # ahead of the runs not started yet
                             continue
                     except ray.exceptions.RayTaskError as exc:  # a bug outside the run: this run fails
-                        from normlab.redaction import redact
+                        from normlab.tracking.redaction import redact
 
                         load[actor] = load.get(actor, 1) - 1
                         result = RunResult(request.config, _ray_run_of(actor, request), "FAILED", redact(str(exc)),
@@ -498,8 +499,8 @@ def _abandon(run_id: str | None, reason: str) -> None:
     """A run left behind by an aborted sweep: KILLED with the reason, its lease ended."""
     if not run_id:
         return
-    from normlab.lease import break_lease
-    from normlab.tracking import record_ending, run_outcome
+    from normlab.tracking.lease import break_lease
+    from normlab.tracking.run_log import record_ending, run_outcome
 
     try:
         if run_outcome(run_id) == "running":
@@ -510,7 +511,7 @@ def _abandon(run_id: str | None, reason: str) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    from normlab.redaction import redact
+    from normlab.tracking.redaction import redact
 
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return redact(f"{type(exc).__name__}: {lines[0] if lines else ''}")
@@ -523,7 +524,7 @@ def _ray_run_of(actor, request: RunRequest) -> str | None:
         return request.run_id
     if not request.tags:
         return None
-    from normlab.sweep_tracking import child_made_by
+    from normlab.tracking.sweep_records import child_made_by
 
     return child_made_by(request.experiment_id, request.tags, RAY_WORKER_TAG, actor._actor_id.hex())
 
@@ -534,11 +535,10 @@ class RayWorker:
     def __init__(self, settings: WorkerSettings):
         import ray
 
-        from normlab import tracking
-        from normlab.worker import Worker
+        from normlab.sweep.worker import Worker
 
         os.environ["MLFLOW_TRACKING_URI"] = settings.tracking_uri
-        tracking.use_bounded_http_retries()
+        connection.use_bounded_http_retries()
         context = ray.get_runtime_context()
         self.actor_id = context.get_actor_id()
         self.node = f"on Ray node {context.get_node_id()[:8]} ({ray.util.get_node_ip_address()})"
@@ -562,7 +562,7 @@ class RayWorker:
 def check_store_for_cluster(tracking_uri: str, nodes: int) -> None:
     """A cluster of several nodes needs a tracking server: sqlite and file stores live on
     one machine's disk, which the other nodes' workers cannot reach."""
-    from normlab.models import ConfigError
+    from normlab.errors import ConfigError
 
     scheme = tracking_uri.split("://", 1)[0] if "://" in tracking_uri else ""
     local = scheme in ("sqlite", "file") or (not scheme and tracking_uri not in ("databricks", "databricks-uc"))

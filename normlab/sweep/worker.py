@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 import click
 import torch
 
-from normlab.data import DataError, DeviceData, load_raw
-from normlab.lifecycle import Ending, train_tracked
-from normlab.models import ConfigError
-from normlab.redaction import redact
-from normlab.train import TrainConfig, Trainer, resolve_device
+from normlab.engine.data import DeviceData, load_raw
+from normlab.engine.train import TrainConfig, Trainer, resolve_device
+from normlab.errors import ConfigError, DataError
+from normlab.tracking import run_log
+from normlab.tracking.lifecycle import Ending, train_tracked
+from normlab.tracking.redaction import redact
 
 # Runs a GPU worker trains at once, each in a thread with its own CUDA stream. Three side by
 # side trained 1.4x faster than one after another on an H200, but in the 10-seed study a run's
@@ -124,9 +125,9 @@ class Worker:
     def train(self, request: RunRequest, echo=None, on_run=None) -> RunResult:
         """Train one request to its end; never raises for the run's own failures.
         ``on_run(run_id)`` is called once the request's run exists."""
-        from normlab import resume, tracking
-        from normlab.lease import LeaseHeld
-        from normlab.sweep_tracking import create_child_run
+        from normlab.errors import LeaseHeld
+        from normlab.tracking import resume
+        from normlab.tracking.sweep_records import create_child_run
 
         start = time.perf_counter()
         config = request.config
@@ -176,7 +177,7 @@ class Worker:
         except (ConfigError, DataError, resume.ResumeError) as exc:
             say(f"Error: {exc}", err=True)
             if request.run_id and not request.resume:
-                tracking.fail_run_if_open(request.run_id, str(exc))
+                run_log.fail_run_if_open(request.run_id, str(exc))
             return result("FAILED", str(exc))
         except Exception as exc:  # a bug: train_tracked recorded it; report it with its traceback
             say("".join(traceback.format_exception(exc)), err=True)
@@ -189,7 +190,7 @@ class Worker:
         if ending.aborted:
             raise KeyboardInterrupt
         if ending.outcome != "finished":
-            tracking.attach_log(ending.run_id, "\n".join(lines))
+            run_log.attach_log(ending.run_id, "\n".join(lines))
             return result(ending.status, "\n".join(list(lines)[-15:]), ending)
         return result("FINISHED", "", ending)
 

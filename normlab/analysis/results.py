@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from normlab import statistics
+from normlab.analysis import statistics
 
 SETTINGS = ["norm", "groups", "l1", "batch_size", "dataset", "epochs", "train_size", "test_size", "parameters"]
 COMPARABLE = ["dataset", "train_size", "test_size", "epochs"]  # accuracies are ranked only within equal values
@@ -182,7 +182,7 @@ def _difference_line(d: statistics.Difference) -> str:
 
 def findings(table: pd.DataFrame, runs_metrics: pd.DataFrame) -> str:
     """Markdown: per group of comparable runs, variants ranked by final test accuracy, then every
-    pair's difference with its interval, test and verdict (rules in normlab.statistics)."""
+    pair's difference with its interval, test and verdict (rules in normlab.analysis.statistics)."""
     groups = ranked_groups(table)
     pairs = pairwise(table, runs_metrics)
     tested = sum(d.p is not None for _, d in pairs)

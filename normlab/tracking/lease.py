@@ -17,6 +17,8 @@ import uuid
 
 from mlflow.tracking import MlflowClient
 
+from normlab.errors import LeaseHeld
+
 OWNER_TAG = "normlab.owner"
 UNTIL_TAG = "normlab.lease_until"
 SETTLE_S = 0.5  # time between writing a lease and reading it back
@@ -29,9 +31,6 @@ def lease_seconds() -> float:
 
 OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
-
-class LeaseHeld(RuntimeError):
-    """Another live process trains this run."""
 
 
 def holder(tags: dict[str, str], now: float | None = None) -> str | None:

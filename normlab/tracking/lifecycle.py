@@ -16,7 +16,8 @@ from typing import Callable
 
 import click
 
-from normlab.train import Callbacks, EpochRecord
+from normlab.engine.train import Callbacks, EpochRecord
+from normlab.tracking import run_log
 
 Echo = Callable[..., None]  # echo(message, err=False)
 
@@ -50,7 +51,7 @@ class Progress(Callbacks):
 
 @dataclass(frozen=True)
 class Ending:
-    """How a run ended: ``outcome`` is finished, interrupted or failed (tracking.RUN_STATUS)."""
+    """How a run ended: ``outcome`` is finished, interrupted or failed (run_log.RUN_STATUS)."""
 
     run_id: str
     outcome: str
@@ -61,7 +62,7 @@ class Ending:
 
     @property
     def status(self) -> str:
-        from normlab.tracking import RUN_STATUS
+        from normlab.tracking.run_log import RUN_STATUS
 
         return RUN_STATUS[self.outcome]
 
@@ -76,15 +77,15 @@ def train_tracked(trainer, point, data_dir: str, experiment: str, checkpoint_dir
     ``point`` is a resume.ResumePoint or None; ``run_id`` a run made beforehand (by a
     sweep); ``echo`` prints a line about this run (a worker prefixes it with the run's name).
     """
-    from normlab import tracking
-    from normlab.lease import Lease
+
+    from normlab.tracking.lease import Lease
 
     if point is None:
-        run = tracking.start_training_run(trainer.config, experiment, run_id)
+        run = run_log.start_training_run(trainer.config, experiment, run_id)
         owned = Lease(run.info.run_id, contested=False)
     else:
         owned = Lease(point.run_id)  # refuses (LeaseHeld) while another process trains it
-        run = tracking.resume_training_run(point.run_id, trainer.epoch)
+        run = run_log.resume_training_run(point.run_id, trainer.epoch)
     try:
         return _train_in_run(trainer, point, run.info.run_id, data_dir, checkpoint_dir, echo, bars)
     finally:
@@ -95,38 +96,38 @@ def _train_in_run(trainer, point, run_id: str, data_dir: str, checkpoint_dir: st
                   bars: bool) -> Ending:
     from mlflow.exceptions import MlflowException
 
-    from normlab import tracking
-    from normlab.redaction import redact
-    from normlab.train import CallbackList, NonFiniteLoss, TrainingStopped, fit
+    from normlab.engine.train import CallbackList, TrainingStopped, fit
+    from normlab.errors import NonFiniteLoss
+    from normlab.tracking.redaction import redact
 
     config, data = trainer.config, trainer.data
-    local = tracking.local_checkpoint_path(checkpoint_dir, run_id)
+    local = run_log.local_checkpoint_path(checkpoint_dir, run_id)
     resume_hint = f"resume with: normlab train --resume {run_id}"
     started, phases = time.perf_counter(), {}
-    uploads = tracking.EpochUploads(run_id)
+    uploads = run_log.EpochUploads(run_id)
     checkpointer = None
     try:
         echo(f"MLflow run {run_id} ({config.run_name}); checkpoints: {local} and artifact "
-             f"{tracking.CHECKPOINT_ARTIFACT}")
+             f"{run_log.CHECKPOINT_ARTIFACT}")
         if point is None:
-            tracking.mark_running()
-            tracking.log_run_setup(config, data, trainer.model, data_dir)
+            run_log.mark_running()
+            run_log.log_run_setup(config, data, trainer.model, data_dir)
         else:
-            relogged = tracking.log_missing_epochs(run_id, point.records)
+            relogged = run_log.log_missing_epochs(run_id, point.records)
             if relogged:
                 echo(f"logged the metrics of epochs {relogged} from the checkpoint")
             if point.source_is_local:  # the artifact may lag behind: bring it up to date
-                uploads.submit(tracking.upload_checkpoint, run_id, local)
-        checkpointer = tracking.Checkpointer(trainer, uploads, local, point.records if point else [])
+                uploads.submit(run_log.upload_checkpoint, run_id, local)
+        checkpointer = run_log.Checkpointer(trainer, uploads, local, point.records if point else [])
         phases["setup"] = time.perf_counter() - started
         phases["compile and capture"] = trainer.prepare() if trainer.epoch < config.epochs else 0.0
         progress = Progress(config.epochs, echo, bars)
         started = time.perf_counter()
-        result = fit(trainer, CallbackList(checkpointer, tracking.MetricLogger(uploads), progress))
+        result = fit(trainer, CallbackList(checkpointer, run_log.MetricLogger(uploads), progress))
         phases["training and evaluation"] = time.perf_counter() - started
         started = time.perf_counter()
         uploads.close()
-        tracking.log_results(config, data, result)
+        run_log.log_results(config, data, result)
         phases["artifacts and model"] = time.perf_counter() - started
     except TrainingStopped as exc:
         _close_quietly(uploads)
@@ -136,28 +137,28 @@ def _train_in_run(trainer, point, run_id: str, data_dir: str, checkpoint_dir: st
         else:
             reason = f"{exc}; no epoch completed, so there is nothing to resume: train it again"
             echo(f"interrupted: {reason}", err=True)
-        tracking.record_ending(run_id, "interrupted", reason)
+        run_log.record_ending(run_id, "interrupted", reason)
         return Ending(run_id, "interrupted", reason)
     except KeyboardInterrupt:
         reason = f"aborted by a second Ctrl-C; epochs up to the last checkpoint are kept; {resume_hint}"
-        tracking.record_ending(run_id, "interrupted", reason)
+        run_log.record_ending(run_id, "interrupted", reason)
         echo(f"aborted: {reason}", err=True)
         return Ending(run_id, "interrupted", reason, aborted=True)
     except NonFiniteLoss as exc:
         _close_quietly(uploads)
-        tracking.record_ending(run_id, "failed", str(exc))
+        run_log.record_ending(run_id, "failed", str(exc))
         echo(f"Error: {exc}", err=True)
         return Ending(run_id, "failed", str(exc))
     except MlflowException as exc:
         reason = f"MLflow failed during training: {redact(str(exc).splitlines()[0])}"
-        tracking.record_ending(run_id, "failed", f"{reason}; {resume_hint}")
+        run_log.record_ending(run_id, "failed", f"{reason}; {resume_hint}")
         message = f"{reason}\nCompleted epochs are checkpointed in {local}; {resume_hint}"
         echo(f"Error: {message}", err=True)
         return Ending(run_id, "failed", message)
     except BaseException as exc:
-        tracking.record_ending(run_id, "failed", redact(f"{type(exc).__name__}: {exc}"))
+        run_log.record_ending(run_id, "failed", redact(f"{type(exc).__name__}: {exc}"))
         raise
-    if tracking.record_ending(run_id, "finished"):
+    if run_log.record_ending(run_id, "finished"):
         shutil.rmtree(local.parent, ignore_errors=True)  # the artifact keeps the final checkpoint
     final = checkpointer.records[-1] if checkpointer.records else None
     if final is None:

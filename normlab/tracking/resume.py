@@ -10,13 +10,10 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from normlab import checkpoint, tracking
-from normlab.models import ConfigError
-from normlab.train import TrainConfig
-
-
-class ResumeError(RuntimeError):
-    """The run cannot be continued (no such run, no checkpoint, nothing left to do)."""
+from normlab.engine import checkpoint
+from normlab.engine.train import TrainConfig
+from normlab.errors import ConfigError, ResumeError
+from normlab.tracking import run_log
 
 
 @dataclass(frozen=True)
@@ -45,26 +42,27 @@ def merged_config(run_id: str, given: TrainConfig, explicit: set[str], saved: Tr
 
 def find(run_id: str, given: TrainConfig, explicit: set[str], checkpoint_dir: str | Path) -> ResumePoint:
     """The newest checkpoint of run_id (local copy or artifact) and the config to continue with."""
-    from normlab.lease import LeaseHeld, check_free
+    from normlab.errors import LeaseHeld
+    from normlab.tracking.lease import check_free
 
     try:
-        tracking.require_run(run_id)
+        run_log.require_run(run_id)
         check_free(run_id)
     except (LookupError, LeaseHeld) as exc:
         raise ResumeError(str(exc)) from exc
-    local = tracking.local_checkpoint_path(checkpoint_dir, run_id)
+    local = run_log.local_checkpoint_path(checkpoint_dir, run_id)
     with tempfile.TemporaryDirectory() as tmp:
-        found = checkpoint.newest(local, tracking.download_checkpoint(run_id, tmp))
+        found = checkpoint.newest(local, run_log.download_checkpoint(run_id, tmp))
         if found is None:
             raise ResumeError(f"run {run_id} has no checkpoint: neither {local} nor its artifact "
-                              f"{tracking.CHECKPOINT_ARTIFACT} exists, so it cannot be resumed")
+                              f"{run_log.CHECKPOINT_ARTIFACT} exists, so it cannot be resumed")
         path, state = found
         is_local = path == local
-        source = str(path) if is_local else f"artifact {tracking.CHECKPOINT_ARTIFACT}"
+        source = str(path) if is_local else f"artifact {run_log.CHECKPOINT_ARTIFACT}"
     config = merged_config(run_id, given, explicit, TrainConfig(**state["config"]))
-    if state["epoch"] >= config.epochs and tracking.run_outcome(run_id) == "finished":
+    if state["epoch"] >= config.epochs and run_log.run_outcome(run_id) == "finished":
         raise ResumeError(f"run {run_id} already finished all {config.epochs} epochs; nothing to resume")
-    last_logged = max(tracking.logged_steps(run_id), default=0)
+    last_logged = max(run_log.logged_steps(run_id), default=0)
     if last_logged > state["epoch"]:
         raise ResumeError(f"run {run_id} has metrics up to epoch {last_logged} but its newest checkpoint "
                           f"({source}) ends at epoch {state['epoch']}; resuming would log those epochs twice")

@@ -16,15 +16,18 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from normlab.data import DeviceData, batch_slices, check_dataset
-from normlab.host_memory import keep_freed_memory
-from normlab.models import ConfigError, Net, check_norm, use_triton_convs, variant_label
-from normlab.rng import RunRNG
-from normlab.step import EpochSteps, Speedups, TrainStep
-
+from normlab.engine.data import DeviceData, batch_slices, check_dataset
+from normlab.engine.fast import Speedups
+from normlab.engine.fast.chunked_steps import EpochSteps
+from normlab.engine.fast.host_memory import keep_freed_memory
+from normlab.engine.fast.triton_conv import use_triton_convs
+from normlab.engine.models import Net, check_norm, variant_label
+from normlab.engine.rng import RunRNG
+from normlab.engine.step import TrainStep
+from normlab.errors import ConfigError, NonFiniteLoss
 
 # Dynamo, AOTAutograd and torch.export share process-wide tracing state, and a CUDA graph
-# must not capture another thread's work: runs side by side in one process (normlab.worker)
+# must not capture another thread's work: runs side by side in one process (normlab.sweep.worker)
 # compile, capture and export their models one at a time, holding this lock, and train
 # concurrently in between.
 TRACING_LOCK = threading.Lock()
@@ -116,6 +119,9 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")  # what each run logs per epoch
+
+
 @dataclass(frozen=True)
 class EpochRecord:
     epoch: int  # 1-based
@@ -127,7 +133,7 @@ class EpochRecord:
     seconds: float  # wall time of training plus evaluation
 
     def metrics(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
+        return {k: getattr(self, k) for k in METRICS}
 
 
 @dataclass(frozen=True)
@@ -212,9 +218,6 @@ class TrainingStopped(Exception):
     """Training stopped on request (a signal) at the end of a step; completed epochs are intact."""
 
 
-class NonFiniteLoss(ArithmeticError):
-    """The loss became NaN or infinite: training diverged and cannot recover."""
-
 
 @dataclass
 class FitResult:
@@ -227,7 +230,7 @@ class Trainer:
     """Model, optimizer, schedule and RNG for one config; one call of run_epoch per epoch.
 
     ``speedups`` defaults to what pays on the data's device for ``epochs_ahead`` epochs of
-    this variant in this process (default: this run's; normlab.step.Speedups); any choice
+    this variant in this process (default: this run's; normlab.engine.step.Speedups); any choice
     trains the same steps with the same schedule.
     """
 
@@ -245,8 +248,6 @@ class Trainer:
         with self.rng.active():
             self.model = Net(config.dataset, config.norm, config.groups, config.dropout).to(device)
         use_triton_convs(self.model, self.speedups.triton_convs)
-        if self.speedups.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
                                          foreach=True)
@@ -260,8 +261,7 @@ class Trainer:
         # tells it the optimizer has stepped (no process-wide warning filter, which threads
         # side by side would race on).
         self.optimizer.step()
-        self.train_step = TrainStep(self.model, self.optimizer, config.l1, self.rng, self.speedups.channels_last,
-                                    self.speedups.compile)
+        self.train_step = TrainStep(self.model, self.optimizer, config.l1, self.rng, self.speedups.compile)
         self.steps = EpochSteps(self.train_step, list(batch_slices(data.train_size, config.batch_size)),
                                 self.speedups.chunk_steps, self.speedups.cuda_graphs)
         self.epoch = 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from normlab.data import DataError
+from normlab.errors import DataError
 
 
 def save(state: dict, path: Path) -> None:

@@ -84,7 +84,7 @@ def _norm_label(norm: str, groups=None, l1=None) -> str:
     groups and l1 may be missing: a line per norm setting, whatever the batch size."""
     import pandas as pd
 
-    from normlab.models import NORMS, variant_label
+    from normlab.engine.models import NORMS, variant_label
 
     if norm not in NORMS:
         return str(norm)
@@ -150,7 +150,7 @@ def check_band(band: str) -> str:
 def spread(values, band: str) -> tuple[float, float]:
     """(low, high) of one sample for a band or whisker: min–max, or the 95% t interval of the
     mean; NaN for the interval of one value (nothing is drawn)."""
-    from normlab.statistics import summarize
+    from normlab.analysis.statistics import summarize
 
     values = np.asarray(values, dtype=float)
     if band == "range":

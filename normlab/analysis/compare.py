@@ -17,7 +17,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
-from normlab import plots, results, tracking
+from normlab import errors
+from normlab.analysis import plots, results
+from normlab.engine.train import METRICS
+from normlab.tracking import connection, run_query
 
 CURVE_FILES = {  # file name: (metrics, one per row; title)
     "test_loss.png": (("test_loss",), "Test loss by variant"),
@@ -34,7 +37,7 @@ class SkippedRunsWarning(UserWarning):
 class Comparison:
     """What was compared and what came out; `files` and `logged_to_run_id` once written."""
 
-    runs: pd.DataFrame  # one row per compared run (tracking.runs_frame)
+    runs: pd.DataFrame  # one row per compared run (run_query.runs_frame)
     history: pd.DataFrame  # tidy: run identity columns, metric, epoch, value
     runs_metrics: pd.DataFrame  # one row per run: final/best accuracy, min loss, gap, time
     table: pd.DataFrame  # one row per variant: mean and std over seeds
@@ -70,7 +73,7 @@ class Comparison:
         it is and why (results.representative_runs); by file name."""
         figures = {}
         for run in results.representative_runs(self.runs_metrics).itertuples():
-            found = tracking.download_misclassified(run.run_id, download_dir / run.run_id)
+            found = run_query.download_misclassified(run.run_id, download_dir / run.run_id)
             if found is None:
                 warnings.warn(SkippedRunsWarning(
                     f"run {run.run_id} ({run.variant}) has no misclassified.png/json artifacts; no gallery"))
@@ -91,31 +94,31 @@ def slug(label: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-")
 
 
-def load_comparison(experiment: str = tracking.EXPERIMENT, filter_string: str | None = None,
+def load_comparison(experiment: str = connection.EXPERIMENT, filter_string: str | None = None,
                     parent_run_id: str | None = None, run_ids: list[str] | None = None,
                     include_unfinished: bool = False) -> Comparison:
     """Select runs, load their histories and compute the per-run and per-variant numbers.
 
     Runs left out (not FINISHED, or without a full metric history) are named in a
-    SkippedRunsWarning; tracking.SelectionError when nothing is left to compare.
+    SkippedRunsWarning; errors.SelectionError when nothing is left to compare.
     """
-    selection = tracking.select_runs(experiment, filter_string or None, parent_run_id or None,
+    selection = run_query.select_runs(experiment, filter_string or None, parent_run_id or None,
                                      list(run_ids) if run_ids else None, include_unfinished)
     if selection.left_out:
         warnings.warn(SkippedRunsWarning(
             f"{len(selection.left_out)} matching run(s) left out because they are not FINISHED "
-            f"(--include-unfinished keeps them): " + "; ".join(map(tracking.describe_run, selection.left_out))))
-    runs = tracking.runs_frame(selection.runs)
-    history = tracking.load_histories(runs)
-    complete = history.groupby("run_id")["metric"].nunique() == len(tracking.METRICS)
+            f"(--include-unfinished keeps them): " + "; ".join(map(run_query.describe_run, selection.left_out))))
+    runs = run_query.runs_frame(selection.runs)
+    history = run_query.load_histories(runs)
+    complete = history.groupby("run_id")["metric"].nunique() == len(METRICS)
     complete_ids = set(complete[complete].index)
     incomplete = [r for r in selection.runs if r.info.run_id not in complete_ids]
     if incomplete:
         warnings.warn(SkippedRunsWarning(
             f"{len(incomplete)} run(s) left out because they lack a history of "
-            f"{', '.join(tracking.METRICS)}: " + "; ".join(map(tracking.describe_run, incomplete))))
+            f"{', '.join(METRICS)}: " + "; ".join(map(run_query.describe_run, incomplete))))
     if not complete_ids:
-        raise tracking.SelectionError(f"none of the {len(selection.runs)} runs selected in {selection.searched} "
+        raise errors.SelectionError(f"none of the {len(selection.runs)} runs selected in {selection.searched} "
                                       f"has a metric history to compare")
     runs = _drop_unused_variants(runs[runs["run_id"].isin(complete_ids)])
     history = _drop_unused_variants(history[history["run_id"].isin(complete_ids)])
@@ -172,7 +175,7 @@ def run_comparison(out_dir: Path, experiment: str = "normlab", filter_string: st
     comparison.files = write_outputs(comparison, Path(out_dir), band)
     params = {"experiment": experiment, "filter": filter_string or "", "parent_run_id": parent_run_id or "",
               "include_unfinished": str(include_unfinished), "band": band}
-    comparison.logged_to_run_id = tracking.log_comparison(
+    comparison.logged_to_run_id = run_query.log_comparison(
         list(comparison.files.values()), list(comparison.runs_metrics["run_id"]), params,
         log_to_run_id, experiment_id=str(comparison.runs["experiment_id"].iloc[0]))
     return comparison

@@ -4,7 +4,7 @@ MLflow is the sweep's only record. The parent run is found by the grid's hash; e
 carries its config's hash; a child is done when its run is FINISHED. Running the same
 sweep again therefore trains only what is missing, resuming children that stopped part
 way from their checkpoints, and two drivers of one sweep share it without a scheduler:
-a child being trained holds a lease (normlab.lease), and two runs created for one config
+a child being trained holds a lease (normlab.tracking.lease), and two runs created for one config
 at the same moment are settled by creation order, the later one giving way.
 """
 
@@ -18,9 +18,9 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from normlab import lease
-from normlab.tracking import STATUS_TAG
-from normlab.train import TrainConfig
+from normlab.engine.train import TrainConfig
+from normlab.tracking import connection, lease
+from normlab.tracking.run_log import STATUS_TAG
 
 # tags
 SWEEP_HASH = "sweep_hash"
@@ -52,7 +52,7 @@ class SweepRecords:
     """A sweep's parent run and children in one experiment."""
 
     def __init__(self, experiment: str, sweep_hash: str, client: MlflowClient | None = None):
-        from normlab import tracking
+
 
         self.client = client or MlflowClient()
         self.sweep_hash = sweep_hash
@@ -60,7 +60,7 @@ class SweepRecords:
         if launcher:  # under `mlflow run`: its run's experiment, not --experiment
             self.experiment_id = self.client.get_run(launcher).info.experiment_id
         else:
-            self.experiment_id = tracking.experiment_id(experiment, self.client)
+            self.experiment_id = connection.experiment_id(experiment, self.client)
         self.parent_id: str | None = None
 
     def _search(self, filter_string: str, view=ViewType.ACTIVE_ONLY) -> list:
@@ -166,7 +166,7 @@ class SweepRecords:
 
     def mark_failed(self, run_id: str, status: str, reason: str) -> None:
         """Tag why a child did not finish and close it if it is still open."""
-        from normlab.redaction import redact
+        from normlab.tracking.redaction import redact
 
         self.client.set_tag(run_id, ERROR, redact(reason)[-4000:])
         run = self.client.get_run(run_id)
@@ -186,7 +186,7 @@ class SweepRecords:
 
 def has_checkpoint(run_id: str, client: MlflowClient | None = None) -> bool:
     """Whether the run has its checkpoint artifact (so it can be resumed anywhere)."""
-    from normlab.tracking import CHECKPOINT_ARTIFACT
+    from normlab.tracking.run_log import CHECKPOINT_ARTIFACT
 
     folder = CHECKPOINT_ARTIFACT.rsplit("/", 1)[0]
     return any(f.path == CHECKPOINT_ARTIFACT for f in (client or MlflowClient()).list_artifacts(run_id, folder))

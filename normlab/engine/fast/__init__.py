@@ -1,0 +1,63 @@
+"""The speed wing: every technique the engine uses only to be fast, each a switch of
+`Speedups`, with its measured effect in docs/speed.md. The plain engine (engine/models.py,
+engine/step.py, engine/train.py) reads without any of it: with every switch off, a step is
+the plain forward, loss, gradients and SGD update, one batch at a time."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from normlab.errors import ConfigError
+
+
+# Each switch with its measured effect (docs/speed.md has the runs; BN epochs of 60,000
+# images on one H200 unless said). With every switch off the engine is the plain one.
+@dataclass(frozen=True)
+class Speedups:
+    """Which speed techniques are on; ``default`` picks what measured faster on each device.
+    Always on, and no switch: the data lives on the device as tensors with one batched
+    augmentation per epoch (2.7x the notebook's DataLoader epoch), and on the CPU the model's
+    dropout draws a quarter of torch's random numbers (cpu_dropout.py: 1.38x per CPU step)."""
+
+    # 64 steps per captured CUDA graph: 1.07 s -> 0.28 s an epoch (not compiled); 0.151 s ->
+    # 0.145 s against one graph per step. Capturing costs 0.4-0.8 s per run.
+    cuda_graphs: bool = False
+    chunk_steps: int = 1
+    # glibc keeps freed activations for the next step (host_memory.py): 1.25x per CPU step
+    keep_freed_memory: bool = False
+    # torch.compile of the step's forward, loss and update: 0.25 s -> 0.14 s an epoch, but
+    # 22-29 s per variant on cold caches, 1.7-2.9 s on warm ones: see COMPILE_PAYS_FROM_EPOCHS
+    compile: bool = False
+    # the convolutions as Triton kernels (triton_conv.py) instead of cuDNN: 0.36 s -> 0.26 s an
+    # epoch with graphs; 12.8 s once on a cold Triton cache
+    triton_convs: bool = False
+    # test images per forward pass: 2,000 instead of 1,000 took evaluation from 2.0 to 1.2 ms
+    eval_batch_size: int = 500
+
+    @classmethod
+    def default(cls, device: torch.device, epochs_ahead: int = 0) -> "Speedups":
+        """On a GPU: CUDA graphs of 64 steps each with the Triton convolutions, evaluation in
+        batches of 2000, and the step compiled when ``epochs_ahead`` (the epochs this process
+        will train of this variant and batch size) reach COMPILE_PAYS_FROM_EPOCHS. On the CPU:
+        malloc keeps freed memory, evaluation in batches of 500 (under glibc's mmap limit), no
+        compiling (it made CPU steps slower)."""
+        cuda = device.type == "cuda"
+        choice = os.environ.get("NORMLAB_COMPILE", "auto")
+        if choice not in COMPILE_CHOICES:
+            raise ConfigError(f"NORMLAB_COMPILE={choice!r}; valid choices: {', '.join(COMPILE_CHOICES)}")
+        compiled = {"always": True, "never": False}.get(choice, epochs_ahead >= COMPILE_PAYS_FROM_EPOCHS)
+        return cls(cuda_graphs=cuda, chunk_steps=64 if cuda else 1, keep_freed_memory=not cuda,
+                   compile=cuda and compiled,
+                   triton_convs=cuda, eval_batch_size=2000 if cuda else 500)
+
+
+# Compiling the step saves about 0.11 s of a 60,000-image epoch on an H200 (0.14 instead of
+# 0.25 s) and costs 22-29 s per variant on a machine whose compile caches are empty, 1.7-2.9 s
+# once they hold it (benchmarks/results/h200-2026-11-29-compile-rule.txt). A process cannot
+# tell which it will get, so it compiles when even the cold cost is paid back: from 200
+# epochs of one variant and batch size (ten 20-epoch runs, a 10-seed study's share).
+COMPILE_PAYS_FROM_EPOCHS = 200
+COMPILE_CHOICES = ("auto", "always", "never")  # NORMLAB_COMPILE overrides the rule on a GPU

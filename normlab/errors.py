@@ -1,0 +1,30 @@
+"""Every error normlab reports to a user: each names the problem and what to do, and is
+raised before any expensive work where it can be."""
+
+
+class ConfigError(ValueError):
+    """A user-supplied setting that cannot work; raised before any expensive work."""
+
+
+class DataError(RuntimeError):
+    """Data that is missing, unreadable or corrupt; the message says how to fix it."""
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The loss became NaN or infinite: training diverged and cannot recover."""
+
+
+class TrackingUnreachable(RuntimeError):
+    """The tracking server does not answer; the message says which URI and what to do."""
+
+
+class SelectionError(LookupError):
+    """The runs asked for cannot be compared (none match, unknown name, bad filter)."""
+
+
+class ResumeError(RuntimeError):
+    """The run cannot be continued (no such run, no checkpoint, nothing left to do)."""
+
+
+class LeaseHeld(RuntimeError):
+    """Another live process trains this run."""

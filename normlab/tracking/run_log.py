@@ -1,0 +1,504 @@
+"""Writing one training run: its setup, params and inputs, per-epoch metrics, artifacts and
+model, checkpoints, how it ended, and what a resume reads back from it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import queue
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.data.http_dataset_source import HTTPDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+import normlab
+from normlab.analysis import plots
+from normlab.engine.data import DeviceData
+from normlab.engine.models import summary_text
+from normlab.engine.train import METRICS, TRACING_LOCK, Callbacks, EpochRecord, FitResult, TrainConfig
+from normlab.tracking.connection import (
+    EXPERIMENT,
+    _environment,
+    experiment_id,
+    git_commit,
+    hide_credentialed_links,
+    mark_model_training,
+)
+from normlab.tracking.redaction import redact
+
+
+def start_training_run(config: TrainConfig, experiment: str = EXPERIMENT, run_id: str | None = None) -> mlflow.ActiveRun:
+    """Run `run_id` (a sweep made it), the run `mlflow run` created (MLFLOW_RUN_ID), or a
+    new one in `experiment`. The active run is this thread's: runs side by side each start
+    their own in their own thread."""
+    if run_id:
+        run = mlflow.start_run(run_id=run_id, log_system_metrics=_system_metrics())
+    else:
+        if mlflow.active_run() is None and not _run_id_from_env():
+            # by id: mlflow.set_experiment(name) that loses a creation race to another process
+            # returns without setting it, and the run lands in the Default experiment
+            mlflow.set_experiment(experiment_id=experiment_id(experiment))
+        run = mlflow.start_run(run_name=config.run_name, log_system_metrics=_system_metrics())
+    mlflow.set_tag("mlflow.runName", config.run_name)  # `mlflow run` names runs randomly
+    mark_model_training(run.info.experiment_id)
+    return run
+
+
+def _system_metrics() -> bool | None:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) on, unless
+    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says otherwise (None: MLflow reads it). Measured on
+    the 2-core CPU: ~20 ms per run and ~18 ms of CPU per 10-s sample, under 0.3% of a run."""
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not 3 INFO lines a run
+    return None if "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING" in os.environ else True
+
+
+def _stop_system_metrics(run_id: str, wait: float = 5.0) -> None:
+    """Stop the run's system-metrics sampler, waiting at most `wait` s: MLflow's own stop (in
+    end_run) waits for the sampler's store call, minutes when the tracking server is down."""
+    from mlflow.tracking.fluent import run_id_to_system_metrics_monitor
+
+    monitor = run_id_to_system_metrics_monitor.pop(run_id, None)
+    if monitor is not None:
+        stopper = threading.Thread(target=monitor.finish, name=f"stop-system-metrics-{run_id[:8]}", daemon=True)
+        stopper.start()
+        stopper.join(wait)
+
+
+def _run_id_from_env() -> str | None:
+    from mlflow.environment_variables import MLFLOW_RUN_ID
+
+    return MLFLOW_RUN_ID.get()
+
+
+def _same_value(logged: str, ours: str) -> bool:
+    """MLflow stores params as strings; '1e-5' (from -P) and '1e-05' (ours) are equal."""
+    if logged == ours:
+        return True
+    try:
+        return float(logged) == float(ours)
+    except ValueError:
+        return False
+
+# Params `mlflow run` logs as the user asked, which normlab resolves to another value: the
+# request stays the param; what it resolved to is in the tag `normlab.<name>`.
+AS_REQUESTED = ("device",)
+
+
+def log_params(params: dict[str, object]) -> None:
+    """Log params, skipping those `mlflow run` already logged with an equal value.
+
+    MLflow refuses to change a logged param, so re-logging '0.05' over '.05' would fail;
+    `device=auto` from `mlflow run` stays (AS_REQUESTED), whatever device auto picked.
+    """
+    run_id = mlflow.active_run().info.run_id
+    existing = MlflowClient().get_run(run_id).data.params
+    fresh = {}
+    for key, value in params.items():
+        text = str(value)
+        if key in existing:
+            if key not in AS_REQUESTED and not _same_value(existing[key], text):
+                raise ValueError(f"param {key} was logged as {existing[key]!r} but the run uses {text!r}")
+            continue
+        fresh[key] = text
+    if fresh:
+        mlflow.log_params(fresh)
+
+# Runs side by side start together and log the same dataset input at once; MLflow's store
+# looks the dataset up and then inserts it, so simultaneous inserts of one digest collide.
+_SETUP_LOCK = threading.Lock()
+
+
+def log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module, data_dir: str) -> None:
+    """Params, tags and the dataset input: everything needed to reproduce the run."""
+    with _SETUP_LOCK:
+        _log_run_setup(config, data, model, data_dir)
+
+
+def _log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module, data_dir: str) -> None:
+    from normlab.engine.models import count_parameters, summarize
+
+    params: dict[str, object] = dict(asdict(config))
+    params.update(
+        data_dir=data_dir,
+        device=str(data.device),
+        parameters=count_parameters(model),
+        mult_adds=sum(r.mult_adds for r in summarize(model, config.dataset)),
+        train_size=data.train_size,
+        test_size=data.test_size,
+        augmentation=data.spec.augmentation,
+        optimizer="SGD momentum, OneCycleLR",
+    )
+    log_params(params)
+    tags = {
+        "variant": config.label,
+        "norm": config.norm,
+        "dataset": config.dataset,
+        "device": torch.cuda.get_device_name(data.device) if data.device.type == "cuda" else platform.processor() or "cpu",
+        "normlab.device": str(data.device),  # what --device auto resolved to
+        "normlab.data_dir": str(Path(data_dir).resolve()),  # where a resume finds the data
+        "config_hash": config.config_hash(),
+        "normlab_version": normlab.__version__,
+        "torch_version": torch.__version__,
+        "mlflow_version": mlflow.__version__,
+        "python_version": platform.python_version(),
+    }
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    mlflow.set_tags(tags)
+    try:
+        mlflow.log_input(dataset_input(data), context="training")
+    except mlflow.exceptions.MlflowException as exc:
+        if "UNIQUE constraint failed: datasets" not in str(exc):
+            raise
+        # another process (a sweep's job) inserted the same dataset a moment ago; it exists now
+        mlflow.log_input(dataset_input(data), context="training")
+
+
+def dataset_input(data: DeviceData) -> MetaDataset:
+    """Name, torchvision's download address as source, and the content digest."""
+    source = HTTPDatasetSource(url=data.spec.source)
+    return MetaDataset(source=source, name=f"{data.spec.name}-{data.train_size}+{data.test_size}",
+                       digest=data.raw.digest())
+
+
+class EpochUploads:
+    """The epoch loop's MLflow calls (metrics, checkpoint upload), made in order on a thread
+    of their own, so training does not wait for the store.
+
+    Each call takes ~40 ms on a local sqlite store and more on a server: as long as a
+    tenth of an H200 epoch. A call that fails (after MLflow's own retries) is raised in the
+    training thread at its next ``submit`` or at ``close``, where it would have been raised
+    had it been made in place; later calls are then dropped, since the checkpoint's records
+    let a resume log them (``log_missing_epochs``).
+    """
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.client = MlflowClient()
+        self.busy_seconds = 0.0  # spent in MLflow calls, on the upload thread
+        self.waited_seconds = 0.0  # the training thread spent waiting for them in close()
+        self._calls: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name=f"mlflow-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def submit(self, call, *args, **kwargs) -> None:
+        self._raise_error()
+        self._calls.put((call, args, kwargs))
+
+    def close(self) -> None:
+        """Wait until every queued call is made; raise the first that failed."""
+        if self._thread.is_alive():
+            start = time.perf_counter()
+            self._calls.put(None)
+            self._thread.join()
+            self.waited_seconds += time.perf_counter() - start
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _work(self) -> None:
+        while (item := self._calls.get()) is not None:
+            call, args, kwargs = item
+            if self._error is not None:
+                continue
+            start = time.perf_counter()
+            try:
+                call(*args, **kwargs)
+            except BaseException as exc:  # handed to the training thread
+                self._error = exc
+            self.busy_seconds += time.perf_counter() - start
+
+
+class MetricLogger(Callbacks):
+    """Logs each epoch's four metrics in one call, with step = epoch (1-based)."""
+
+    def __init__(self, uploads: EpochUploads):
+        self.uploads = uploads
+
+    def epoch_done(self, record: EpochRecord) -> None:
+        timestamp = int(time.time() * 1000)
+        metrics = [Metric(k, v, timestamp, record.epoch) for k, v in record.metrics().items()]
+        self.uploads.submit(self.uploads.client.log_batch, self.uploads.run_id, metrics=metrics)
+
+
+def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> None:
+    """Artifacts at the end of a run: misclassified grid and list, summary, the model."""
+    mistakes = result.mistakes
+    title = f"{config.label}: most confident mistakes on {config.dataset} test ({len(mistakes)})"
+    images = data.raw.test_images[[m.index for m in mistakes]].permute(0, 2, 3, 1).numpy()
+    figure = plots.misclassified_grid(images, [m.true for m in mistakes], [m.pred for m in mistakes],
+                                      data.spec.classes, title)
+    mlflow.log_figure(figure, "misclassified.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    mlflow.log_dict([asdict(m) for m in mistakes], "misclassified.json")
+    mlflow.log_text(summary_text(result.model, config.dataset), "model_summary.txt")
+    model_id = log_model(result.model, data, name=config.run_name)
+    link_final_metrics(mlflow.active_run().info.run_id, model_id)
+
+MODEL_METRICS = ("test_acc", "test_loss")  # the columns of MLflow's models table
+
+
+def link_final_metrics(run_id: str, model_id: str) -> None:
+    """Link the run's last test accuracy and loss to its logged model, so the models table
+    compares models by them. They are logged again with the step, time and value they have,
+    which the SQL store (sqlite, server) keeps as one entry: the histories gain nothing."""
+    client = MlflowClient()
+    final = []
+    for key in MODEL_METRICS:
+        history = client.get_metric_history(run_id, key)
+        if history:
+            last = max(history, key=lambda m: (m.step, m.timestamp))
+            final.append(Metric(key, last.value, last.timestamp, last.step, model_id=model_id))
+    if final:
+        client.log_batch(run_id, metrics=final)
+
+# MLflow checks the input example by loading the model on the GPU when there is one, which
+# a model exported from the CPU cannot do (a warning for every GPU run): check on the CPU,
+# unless the user chose a device.
+CHECK_ON_CPU = {"MLFLOW_DEFAULT_PREDICTION_DEVICE": "cpu"}
+
+
+def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model") -> str:
+    """The trained model as a torch.export program (pt2), so `mlflow.pytorch.load_model` works
+    anywhere without normlab's code; named after the run (`gn2-s1`), as the models table lists
+    it. Returns its model id. No code_paths: MLflow would put the artifact's code/ first on the
+    loader's sys.path, so whoever can write to the store could run code as normlab there."""
+    model = model.cpu().eval()
+    example = data.test_x[:2].cpu().numpy().astype(np.float32)
+    with TRACING_LOCK, _environment(CHECK_ON_CPU, keep_users=True):  # torch.export traces
+        info = mlflow.pytorch.log_model(
+            model,
+            name=name,
+            input_example=example,
+            serialization_format="pt2",  # not pickle (MLflow's default on Databricks), which needs the code
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+        )
+    mlflow.set_tag("model_uri", info.model_uri)
+    return info.model_id
+
+STATUS_TAG = "normlab.status"  # running | finished | interrupted | failed: the truth `mlflow run` cannot overwrite
+
+REASON_TAG = "normlab.reason"  # why a run was interrupted or failed, in words
+
+RUN_STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
+
+CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
+
+# MLflow HTTP calls that try twice with a short timeout: for recording an ending, which must
+# not hang for minutes when the server is the reason the run is ending.
+FEW_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+def record_ending(run_id: str, outcome: str, reason: str | None = None) -> bool:
+    """Tag how the run ended (normlab.status, normlab.reason) and set its MLflow status.
+
+    Ends the active run when it is this one. When MLflow cannot be reached, says so on
+    stderr and returns False instead of hanging or raising: the reason is already
+    on the console and the local checkpoint is intact.
+    """
+    tags = {STATUS_TAG: outcome}
+    if reason:
+        tags[REASON_TAG] = redact(reason)[:4000]
+    hide_credentialed_links()  # a refused command's ending may come before use_bounded_http_retries
+    _stop_system_metrics(run_id)
+    with _environment(FEW_RETRIES):
+        try:
+            client = MlflowClient()
+            for key, value in tags.items():
+                client.set_tag(run_id, key, value)
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == run_id:
+                mlflow.end_run(RUN_STATUS[outcome])
+            else:
+                client.set_terminated(run_id, RUN_STATUS[outcome])
+            return True
+        except Exception as exc:  # the store is what failed; report and let the caller exit
+            print(redact(f"warning: could not record that run {run_id} {outcome} in MLflow ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})"), file=sys.stderr)
+            if mlflow.active_run() is not None:  # drop it, so MLflow's atexit hook does not retry
+                try:
+                    mlflow.end_run(RUN_STATUS[outcome])
+                except Exception:
+                    pass
+            return False
+
+
+def fail_run_if_open(run_id: str, reason: str) -> None:
+    """Mark a run FAILED with the reason, unless it already records how it ended (a run
+    `mlflow run` created, whose command failed before or outside training)."""
+    with _environment(FEW_RETRIES):
+        try:
+            tags = MlflowClient().get_run(run_id).data.tags
+        except Exception:
+            tags = {}
+    if tags.get(STATUS_TAG, "running") == "running":
+        record_ending(run_id, "failed", reason)
+
+
+def local_checkpoint_path(checkpoint_dir: str | Path, run_id: str) -> Path:
+    return Path(checkpoint_dir).expanduser() / run_id / Path(CHECKPOINT_ARTIFACT).name
+
+
+def check_checkpoint_dir(checkpoint_dir: str | Path) -> None:
+    """Refuse a --checkpoint-dir where no file can be written, before data loads: otherwise
+    the first epoch trains and then fails at its checkpoint. Creates the folder, as the
+    first checkpoint would."""
+    import tempfile
+
+    from normlab.errors import ConfigError
+
+    folder = Path(checkpoint_dir).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--checkpoint-dir {folder} is not writable ({exc.strerror or exc}); choose "
+                          f"another --checkpoint-dir or make it writable") from exc
+
+
+class Checkpointer(Callbacks):
+    """After each epoch: the trainer's state, the data digest and all epoch records, saved to
+    local disk first and then as the run's artifact checkpoint/last.pt (replacing the last).
+
+    Put it before MetricLogger: a checkpoint is then never behind the logged metrics, and
+    the records it carries let a resume log any epoch whose metrics did not reach MLflow.
+    """
+
+    def __init__(self, trainer, uploads: EpochUploads, local_path: Path, records: list[dict] | None = None):
+        self.trainer = trainer
+        self.uploads = uploads
+        self.run_id = uploads.run_id
+        self.local_path = local_path
+        self.records = list(records or [])
+        self.data_digest = trainer.data.raw.digest()
+
+    def epoch_done(self, record: EpochRecord) -> None:
+        from normlab.engine import checkpoint
+
+        self.records.append(asdict(record))
+        state = self.trainer.state_dict()
+        state.update(run_id=self.run_id, data_digest=self.data_digest, records=self.records)
+        checkpoint.save(state, self.local_path)
+        self.uploads.submit(self.uploads.client.log_artifact, self.run_id, str(self.local_path),
+                            str(Path(CHECKPOINT_ARTIFACT).parent))
+
+LOG_ARTIFACT = "normlab.log"  # where a run that did not finish keeps its last lines of output
+
+
+def attach_log(run_id: str, text: str) -> None:
+    """Keep a run's last lines of output as its artifact normlab.log (credentials redacted),
+    so a failed or stopped sweep child can be read in MLflow; best effort, since a store
+    that fails now is usually why the run ended."""
+    from normlab.tracking.redaction import redact
+
+    try:
+        MlflowClient().log_text(run_id, redact(text) + "\n", LOG_ARTIFACT)
+    except Exception:
+        pass
+
+
+def upload_checkpoint(run_id: str, local_path: Path) -> None:
+    """The local checkpoint as the run's artifact checkpoint/last.pt (replacing it)."""
+    MlflowClient().log_artifact(run_id, str(local_path), str(Path(CHECKPOINT_ARTIFACT).parent))
+
+
+def experiment_of(run_id: str) -> str | None:
+    """The name of the experiment a run belongs to; None when there is no such run."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+    except MlflowException:
+        return None
+
+
+def run_outcome(run_id: str) -> str:
+    """What normlab recorded of how the run ended (running, finished, interrupted, failed)."""
+    return MlflowClient().get_run(run_id).data.tags.get(STATUS_TAG, "running")
+
+
+def download_checkpoint(run_id: str, dst_dir: str | Path) -> Path | None:
+    """The run's checkpoint artifact, downloaded into dst_dir; None when it has none."""
+    names = {f.path for f in MlflowClient().list_artifacts(run_id, str(Path(CHECKPOINT_ARTIFACT).parent))}
+    if CHECKPOINT_ARTIFACT not in names:
+        return None
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT,
+                                                    dst_path=str(dst_dir)))
+
+
+def logged_steps(run_id: str, metric: str = "train_loss") -> list[int]:
+    """The steps (epochs) a run's metric history holds, in order."""
+    return sorted(m.step for m in MlflowClient().get_metric_history(run_id, metric))
+
+
+def log_missing_epochs(run_id: str, records: list[dict]) -> list[int]:
+    """Log the records whose epoch has no metrics yet (lost when the store failed mid-epoch)."""
+    have = set(logged_steps(run_id))
+    missing = [r for r in records if r["epoch"] not in have]
+    for r in missing:
+        mlflow.log_metrics({k: r[k] for k in METRICS}, step=r["epoch"], run_id=run_id)
+    return [r["epoch"] for r in missing]
+
+
+def resume_training_run(run_id: str, after_epoch: int) -> mlflow.ActiveRun:
+    """Reopen an existing run (it becomes RUNNING again) to log its remaining epochs.
+
+    Why it stopped moves from normlab.reason to normlab.resumed (the last resume). Under
+    `mlflow run` the run MLflow made for this invocation is noted as a resume of `run_id`;
+    its own status is left to `mlflow run`.
+    """
+    client = MlflowClient()
+    previous = client.get_run(run_id).data.tags
+    launched = _run_id_from_env()
+    if launched and launched != run_id:
+        client.set_tag(launched, "mlflow.note.content",
+                       f"This invocation resumed run {run_id}; its metrics are logged there.")
+        client.set_tag(launched, "normlab.resumed_run", run_id)
+    run = mlflow.start_run(run_id=run_id, log_system_metrics=_system_metrics())
+    mlflow.set_tags({STATUS_TAG: "running", "normlab.resumed": f"after epoch {after_epoch} "
+                     f"(it had ended {previous.get(STATUS_TAG, 'without a status tag')}: "
+                     f"{previous.get(REASON_TAG, 'no reason recorded')})"})
+    if REASON_TAG in previous:
+        client.delete_tag(run_id, REASON_TAG)
+    return run
+
+
+def logged_data_dir(run_id: str) -> str | None:
+    """The data folder a run trained on: the absolute path it logged (tag normlab.data_dir),
+    else its data_dir param (runs from before that tag); None when it logged neither."""
+    data = MlflowClient().get_run(run_id).data
+    return data.tags.get("normlab.data_dir") or data.params.get("data_dir")
+
+
+def require_run(run_id: str) -> None:
+    """Raise a clear error when the tracking store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        raise LookupError(redact(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()} "
+                                 f"({str(exc).splitlines()[0]})")) from exc
+
+
+def mark_running() -> None:
+    mlflow.set_tag(STATUS_TAG, "running")
