@@ -60,6 +60,17 @@ def restore_environ():
     os.environ.update(saved)
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend, served artifacts), one per test module."""
+    from tests.mlflow_server import MlflowServer
+
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch) -> str:
     """A fresh sqlite store (and artifact folder) for this test, also for subprocesses. The

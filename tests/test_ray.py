@@ -31,7 +31,7 @@ from normlab.errors import ConfigError
 from normlab.sweep.executors import RayExecutor, WorkerSettings
 from normlab.tracking import sweep_records as st
 from tests.conftest import cli_env
-from tests.mlflow_server import MlflowServer, free_port
+from tests.mlflow_server import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
@@ -137,14 +137,6 @@ def cluster(tmp_path_factory):
     cluster = Cluster(tmp_path_factory.mktemp("ray"))
     yield cluster
     cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    server.start()
-    yield server
-    server.stop()
 
 
 class Driver:

@@ -192,7 +192,7 @@ def test_findings_with_five_seeds_give_verdicts_with_holm():
             f"Holm-adjusted p < 0.001: real: LN is higher (Holm-adjusted p < 0.05).") in text
     ln_gn = pairs[("LN", "GN")]
     assert not ln_gn.real and adjusted[("LN", "GN")] > 0.05
-    assert (f"- **LN** − **GN**: +0.02 points, 95% CI [" in text
+    assert ("- **LN** − **GN**: +0.02 points, 95% CI [" in text
             and "not shown to differ (Holm-adjusted p ≥ 0.05)." in text)
     frame = results.differences_frame(results.pairwise(table, runs_metrics))
     assert frame[["higher", "lower"]].values.tolist() == [["LN", "GN"], ["LN", "BN"], ["GN", "BN"]]

@@ -23,15 +23,6 @@ from tests.process_output import Lines
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    srv.start()
-    yield srv
-    srv.stop()
-
-
 @contextmanager
 def outage(server: MlflowServer):
     """The server is down inside the block, and up again after it, even when the block fails

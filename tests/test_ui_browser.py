@@ -36,7 +36,10 @@ class UI:
     shots: Path
 
     def open(self, path: str, *expected: str, timeout: float = 60) -> str:
-        """Load a page of the UI and wait until its text shows every expected string."""
+        """Load a page of the UI afresh and wait until its text shows every expected string.
+        From a blank page: a change of the URL's fragment alone is the open page's to handle,
+        and a redirect that page started late (to its GenAI overview) could win."""
+        self.driver.get("about:blank")
         self.driver.get(self.server.uri + "/#" + path)
         return self.wait_for(*expected, timeout=timeout)
 
