@@ -248,25 +248,6 @@ def test_an_address_where_no_cluster_answers_fails_at_once(tmp_path):
     assert time.monotonic() - started < 30
 
 
-def test_sweep_spreads_over_both_nodes(cluster, server, small_mnist_dir, tmp_path):
-    cluster.ensure_two_nodes()
-    driver = Driver(_sweep_args(cluster, small_mnist_dir, tmp_path, "--norms", "bn,ln", "--epochs", "1"), tmp_path,
-                    MLFLOW_TRACKING_URI=server.uri)
-    assert driver.finish() == 0, driver.output[-6000:]
-    assert "Ray: up to 2 worker actor(s), one per CPU of 2 node(s)" in driver.output
-    assert "2 of 2 children finished" in driver.output
-
-    children = _children(server.uri, tmp_path.name)
-    assert sorted(runs[0].info.run_name for runs in children.values()) == ["bn-l1_1e-05-s1", "ln-s1"]
-    nodes = set()
-    for runs in children.values():
-        assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_name, r.info.status) for r in runs]
-        _check_complete(server.uri, runs[0], epochs=1)
-        assert runs[0].data.tags[st.DEVICE].startswith("cpu on Ray node ")
-        nodes.add(_node_of(runs[0]))
-    assert len(nodes) == 2, nodes  # one child on each node
-
-
 def test_two_drivers_of_one_sweep_train_each_child_once(cluster, server, small_mnist_dir, tmp_path):
     """The same command twice at once: the cluster's two CPUs go to either driver's actors
     or to both, and either way MLflow (leases, creation order) gives each config one child."""
@@ -291,17 +272,23 @@ def test_two_drivers_of_one_sweep_train_each_child_once(cluster, server, small_m
 
 
 def test_second_node_killed_mid_run_loses_no_child(cluster, server, small_mnist_dir, tmp_path, monkeypatch):
-    """The run on the lost node is FAILED with the reason, then resumed from its checkpoint
+    """One actor per CPU of the two nodes: the two children start at once, one on each node.
+    The run on the lost node is FAILED with the reason, then resumed from its checkpoint
     artifact on the node that is left; every child FINISHED once, every epoch logged once."""
     cluster.ensure_two_nodes()
     args = _sweep_args(cluster, small_mnist_dir, tmp_path, "--norms", "gn,in", "--epochs", "3")
     driver = Driver(args, tmp_path, MLFLOW_TRACKING_URI=server.uri)
 
-    def started_on_second_node(line: str) -> bool:  # Ray prefixes each line with its worker's pid
-        match = re.match(r"\(RayWorker pid=(\d+).*\] MLflow run \w+ ", line)
-        return bool(match) and int(match.group(1)) in cluster.second.pids()
+    def started_on(node):
+        def started(line: str) -> bool:  # Ray prefixes each line with its worker's pid
+            match = re.match(r"\(RayWorker pid=(\d+).*\] MLflow run \w+ ", line)
+            return bool(match) and int(match.group(1)) in node.pids()
+        return started
 
-    line = driver.wait_for(started_on_second_node, timeout=240)
+    line = driver.wait_for(started_on(cluster.second), timeout=240)
+    first_node_line = driver.wait_for(started_on(cluster.head), timeout=60)
+    assert "Ray: up to 2 worker actor(s), one per CPU of 2 node(s)" in driver.output
+    assert re.search(r"\[([\w.-]+)\]", first_node_line).group(1) != re.search(r"\[([\w.-]+)\]", line).group(1)
     name, run_id = re.search(r"\[([\w.-]+)\] MLflow run (\w+) ", line).groups()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     deadline = time.monotonic() + 60
