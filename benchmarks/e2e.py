@@ -100,6 +100,8 @@ def main() -> None:
     digits = next((p for p in (ROOT / "tests" / "data" / "mnist-t10k", ROOT.parent / "shared" / "data" / "mnist-t10k")
                    if p.exists()), ROOT / "tests" / "data" / "mnist-t10k")
     data, source = prepare_mnist(args.data_dir, digits, work / "data", args.train_images, None, holdout=2000)
+    if args.train_images:
+        source += f"; the first {args.train_images:,} training images of it"
     logs = args.logs or work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     base = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
