@@ -22,7 +22,6 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 import normlab
-from normlab.analysis import plots
 from normlab.engine.data import DeviceData
 from normlab.engine.models import summary_text
 from normlab.engine.train import METRICS, TRACING_LOCK, Callbacks, EpochRecord, FitResult, TrainConfig
@@ -241,6 +240,8 @@ def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> Non
     mistakes = result.mistakes
     title = f"{config.label}: most confident mistakes on {config.dataset} test ({len(mistakes)})"
     images = data.raw.test_images[[m.index for m in mistakes]].permute(0, 2, 3, 1).numpy()
+    from normlab.analysis import plots  # matplotlib: 0.7 s of imports, needed only here, at the end
+
     figure = plots.misclassified_grid(images, [m.true for m in mistakes], [m.pred for m in mistakes],
                                       data.spec.classes, title)
     mlflow.log_figure(figure, "misclassified.png")
