@@ -275,8 +275,6 @@ def study_runs(data: DeviceData, configs: list[TrainConfig], side_by_side: bool,
             return StudyRun(config.label, loop_start, time.perf_counter(), result.records[-1].test_acc, prepared)
         import mlflow
 
-
-
         with mlflow.start_run(run_name=config.run_name) as run:
             loop_start = time.perf_counter()
             uploads = run_log.EpochUploads(run.info.run_id)
@@ -293,6 +291,7 @@ def study_runs(data: DeviceData, configs: list[TrainConfig], side_by_side: bool,
     if not side_by_side:
         runs = [one(c) for c in configs]
         return sum(r.loop_end - r.loop_start for r in runs), runs
+
     def on_its_stream(config: TrainConfig) -> StudyRun:
         if data.device.type != "cuda":
             return one(config)

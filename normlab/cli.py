@@ -166,7 +166,6 @@ def entry() -> None:
 def _fail_launched_run(run_id: str | None, reason: str) -> None:
     if run_id:
 
-
         run_log.fail_run_if_open(run_id, reason)
 
 

@@ -209,7 +209,6 @@ def test_unwritable_checkpoint_dir_is_refused_before_data_loads(tmp_path, tracki
     assert no_runs_logged(tracking_uri)
 
 
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, small_mnist_dir) -> tuple[str, str, Path]:
     """(tracking URI, run id, folder) of one real 1-epoch run in a sqlite store of its own."""
@@ -242,8 +241,6 @@ def test_crafted_misclassified_json_is_skipped_with_a_warning(in_store, tmp_path
     """Anyone who can write to a store can replace a run's misclassified.json; `normlab compare`
     crashed with a TypeError on a list of numbers. Now it leaves that gallery out and says so."""
     import json
-
-
 
     run_id, root = in_store
     crafted = tmp_path / "crafted" / "misclassified.json"

@@ -87,6 +87,7 @@ def test_crop_flip_copies_whole_pixels():
     assert all(f != u for f, u in zip(flipped, unflipped))
     assert 5 < sum(flipped) < 35
 
+
 def test_batches_cover_the_split_with_a_short_last_batch():
     slices = list(batch_slices(1000, 128))
     assert len(slices) == 8 and slices[-1] == slice(896, 1000)

@@ -26,7 +26,6 @@ from tests.process_output import Lines
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 
 
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """In-process training with one thread, like the subprocesses (same float results)."""

@@ -50,8 +50,6 @@ def test_reasons_normlab_records_in_tags_are_redacted(tracking_uri, monkeypatch)
     which carry the whole tracking URI; the tags in the store do not."""
     from mlflow import MlflowClient
 
-
-
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-0123456789")
     client = MlflowClient()
     experiment = client.create_experiment("redaction")

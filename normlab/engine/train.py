@@ -218,7 +218,6 @@ class TrainingStopped(Exception):
     """Training stopped on request (a signal) at the end of a step; completed epochs are intact."""
 
 
-
 @dataclass
 class FitResult:
     model: Net

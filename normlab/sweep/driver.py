@@ -108,7 +108,6 @@ def check_resources(configs: list[TrainConfig], data_dir: str, device: str) -> N
         config.check_fits(len(raw.train_labels))
 
 
-
 @dataclass
 class Outcome:
     """What a sweep invocation did: finished children (config hash -> run id), the runs it

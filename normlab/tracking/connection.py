@@ -54,6 +54,7 @@ def experiment_id(name: str, client: MlflowClient | None = None) -> str:
             raise
         return client.get_experiment_by_name(name).experiment_id
 
+
 # MLflow's experiment kind: `custom_model_development` is its model-training view (runs,
 # metric charts, logged models) rather than the GenAI view (traces, evaluations).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -96,6 +97,7 @@ def _environment(settings: dict[str, str], keep_users: bool = False):
             else:
                 os.environ[k] = v
 
+
 # Ride out tracking-server outages of up to ~2 min (urllib3 waits 0, 2, 4, 8, 16, 32, 64 s
 # between attempts), then stop with a clear error and a resumable local checkpoint.
 # MLflow's own default (factor 2, 120 s timeout) keeps a run hanging for 4 minutes or more.
@@ -136,6 +138,7 @@ class _RetryReporter(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         print(redact(self.format(record)), file=sys.stderr, flush=True)
+
 
 # What a refusing server's status means for the user, by HTTP status.
 REFUSAL_ADVICE = {

@@ -32,7 +32,6 @@ def lease_seconds() -> float:
 OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-
 def holder(tags: dict[str, str], now: float | None = None) -> str | None:
     """The owner of a lease that has not run out, other than this thread; else None. An owner
     on this host whose process is gone holds nothing (no need to wait for the lease to lapse)."""

@@ -88,6 +88,7 @@ def _same_value(logged: str, ours: str) -> bool:
     except ValueError:
         return False
 
+
 # Params `mlflow run` logs as the user asked, which normlab resolves to another value: the
 # request stays the param; what it resolved to is in the tag `normlab.<name>`.
 AS_REQUESTED = ("device",)
@@ -111,6 +112,7 @@ def log_params(params: dict[str, object]) -> None:
         fresh[key] = text
     if fresh:
         mlflow.log_params(fresh)
+
 
 # Runs side by side start together and log the same dataset input at once; MLflow's store
 # looks the dataset up and then inserts it, so simultaneous inserts of one digest collide.
@@ -253,6 +255,7 @@ def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> Non
     model_id = log_model(result.model, data, name=config.run_name)
     link_final_metrics(mlflow.active_run().info.run_id, model_id)
 
+
 MODEL_METRICS = ("test_acc", "test_loss")  # the columns of MLflow's models table
 
 
@@ -269,6 +272,7 @@ def link_final_metrics(run_id: str, model_id: str) -> None:
             final.append(Metric(key, last.value, last.timestamp, last.step, model_id=model_id))
     if final:
         client.log_batch(run_id, metrics=final)
+
 
 # MLflow checks the input example by loading the model on the GPU when there is one, which
 # a model exported from the CPU cannot do (a warning for every GPU run): check on the CPU,
@@ -296,6 +300,7 @@ def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model") -> 
         )
     mlflow.set_tag("model_uri", info.model_uri)
     return info.model_id
+
 
 STATUS_TAG = "normlab.status"  # running | finished | interrupted | failed: the truth `mlflow run` cannot overwrite
 
@@ -403,6 +408,7 @@ class Checkpointer(Callbacks):
         checkpoint.save(state, self.local_path)
         self.uploads.submit(self.uploads.client.log_artifact, self.run_id, str(self.local_path),
                             str(Path(CHECKPOINT_ARTIFACT).parent))
+
 
 LOG_ARTIFACT = "normlab.log"  # where a run that did not finish keeps its last lines of output
 

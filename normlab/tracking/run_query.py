@@ -34,6 +34,7 @@ class Selection:
     left_out: list  # training runs that matched but are not FINISHED (and were not asked for)
     searched: str  # what was searched, for messages: "experiment 'normlab', parent run abc"
 
+
 MLFLOW_DEFAULT_EXPERIMENT = "Default"  # where MLflow puts runs that name no experiment
 
 

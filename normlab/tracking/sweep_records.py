@@ -53,7 +53,6 @@ class SweepRecords:
 
     def __init__(self, experiment: str, sweep_hash: str, client: MlflowClient | None = None):
 
-
         self.client = client or MlflowClient()
         self.sweep_hash = sweep_hash
         launcher = os.environ.get("MLFLOW_RUN_ID")
