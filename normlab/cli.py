@@ -45,7 +45,7 @@ def main() -> None:
 @click.option("--lr", type=float, default=DEFAULTS.lr, help="Peak learning rate of the one-cycle schedule.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, help="Seed for weights, shuffling, augmentation, dropout.")
 @click.option("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N.")
-@click.option("--experiment", default="normlab", help="MLflow experiment (ignored under `mlflow run`).")
+@click.option("--experiment", default=connection.EXPERIMENT, help="MLflow experiment (ignored under `mlflow run`).")
 @click.option("--resume", "resume_run", default="", metavar="RUN_ID",
               help="Continue this run from its last checkpoint; options left out come from the checkpoint "
                    "(--data-dir from the run).")
@@ -275,7 +275,7 @@ def _seeds(ctx, param, value: str) -> tuple[int, ...]:
               help="Worker processes on a machine without a GPU, sharing its cores (with GPUs: one per GPU).")
 @click.option("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR,
               help="Local copy of each unfinished child's last checkpoint: DIR/RUN_ID/last.pt.")
-@click.option("--experiment", default="normlab", help="MLflow experiment (ignored under `mlflow run`).")
+@click.option("--experiment", default=connection.EXPERIMENT, help="MLflow experiment (ignored under `mlflow run`).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Also keep the comparison files in this folder (they are logged on the parent anyway).")
 def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epochs, lr, device, address,
@@ -321,7 +321,7 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
 
 
 @main.command()
-@click.option("--experiment", default="normlab", help="MLflow experiment holding the training runs.")
+@click.option("--experiment", default=connection.EXPERIMENT, help="MLflow experiment holding the training runs.")
 @click.option("--filter", "filter_string", default="",
               help="MLflow search filter, e.g. \"params.dataset = 'mnist' and params.epochs = '20'\".")
 @click.option("--parent", "parent_run_id", default="", help="Only the child runs of this (sweep) run.")

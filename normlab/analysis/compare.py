@@ -157,7 +157,7 @@ def write_outputs(comparison: Comparison, out_dir: Path, band: str = "range") ->
     return files
 
 
-def run_comparison(out_dir: Path, experiment: str = "normlab", filter_string: str | None = None,
+def run_comparison(out_dir: Path, experiment: str = connection.EXPERIMENT, filter_string: str | None = None,
                    parent_run_id: str | None = None, run_ids: list[str] | None = None,
                    log_to_run_id: str | None = None, *, include_unfinished: bool = False,
                    band: str = "range") -> Comparison:

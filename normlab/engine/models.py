@@ -112,7 +112,7 @@ def normalizes_each_channel_alone(layer: nn.Module) -> bool:
         isinstance(layer, nn.GroupNorm) and layer.num_groups == layer.num_channels)
 
 
-def _block(c_in: int, c_out: int, norm: str, groups: int, dropout: float, padding: int = 0,
+def _conv_block(c_in: int, c_out: int, norm: str, groups: int, dropout: float, padding: int = 0,
            before_pooling: bool = False):
     """3x3 conv (no bias), ReLU, norm, dropout: the reference notebooks' block order. Before
     global average pooling, a norm that normalizes each channel alone is left out (Net says why)."""
@@ -150,13 +150,13 @@ class Net(nn.Sequential):
         arch = ARCHITECTURES[dataset]
         c1, c2, t, c3, c4, c5, c6 = arch.widths
         super().__init__()
-        self.add_module("conv1", _block(arch.in_channels, c1, norm, groups, dropout))
-        self.add_module("conv2", _block(c1, c2, norm, groups, dropout))
+        self.add_module("conv1", _conv_block(arch.in_channels, c1, norm, groups, dropout))
+        self.add_module("conv2", _conv_block(c1, c2, norm, groups, dropout))
         self.add_module("transition", nn.Sequential(Conv2d(c2, t, 1, bias=False), nn.MaxPool2d(2)))
-        self.add_module("conv3", _block(t, c3, norm, groups, dropout))
-        self.add_module("conv4", _block(c3, c4, norm, groups, dropout))
-        self.add_module("conv5", _block(c4, c5, norm, groups, dropout))
-        self.add_module("conv6", _block(c5, c6, norm, groups, dropout, padding=1, before_pooling=True))
+        self.add_module("conv3", _conv_block(t, c3, norm, groups, dropout))
+        self.add_module("conv4", _conv_block(c3, c4, norm, groups, dropout))
+        self.add_module("conv5", _conv_block(c4, c5, norm, groups, dropout))
+        self.add_module("conv6", _conv_block(c5, c6, norm, groups, dropout, padding=1, before_pooling=True))
         self.add_module("gap", nn.AdaptiveAvgPool2d(1))
         self.add_module("head", Conv2d(c6, arch.classes, 1, bias=False))
         self.add_module("flatten", nn.Flatten())

@@ -50,7 +50,7 @@ def _precision() -> str:
     return "tf32" if torch.backends.cudnn.allow_tf32 else "tf32x3"
 
 
-def _block(n: int) -> int:
+def _power_of_two_at_least(n: int) -> int:
     """tl.dot's smallest tile side is 16."""
     return max(16, triton.next_power_of_2(n))
 
@@ -159,7 +159,7 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, out_channels: int, padding: int
     _gather_gemm[(triton.cdiv(n * ho * wo, block_m),)](
         x, weight, out, n, c, h, w, out_channels, ho, wo, *x.stride(), *weight.stride(), padding,
         K=k, FLIP=flip, PADDED=padding > 0, PRECISION=_precision(), BLOCK_M=block_m,
-        BLOCK_O=_block(out_channels), BLOCK_R=block_r, num_warps=warps, num_stages=1)
+        BLOCK_O=_power_of_two_at_least(out_channels), BLOCK_R=block_r, num_warps=warps, num_stages=1)
     return out
 
 
@@ -198,7 +198,7 @@ def _weight_grad_partials(grad: torch.Tensor, x: torch.Tensor, weight_shape: lis
     block_m, block_r, warps = tiles
     _weight_grad_parts[(programs, triton.cdiv(c * k * k, block_r))](
         x, grad, parts, n, c, h, w, o, ho, wo, *x.stride(), *grad.stride(), padding, rows_per_program,
-        K=k, PADDED=padding > 0, PRECISION=_precision(), BLOCK_M=block_m, BLOCK_O=_block(o),
+        K=k, PADDED=padding > 0, PRECISION=_precision(), BLOCK_M=block_m, BLOCK_O=_power_of_two_at_least(o),
         BLOCK_R=block_r, num_warps=warps, num_stages=1)
     return parts
 
