@@ -5,7 +5,7 @@ weight-gradient kernels (normlab.engine.fast.triton_conv) are timed with each ti
 configuration replayed in a CUDA graph (triton.testing.do_bench_cudagraph). Prints, per
 kernel, the time with normlab's tiles, the best configuration and its time, and the totals
 per training step; --json keeps every timing. This is how normlab.engine.fast.triton_conv's tile rules were
-chosen (README, Speed).
+chosen (docs/speed.md).
 
     python benchmarks/conv_tiles.py --json benchmarks/results/conv-tiles.json
 """

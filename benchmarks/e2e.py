@@ -149,7 +149,7 @@ def main() -> None:
             time_row("warm-up", normlab + ["sweep", *common, *epochs], runs=3)  # fills the warm cache
         time_row("sweep1", normlab + ["sweep", *common, *epochs], runs=3)
     if "sweep10" in rows:
-        # The 10-seed study compiles its steps (normlab.engine.step.COMPILE_PAYS_FROM_EPOCHS); this
+        # The 10-seed study compiles its steps (normlab.engine.fast.COMPILE_PAYS_FROM_EPOCHS); this
         # fills the warm cache with them, as an earlier study on the machine would have.
         base["NORMLAB_COMPILE"] = "always"
         time_row("warm-up-compiled", normlab + ["sweep", *common, "--epochs", "1"], runs=3)

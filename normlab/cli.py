@@ -10,11 +10,10 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from normlab import errors
 from normlab.engine.data import DATASETS
 from normlab.engine.models import NORMS
 from normlab.engine.train import TrainConfig
-from normlab.errors import ConfigError, DataError
+from normlab.errors import ConfigError, DataError, ResumeError, TrackingUnreachable
 from normlab.tracking import connection, run_log
 from normlab.tracking.lifecycle import train_tracked
 
@@ -70,7 +69,7 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
     connection.use_bounded_http_retries()
     try:
         connection.check_tracking_reachable()
-    except errors.TrackingUnreachable as exc:
+    except TrackingUnreachable as exc:
         raise click.ClickException(str(exc)) from exc
     point = None
     if resume_run:
@@ -85,7 +84,7 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
             point = resume.find(resume_run, config, explicit, checkpoint_dir)
         except ConfigError as exc:
             raise click.UsageError(str(exc)) from exc
-        except (resume.ResumeError, DataError) as exc:
+        except (ResumeError, DataError) as exc:
             raise click.ClickException(str(exc)) from exc
         config = point.config
         if ctx.get_parameter_source("data_dir") in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
@@ -103,7 +102,7 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
         raise click.UsageError(str(exc)) from exc
     try:
         connection.create_store_safely()
-    except errors.TrackingUnreachable as exc:
+    except TrackingUnreachable as exc:
         raise click.ClickException(str(exc)) from exc
 
     click.echo(f"{config.label} on {config.dataset} ({data.train_size} train / {data.test_size} test), "
@@ -165,7 +164,6 @@ def entry() -> None:
 
 def _fail_launched_run(run_id: str | None, reason: str) -> None:
     if run_id:
-
         run_log.fail_run_if_open(run_id, reason)
 
 
@@ -286,7 +284,6 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
     Ray cluster with --address. Re-running the same command resumes: finished children are
     kept, interrupted and failed ones continue from their checkpoints, missing ones train.
     """
-
     from normlab.sweep.driver import Grid, run_sweep
 
     l1_norms = norms if l1_on.strip() == "all" else tuple(v.strip() for v in l1_on.split(",") if v.strip())
@@ -301,7 +298,7 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
                             out_dir=Path(out) if out else None, echo=click.echo)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    except (DataError, errors.TrackingUnreachable) as exc:
+    except (DataError, TrackingUnreachable) as exc:
         raise click.ClickException(str(exc)) from exc
     total = len(grid.configs())
     click.echo(f"sweep: {len(outcome.done)} of {total} children finished; parent run {outcome.parent_id}")

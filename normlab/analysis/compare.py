@@ -17,9 +17,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
-from normlab import errors
 from normlab.analysis import plots, results
 from normlab.engine.train import METRICS
+from normlab.errors import SelectionError
 from normlab.tracking import connection, run_query
 
 CURVE_FILES = {  # file name: (metrics, one per row; title)
@@ -100,7 +100,7 @@ def load_comparison(experiment: str = connection.EXPERIMENT, filter_string: str 
     """Select runs, load their histories and compute the per-run and per-variant numbers.
 
     Runs left out (not FINISHED, or without a full metric history) are named in a
-    SkippedRunsWarning; errors.SelectionError when nothing is left to compare.
+    SkippedRunsWarning; SelectionError when nothing is left to compare.
     """
     selection = run_query.select_runs(experiment, filter_string or None, parent_run_id or None,
                                      list(run_ids) if run_ids else None, include_unfinished)
@@ -118,7 +118,7 @@ def load_comparison(experiment: str = connection.EXPERIMENT, filter_string: str 
             f"{len(incomplete)} run(s) left out because they lack a history of "
             f"{', '.join(METRICS)}: " + "; ".join(map(run_query.describe_run, incomplete))))
     if not complete_ids:
-        raise errors.SelectionError(f"none of the {len(selection.runs)} runs selected in {selection.searched} "
+        raise SelectionError(f"none of the {len(selection.runs)} runs selected in {selection.searched} "
                                       f"has a metric history to compare")
     runs = _drop_unused_variants(runs[runs["run_id"].isin(complete_ids)])
     history = _drop_unused_variants(history[history["run_id"].isin(complete_ids)])

@@ -113,7 +113,7 @@ def normalizes_each_channel_alone(layer: nn.Module) -> bool:
 
 
 def _conv_block(c_in: int, c_out: int, norm: str, groups: int, dropout: float, padding: int = 0,
-           before_pooling: bool = False):
+                before_pooling: bool = False):
     """3x3 conv (no bias), ReLU, norm, dropout: the reference notebooks' block order. Before
     global average pooling, a norm that normalizes each channel alone is left out (Net says why)."""
     layer = NORMS[norm].make(c_out, groups)

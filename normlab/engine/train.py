@@ -229,7 +229,7 @@ class Trainer:
     """Model, optimizer, schedule and RNG for one config; one call of run_epoch per epoch.
 
     ``speedups`` defaults to what pays on the data's device for ``epochs_ahead`` epochs of
-    this variant in this process (default: this run's; normlab.engine.step.Speedups); any choice
+    this variant in this process (default: this run's; normlab.engine.fast.Speedups); any choice
     trains the same steps with the same schedule.
     """
 

@@ -1,6 +1,6 @@
 """A sweep: a grid of training configs, each one child run of one parent MLflow run.
 
-The sweep decides from MLflow what is left (sweep_tracking.SweepRecords.plan), hands the
+The sweep decides from MLflow what is left (tracking.sweep_records.SweepRecords.plan), hands the
 runs to warm workers, one per device (executors: processes on this machine, or Ray actors
 on a cluster), and, once every child has finished, compares them on the parent. Each child
 is exactly an ordinary training run (lifecycle.train_tracked). Running the same command
@@ -151,11 +151,13 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     by_hash = {c.config_hash(): c for c in configs}
     todo = plan.start + [by_hash[h] for h in plan.resume]
     ahead = epochs_per_worker(todo, executor.workers)
-    requests = [RunRequest(c, records.child_tags(c, commit), records.experiment_id,
-                           epochs_ahead=ahead[compile_key(c)]) for c in plan.start]
-    requests += [RunRequest(by_hash[h], records.child_tags(by_hash[h], commit), records.experiment_id,
-                            run_id=run_id, resume=True, epochs_ahead=ahead[compile_key(by_hash[h])])
-                 for h, run_id in plan.resume.items()]
+
+    def request(config: TrainConfig, **resume) -> RunRequest:
+        return RunRequest(config, records.child_tags(config, commit), records.experiment_id,
+                          epochs_ahead=ahead[compile_key(config)], **resume)
+
+    requests = [request(c) for c in plan.start]
+    requests += [request(by_hash[h], run_id=run_id, resume=True) for h, run_id in plan.resume.items()]
     echo(f"sweep {grid.sweep_hash()}: {len(configs)} children, parent run {parent_id}"
          f"{' (resuming it)' if existed else ''}; {len(plan.done)} finished already, {len(plan.resume)} to "
          f"resume, {len(plan.start)} to start, {len(plan.busy)} being trained elsewhere; {executor.describe()}")

@@ -112,6 +112,17 @@ def _worker_died(request: RunRequest, run_id: str | None, why: str, device: str)
     return RunResult(request.config, run_id, "FAILED", why, device=device)
 
 
+def _serve_in_threads(serve: Callable[[], None], threads: int) -> None:
+    """Run ``serve`` in that many threads until each returns; the main thread waits in short
+    joins, so the signal handlers (which run only there) are heard meanwhile."""
+    started = [threading.Thread(target=serve, daemon=True) for _ in range(threads)]
+    for thread in started:
+        thread.start()
+    for thread in started:
+        while thread.is_alive():
+            thread.join(timeout=0.2)
+
+
 # -- on this machine --------------------------------------------------------------------
 
 class InProcessExecutor:
@@ -157,12 +168,7 @@ class InProcessExecutor:
             self.worker.request_stop(reason)
 
         with stop_on_signals(stop):
-            threads = [threading.Thread(target=serve, daemon=True) for _ in range(min(self.worker.concurrent, len(requests)))]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(timeout=0.2)
+            _serve_in_threads(serve, min(self.worker.concurrent, len(requests)))
 
 
 def _local_worker(index: int, device: str, settings: WorkerSettings, tasks, results) -> None:
@@ -186,12 +192,7 @@ def _local_worker(index: int, device: str, settings: WorkerSettings, tasks, resu
                 results.put(("done", index, key, result))
 
     with stop_on_signals(worker.request_stop):
-        threads = [threading.Thread(target=serve, daemon=True) for _ in range(worker.concurrent)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(timeout=0.2)
+        _serve_in_threads(serve, worker.concurrent)
 
 
 class LocalExecutor:

@@ -27,7 +27,7 @@ import torch
 
 from normlab.engine.data import DeviceData, load_raw
 from normlab.engine.train import TrainConfig, Trainer, resolve_device
-from normlab.errors import ConfigError, DataError
+from normlab.errors import ConfigError, DataError, ResumeError
 from normlab.tracking import run_log
 from normlab.tracking.lifecycle import Ending, train_tracked
 from normlab.tracking.redaction import redact
@@ -174,7 +174,7 @@ class Worker:
                                    run_id=run_id, echo=say, bars=self.bars and self.concurrent == 1)
         except LeaseHeld as exc:
             return result("SKIPPED", str(exc))
-        except (ConfigError, DataError, resume.ResumeError) as exc:
+        except (ConfigError, DataError, ResumeError) as exc:
             say(f"Error: {exc}", err=True)
             if request.run_id and not request.resume:
                 run_log.fail_run_if_open(request.run_id, str(exc))

@@ -62,9 +62,7 @@ class Ending:
 
     @property
     def status(self) -> str:
-        from normlab.tracking.run_log import RUN_STATUS
-
-        return RUN_STATUS[self.outcome]
+        return run_log.RUN_STATUS[self.outcome]
 
 
 def train_tracked(trainer, point, data_dir: str, experiment: str, checkpoint_dir: str,
@@ -77,7 +75,6 @@ def train_tracked(trainer, point, data_dir: str, experiment: str, checkpoint_dir
     ``point`` is a resume.ResumePoint or None; ``run_id`` a run made beforehand (by a
     sweep); ``echo`` prints a line about this run (a worker prefixes it with the run's name).
     """
-
     from normlab.tracking.lease import Lease
 
     if point is None:

@@ -3,7 +3,7 @@
 A CPU training step allocates and frees dozens of activation tensors of 0.2-6 MB. With
 glibc's defaults many of them come from fresh ``mmap`` calls or from heap that the last
 ``free`` gave back to the kernel, so each step zero-fills and maps the same pages again:
-on the 2-core machine that was up to a fifth of the step (README, Speed). Raising malloc's mmap
+on the 2-core machine that was up to a fifth of the step (docs/speed.md). Raising malloc's mmap
 and trim thresholds keeps those blocks in the heap for the next step; peak memory stays
 what the step needs. Process-wide, like ``torch.set_num_threads``; glibc only.
 """

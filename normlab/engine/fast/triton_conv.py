@@ -134,7 +134,7 @@ if triton is not None:
 
 
 # Tiles (rows, reduction columns, warps), chosen from 18 configurations (24 for the weight
-# gradient) timed on the H200 for every convolution of both models (README, Speed). A program
+# gradient) timed on the H200 for every convolution of both models (docs/speed.md). A program
 # runs its reduction loop serially, so a small layer, with few rows to share out, is fastest
 # with short tiles of many columns (fewer iterations) and a large one with long tiles. These
 # two rules give convolutions within 4% of the best per-layer choice, 1.2x faster than one
@@ -252,7 +252,7 @@ conv2d.register_autograd(_backward, setup_context=_setup)
 
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` that runs on CUDA as these Triton kernels: at this model's 1-20
-    channels they take half of cuDNN's time in a graphed training step (README, Speed). On
+    channels they take half of cuDNN's time in a graphed training step (docs/speed.md). On
     the CPU, or with ``triton_kernels`` off, it is ``nn.Conv2d``. Same parameters and state."""
 
     triton_kernels = True
