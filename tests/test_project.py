@@ -197,6 +197,17 @@ def test_conda_env_lists_the_package_dependencies():
     assert "python=3.11" in conda["dependencies"]
 
 
+def test_system_metrics_are_on_so_psutil_is_a_declared_dependency(monkeypatch):
+    """MLflow refuses to start a run with system metrics on and psutil missing; the test
+    extras bring psutil (through ipykernel), a user's `pip install -e .` did not."""
+    from normlab.tracking.run_log import _system_metrics
+
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
+    assert _system_metrics() is True
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(re.match(r"psutil\b", d) for d in declared), declared
+
+
 def test_every_file_the_readme_points_to_is_in_the_repository():
     """Graphs, galleries and benchmark outputs the README shows or cites are committed, not
     left behind by an ignore rule (CI runs on a clean clone, so a missing file fails here)."""
