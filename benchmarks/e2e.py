@@ -188,7 +188,7 @@ def main() -> None:
                 print(f"{row['row']}: {row['x_notebook']}x faster than the notebook study")
     same = same_histories(work / "mlflow.db", ("sweep1", "ln-s1"), ("train", "ln-s1"))
     if same is not None:
-        print(f"ln-s1 trained in the sweep's worker (3 runs at once) and alone by normlab train: "
+        print(f"ln-s1 trained by the sweep's worker and alone by normlab train: "
               f"test_acc histories {'identical' if same else 'differ'}")
     import torch
 

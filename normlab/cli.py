@@ -14,6 +14,7 @@ from normlab.engine.data import DATASETS
 from normlab.engine.models import NORMS
 from normlab.engine.train import TrainConfig
 from normlab.errors import ConfigError, DataError, ResumeError, TrackingUnreachable
+from normlab.sweep.driver import LR_SCALINGS, REFERENCE_BATCH
 from normlab.tracking import connection, run_log
 from normlab.tracking.lifecycle import train_tracked
 
@@ -254,7 +255,8 @@ def _seeds(ctx, param, value: str) -> tuple[int, ...]:
 @main.command()
 @click.option("--norms", default="bn,ln,gn", callback=_comma_list(str),
               help=f"Comma-separated norms, from: {', '.join(NORMS)}.")
-@click.option("--l1", type=float, default=1e-5, help="L1 weight for the norms in --l1-on (the classic BN + L1).")
+@click.option("--l1", default="1e-5", callback=_comma_list(float),
+              help="Comma-separated L1 weights (an axis) for the norms in --l1-on; 1e-5 is the classic BN + L1.")
 @click.option("--l1-on", default="bn", help="Comma-separated norms that get --l1, or 'all'.")
 @click.option("--groups", default=str(DEFAULTS.groups), callback=_comma_list(int),
               help="Comma-separated group counts for gn (an axis of the grid).")
@@ -264,7 +266,11 @@ def _seeds(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--dataset", type=click.Choice(list(DATASETS)), default=DEFAULTS.dataset, help="Dataset.")
 @click.option("--data-dir", default="data", help="Folder holding (or receiving) the datasets.")
 @click.option("--epochs", type=int, default=DEFAULTS.epochs, help="Training epochs of every child.")
-@click.option("--lr", type=float, default=DEFAULTS.lr, help="Peak learning rate of every child.")
+@click.option("--lr", type=float, default=DEFAULTS.lr,
+              help=f"Peak learning rate of every child (at batch {REFERENCE_BATCH} under --lr-scaling).")
+@click.option("--lr-scaling", type=click.Choice(LR_SCALINGS), default="none",
+              help=f"How a child's lr follows its batch size: linear = --lr x batch/{REFERENCE_BATCH} (the GroupNorm "
+                   f"paper's rule, for batch-size studies), sqrt, or none.")
 @click.option("--device", default="auto",
               help="auto (every visible GPU, one worker each; else the CPU), cpu, cuda or cuda:N.")
 @click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS", ""), show_default="$RAY_ADDRESS",
@@ -276,7 +282,7 @@ def _seeds(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--experiment", default=connection.EXPERIMENT, help="MLflow experiment (ignored under `mlflow run`).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Also keep the comparison files in this folder (they are logged on the parent anyway).")
-def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epochs, lr, device, address,
+def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epochs, lr, lr_scaling, device, address,
           workers, checkpoint_dir, experiment, out) -> None:
     """Run a grid of variants x seeds as child runs of one parent run, then compare them.
 
@@ -288,7 +294,7 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
 
     l1_norms = norms if l1_on.strip() == "all" else tuple(v.strip() for v in l1_on.split(",") if v.strip())
     grid = Grid(norms=norms, l1=l1, l1_on=l1_norms, groups=groups, batch_sizes=batch_sizes, seeds=seeds,
-                dataset=dataset, epochs=epochs, lr=lr)
+                dataset=dataset, epochs=epochs, lr=lr, lr_scaling=lr_scaling)
     connection.use_bounded_http_retries()
     try:
         connection.check_tracking_reachable()

@@ -211,11 +211,13 @@ def test_unwritable_checkpoint_dir_is_refused_before_data_loads(tmp_path, tracki
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, small_mnist_dir) -> tuple[str, str, Path]:
-    """(tracking URI, run id, folder) of one real 1-epoch run in a sqlite store of its own."""
+    """(tracking URI, run id, folder) of one real 1-epoch run in a sqlite store of its own.
+    Its --l1 1e-4 names the run bn-l1_0.0001-s1, and MLflow refuses '.' in a model's name:
+    such runs failed after their last epoch until the model got a name of its own."""
     root = tmp_path_factory.mktemp("trained")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    proc = run_cli("train", "--epochs", "1", "--device", "cpu", "--data-dir", str(small_mnist_dir), cwd=root,
-                   MLFLOW_TRACKING_URI=uri)
+    proc = run_cli("train", "--l1", "1e-4", "--epochs", "1", "--device", "cpu", "--data-dir", str(small_mnist_dir),
+                   cwd=root, MLFLOW_TRACKING_URI=uri)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return uri, next(l for l in proc.stdout.splitlines() if l.startswith("MLflow run ")).split()[2], root
 
@@ -257,7 +259,7 @@ def test_crafted_misclassified_json_is_skipped_with_a_warning(in_store, tmp_path
     proc = run_cli("compare", "--out", str(out), cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "TypeError" not in proc.stderr
-    assert f"run {run_id} (BN)" in proc.stderr and "no gallery" in proc.stderr
+    assert f"run {run_id} (BN + L1 (0.0001))" in proc.stderr and "no gallery" in proc.stderr
     assert (out / "results.md").is_file() and not list(out.glob("misclassified_*.png"))
 
 
@@ -269,6 +271,7 @@ def test_logged_model_carries_no_code_and_loads_without_normlab(in_store, tmp_pa
 
     run_id, root = in_store
     model_uri = MlflowClient().get_run(run_id).data.tags["model_uri"]
+    assert mlflow.get_logged_model(model_uri.split("/")[-1]).name == "bn-l1_0_0001-s1"
     files = {Path(p).parts[0] for p in _artifact_files(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path)))}
     assert "code" not in files and "model.pt2" in {Path(p).name for p in _artifact_files(tmp_path)}
     load = ("import sys; sys.modules['normlab'] = None\n"  # any import of normlab now fails

@@ -52,7 +52,29 @@ def test_grid_axes_l1_everywhere_groups_only_for_gn():
     assert Grid(norms=("bn", "gn"), seeds=(1, 2, 3)).sweep_hash() != grid.sweep_hash()
 
 
+def test_l1_is_an_axis_of_the_norms_in_l1_on_only():
+    """The L1 study: BN at four strengths, one of them none; LN beside it is trained once."""
+    configs = Grid(norms=("bn", "ln"), l1=(0.0, 1e-5, 1e-4, 1e-3), seeds=(1,)).validate()
+    assert [(c.norm, c.l1) for c in configs] == [("bn", 0.0), ("bn", 1e-5), ("bn", 1e-4), ("bn", 1e-3), ("ln", 0.0)]
+    assert [c.run_name for c in configs] == ["bn-s1", "bn-l1_1e-05-s1", "bn-l1_0.0001-s1", "bn-l1_0.001-s1", "ln-s1"]
+    assert Grid(l1=(1e-5,)).sweep_hash() == Grid().sweep_hash()
+
+
+@pytest.mark.parametrize("scaling, lrs", [
+    ("none", [0.05, 0.05, 0.05]),
+    ("linear", [0.05 * 2 / 128, 0.05 * 32 / 128, 0.05]),  # lr / batch fixed: the same step per epoch
+    ("sqrt", [0.05 / 8, 0.05 / 2, 0.05]),
+])
+def test_lr_follows_the_batch_size_by_the_rule_asked_for(scaling, lrs):
+    configs = Grid(norms=("bn",), l1=(0.0,), batch_sizes=(2, 32, 128), lr=0.05, lr_scaling=scaling).validate()
+    assert [c.lr for c in configs] == pytest.approx(lrs, rel=1e-12)
+    assert Grid(lr_scaling=scaling).params()["lr_scaling"] == scaling
+
+
 @pytest.mark.parametrize("grid, message", [
+    (Grid(lr_scaling="quadratic"), "unknown --lr-scaling 'quadratic'; valid choices: none, linear, sqrt"),
+    (Grid(l1=(1e-5, 1e-5)), "--l1 repeats a value"),
+    (Grid(l1=(-1e-5,)), "--l1 must be zero or positive"),
     (Grid(norms=("bn", "xn")), "unknown norm 'xn'; valid choices: bn, ln, gn, in, none"),
     (Grid(norms=("gn",), groups=(3,)), "child gn3-s1: "),
     (Grid(batch_sizes=(0,)), "--batch-size must be positive"),
@@ -72,6 +94,8 @@ def test_cli_rejects_bad_options_before_creating_anything(tmp_path, tracking_uri
         (("--batch-sizes", "32,x"), "comma-separated list of ints"),
         (("--norms", "bn,gn", "--groups", "3"), "child gn3-s1"),
         (("--workers", "0"), "0 is not in the range x>=1"),
+        (("--l1", "1e-5,big"), "comma-separated list of floats"),
+        (("--lr-scaling", "cubic"), "'cubic' is not one of 'none', 'linear', 'sqrt'"),
     ]:
         result = runner.invoke(main, ["sweep", *args, "--data-dir", str(tmp_path)])
         assert result.exit_code == 2, result.output

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,12 +24,26 @@ from normlab.errors import ConfigError
 from normlab.tracking import connection
 
 
+# How a child's learning rate follows its batch size. "linear" keeps lr / batch size fixed
+# (Goyal et al. 2017; the GroupNorm paper's rule): SGD then takes the same total step per
+# epoch at every batch size, so a batch-size study shows the effect of the batch statistics
+# rather than of how many steps an epoch gives. --lr is the rate at REFERENCE_BATCH.
+LR_SCALINGS = ("none", "linear", "sqrt")
+REFERENCE_BATCH = TrainConfig.batch_size
+
+
+def scaled_lr(lr: float, batch_size: int, scaling: str) -> float:
+    """The learning rate of a child with this batch size, under the scaling rule."""
+    ratio = batch_size / REFERENCE_BATCH
+    return lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[scaling]
+
+
 @dataclass(frozen=True)
 class Grid:
     """The axes of a sweep; the default is the classic study (BN + L1, LN, GN, 20 epochs)."""
 
     norms: tuple[str, ...] = ("bn", "ln", "gn")
-    l1: float = 1e-5
+    l1: tuple[float, ...] = (1e-5,)  # L1 weights (an axis) for the norms in l1_on
     l1_on: tuple[str, ...] = ("bn",)  # norms that get the L1 term; the others train with l1 = 0
     groups: tuple[int, ...] = (TrainConfig.groups,)  # only gn uses it
     batch_sizes: tuple[int, ...] = (TrainConfig.batch_size,)
@@ -36,22 +51,26 @@ class Grid:
     dataset: str = TrainConfig.dataset
     epochs: int = TrainConfig.epochs
     lr: float = TrainConfig.lr
+    lr_scaling: str = "none"  # how lr follows the batch size: LR_SCALINGS
 
     def configs(self) -> list[TrainConfig]:
-        """Every child config in a fixed order (norm, groups, batch size, seed)."""
+        """Every child config in a fixed order (norm, groups, L1, batch size, seed)."""
         out = []
         for norm in self.norms:
             for groups in self.groups if norm == "gn" else self.groups[:1]:
-                for batch_size in self.batch_sizes:
-                    for seed in self.seeds:
-                        out.append(TrainConfig(norm=norm, groups=groups, l1=self.l1 if norm in self.l1_on else 0.0,
-                                               dataset=self.dataset, epochs=self.epochs, batch_size=batch_size,
-                                               lr=self.lr, seed=seed))
+                for l1 in self.l1 if norm in self.l1_on else (0.0,):
+                    for batch_size in self.batch_sizes:
+                        for seed in self.seeds:
+                            out.append(TrainConfig(norm=norm, groups=groups, l1=l1, dataset=self.dataset,
+                                                   epochs=self.epochs, batch_size=batch_size,
+                                                   lr=scaled_lr(self.lr, batch_size, self.lr_scaling), seed=seed))
         return out
 
     def validate(self) -> list[TrainConfig]:
         """Check the axes and every child config; ConfigError names the first problem."""
-        for axis in ("norms", "groups", "batch_sizes", "seeds"):
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ConfigError(f"unknown --lr-scaling {self.lr_scaling!r}; valid choices: {', '.join(LR_SCALINGS)}")
+        for axis in ("norms", "l1", "groups", "batch_sizes", "seeds"):
             values = getattr(self, axis)
             if not values:
                 raise ConfigError(f"--{axis.replace('_', '-')} is empty; give at least one value")
@@ -89,10 +108,10 @@ class Grid:
     def params(self) -> dict[str, str]:
         """The parent's params: the grid, as a user would type it."""
         return {
-            "norms": ",".join(self.norms), "l1": f"{self.l1:g}", "l1_on": ",".join(self.l1_on),
+            "norms": ",".join(self.norms), "l1": ",".join(f"{v:g}" for v in self.l1), "l1_on": ",".join(self.l1_on),
             "groups": ",".join(map(str, self.groups)), "batch_sizes": ",".join(map(str, self.batch_sizes)),
             "seeds": ",".join(map(str, self.seeds)), "dataset": self.dataset, "epochs": str(self.epochs),
-            "lr": f"{self.lr:g}", "children": str(len(self.configs())),
+            "lr": f"{self.lr:g}", "lr_scaling": self.lr_scaling, "children": str(len(self.configs())),
         }
 
 

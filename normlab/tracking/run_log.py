@@ -252,7 +252,7 @@ def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> Non
     plt.close(figure)
     mlflow.log_dict([asdict(m) for m in mistakes], "misclassified.json")
     mlflow.log_text(summary_text(result.model, config.dataset), "model_summary.txt")
-    model_id = log_model(result.model, data, name=config.run_name)
+    model_id = log_model(result.model, data, name=model_name(config.run_name))
     link_final_metrics(mlflow.active_run().info.run_id, model_id)
 
 
@@ -278,6 +278,15 @@ def link_final_metrics(run_id: str, model_id: str) -> None:
 # a model exported from the CPU cannot do (a warning for every GPU run): check on the CPU,
 # unless the user chose a device.
 CHECK_ON_CPU = {"MLFLOW_DEFAULT_PREDICTION_DEVICE": "cpu"}
+
+
+# Characters MLflow refuses in a logged model's name; a run name has '.' for --l1 1e-4 (bn-l1_0.0001-s1).
+MODEL_NAME_FORBIDDEN = "/:.%\"'"
+
+
+def model_name(run_name: str) -> str:
+    """The run's name as a model name MLflow accepts: 'bn-l1_0.0001-s1' -> 'bn-l1_0_0001-s1'."""
+    return "".join("_" if c in MODEL_NAME_FORBIDDEN else c for c in run_name)
 
 
 def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model") -> str:

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The four studies of the README's Results, exactly as they were run (on one H200 each).
+#
+#   bash docs/results/run_studies.sh DATA STORES OUT [classic] [batch-size] [groups] [l1]
+#
+# DATA holds MNIST (here the real-digit split: train = the first 8,000 digits of the official
+# test set, test = its last 2,000); each study gets its own store STORES/<study>/mlflow.db,
+# and its comparison files go to OUT/<study>/. Running a study again resumes it.
+set -euo pipefail
+data=$(realpath "$1") stores=$(realpath -m "$2") out=$(realpath -m "$3")
+shift 3
+studies=("$@")
+[ ${#studies[@]} -gt 0 ] || studies=(classic batch-size groups l1)
+for study in "${studies[@]}"; do
+  mkdir -p "$stores/$study" "$out/$study"
+  cd "$stores/$study"  # the store's artifacts (./mlruns) go beside it
+  export MLFLOW_TRACKING_URI="sqlite:///$stores/$study/mlflow.db"
+  common=(--data-dir "$data" --experiment "$study" --out "$out/$study")
+  case $study in
+    # 1. BN + L1 (1e-5), LN, GN (2 groups), 20 epochs, 10 seeds
+    classic) normlab sweep --seeds 10 "${common[@]}" ;;
+    # 2. BN, BN + L1, GN, LN at batch 2..128, 5 seeds, lr = 0.05 x batch / 128 (linear rule)
+    batch-size) normlab sweep --norms bn,ln,gn --l1 0,1e-5 --batch-sizes 2,4,8,16,32,64,128 --seeds 5 \
+                  --lr-scaling linear "${common[@]}" ;;
+    # 3. GN with 1 (= LN), 2, 5 and 10 (= IN) groups, 5 seeds
+    groups) normlab sweep --norms gn --groups 1,2,5,10 --seeds 5 "${common[@]}" ;;
+    # 4. BN with L1 = 0, 1e-5, 1e-4, 1e-3, 5 seeds
+    l1) normlab sweep --norms bn --l1 0,1e-5,1e-4,1e-3 --seeds 5 "${common[@]}" ;;
+    *) echo "unknown study $study; choose from classic, batch-size, groups, l1" >&2; exit 2 ;;
+  esac
+done
