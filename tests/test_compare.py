@@ -353,7 +353,7 @@ def test_unequal_epoch_budgets_are_not_ranked_against_each_other(store):
     assert sorted(re.findall(r"^\d\. \*\*(.+?)\*\*", sections[0], re.M)) == ["BN + L1 (1e-05), 4 epochs",
                                                                             "LN, 4 epochs"]
     pairs = results.pairwise(mixed.table, mixed.runs_metrics)
-    assert [{d.a, d.b} for _, d in pairs] == [{"BN + L1 (1e-05), 4 epochs", "LN, 4 epochs"}]
+    assert [{p.difference.a, p.difference.b} for p in pairs] == [{"BN + L1 (1e-05), 4 epochs", "LN, 4 epochs"}]
     assert "1 epoch**" not in "".join(x for x in text.splitlines() if x.startswith("- "))
 
 
@@ -411,7 +411,8 @@ def test_findings_rank_variants_test_the_pair_and_say_n_is_too_small(store, comp
     printed = {v: [r.printed["test_acc"].iloc[-1] for r in store.runs if r.variant == v] for v in LABELS.values()}
     high, low = sorted(["BN + L1 (1e-05)", "LN"], key=lambda v: -np.mean(printed[v]))
     welch = stats.ttest_ind(printed[high], printed[low], equal_var=False)
-    [(_, pair)] = [p for p in results.pairwise(comparison.table, comparison.runs_metrics) if p[1].p is not None]
+    [pair] = [p.difference for p in results.pairwise(comparison.table, comparison.runs_metrics)
+              if p.difference.p is not None]
     assert (pair.a, pair.b) == (high, low)
     assert (pair.difference, pair.t, pair.df) == pytest.approx(
         (np.mean(printed[high]) - np.mean(printed[low]), welch.statistic, welch.df), abs=0.02)

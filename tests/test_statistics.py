@@ -124,17 +124,20 @@ def test_format_p():
 # --- the table and findings on hand-made runs ---------------------------------------------
 
 
-def hand_made(finals: dict[str, list[float]], epochs: dict[str, int] | None = None):
+def hand_made(finals: dict[str, list[float]], epochs: dict[str, int] | None = None,
+              settings: dict[str, dict] | None = None):
     """runs and tidy history as tracking.runs_frame / load_histories give them, one test_acc
-    curve per seed ending at the given final accuracy (loss = (100 - acc) / 100)."""
+    curve per seed ending at the given final accuracy (loss = (100 - acc) / 100); ``settings``
+    overrides a variant's params (norm, groups, batch_size, ...)."""
     runs, history = [], []
     for variant, values in finals.items():
         budget = (epochs or {}).get(variant, 3)
         for seed, final in enumerate(values, 1):
             run_id = f"{variant}-{seed}"
-            runs.append(dict(run_id=run_id, variant=variant, seed=seed, status="FINISHED", duration_s=10.0,
-                             norm="ln", groups=None, l1=0.0, batch_size=128, dataset="mnist", epochs=budget,
-                             train_size=8000, test_size=2000, parameters=7750))
+            runs.append(dict(dict(run_id=run_id, variant=variant, seed=seed, status="FINISHED", duration_s=10.0,
+                                  norm="ln", groups=None, l1=0.0, batch_size=128, dataset="mnist", epochs=budget,
+                                  train_size=8000, test_size=2000, parameters=7750),
+                             **(settings or {}).get(variant, {})))
             for epoch in range(1, budget + 1):
                 acc = final - (budget - epoch)
                 for metric, value in (("test_acc", acc), ("test_loss", (100 - acc) / 100),
@@ -180,7 +183,7 @@ def test_findings_with_five_seeds_give_verdicts_with_holm():
     assert [m for m in re.findall(r"^\d\. \*\*(.+?)\*\*", text, re.M)] == ["LN", "GN", "BN"]
     assert "Holm's method across the 3 pairs with a test in this comparison" in text
     assert "called real only when its Holm-adjusted p < 0.05 and both variants have at least 5 seeds" in text
-    pairs = dict(((d.a, d.b), d) for _, d in results.pairwise(table, runs_metrics))
+    pairs = dict(((p.difference.a, p.difference.b), p.difference) for p in results.pairwise(table, runs_metrics))
     assert set(pairs) == {("LN", "GN"), ("LN", "BN"), ("GN", "BN")}
     raw = {k: stats.ttest_ind(FIVE[k[0]], FIVE[k[1]], equal_var=False) for k in pairs}
     adjusted = dict(zip(raw, holm([r.pvalue for r in raw.values()])))
@@ -228,9 +231,35 @@ def test_findings_do_not_rank_different_epoch_budgets_against_each_other():
     sections = text.split("## ")[1:]
     assert [re.findall(r"^\d\. \*\*(.+?)\*\*", s, re.M) for s in sections] == [
         ["LN, 3 epochs", "BN, 3 epochs"], ["LN, 1 epoch", "BN, 1 epoch"]]
-    pairs = [(label, d.a, d.b) for label, d in results.pairwise(table, runs_metrics)]
+    pairs = [(p.group, p.difference.a, p.difference.b) for p in results.pairwise(table, runs_metrics)]
     assert pairs == [(three, "LN, 3 epochs", "BN, 3 epochs"), (one, "LN, 1 epoch", "BN, 1 epoch")]
     assert "across the 2 pairs with a test" in text
+
+
+def test_a_batch_size_study_tests_norms_within_a_batch_size_and_each_norm_against_its_largest_batch():
+    """Four variants, two norms x two batch sizes: the two questions, each its own Holm family,
+    and no test of BN at batch 2 against GN at batch 128 (which answers neither)."""
+    finals = {"BN, batch 2": [98.7, 98.9, 98.5, 98.8, 98.6], "GN (2 groups), batch 2": [99.2, 99.25, 99.15, 99.2, 99.2],
+              "BN, batch 128": [99.1, 99.3, 98.9, 99.2, 99.0], "GN (2 groups), batch 128": [99.1, 99.0, 99.2, 99.1, 99.05]}
+    settings = {v: {"norm": "gn" if v.startswith("GN") else "bn", "groups": 2 if v.startswith("GN") else None,
+                    "batch_size": int(v.rsplit(" ", 1)[1])} for v in finals}
+    table, runs_metrics = hand_made(finals, settings=settings)
+    pairs = results.pairwise(table, runs_metrics)
+    assert [(p.family, p.difference.a, p.difference.b) for p in pairs] == [
+        ("batch 2: the norms against each other", "GN (2 groups), batch 2", "BN, batch 2"),
+        ("batch 128: the norms against each other", "BN, batch 128", "GN (2 groups), batch 128"),
+        ("BN: each batch size against batch 128", "BN, batch 128", "BN, batch 2"),
+        ("GN (2 groups): each batch size against batch 128", "GN (2 groups), batch 2", "GN (2 groups), batch 128"),
+    ]
+    for p in pairs:  # one pair per family: Holm leaves its p as it is
+        raw = stats.ttest_ind(finals[p.difference.a], finals[p.difference.b], equal_var=False)
+        assert p.difference.p == pytest.approx(raw.pvalue) and p.difference.p_holm == pytest.approx(raw.pvalue)
+    assert pairs[0].difference.real  # GN beats BN at batch 2: p = 0.0013 < 0.05
+    text = results.findings(table, runs_metrics)
+    assert "no pair of different norms at different batch sizes is tested" in text
+    assert "Differences in final test accuracy, batch 2: the norms against each other:" in text
+    assert "Differences in final test accuracy, BN: each batch size against batch 128:" in text
+    assert results.differences_frame(pairs)["family"].tolist() == [p.family for p in pairs]
 
 
 def test_representative_run_is_the_seed_nearest_the_mean_and_says_so():

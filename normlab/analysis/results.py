@@ -6,9 +6,12 @@ and epoch) and the runs' params; nothing is read from local files.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pandas as pd
 
 from normlab.analysis import statistics
+from normlab.engine.models import NORMS, variant_label
 
 SETTINGS = ["norm", "groups", "l1", "batch_size", "dataset", "epochs", "train_size", "test_size", "parameters"]
 COMPARABLE = ["dataset", "train_size", "test_size", "epochs"]  # accuracies are ranked only within equal values
@@ -147,28 +150,73 @@ def ranked_groups(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return [(label, ranked) for label, ranked, _ in groups]
 
 
-def pairwise(table: pd.DataFrame, runs_metrics: pd.DataFrame) -> list[tuple[str, statistics.Difference]]:
-    """(group label, higher-ranked minus lower-ranked) for every pair ranked together, Welch on
-    the final test accuracies, Holm-adjusted across all pairs of the comparison that have a test."""
+class Pair(NamedTuple):
+    """One tested pair: the group of comparable runs it belongs to, its family (the pairs
+    Holm's correction runs across) and the difference, higher-ranked minus lower-ranked."""
+
+    group: str
+    family: str
+    difference: statistics.Difference
+
+
+ALL_PAIRS = "every pair"
+
+
+def families(ranked: pd.DataFrame) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The pairs of one ranked group, by the question they answer (each pair higher-ranked first).
+
+    Without a batch-size axis, one family: every pair. With one, the questions of a
+    batch-size study, each its own family: at each batch size, the norm settings against
+    each other; and for each norm setting, every batch size against its largest (does it
+    lose accuracy as the batch shrinks?). Pairs of different norms at different batch sizes
+    answer no question and are not tested, so they do not dilute the correction."""
+    rank = {v: i for i, v in enumerate(ranked["variant"])}
+
+    def ordered(a: str, b: str) -> tuple[str, str]:
+        return (a, b) if rank[a] < rank[b] else (b, a)
+
+    variants = list(ranked["variant"])
+    if ranked["batch_size"].nunique() < 2:
+        return [(ALL_PAIRS, [(a, b) for i, a in enumerate(variants) for b in variants[i + 1:]])]
+    out = []
+    for batch, at in ranked.groupby("batch_size", sort=True):
+        names = list(at["variant"])
+        pairs = [ordered(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+        if pairs:
+            out.append((f"batch {batch}: the norms against each other", pairs))
+    settings = ranked.assign(groups=ranked["groups"].fillna(0), norm_rank=ranked["norm"].map(list(NORMS).index))
+    for (_, norm, groups, l1), runs in settings.groupby(["norm_rank", "norm", "groups", "l1"], sort=True):
+        largest = runs.loc[runs["batch_size"].idxmax()]
+        pairs = [ordered(v, largest["variant"]) for v in runs.sort_values("batch_size")["variant"]
+                 if v != largest["variant"]]
+        if pairs:
+            label = variant_label(norm, int(groups) or 2, l1)
+            out.append((f"{label}: each batch size against batch {largest['batch_size']}", pairs))
+    return out
+
+
+def pairwise(table: pd.DataFrame, runs_metrics: pd.DataFrame) -> list[Pair]:
+    """Welch on the final test accuracies for the pairs of each family (``families``) of every
+    group ranked together, Holm-adjusted within the family."""
     finals = {v: g["final_test_acc"].to_numpy() for v, g in runs_metrics.groupby(runs_metrics["variant"].astype(str))}
-    labelled = [(label, (ranked["variant"][i], ranked["variant"][j]))
-                for label, ranked in ranked_groups(table)
-                for i in range(len(ranked)) for j in range(i + 1, len(ranked))]
-    differences = statistics.compare_pairs(finals, [pair for _, pair in labelled])
-    return [(label, d) for (label, _), d in zip(labelled, differences)]
+    out = []
+    for label, ranked in ranked_groups(table):
+        for family, pairs in families(ranked):
+            out += [Pair(label, family, d) for d in statistics.compare_pairs(finals, pairs)]
+    return out
 
 
-def differences_frame(pairs: list[tuple[str, statistics.Difference]]) -> pd.DataFrame:
+def differences_frame(pairs: list[Pair]) -> pd.DataFrame:
     """differences.csv: one row per pair; test columns empty where there is no test."""
     rows = []
-    for label, d in pairs:
+    for label, family, d in pairs:
         low, high = d.ci or (NAN, NAN)
-        rows.append({"runs": label, "higher": d.a, "lower": d.b, "n_higher": d.n_a, "n_lower": d.n_b,
-                     "difference": d.difference, "ci_low": low, "ci_high": high,
+        rows.append({"runs": label, "family": family, "higher": d.a, "lower": d.b, "n_higher": d.n_a,
+                     "n_lower": d.n_b, "difference": d.difference, "ci_low": low, "ci_high": high,
                      **{k: NAN if getattr(d, k) is None else getattr(d, k) for k in ("t", "df", "p", "p_holm")},
                      "real": d.real, "verdict": d.verdict()})
-    columns = ["runs", "higher", "lower", "n_higher", "n_lower", "difference", "ci_low", "ci_high", "t", "df", "p",
-               "p_holm", "real", "verdict"]
+    columns = ["runs", "family", "higher", "lower", "n_higher", "n_lower", "difference", "ci_low", "ci_high", "t",
+               "df", "p", "p_holm", "real", "verdict"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -185,7 +233,8 @@ def findings(table: pd.DataFrame, runs_metrics: pd.DataFrame) -> str:
     pair's difference with its interval, test and verdict (rules in normlab.analysis.statistics)."""
     groups = ranked_groups(table)
     pairs = pairwise(table, runs_metrics)
-    tested = sum(d.p is not None for _, d in pairs)
+    tested = sum(p.difference.p is not None for p in pairs)
+    by_family = any(p.family != ALL_PAIRS for p in pairs)
     lines = []
     if len(groups) > 1:
         lines += [f"These runs are not all comparable: they differ in data or epoch budget "
@@ -198,7 +247,16 @@ def findings(table: pd.DataFrame, runs_metrics: pd.DataFrame) -> str:
                   f"{statistics.MIN_SEEDS} seeds per variant are needed (`normlab sweep --seeds "
                   f"{statistics.MIN_SEEDS}`). The numbers below describe these runs; they do not say which "
                   f"variant is better.", ""]
-    if pairs:
+    if pairs and by_family:
+        lines += [f"Differences in final test accuracy (higher minus lower mean, in points) for the pairs a "
+                  f"batch-size study asks about: at each batch size the norm settings against each other, and "
+                  f"each norm setting's batch sizes against its largest batch; no pair of different norms at "
+                  f"different batch sizes is tested. {statistics.PAIR_METHOD[0].upper()}{statistics.PAIR_METHOD[1:]} "
+                  f"the pairs of each family (one batch size, or one norm setting), {tested} pairs with a test in "
+                  f"all. A difference is called real only when its Holm-adjusted p < {statistics.ALPHA:.2f} and "
+                  f"both variants have at least {statistics.MIN_SEEDS} seeds; its 95% interval then excludes zero "
+                  f"as well.", ""]
+    elif pairs:
         lines += [f"Differences in final test accuracy, for each pair ranked together (higher minus lower mean, "
                   f"in points): {statistics.PAIR_METHOD} the {tested} pair{'' if tested == 1 else 's'} with a test "
                   f"in this comparison. A difference is called real only when its Holm-adjusted p < "
@@ -216,9 +274,10 @@ def findings(table: pd.DataFrame, runs_metrics: pd.DataFrame) -> str:
             lines.append(f"{i}. **{r.variant}**: {r.final_test_acc_mean:.2f} ± {r.final_test_acc_std:.2f} % "
                          f"[{r.final_test_acc_ci_low:.2f}, {r.final_test_acc_ci_high:.2f}] "
                          f"(n={r.n}, range {r.final_test_acc_min:.2f}–{r.final_test_acc_max:.2f})")
-        group_pairs = [d for group, d in pairs if group == label]
-        if group_pairs:
-            lines += ["", "Differences in final test accuracy:", ""] + [_difference_line(d) for d in group_pairs]
+        for family in dict.fromkeys(p.family for p in pairs if p.group == label):
+            heading = "Differences in final test accuracy" + ("" if family == ALL_PAIRS else f", {family}")
+            lines += ["", f"{heading}:", ""] + [_difference_line(p.difference) for p in pairs
+                                                 if p.group == label and p.family == family]
         lowest = ranked.loc[ranked["min_test_loss_mean"].idxmin()]
         lines += ["", f"Lowest test loss: {lowest.variant} ({stat_cell(lowest, 'min_test_loss', 4)}).", ""]
     lines += [f"Train − test accuracy at the last epoch ranges from {table['final_gap_mean'].min():.2f} "
