@@ -304,7 +304,10 @@ def test_a_run_whose_store_went_down_in_its_last_epoch_is_completed_by_the_resum
         checkpoints = tmp_path / "ck"
         proc, out = start_training(tmp_path, "--data-dir", str(data), "--epochs", "2", "--checkpoint-dir",
                                    str(checkpoints), MLFLOW_TRACKING_URI=server.uri,
-                                   MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")  # an outage longer than the retries
+                                   MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",  # an outage longer than the retries
+                                   # no lease renewal (every 20 s by default) in a slow epoch 2: its failed
+                                   # upload would stop training there, before the outage this test is about
+                                   NORMLAB_LEASE_SECONDS="3600")
         run_id = out.wait_for(r"^MLflow run (\w+) ", timeout=300).group(1)
         out.wait_for(r"^epoch   1/2", timeout=300)
         while not (client.get_metric_history(run_id, "test_acc")
