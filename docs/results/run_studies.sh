@@ -3,14 +3,26 @@
 #
 #   bash docs/results/run_studies.sh DATA STORES OUT [classic] [batch-size] [groups] [l1]
 #
-# DATA holds MNIST (here the real-digit split: train = the first 8,000 digits of the official
-# test set, test = its last 2,000); each study gets its own store STORES/<study>/mlflow.db,
-# and its comparison files go to OUT/<study>/. Running a study again resumes it.
+# DATA holds MNIST in torchvision's layout. Where it does not exist, it is made as the real-
+# digit split the studies used: train = the first 8,000 digits of the official test set,
+# test = its last 2,000 (from tests/data/mnist-t10k, no download). Each study gets its own
+# store STORES/<study>/mlflow.db, and its comparison files go to OUT/<study>/. Running a
+# study again resumes it.
 set -euo pipefail
-data=$(realpath "$1") stores=$(realpath -m "$2") out=$(realpath -m "$3")
+root=$(dirname "$(realpath "$0")")/../..
+data=$(realpath -m "$1") stores=$(realpath -m "$2") out=$(realpath -m "$3")
 shift 3
 studies=("$@")
 [ ${#studies[@]} -gt 0 ] || studies=(classic batch-size groups l1)
+for study in "${studies[@]}"; do
+  case $study in classic|batch-size|groups|l1) ;;
+    *) echo "unknown study $study; choose from classic, batch-size, groups, l1" >&2; exit 2 ;; esac
+done
+if [ ! -d "$data/MNIST/raw" ]; then
+  python -c "import sys; from pathlib import Path; sys.path.insert(0, '$root'); from benchmarks.speed import prepare_mnist
+prepare_mnist(Path('$data'), Path('$root/tests/data/mnist-t10k'), Path('$data'), 8000, None, holdout=2000)"
+  echo "made $data: train = the first 8,000 digits of the official MNIST test set, test = its last 2,000"
+fi
 for study in "${studies[@]}"; do
   mkdir -p "$stores/$study" "$out/$study"
   cd "$stores/$study"  # the store's artifacts (./mlruns) go beside it
@@ -22,10 +34,9 @@ for study in "${studies[@]}"; do
     # 2. BN, BN + L1, GN, LN at batch 2..128, 5 seeds, lr = 0.05 x batch / 128 (linear rule)
     batch-size) normlab sweep --norms bn,ln,gn --l1 0,1e-5 --batch-sizes 2,4,8,16,32,64,128 --seeds 5 \
                   --lr-scaling linear "${common[@]}" ;;
-    # 3. GN with 1 (= LN), 2, 5 and 10 (= IN) groups, 5 seeds
+    # 3. GN with 1 (= LN), 2, 5 and 10 groups (one channel per group in the 10-channel layers), 5 seeds
     groups) normlab sweep --norms gn --groups 1,2,5,10 --seeds 5 "${common[@]}" ;;
     # 4. BN with L1 = 0, 1e-5, 1e-4, 1e-3, 5 seeds
     l1) normlab sweep --norms bn --l1 0,1e-5,1e-4,1e-3 --seeds 5 "${common[@]}" ;;
-    *) echo "unknown study $study; choose from classic, batch-size, groups, l1" >&2; exit 2 ;;
   esac
 done
