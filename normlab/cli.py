@@ -14,7 +14,7 @@ from normlab.engine.data import DATASETS
 from normlab.engine.models import NORMS
 from normlab.engine.train import TrainConfig
 from normlab.errors import ConfigError, DataError, ResumeError, TrackingUnreachable
-from normlab.sweep.driver import LR_SCALINGS, REFERENCE_BATCH
+from normlab.sweep.driver import LR_SCALINGS, REFERENCE_BATCH, Grid, run_sweep
 from normlab.tracking import connection, run_log
 from normlab.tracking.lifecycle import train_tracked
 
@@ -290,8 +290,6 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
     Ray cluster with --address. Re-running the same command resumes: finished children are
     kept, interrupted and failed ones continue from their checkpoints, missing ones train.
     """
-    from normlab.sweep.driver import Grid, run_sweep
-
     l1_norms = norms if l1_on.strip() == "all" else tuple(v.strip() for v in l1_on.split(",") if v.strip())
     grid = Grid(norms=norms, l1=l1, l1_on=l1_norms, groups=groups, batch_sizes=batch_sizes, seeds=seeds,
                 dataset=dataset, epochs=epochs, lr=lr, lr_scaling=lr_scaling)

@@ -79,18 +79,6 @@ def final_values(df, metric: str = "test_acc"):
     return rows.loc[rows.groupby("run_id")["epoch"].idxmax()]
 
 
-def _norm_label(norm: str, groups=None, l1=None) -> str:
-    """The registry's label ('BN + L1 (1e-05)', 'GN (4 groups)') from a frame row, where
-    groups and l1 may be missing: a line per norm setting, whatever the batch size."""
-    import pandas as pd
-
-    from normlab.engine.models import NORMS, variant_label
-
-    if norm not in NORMS:
-        return str(norm)
-    return variant_label(norm, int(groups) if pd.notna(groups) else 1, float(l1) if pd.notna(l1) else 0.0)
-
-
 def batch_size_figure(df, metric: str = "test_acc", band: str = "range") -> Figure:
     """Final test accuracy against batch size (log x), one line per norm setting.
 
@@ -99,6 +87,8 @@ def batch_size_figure(df, metric: str = "test_acc", band: str = "range") -> Figu
     of the GroupNorm paper's Figure 1. Lines are keyed by norm (and groups and L1 when the
     frame has them), not by the variant label, which may itself name the batch size.
     """
+    from normlab.analysis.results import norm_setting_label  # scipy: only for this figure
+
     check_band(band)
     final = final_values(df, metric)
     keys = [c for c in ("norm", "groups", "l1") if c in final.columns]
@@ -110,7 +100,7 @@ def batch_size_figure(df, metric: str = "test_acc", band: str = "range") -> Figu
         line = ax.errorbar(stats.index, stats["mean"],
                            yerr=[stats["mean"] - stats["low"], stats["high"] - stats["mean"]],
                            marker="o", capsize=3,
-                           label=f"{_norm_label(*key)} ({runs['seed'].nunique()} seeds)")
+                           label=f"{norm_setting_label(*key)} ({runs['seed'].nunique()} seeds)")
         ax.scatter(runs["batch_size"], runs["value"], s=10, alpha=0.4, color=line[0].get_color())
     sizes = sorted(final["batch_size"].unique())
     ax.set_xscale("log", base=2)

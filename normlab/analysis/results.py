@@ -162,6 +162,19 @@ class Pair(NamedTuple):
 ALL_PAIRS = "every pair"
 
 
+def norm_setting_label(norm: str, groups=None, l1=None) -> str:
+    """The registry's label ('BN + L1 (1e-05)', 'GN (4 groups)') from a frame row, where
+    groups and l1 may be missing: one name per norm setting, whatever the batch size."""
+    if norm not in NORMS:
+        return str(norm)
+    return variant_label(norm, int(groups) if pd.notna(groups) else 1, float(l1) if pd.notna(l1) else 0.0)
+
+
+def _all_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """Every pair of the names, each in the order given (ranked: the higher-ranked first)."""
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+
+
 def families(ranked: pd.DataFrame) -> list[tuple[str, list[tuple[str, str]]]]:
     """The pairs of one ranked group, by the question they answer (each pair higher-ranked first).
 
@@ -170,28 +183,22 @@ def families(ranked: pd.DataFrame) -> list[tuple[str, list[tuple[str, str]]]]:
     each other; and for each norm setting, every batch size against its largest (does it
     lose accuracy as the batch shrinks?). Pairs of different norms at different batch sizes
     answer no question and are not tested, so they do not dilute the correction."""
-    rank = {v: i for i, v in enumerate(ranked["variant"])}
-
-    def ordered(a: str, b: str) -> tuple[str, str]:
-        return (a, b) if rank[a] < rank[b] else (b, a)
-
-    variants = list(ranked["variant"])
     if ranked["batch_size"].nunique() < 2:
-        return [(ALL_PAIRS, [(a, b) for i, a in enumerate(variants) for b in variants[i + 1:]])]
+        return [(ALL_PAIRS, _all_pairs(list(ranked["variant"])))]
+    rank = {v: i for i, v in enumerate(ranked["variant"])}
     out = []
-    for batch, at in ranked.groupby("batch_size", sort=True):
-        names = list(at["variant"])
-        pairs = [ordered(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    for batch, at in ranked.groupby("batch_size", sort=True):  # rows keep their ranked order
+        if len(at) > 1:
+            out.append((f"batch {batch}: the norms against each other", _all_pairs(list(at["variant"]))))
+    settings = ranked.assign(norm_rank=ranked["norm"].map(list(NORMS).index))
+    for (_, norm, groups, l1), runs in settings.groupby(["norm_rank", "norm", "groups", "l1"], sort=True,
+                                                         dropna=False):
+        largest = runs.loc[runs["batch_size"].idxmax(), "variant"]
+        pairs = [tuple(sorted((v, largest), key=rank.get)) for v in runs.sort_values("batch_size")["variant"]
+                 if v != largest]
         if pairs:
-            out.append((f"batch {batch}: the norms against each other", pairs))
-    settings = ranked.assign(groups=ranked["groups"].fillna(0), norm_rank=ranked["norm"].map(list(NORMS).index))
-    for (_, norm, groups, l1), runs in settings.groupby(["norm_rank", "norm", "groups", "l1"], sort=True):
-        largest = runs.loc[runs["batch_size"].idxmax()]
-        pairs = [ordered(v, largest["variant"]) for v in runs.sort_values("batch_size")["variant"]
-                 if v != largest["variant"]]
-        if pairs:
-            label = variant_label(norm, int(groups) or 2, l1)
-            out.append((f"{label}: each batch size against batch {largest['batch_size']}", pairs))
+            out.append((f"{norm_setting_label(norm, groups, l1)}: each batch size against batch "
+                        f"{runs['batch_size'].max()}", pairs))
     return out
 
 
