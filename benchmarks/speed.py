@@ -87,7 +87,7 @@ def prepare_mnist(data_dir: Path, shared: Path, workdir: Path, train_images: int
     n_train = min(train_images or len(train_lab), len(train_lab))
     n_test = min(test_images or len(test_lab), len(test_lab))
     out = workdir / "MNIST" / "raw"
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)  # a failed download may have left the folder
     (out / MNIST_FILES[0]).write_bytes(_idx((n_train, 28, 28), train_img[: n_train * px]))
     (out / MNIST_FILES[1]).write_bytes(_idx((n_train,), train_lab[:n_train]))
     (out / MNIST_FILES[2]).write_bytes(_idx((n_test, 28, 28), test_img[: n_test * px]))

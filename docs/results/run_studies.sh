@@ -18,7 +18,7 @@ for study in "${studies[@]}"; do
   case $study in classic|batch-size|groups|l1) ;;
     *) echo "unknown study $study; choose from classic, batch-size, groups, l1" >&2; exit 2 ;; esac
 done
-if [ ! -d "$data/MNIST/raw" ]; then
+if [ ! -e "$data/MNIST/raw/train-images-idx3-ubyte" ]; then  # absent, or left empty by a failed download
   python -c "import sys; from pathlib import Path; sys.path.insert(0, '$root'); from benchmarks.speed import prepare_mnist
 prepare_mnist(Path('$data'), Path('$root/tests/data/mnist-t10k'), Path('$data'), 8000, None, holdout=2000)"
   echo "made $data: train = the first 8,000 digits of the official MNIST test set, test = its last 2,000"
