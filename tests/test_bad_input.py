@@ -287,3 +287,19 @@ def test_logged_model_carries_no_code_and_loads_without_normlab(in_store, tmp_pa
 
 def _artifact_files(folder) -> list[str]:
     return [str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("NORMLAB_RUNS_PER_GPU", "0", "NORMLAB_RUNS_PER_GPU='0'; valid: a whole number from 1 to 32"),
+    ("NORMLAB_RUNS_PER_GPU", "three", "NORMLAB_RUNS_PER_GPU='three'; valid: a whole number from 1 to 32"),
+    ("NORMLAB_COMPILE", "sometimes", "NORMLAB_COMPILE='sometimes'; valid choices: auto, always, never"),
+])
+def test_bad_speed_setting_is_refused_before_a_sweep_makes_any_run(name, value, expected, monkeypatch,
+                                                                    small_mnist_dir, tracking_uri):
+    """A sweep checks the speed switches once, up front, on any machine: not in every child
+    on a GPU (where they are read), after its parent run exists."""
+    monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(main, ["sweep", "--data-dir", str(small_mnist_dir), "--epochs", "1"])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert no_runs_logged(tracking_uri)

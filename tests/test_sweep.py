@@ -521,3 +521,31 @@ def test_compiling_capturing_and_exporting_never_run_in_two_threads_at_once(trac
     client = MlflowClient()
     models = client.search_logged_models([client.get_experiment_by_name("Default").experiment_id])
     assert sorted(m.name for m in models) == ["gn2-s1", "none-s1"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_workers_threads_hold_streams_no_other_thread_or_capture_uses(tmp_path):
+    """torch.cuda.Stream() is a pool of 32 streams handed out round robin: the 10-seed study's
+    captures, each on a "new" stream, landed on other threads' streams and failed. A worker's
+    streams stay distinct however many streams the process draws, and a capture asked for on
+    a worker's thread runs on that thread's own stream."""
+    from normlab.engine.fast.chunked_steps import capture_stream
+    from normlab.sweep.worker import POOLED_STREAMS, Worker
+
+    worker = Worker("cuda", str(tmp_path), "Default", str(tmp_path))
+    device = worker.device if worker.device.index is not None else torch.device("cuda", 0)
+    with worker.stream():
+        first = torch.cuda.current_stream(device)
+        assert capture_stream(device) == first
+        for _ in range(POOLED_STREAMS + 8):  # wrap both pools around
+            torch.cuda.Stream(device)
+            torch.cuda.Stream(device, priority=-1)
+        with worker.stream():
+            second = torch.cuda.current_stream(device)
+            assert capture_stream(device) == second
+    held = {first.cuda_stream, second.cuda_stream}
+    assert len(held) == 2 and torch.cuda.default_stream(device).cuda_stream not in held
+    assert capture_stream(device).cuda_stream not in held  # the default stream's side stream
+    with worker.stream():  # a stream given back is lent again, not drawn anew
+        assert torch.cuda.current_stream(device).cuda_stream in held
+    assert len(worker.streams) == 2

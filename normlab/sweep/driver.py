@@ -116,12 +116,17 @@ class Grid:
 
 
 def check_resources(configs: list[TrainConfig], data_dir: str, device: str) -> None:
-    """Device and data once, before any run exists: a missing dataset is downloaded here,
-    not by N children racing into one folder, and too-large batch sizes fail now."""
+    """Device, speed switches and data once, before any run exists: a missing dataset is
+    downloaded here, not by N children racing into one folder, and too-large batch sizes
+    and bad NORMLAB_* settings fail now, not in every child."""
     from normlab.engine.data import load_raw
+    from normlab.engine.fast import compile_choice
     from normlab.engine.train import resolve_device
+    from normlab.sweep.worker import runs_per_gpu
 
     resolve_device(device)
+    compile_choice()
+    runs_per_gpu()
     raw = load_raw(configs[0].dataset, data_dir)
     for config in configs:
         config.check_fits(len(raw.train_labels))

@@ -20,7 +20,7 @@ import traceback
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from normlab.sweep.worker import CONCURRENT_ON_GPU, RunRequest, RunResult
+from normlab.sweep.worker import RunRequest, RunResult, runs_per_gpu
 from normlab.tracking import connection
 
 MAX_ATTEMPTS = 3  # tries per run when workers die under it
@@ -213,7 +213,7 @@ class LocalExecutor:
 
     @property
     def concurrent(self) -> int:
-        return CONCURRENT_ON_GPU if self.devices[0][0].startswith("cuda") else 1
+        return runs_per_gpu() if self.devices[0][0].startswith("cuda") else 1
 
     def describe(self) -> str:
         where = ", ".join(self._where(i) for i in range(len(self.devices)))
@@ -377,7 +377,7 @@ class RayExecutor:
         gpus = sum(int(n["Resources"].get("GPU", 0)) for n in nodes)
         cpus = sum(int(n["Resources"].get("CPU", 0)) for n in nodes)
         if gpus:
-            self.concurrent, self.options, self.workers, self.unit = CONCURRENT_ON_GPU, {"num_gpus": 1}, gpus, "GPU"
+            self.concurrent, self.options, self.workers, self.unit = runs_per_gpu(), {"num_gpus": 1}, gpus, "GPU"
         elif cpus:
             self.concurrent, self.options, self.workers, self.unit = 1, {"num_cpus": 1}, cpus, "CPU"
         else:

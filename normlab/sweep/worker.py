@@ -19,8 +19,9 @@ import os
 import threading
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import click
 import torch
@@ -33,12 +34,24 @@ from normlab.tracking.lifecycle import Ending, train_tracked
 from normlab.tracking.redaction import redact
 
 # Runs a GPU worker trains at once, each in a thread with its own CUDA stream. Three side by
-# side trained 1.4x faster than one after another on an H200, but in the 10-seed study a run's
-# CUDA-graph capture failed while other threads trained (invalidated captures, CPU-to-GPU
-# copies during capture: benchmarks/results/h200-2026-11-29-e2e.txt), so runs go one at a
-# time until that is understood. A CPU run uses every core alone.
-CONCURRENT_ON_GPU = 1
+# side trained 1.4x faster than one after another on an H200, but in the 10-seed study 5 of 30
+# runs' CUDA-graph captures failed (benchmarks/results/h200-2026-11-29-e2e.txt). The cause: a
+# new pooled stream per capture, which after 32 captures was another thread's (see stream()
+# and chunked_steps.capture_stream, which now rule that out). Until a GPU run shows the study
+# completing side by side, a worker trains one run at a time; NORMLAB_RUNS_PER_GPU=3 runs
+# three. A CPU run uses every core alone.
+RUNS_PER_GPU = 1
 LOG_LINES = 40  # the last lines of a run's output kept for its failure report
+POOLED_STREAMS = 32  # torch's pool of CUDA streams per device and priority (c10/cuda/CUDAStream.h)
+HIGH_PRIORITY = -1  # the pool a worker's threads take their streams from
+
+
+def runs_per_gpu() -> int:
+    """How many runs a GPU worker trains at once: NORMLAB_RUNS_PER_GPU, else RUNS_PER_GPU."""
+    value = os.environ.get("NORMLAB_RUNS_PER_GPU", str(RUNS_PER_GPU))
+    if not value.isdigit() or not 1 <= int(value) <= POOLED_STREAMS:
+        raise ConfigError(f"NORMLAB_RUNS_PER_GPU={value!r}; valid: a whole number from 1 to {POOLED_STREAMS}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -85,13 +98,15 @@ class Worker:
         self.data_dir = data_dir
         self.experiment = experiment
         self.checkpoint_dir = checkpoint_dir
-        self.concurrent = concurrent or (CONCURRENT_ON_GPU if self.device.type == "cuda" else 1)
+        self.concurrent = concurrent or (runs_per_gpu() if self.device.type == "cuda" else 1)
         self.bars = bars
         self.datasets: dict[str, DeviceData] = {}
         self.compiled: set[tuple] = set()  # steps compiled in this process: later runs reuse them
         self.trainers: list[Trainer] = []
         self.stop_reason: str | None = None
         self.lock = threading.Lock()
+        self.streams: list[torch.cuda.Stream] = []  # on a GPU: every stream this worker took
+        self.idle_streams: list[torch.cuda.Stream] = []  # ...and those no thread holds now
 
     @property
     def device_name(self) -> str:
@@ -194,8 +209,34 @@ class Worker:
             return result(ending.status, "\n".join(list(lines)[-15:]), ending)
         return result("FINISHED", "", ending)
 
-    def stream(self):
-        """A context for one thread of runs side by side: its own CUDA stream on a GPU."""
+    @contextmanager
+    def stream(self) -> Iterator[None]:
+        """A context for one thread of runs: on a GPU, a CUDA stream that no other thread holds
+        meanwhile, on which its runs train and capture their graphs.
+
+        torch.cuda.Stream() hands out 32 pooled streams round robin, so a stream taken anew per
+        thread or per run is sooner or later one that another thread still trains on. The
+        worker keeps the streams it took (from the high-priority pool, which nothing else in
+        normlab draws from) and lends each to one thread at a time."""
         if self.device.type != "cuda":
-            return nullcontext()
-        return torch.cuda.stream(torch.cuda.Stream(self.device))
+            yield
+            return
+        with self.lock:
+            stream = self.idle_streams.pop() if self.idle_streams else self._new_stream()
+        try:
+            with torch.cuda.stream(stream):
+                yield
+        finally:
+            with self.lock:
+                self.idle_streams.append(stream)
+
+    def _new_stream(self) -> torch.cuda.Stream:
+        """A pooled stream that none of this worker's streams already is."""
+        held = {s.cuda_stream for s in self.streams}
+        for _ in range(POOLED_STREAMS):
+            stream = torch.cuda.Stream(self.device, priority=HIGH_PRIORITY)
+            if stream.cuda_stream not in held:
+                self.streams.append(stream)
+                return stream
+        raise RuntimeError(f"a worker cannot hold more than {POOLED_STREAMS} CUDA streams "
+                           f"({len(self.streams)} held)")

@@ -45,10 +45,7 @@ class Speedups:
         malloc keeps freed memory, evaluation in batches of 500 (under glibc's mmap limit), no
         compiling (it made CPU steps slower)."""
         cuda = device.type == "cuda"
-        choice = os.environ.get("NORMLAB_COMPILE", "auto")
-        if choice not in COMPILE_CHOICES:
-            raise ConfigError(f"NORMLAB_COMPILE={choice!r}; valid choices: {', '.join(COMPILE_CHOICES)}")
-        compiled = {"always": True, "never": False}.get(choice, epochs_ahead >= COMPILE_PAYS_FROM_EPOCHS)
+        compiled = {"always": True, "never": False}.get(compile_choice(), epochs_ahead >= COMPILE_PAYS_FROM_EPOCHS)
         return cls(cuda_graphs=cuda, chunk_steps=64 if cuda else 1, keep_freed_memory=not cuda,
                    compile=cuda and compiled,
                    triton_convs=cuda, eval_batch_size=2000 if cuda else 500)
@@ -61,3 +58,11 @@ class Speedups:
 # epochs of one variant and batch size (ten 20-epoch runs, a 10-seed study's share).
 COMPILE_PAYS_FROM_EPOCHS = 200
 COMPILE_CHOICES = ("auto", "always", "never")  # NORMLAB_COMPILE overrides the rule on a GPU
+
+
+def compile_choice() -> str:
+    """NORMLAB_COMPILE, checked: auto (the rule above), always or never."""
+    choice = os.environ.get("NORMLAB_COMPILE", "auto")
+    if choice not in COMPILE_CHOICES:
+        raise ConfigError(f"NORMLAB_COMPILE={choice!r}; valid choices: {', '.join(COMPILE_CHOICES)}")
+    return choice

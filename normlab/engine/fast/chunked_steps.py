@@ -12,6 +12,24 @@ from normlab.engine.step import TrainStep, run_and_undo
 # One capture at a time in the process: capturing is rare and short, and another thread's
 # capture or warm-up could otherwise be recorded into the wrong graph's memory pool.
 _CAPTURE_LOCK = threading.Lock()
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}  # for captures asked for on a default stream
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream a capture runs on: the calling thread's own, or, where that is the default
+    stream (which cannot be captured), one side stream per device, taken once.
+
+    Never a new stream per capture: torch.cuda.Stream() hands out 32 pooled streams round
+    robin, so the 33rd capture's "new" stream was another thread's, and that thread's work
+    was captured into this graph or broke it (the failed runs of the 10-seed study,
+    benchmarks/results/h200-2026-11-29-e2e.txt). normlab.sweep.worker gives each of its
+    threads a stream no other thread holds."""
+    current = torch.cuda.current_stream(device)
+    if current != torch.cuda.default_stream(device):
+        return current
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 class EpochSteps:
@@ -109,20 +127,20 @@ class EpochSteps:
             start += size
 
     def _capture(self, sizes: tuple[int, ...]) -> None:
-        """Warm up each batch size on a side stream (autograd and the compiled kernels set
+        """Warm up each batch size on the capture stream (autograd and the compiled kernels set
         themselves up there; undone), then capture the chunk's steps inside the run's RNG
         scope, so replays advance the run's own generator. A run's graphs share a memory pool."""
         pool = next(iter(self.graphs.values())).pool() if self.graphs else None
         with _CAPTURE_LOCK, self.step.rng.active(), torch.cuda.device(self.x.device):
             caller = torch.cuda.current_stream()
-            side = torch.cuda.Stream()
-            side.wait_stream(caller)
-            with torch.cuda.stream(side):
+            capturing = capture_stream(self.x.device)
+            capturing.wait_stream(caller)
+            with torch.cuda.stream(capturing):
                 for size in set(sizes):
                     run_and_undo(self.step, self.x[:size], self.y[:size], self.rates[0], self.warmup_steps)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=pool, stream=capturing, capture_error_mode="thread_local"):
                 self._steps(sizes)
-            caller.wait_stream(side)
-            side.synchronize()
+            caller.wait_stream(capturing)
+            capturing.synchronize()
         self.graphs[sizes] = graph
