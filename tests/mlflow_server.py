@@ -69,3 +69,49 @@ class MlflowServer:
         except ProcessLookupError:
             pass
         self.proc = None
+
+
+class TokenProxy:
+    """A tracking server that demands a bearer token: an HTTP proxy in front of a real
+    `mlflow server` that answers 401 to any request without ``Authorization: Bearer TOKEN``
+    (what MLflow sends for MLFLOW_TRACKING_TOKEN) and passes the others on."""
+
+    def __init__(self, upstream: str, token: str):
+        import http.server
+        import threading
+
+        proxy = self
+        self.upstream, self.token, self.refused = upstream, token, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                if self.headers.get("Authorization") != f"Bearer {proxy.token}":
+                    proxy.refused += 1
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                reply = requests.request(self.command, proxy.upstream + self.path, data=body, headers=headers,
+                                         timeout=120)
+                self.send_response(reply.status_code)
+                for key, value in reply.headers.items():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(reply.content)))
+                self.end_headers()
+                self.wfile.write(reply.content)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

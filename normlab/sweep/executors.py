@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from normlab.sweep.worker import RunRequest, RunResult, runs_per_gpu
@@ -35,6 +35,7 @@ class WorkerSettings:
     experiment: str
     checkpoint_dir: str
     tracking_uri: str
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)  # environment a Ray actor sets
 
 
 def local_devices(device: str, cpu_workers: int = 1) -> list[tuple[str, dict[str, str]]]:
@@ -316,14 +317,23 @@ RAY_WORKER_TAG = "normlab.ray_worker"  # the Ray actor that created a child: fou
 PLACEMENT_NOTE_S = 30.0  # say why nothing happens when Ray has placed no worker for this long
 
 
-def _forwarded_environment(tracking_uri: str) -> dict[str, str]:
-    """What the actors need from the driver's environment: the store and MLflow's settings,
-    credentials included (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN: a worker without them gets
-    HTTP 401), and normlab's own. Ray starts actors in its nodes' environment, not the driver's."""
+def _forwarded_environment() -> tuple[dict[str, str], dict[str, str]]:
+    """What the actors need from the driver's environment, as (plain, secret): MLflow's and
+    normlab's settings, credentials included (MLFLOW_TRACKING_PASSWORD or TOKEN: a worker
+    without them gets HTTP 401). Ray starts actors in its nodes' environment, not the driver's.
+
+    Only the plain part goes into the job's runtime environment: Ray writes that into its
+    session logs (runtime_env_agent.log: "Creating runtime env: {env_vars: ...}") and shows it
+    on its dashboard. The secrets travel as an argument of each actor's constructor, which
+    sets them (WorkerSettings.secrets). The tracking URI, which may carry a password, is
+    set by the actor from its settings too."""
+    from normlab.tracking.redaction import is_secret_name
+
     env = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "NORMLAB_"))}
-    env.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run is the driver's, not the children's
-    env["MLFLOW_TRACKING_URI"] = tracking_uri
-    return env
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI"):  # `mlflow run`'s run is the driver's
+        env.pop(name, None)
+    secrets = {k: env.pop(k) for k in list(env) if is_secret_name(k)}
+    return env, secrets
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -366,11 +376,12 @@ class RayExecutor:
         _check_reachable(address)
         self.ray = ray
         # the actors' working folder is their node's, not the driver's
+        plain, secrets = _forwarded_environment()
         self.settings = replace(settings, data_dir=os.path.abspath(settings.data_dir),
-                                checkpoint_dir=os.path.abspath(os.path.expanduser(settings.checkpoint_dir)))
+                                checkpoint_dir=os.path.abspath(os.path.expanduser(settings.checkpoint_dir)),
+                                secrets=secrets)
         self.echo = echo
-        ray.init(address=address, log_to_driver=True,
-                 runtime_env={"env_vars": _forwarded_environment(settings.tracking_uri)})
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": plain})
         nodes = [n for n in ray.nodes() if n["Alive"]]
         check_store_for_cluster(settings.tracking_uri, len(nodes))
         # whole devices per node: 1.5 CPUs on each of two nodes is two workers, not three
@@ -538,6 +549,7 @@ class RayWorker:
 
         from normlab.sweep.worker import Worker
 
+        os.environ.update(settings.secrets)
         os.environ["MLFLOW_TRACKING_URI"] = settings.tracking_uri
         connection.use_bounded_http_retries()
         context = ray.get_runtime_context()

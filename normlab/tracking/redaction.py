@@ -40,12 +40,16 @@ MIN_SECRET_LENGTH = 4
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^\s/?#]+)@")
 
 
+def is_secret_name(name: str) -> bool:
+    """Whether an environment variable of this name holds a secret."""
+    return name in SECRET_VARIABLES or bool(_SECRET_NAME.search(name))
+
+
 def secret_values(environ: dict[str, str] | None = None) -> list[str]:
     """The values of the secret variables that are set, longest first (so a secret that
     contains another is masked whole)."""
     environ = os.environ if environ is None else environ
-    values = {value for name, value in environ.items()
-              if (name in SECRET_VARIABLES or _SECRET_NAME.search(name)) and len(value) >= MIN_SECRET_LENGTH}
+    values = {value for name, value in environ.items() if is_secret_name(name) and len(value) >= MIN_SECRET_LENGTH}
     return sorted(values, key=len, reverse=True)
 
 
