@@ -250,12 +250,28 @@ def test_an_address_where_no_cluster_answers_fails_at_once(tmp_path):
 
 def test_two_drivers_of_one_sweep_train_each_child_once(cluster, server, small_mnist_dir, tmp_path):
     """The same command twice at once: the cluster's two CPUs go to either driver's actors
-    or to both, and either way MLflow (leases, creation order) gives each config one child."""
+    or to both, and either way MLflow (leases, creation order) gives each config one child.
+
+    The store demands a token (a proxy in front of the server refuses any request without
+    MLFLOW_TRACKING_TOKEN's bearer header), set for the drivers only: the children finish
+    only if the actors send it too, and no file Ray writes on its two nodes may hold it (its
+    session logs print a job's runtime environment in full: "Creating runtime env: ...")."""
     cluster.ensure_two_nodes()
-    args = _sweep_args(cluster, small_mnist_dir, tmp_path, "--norms", "gn,ln", "--epochs", "1")
-    drivers = [Driver(args, tmp_path, MLFLOW_TRACKING_URI=server.uri) for _ in range(2)]
-    for driver in drivers:
-        assert driver.finish() == 0, driver.output[-6000:]
+    token = f"tok-{os.urandom(8).hex()}"
+    proxy = TokenProxy(server.uri, token)
+    try:
+        args = _sweep_args(cluster, small_mnist_dir, tmp_path, "--norms", "gn,ln", "--epochs", "1")
+        drivers = [Driver(args, tmp_path, MLFLOW_TRACKING_URI=proxy.uri, MLFLOW_TRACKING_TOKEN=token)
+                   for _ in range(2)]
+        for driver in drivers:
+            assert driver.finish() == 0, driver.output[-6000:]
+            assert token not in driver.output
+    finally:
+        proxy.close()
+    assert proxy.refused == 0  # every request of the drivers and the actors carried it
+    written = [path for node in (cluster.head, cluster.second) for path in node.temp.rglob("*")
+               if path.is_file() and token.encode() in path.read_bytes()]
+    assert written == [], written
     finished_lines = [line for driver in drivers for line in driver.lines if line.startswith("finished ")]
     assert len(finished_lines) == 2, finished_lines  # each child trained to its end by one driver
 
@@ -269,27 +285,6 @@ def test_two_drivers_of_one_sweep_train_each_child_once(cluster, server, small_m
         assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_name, r.info.status) for r in runs]
         assert runs[0].data.tags[st.SWEEP_PARENT] == parents[0].info.run_id
         _check_complete(server.uri, runs[0], epochs=1)
-
-
-def test_a_token_reaches_every_actor_and_no_file_ray_writes(cluster, server, small_mnist_dir, tmp_path):
-    """MLFLOW_TRACKING_TOKEN set for the driver only: the store (a proxy in front of the
-    server) refuses every request without it, so the children finish only if the actors send
-    it; and no file Ray writes on its two nodes holds it (its session logs print
-    a job's runtime environment in full: "Creating runtime env: {env_vars: ...}")."""
-    cluster.ensure_two_nodes()
-    token = f"tok-{os.urandom(8).hex()}"
-    proxy = TokenProxy(server.uri, token)
-    try:
-        args = _sweep_args(cluster, small_mnist_dir, tmp_path, "--norms", "gn,ln", "--epochs", "1")
-        driver = Driver(args, tmp_path, MLFLOW_TRACKING_URI=proxy.uri, MLFLOW_TRACKING_TOKEN=token)
-        assert driver.finish() == 0, driver.output[-6000:]
-    finally:
-        proxy.close()
-    assert "2 of 2 children finished" in driver.output and token not in driver.output
-    assert proxy.refused == 0  # every request of the driver and the actors carried it
-    written = [path for node in (cluster.head, cluster.second) for path in node.temp.rglob("*")
-               if path.is_file() and token.encode() in path.read_bytes()]
-    assert written == [], written
 
 
 def test_second_node_killed_mid_run_loses_no_child(cluster, server, small_mnist_dir, tmp_path, monkeypatch):
