@@ -325,6 +325,53 @@ def test_runs_after_others_in_one_worker_log_exactly_what_each_logs_alone(sweep_
     assert mistakes[0] == mistakes[1]
 
 
+def test_runs_side_by_side_in_one_worker_log_exactly_what_each_logs_alone(sweep_twice, small_mnist_dir,
+                                                                          monkeypatch):
+    """The logic a GPU worker runs several at once with (NORMLAB_RUNS_PER_GPU), on the CPU:
+    the sweep's four configs trained by one worker in four threads at the same time (each
+    swapping its own random streams in, logging through its own MLflow run, upload thread and
+    lease) log the numbers, weights and mistakes that the same configs logged one after
+    another in the sweep, bit for bit."""
+    import mlflow
+
+    from normlab.sweep.worker import RunRequest, Worker
+
+    client, tmp = sweep_twice["client"], sweep_twice["tmp"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sweep_twice["uri"])
+    mlflow.set_tracking_uri(sweep_twice["uri"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the sweep's subprocess had it (OMP_NUM_THREADS=1)
+    configs = SMALL_GRID.configs()
+    worker = Worker("cpu", str(small_mnist_dir), "side-by-side", str(tmp / "ck-side"), concurrent=len(configs))
+    results, started = {}, threading.Barrier(len(configs))
+
+    def train(config) -> None:
+        started.wait()
+        with worker.stream():
+            results[config.config_hash()] = worker.train(RunRequest(config), echo=lambda *a, **k: None)
+    try:
+        side_by_side = [threading.Thread(target=train, args=(config,)) for config in configs]
+        for thread in side_by_side:
+            thread.start()
+        for thread in side_by_side:
+            thread.join(timeout=600)
+    finally:
+        torch.set_num_threads(threads)
+        mlflow.set_tracking_uri(None)
+    assert sorted(r.status for r in results.values()) == ["FINISHED"] * len(configs), results
+    _, children = sweep_runs(client)
+    in_sweep = {r.data.tags[st.CONFIG_HASH]: r.info.run_id for r in children.values()}
+    for key, result in results.items():
+        assert histories(client, result.run_id) == histories(client, in_sweep[key]), result.config.run_name
+        weights = [load(Path(client.download_artifacts(run_id, "checkpoint/last.pt", str(tmp / f"w-{run_id}"))))
+                   for run_id in (result.run_id, in_sweep[key])]
+        for name, tensor in weights[0]["model"].items():
+            assert torch.equal(tensor, weights[1]["model"][name]), (result.config.run_name, name)
+        mistakes = [Path(client.download_artifacts(run_id, "misclassified.json", str(tmp / f"m-{run_id}")))
+                    .read_text() for run_id in (result.run_id, in_sweep[key])]
+        assert mistakes[0] == mistakes[1], result.config.run_name
+
+
 # -- failing, and workers that die ----------------------------------------------------------
 
 def test_a_failing_child_is_reported_with_its_reason_and_log_and_the_others_finish(tmp_path, small_mnist_dir):
