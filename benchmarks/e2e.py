@@ -8,6 +8,7 @@ the full study is that process's fixed cost plus the study's epochs at its media
 said so in the output. Per-phase times are read from the commands' own output.
 
     python benchmarks/e2e.py --out benchmarks/results/e2e.json            # GPU: the full table
+    python benchmarks/e2e.py --rows sweep1,sweep10 --runs-per-gpu 1,3     # GPU: 1 vs 3 runs at once
     python benchmarks/e2e.py --epochs 2 --rows train,sweep1 --device cpu  # a quick CPU look
     python benchmarks/e2e.py --epochs 1 --rows sweep10 --device cpu --train-images 1000  # CPU overhead per run
 
@@ -94,8 +95,12 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, help="train on the first N images only (slow devices)")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     parser.add_argument("--logs", type=Path, help="keep each command's output in this folder")
+    parser.add_argument("--runs-per-gpu", default="1",
+                        help="comma list of NORMLAB_RUNS_PER_GPU values: the warm sweep rows run once with each, "
+                             "so the layouts compare in one invocation (rows named sweep1-x3 and so on)")
     args = parser.parse_args()
     rows = args.rows.split(",")
+    layouts = [int(n) for n in args.runs_per_gpu.split(",")]
     work = Path(tempfile.mkdtemp(prefix="normlab-e2e-"))
     digits = next((p for p in (ROOT / "tests" / "data" / "mnist-t10k", ROOT.parent / "shared" / "data" / "mnist-t10k")
                    if p.exists()), ROOT / "tests" / "data" / "mnist-t10k")
@@ -114,19 +119,21 @@ def main() -> None:
     results: list[dict] = []
     epochs = ["--epochs", str(args.epochs)]
 
-    def time_row(name: str, command: list[str], cold: bool = False, runs: int = 1) -> None:
+    def time_row(name: str, command: list[str], cold: bool = False, runs: int = 1, runs_per_gpu: int = 1) -> None:
         """Warm rows share one store, as a user's commands do (a new one costs seconds of
         schema migrations), each in its own experiment so that nothing is found done; the
         cold row starts from nothing, a fresh store included."""
         store = work / name / "mlflow.db" if cold else work / "mlflow.db"
-        env = dict(base, MLFLOW_TRACKING_URI=f"sqlite:///{store}", **warm_cache)
+        env = dict(base, MLFLOW_TRACKING_URI=f"sqlite:///{store}", NORMLAB_RUNS_PER_GPU=str(runs_per_gpu),
+                   **warm_cache)
         command = command + (["--experiment-name", name] if "mlflow" in command[:3] else ["--experiment", name])
         if cold:
             env.update(TORCHINDUCTOR_CACHE_DIR=str(work / "cold-inductor"), TRITON_CACHE_DIR=str(work / "cold-triton"))
         (work / name).mkdir(parents=True, exist_ok=True)
         wall, output, status = run(command, env, work / name, logs / f"{name}.log")
         row = {"row": name, "command": " ".join(command[2:] if command[0] == sys.executable else command),
-               "cache": "cold" if cold else "warm", "wall_s": round(wall, 2), "exit": status,
+               "cache": "cold" if cold else "warm", "runs_per_gpu": runs_per_gpu, "wall_s": round(wall, 2),
+               "exit": status,
                "runs_finished": finished(output), "runs": runs, "phases_s": phases(output)}
         # what the user waits for beyond the training itself, per run: imports, store, data,
         # setup, compiling, artifacts, model and comparison, shared out over the command's runs
@@ -147,14 +154,18 @@ def main() -> None:
     if "sweep1" in rows:
         if not prewarmed:
             time_row("warm-up", normlab + ["sweep", *common, *epochs], runs=3)  # fills the warm cache
-        time_row("sweep1", normlab + ["sweep", *common, *epochs], runs=3)
+        for n in layouts:
+            time_row("sweep1" if n == 1 else f"sweep1-x{n}", normlab + ["sweep", *common, *epochs], runs=3,
+                     runs_per_gpu=n)
     if "sweep10" in rows:
         # The 10-seed study compiles its steps (normlab.engine.fast.COMPILE_PAYS_FROM_EPOCHS); this
         # fills the warm cache with them, as an earlier study on the machine would have.
         base["NORMLAB_COMPILE"] = "always"
         time_row("warm-up-compiled", normlab + ["sweep", *common, "--epochs", "1"], runs=3)
         del base["NORMLAB_COMPILE"]
-        time_row("sweep10", normlab + ["sweep", "--seeds", "10", *common, *epochs], runs=30)
+        for n in layouts:
+            time_row("sweep10" if n == 1 else f"sweep10-x{n}", normlab + ["sweep", "--seeds", "10", *common, *epochs],
+                     runs=30, runs_per_gpu=n)
     if "train" in rows:
         time_row("train", normlab + ["train", "--norm", "ln", *common, *epochs])
     if "mlflow-run" in rows:
@@ -183,9 +194,11 @@ def main() -> None:
         print(f"notebook study (3 variants x {args.epochs} epochs, one after another): {notebook['study_wall_s']:.1f} s "
               f"({notebook['how']})")
         for row in results:
-            if row["row"].startswith("sweep1"):
-                row["x_notebook"] = round(notebook["study_wall_s"] / row["wall_s"], 1)
-                print(f"{row['row']}: {row['x_notebook']}x faster than the notebook study")
+            if row["row"].startswith("sweep"):  # against as many notebook runs as the sweep trains
+                notebook_wall = notebook["study_wall_s"] * row["runs"] / len(STUDY)
+                row["x_notebook"] = round(notebook_wall / row["wall_s"], 1)
+                print(f"{row['row']}: {row['x_notebook']}x faster than its {row['runs']} runs the notebook way "
+                      f"({notebook_wall:.0f} s)")
     same = same_histories(work / "mlflow.db", ("sweep1", "ln-s1"), ("train", "ln-s1"))
     if same is not None:
         print(f"ln-s1 trained by the sweep's worker and alone by normlab train: "
