@@ -346,6 +346,7 @@ def test_runs_side_by_side_in_one_worker_log_exactly_what_each_logs_alone(sweep_
     results, started = {}, threading.Barrier(len(configs))
 
     def train(config) -> None:
+        torch.set_num_threads(1)  # per thread: OpenMP gives each new thread the default count
         started.wait()
         with worker.stream():
             results[config.config_hash()] = worker.train(RunRequest(config), echo=lambda *a, **k: None)

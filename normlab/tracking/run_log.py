@@ -43,11 +43,12 @@ def start_training_run(config: TrainConfig, experiment: str = EXPERIMENT, run_id
     if run_id:
         run = mlflow.start_run(run_id=run_id, log_system_metrics=_system_metrics())
     else:
-        if mlflow.active_run() is None and not _run_id_from_env():
-            # by id: mlflow.set_experiment(name) that loses a creation race to another process
-            # returns without setting it, and the run lands in the Default experiment
-            mlflow.set_experiment(experiment_id=experiment_id(experiment))
-        run = mlflow.start_run(run_name=config.run_name, log_system_metrics=_system_metrics())
+        # by id, and for this run only: mlflow.set_experiment(name) that loses a creation race to
+        # another process returns without setting it (the run then lands in the Default
+        # experiment), and it sets the process's experiment, for every thread and every later run
+        in_experiment = experiment_id(experiment) if mlflow.active_run() is None and not _run_id_from_env() else None
+        run = mlflow.start_run(experiment_id=in_experiment, run_name=config.run_name,
+                               log_system_metrics=_system_metrics())
     mlflow.set_tag("mlflow.runName", config.run_name)  # `mlflow run` names runs randomly
     mark_model_training(run.info.experiment_id)
     return run
