@@ -66,8 +66,8 @@ def small_mnist_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def restore_environ():
-    """In-process commands set MLFLOW_EXPERIMENT_ID (mlflow.set_experiment) and retry settings
-    in os.environ; put it back so later subprocesses and tests start clean."""
+    """In-process commands set MLflow's retry settings in os.environ; put it back so later
+    subprocesses and tests start clean."""
     saved = dict(os.environ)
     yield
     os.environ.clear()

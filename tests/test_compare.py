@@ -86,9 +86,6 @@ def store(tmp_path_factory, small_mnist_dir) -> Store:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.chdir(root)  # MLflow resolves default artifact folders against the working directory
-        # training in this process calls mlflow.set_experiment, which sets both; undo them afterwards
-        patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-        patch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
         mlflow.set_tracking_uri(uri)
         client = MlflowClient()
         experiment = client.create_experiment("normlab", artifact_location=str(root / "artifacts"))
@@ -118,7 +115,7 @@ def store(tmp_path_factory, small_mnist_dir) -> Store:
             run_id, printed = parse_training_output(done.output)
             built.short.append(TrainedRun(run_id, "LN", seed, printed))
         torch.set_num_threads(threads)
-        os.environ.pop("MLFLOW_EXPERIMENT_ID")  # left by training; `mlflow run` refuses it with a name
+        assert "MLFLOW_EXPERIMENT_ID" not in os.environ  # `mlflow run` would refuse it next to a name
         yield built
     mlflow.set_tracking_uri(None)
 
