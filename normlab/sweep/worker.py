@@ -33,14 +33,14 @@ from normlab.tracking import run_log
 from normlab.tracking.lifecycle import Ending, train_tracked
 from normlab.tracking.redaction import redact
 
-# Runs a GPU worker trains at once, each in a thread with its own CUDA stream. Three side by
-# side trained 1.4x faster than one after another on an H200, but in the 10-seed study 5 of 30
-# runs' CUDA-graph captures failed (benchmarks/results/h200-2026-11-29-e2e.txt). The cause: a
-# new pooled stream per capture, which after 32 captures was another thread's (see stream()
-# and chunked_steps.capture_stream, which now rule that out). Until a GPU run shows the study
-# completing side by side, a worker trains one run at a time; NORMLAB_RUNS_PER_GPU=3 runs
-# three. A CPU run uses every core alone.
-RUNS_PER_GPU = 1
+# Runs a GPU worker trains at once, each in a thread with its own CUDA stream: one run of this
+# small model leaves most of the chip idle. On an H200 the 10-seed study (30 runs, warm) took
+# 112.0 s three at once against 159.9 s one after another, 30 of 30 finished both ways
+# (benchmarks/results/h200-2026-11-30-e2e-10seeds-x3-vs-x1.txt). Earlier, 5 of 30 captures
+# failed three at once: a new pooled stream per capture was, after 32 captures, another
+# thread's (stream() and chunked_steps.capture_stream rule that out). A CPU run uses every
+# core alone.
+RUNS_PER_GPU = 3
 LOG_LINES = 40  # the last lines of a run's output kept for its failure report
 POOLED_STREAMS = 32  # torch's pool of CUDA streams per device and priority (c10/cuda/CUDAStream.h)
 HIGH_PRIORITY = -1  # the pool a worker's threads take their streams from
