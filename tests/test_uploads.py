@@ -31,3 +31,30 @@ def test_a_failed_call_is_raised_in_the_training_thread_and_later_calls_are_drop
     with pytest.raises(MlflowException, match="no-such-run"):
         uploads.close()
     assert client.get_metric_history(run_id, "test_acc") == []  # dropped: a resume logs it from the checkpoint
+
+
+def test_the_results_warm_up_is_paid_once_and_a_run_ending_meanwhile_waits_for_it(monkeypatch):
+    """On a GPU the first run's one-time artifact costs are paid on a background thread while
+    it trains; a run whose log_results comes first must wait for that, not pay them again."""
+    import threading
+    import time
+
+    from mlflow.utils import requirements_utils
+
+    from normlab.tracking import run_log
+
+    scans, scanning = [], threading.Event()
+
+    def slow_scan(requirements):
+        scanning.set()
+        time.sleep(0.3)
+        scans.append(list(requirements))
+
+    monkeypatch.setattr(requirements_utils, "warn_dependency_requirement_mismatches", slow_scan)
+    monkeypatch.setattr(run_log, "_results_logging_warmed", False)
+    run_log.warm_up_results_logging_in_background()
+    assert scanning.wait(30)
+    run_log.warm_up_results_logging()  # what log_results calls first
+    assert scans == [run_log.model_requirements()]  # done, and only once
+    run_log.warm_up_results_logging()
+    assert len(scans) == 1

@@ -238,8 +238,47 @@ class MetricLogger(Callbacks):
         self.uploads.submit(self.uploads.client.log_batch, self.uploads.run_id, metrics=metrics)
 
 
+_RESULTS_LOGGING_WARM = threading.Lock()  # held while a process pays log_results' first-time costs
+_results_logging_warmed = False
+
+
+def warm_up_results_logging() -> None:
+    """Pay what the first log_results of a process costs beyond later ones, ahead of it: on a
+    background thread while the run trains on a GPU and the host is idle. Measured on the
+    2-core CPU: importing torch.export's tracer (torch.export.export imports it on first
+    call) 2.3 s, MLflow's scan of every installed package before it writes the model's
+    requirements 1.2 s (then cached in the process), matplotlib 0.8 s. Each is paid once per
+    process; a later caller waits for a warm-up in progress rather than paying it again.
+    (The host is idle only on a GPU: lifecycle warms up there.)"""
+    global _results_logging_warmed
+    with _RESULTS_LOGGING_WARM:
+        if _results_logging_warmed:
+            return
+        with TRACING_LOCK:  # imports torch's tracing modules: not while another thread traces
+            import torch.export._trace  # noqa: F401
+        from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
+
+        from normlab.analysis import plots  # noqa: F401
+
+        warn_dependency_requirement_mismatches(model_requirements())
+        _results_logging_warmed = True
+
+
+def warm_up_results_logging_in_background() -> None:
+    """warm_up_results_logging on a daemon thread; an error there is met again, and reported,
+    by the run's own log_results."""
+    def warm_up() -> None:
+        try:
+            warm_up_results_logging()
+        except Exception:
+            pass
+
+    threading.Thread(target=warm_up, name="normlab-warm-up", daemon=True).start()
+
+
 def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> None:
     """Artifacts at the end of a run: misclassified grid and list, summary, the model."""
+    warm_up_results_logging()  # done already, unless the run was shorter than the warm-up
     mistakes = result.mistakes
     title = f"{config.label}: most confident mistakes on {config.dataset} test ({len(mistakes)})"
     images = data.raw.test_images[[m.index for m in mistakes]].permute(0, 2, 3, 1).numpy()
@@ -290,6 +329,11 @@ def model_name(run_name: str) -> str:
     return "".join("_" if c in MODEL_NAME_FORBIDDEN else c for c in run_name)
 
 
+def model_requirements() -> list[str]:
+    """What a logged model needs to load: this torch and this MLflow."""
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+
+
 def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model") -> str:
     """The trained model as a torch.export program (pt2), so `mlflow.pytorch.load_model` works
     anywhere without normlab's code; named after the run (`gn2-s1`), as the models table lists
@@ -303,7 +347,7 @@ def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model") -> 
             name=name,
             input_example=example,
             serialization_format="pt2",  # not pickle (MLflow's default on Databricks), which needs the code
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+            pip_requirements=model_requirements(),
             # MLflow would load the saved program again and predict the example (~0.5 s a run);
             # tests/test_bad_input.py loads and predicts with it in a process without normlab
             validate_serving_input=False,
