@@ -10,16 +10,18 @@ again resumes: finished children are kept, interrupted ones continue from their 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from normlab.engine.models import NORMS
-from normlab.engine.train import TrainConfig
+from normlab.engine.train import TrainConfig, resolve_device
 from normlab.errors import ConfigError
 from normlab.tracking import connection
 
@@ -185,6 +187,8 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     echo(f"sweep {grid.sweep_hash()}: {len(configs)} children, parent run {parent_id}"
          f"{' (resuming it)' if existed else ''}; {len(plan.done)} finished already, {len(plan.resume)} to "
          f"resume, {len(plan.start)} to start, {len(plan.busy)} being trained elsewhere; {executor.describe()}")
+    if resolve_device(device).type == "cuda":  # the host idles while its GPUs train
+        _import_comparison_in_background()
     started = time.perf_counter()
     echo(f"sweep: runs handed to the workers {_since_process_start():.1f} s after the command started")
 
@@ -240,6 +244,13 @@ def epochs_per_worker(configs: list[TrainConfig], workers: int) -> dict[tuple, i
     for config in configs:
         total[compile_key(config)] = total.get(compile_key(config), 0) + config.epochs
     return {key: epochs // max(1, workers) for key, epochs in total.items()}
+
+
+def _import_comparison_in_background() -> None:
+    """Import the comparison's modules (pandas, scipy's statistics, the figures: 1.35 s of a
+    4.4 s first comparison on the 2-core CPU) while the runs train, not after the last one."""
+    threading.Thread(target=importlib.import_module, args=("normlab.analysis.compare",),
+                     name="normlab-import-comparison", daemon=True).start()
 
 
 def _since_process_start() -> float:

@@ -284,12 +284,13 @@ def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> Non
     images = data.raw.test_images[[m.index for m in mistakes]].permute(0, 2, 3, 1).numpy()
     from normlab.analysis import plots  # matplotlib: 0.7 s of imports, needed only here, at the end
 
-    figure = plots.misclassified_grid(images, [m.true for m in mistakes], [m.pred for m in mistakes],
-                                      data.spec.classes, title)
-    mlflow.log_figure(figure, "misclassified.png")
     import matplotlib.pyplot as plt
 
-    plt.close(figure)
+    with plots.FIGURE_LOCK:
+        figure = plots.misclassified_grid(images, [m.true for m in mistakes], [m.pred for m in mistakes],
+                                          data.spec.classes, title)
+        mlflow.log_figure(figure, "misclassified.png")
+        plt.close(figure)
     mlflow.log_dict([asdict(m) for m in mistakes], "misclassified.json")
     mlflow.log_text(summary_text(result.model, config.dataset), "model_summary.txt")
     model_id = log_model(result.model, data, name=model_name(config.run_name))
