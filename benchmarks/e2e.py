@@ -8,7 +8,7 @@ the full study is that process's fixed cost plus the study's epochs at its media
 said so in the output. Per-phase times are read from the commands' own output.
 
     python benchmarks/e2e.py --out benchmarks/results/e2e.json            # GPU: the full table
-    python benchmarks/e2e.py --rows sweep1,sweep10 --runs-per-gpu 1,3     # GPU: 1 vs 3 runs at once
+    python benchmarks/e2e.py --rows sweep1,sweep10 --runs-per-gpu 1,3     # GPU: 1 vs 3 runs at once per GPU
     python benchmarks/e2e.py --epochs 2 --rows train,sweep1 --device cpu  # a quick CPU look
     python benchmarks/e2e.py --epochs 1 --rows sweep10 --device cpu --train-images 1000  # CPU overhead per run
 
@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.speed import STUDY, prepare_mnist  # noqa: E402
+from normlab.sweep.worker import RUNS_PER_GPU  # noqa: E402
 
 ROWS = ("sweep1-cold", "sweep1", "sweep10", "train", "mlflow-run", "notebook")
 
@@ -95,9 +96,10 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, help="train on the first N images only (slow devices)")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     parser.add_argument("--logs", type=Path, help="keep each command's output in this folder")
-    parser.add_argument("--runs-per-gpu", default="1",
+    parser.add_argument("--runs-per-gpu", default=str(RUNS_PER_GPU),
                         help="comma list of NORMLAB_RUNS_PER_GPU values: the warm sweep rows run once with each, "
-                             "so the layouts compare in one invocation (rows named sweep1-x3 and so on)")
+                             f"so the layouts compare in one invocation (rows named sweep1-x1 and so on for all "
+                             f"but the default, {RUNS_PER_GPU})")
     args = parser.parse_args()
     rows = args.rows.split(",")
     layouts = [int(n) for n in args.runs_per_gpu.split(",")]
@@ -119,7 +121,8 @@ def main() -> None:
     results: list[dict] = []
     epochs = ["--epochs", str(args.epochs)]
 
-    def time_row(name: str, command: list[str], cold: bool = False, runs: int = 1, runs_per_gpu: int = 1) -> None:
+    def time_row(name: str, command: list[str], cold: bool = False, runs: int = 1,
+                 runs_per_gpu: int = RUNS_PER_GPU) -> None:
         """Warm rows share one store, as a user's commands do (a new one costs seconds of
         schema migrations), each in its own experiment so that nothing is found done; the
         cold row starts from nothing, a fresh store included."""
@@ -155,7 +158,7 @@ def main() -> None:
         if not prewarmed:
             time_row("warm-up", normlab + ["sweep", *common, *epochs], runs=3)  # fills the warm cache
         for n in layouts:
-            time_row("sweep1" if n == 1 else f"sweep1-x{n}", normlab + ["sweep", *common, *epochs], runs=3,
+            time_row("sweep1" if n == RUNS_PER_GPU else f"sweep1-x{n}", normlab + ["sweep", *common, *epochs], runs=3,
                      runs_per_gpu=n)
     if "sweep10" in rows:
         # The 10-seed study compiles its steps (normlab.engine.fast.COMPILE_PAYS_FROM_EPOCHS); this
@@ -164,8 +167,8 @@ def main() -> None:
         time_row("warm-up-compiled", normlab + ["sweep", *common, "--epochs", "1"], runs=3)
         del base["NORMLAB_COMPILE"]
         for n in layouts:
-            time_row("sweep10" if n == 1 else f"sweep10-x{n}", normlab + ["sweep", "--seeds", "10", *common, *epochs],
-                     runs=30, runs_per_gpu=n)
+            time_row("sweep10" if n == RUNS_PER_GPU else f"sweep10-x{n}",
+                     normlab + ["sweep", "--seeds", "10", *common, *epochs], runs=30, runs_per_gpu=n)
     if "train" in rows:
         time_row("train", normlab + ["train", "--norm", "ln", *common, *epochs])
     if "mlflow-run" in rows:
