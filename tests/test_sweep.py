@@ -428,6 +428,68 @@ def worker_pids(sweep_pid: int) -> list[int]:
     return sorted(pids)
 
 
+def test_a_worker_killed_while_it_waits_for_work_does_not_keep_the_others_from_their_next_run(
+        tracking_uri, tmp_path, small_mnist_dir):
+    """Two CPU workers: one trains a short run, the other a long one. The first, done and
+    waiting for work, is killed (SIGKILL, as the OOM killer does); then the second, in its
+    run's second epoch. The long run is tried again, resumed in its own run, and finishes.
+    With one task queue shared by all workers, the first died holding that queue's lock, as
+    a process blocked in get() does, and no worker could take the retry: the sweep hung."""
+    from normlab.engine.train import TrainConfig
+    from normlab.sweep.executors import LocalExecutor, WorkerSettings
+    from normlab.sweep.worker import RunRequest
+
+    short, long = TrainConfig(norm="bn", epochs=1), TrainConfig(norm="ln", epochs=6)
+    lines, results, short_done = [], {}, threading.Event()
+    records = st.SweepRecords("kill-idle", "grid")  # a sweep's parent and children, as the driver makes them
+    records.open_parent("sweep", {}, "")
+    settings = WorkerSettings(str(small_mnist_dir), "kill-idle", str(tmp_path / "ck"), tracking_uri)
+    executor = LocalExecutor([("cpu", {"OMP_NUM_THREADS": "1"})] * 2, settings, lines.append)
+    client = MlflowClient(tracking_uri)
+
+    def on_result(result) -> None:
+        results[result.config.run_name] = result
+        if result.config == short:
+            short_done.set()
+
+    def pid_of(run_name: str) -> int:
+        return next(int(m[1]) for line in reversed(lines)
+                    if (m := re.match(rf"\[{re.escape(run_name)}\] started on .* \(pid (\d+)\)", line)))
+
+    def kill_in_turn() -> None:
+        assert short_done.wait(240)
+        os.kill(pid_of(short.run_name), signal.SIGKILL)  # idle: the long run is its only other
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            experiment = client.get_experiment_by_name("kill-idle")
+            runs = client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{long.run_name}'")
+            if runs and client.get_metric_history(runs[0].info.run_id, "test_acc"):
+                break
+            time.sleep(0.1)
+        os.kill(pid_of(long.run_name), signal.SIGKILL)
+
+    def give_up(signum, frame):
+        raise TimeoutError("the sweep stalled: " + "\n".join(lines))
+
+    killer = threading.Thread(target=kill_in_turn, daemon=True)
+    previous = signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(420)
+    try:
+        killer.start()
+        executor.run([RunRequest(c, records.child_tags(c, None), records.experiment_id) for c in (short, long)],
+                     on_result)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    killer.join(timeout=10)
+    assert {name: r.status for name, r in results.items()} == {short.run_name: "FINISHED", long.run_name: "FINISHED"}
+    text = "\n".join(lines)
+    assert "died with exit code -9; trying it again (resuming)" in text, text
+    run = client.get_run(results[long.run_name].run_id)
+    assert run.data.tags["normlab.status"] == "finished"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")] == [1, 2, 3, 4, 5, 6]
+
+
 def test_two_worker_processes_share_the_sweep_and_a_killed_one_has_its_run_resumed(tmp_path, small_mnist_dir):
     """--workers 2 on the CPU: both processes train children. A worker that has finished one
     child is killed (SIGKILL, as the OOM killer does) in its next child's second epoch: that run

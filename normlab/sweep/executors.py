@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import signal
@@ -173,8 +174,9 @@ class InProcessExecutor:
 
 
 def _local_worker(index: int, device: str, settings: WorkerSettings, tasks, results) -> None:
-    """A worker process: ``concurrent`` threads take requests from the shared queue until a
-    None; the first SIGINT/SIGTERM stops the running runs at their next step."""
+    """A worker process: ``concurrent`` threads take requests from this worker's own queue
+    until a None and report on its own pipe; the first SIGINT/SIGTERM stops the running runs
+    at their next step."""
 
     from normlab.engine.interrupts import stop_on_signals
     from normlab.sweep.worker import Worker
@@ -183,22 +185,40 @@ def _local_worker(index: int, device: str, settings: WorkerSettings, tasks, resu
     connection.use_bounded_http_retries()
     worker = Worker(device, settings.data_dir, settings.experiment, settings.checkpoint_dir,
                     name=f"worker {index + 1}" if device == "cpu" else None)
+    sending = threading.Lock()
+
+    def report(kind: str, key: str, value) -> None:
+        with sending:
+            results.send((kind, key, value))
 
     def serve() -> None:
         with worker.stream():
             while (request := tasks.get()) is not None:
                 key = request.config.config_hash()
-                results.put(("started", index, key, None))
-                result = worker.train(request, on_run=lambda run_id: results.put(("run", index, key, run_id)))
-                results.put(("done", index, key, result))
+                report("started", key, None)
+                result = worker.train(request, on_run=lambda run_id: report("run", key, run_id))
+                report("done", key, result)
 
     with stop_on_signals(worker.request_stop):
         _serve_in_threads(serve, worker.concurrent)
 
 
+@dataclass
+class _LocalWorker:
+    """The driver's side of one worker process: its own task queue and result pipe, and what
+    it was given. Nothing is shared between workers: a worker killed while it waits for a task
+    holds its queue's lock, and a queue shared by all would then feed none of them."""
+
+    process: multiprocessing.Process
+    tasks: multiprocessing.Queue
+    results: "multiprocessing.connection.Connection"
+    given: dict[str, RunRequest] = field(default_factory=dict)  # config hash -> request not yet done
+    started: dict[str, str | None] = field(default_factory=dict)  # config hash -> its run id, once known
+
+
 class LocalExecutor:
-    """One worker process per device of this machine, fed from one queue (so a worker that
-    finishes early takes the next run), with no service to start."""
+    """One worker process per device of this machine, each given a run whenever it has a free
+    place (so a worker that finishes early takes the next run), with no service to start."""
 
     def __init__(self, devices: list[tuple[str, dict[str, str]]], settings: WorkerSettings,
                  echo: Callable[[str], None]):
@@ -207,9 +227,7 @@ class LocalExecutor:
         self.settings = settings
         self.echo = echo
         self.context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        self.tasks = self.context.Queue()
-        self.results = self.context.Queue()
-        self.processes: dict[int, multiprocessing.Process] = {}
+        self.processes: dict[int, _LocalWorker] = {}
         self.stopping = False
 
     @property
@@ -222,16 +240,19 @@ class LocalExecutor:
 
     def _start(self, index: int) -> None:
         device, env = self.devices[index]
+        tasks = self.context.Queue()
+        results, sender = self.context.Pipe(duplex=False)
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # a spawned process starts with the environment of this moment
         try:
             process = self.context.Process(target=_local_worker, name=f"normlab-worker-{index}", daemon=True,
-                                           args=(index, device, self.settings, self.tasks, self.results))
+                                           args=(index, device, self.settings, tasks, sender))
             process.start()
         finally:
             for k, v in saved.items():
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        self.processes[index] = process
+        sender.close()  # the worker holds the sending end: when it dies, the pipe reads EOF
+        self.processes[index] = _LocalWorker(process, tasks, results)
 
     def _where(self, index: int) -> str:
         device, env = self.devices[index]
@@ -242,59 +263,94 @@ class LocalExecutor:
         if not requests:
             return
         previous = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        by_key = {r.config.config_hash(): r for r in requests}
-        held: dict[int, dict[str, str | None]] = {}  # worker -> config hash -> run id
+        waiting = collections.deque(requests)  # not yet given to a worker
         attempts: dict[str, int] = {}
         outstanding = len(requests)
         try:
             for index in range(len(self.devices)):
                 self._start(index)
-            for request in requests:
-                self.tasks.put(request)
             while outstanding:
-                try:
-                    kind, index, key, value = self.results.get(timeout=0.5)
-                except queue.Empty:
-                    outstanding -= self._reap_dead(held, by_key, attempts, on_result)
-                    continue
-                if kind == "started":
-                    held.setdefault(index, {})[key] = None
-                    self.echo(f"[{by_key[key].config.run_name}] started on {self._where(index)} "
-                              f"(pid {self.processes[index].pid})")
-                elif kind == "run":
-                    held.setdefault(index, {})[key] = value
-                else:
-                    held.get(index, {}).pop(key, None)
-                    on_result(value)
-                    outstanding -= 1
+                if self.stopping:
+                    while waiting:
+                        request = waiting.popleft()
+                        on_result(RunResult(request.config, request.run_id, "KILLED",
+                                            "not started: the sweep was stopped"))
+                        outstanding -= 1
+                for index, worker in self.processes.items():
+                    while waiting and len(worker.given) < self.concurrent and worker.process.is_alive():
+                        request = waiting.popleft()
+                        worker.given[request.config.config_hash()] = request
+                        worker.tasks.put(request)
+                pipes = {w.results: index for index, w in self.processes.items()}
+                for pipe in multiprocessing.connection.wait(list(pipes), timeout=0.5):
+                    try:
+                        message = pipe.recv()
+                    except EOFError:  # its worker is gone: _reap_dead sees to its runs
+                        self.processes[pipes[pipe]].process.join(timeout=5)
+                        continue
+                    outstanding -= self._handle(pipes[pipe], message, on_result)
+                outstanding -= self._reap_dead(waiting, attempts, on_result)
         finally:
-            for _ in range(sum(self.concurrent for p in self.processes.values() if p.is_alive())):
-                self.tasks.put(None)
-            for process in self.processes.values():
-                process.join(timeout=30)
-                if process.is_alive():
-                    process.kill()
+            for worker in self.processes.values():
+                for _ in range(self.concurrent if worker.process.is_alive() else 0):
+                    worker.tasks.put(None)
+            for worker in self.processes.values():
+                worker.process.join(timeout=30)
+                if worker.process.is_alive():
+                    worker.process.kill()
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-    def _reap_dead(self, held, by_key, attempts, on_result) -> int:
-        """Fail (and retry) the runs of workers that died; returns how many runs ended."""
+    def _handle(self, index: int, message: tuple, on_result: OnResult) -> int:
+        """Act on one message of a worker; returns 1 when a run ended."""
+        worker = self.processes[index]
+        kind, key, value = message
+        if kind == "started":
+            worker.started[key] = None
+            self.echo(f"[{worker.given[key].config.run_name}] started on {self._where(index)} "
+                      f"(pid {worker.process.pid})")
+        elif kind == "run":
+            worker.started[key] = value
+        else:
+            worker.given.pop(key)
+            worker.started.pop(key, None)
+            on_result(value)
+            return 1
+        return 0
+
+    def _reap_dead(self, waiting: collections.deque, attempts: dict[str, int], on_result: OnResult) -> int:
+        """Fail (and retry) the runs of workers that died, give back what they had not started,
+        and start a new worker in each one's place; returns how many runs ended."""
         ended = 0
-        for index, process in list(self.processes.items()):
-            if process.is_alive():
+        for index, worker in list(self.processes.items()):
+            if worker.process.is_alive():
                 continue
-            why = f"its worker process ({self._where(index)}, pid {process.pid}) died with exit code {process.exitcode}"
-            for key, run_id in held.pop(index, {}).items():
-                result = _worker_died(by_key[key], run_id, why, self._where(index))
-                retry = None if self.stopping else _retry(by_key[key], result, attempts,
-                                                          self.settings.checkpoint_dir)
+            while True:  # what it reported before it died
+                try:
+                    message = worker.results.recv() if worker.results.poll() else None
+                except EOFError:
+                    message = None
+                if message is None:
+                    break
+                ended += self._handle(index, message, on_result)
+            why = (f"its worker process ({self._where(index)}, pid {worker.process.pid}) died with exit code "
+                   f"{worker.process.exitcode}")
+            for key, request in worker.given.items():
+                if key not in worker.started:
+                    waiting.appendleft(request)  # never began: not an attempt
+                    continue
+                result = _worker_died(request, worker.started[key], why, self._where(index))
+                retry = None if self.stopping else _retry(request, result, attempts, self.settings.checkpoint_dir)
                 if retry is not None:
-                    self.echo(f"[{retry.config.run_name}] {why}; trying it again ({'resuming' if retry.resume else 'anew'})")
-                    by_key[key] = retry
-                    self.tasks.put(retry)
+                    self.echo(f"[{retry.config.run_name}] {why}; trying it again "
+                              f"({'resuming' if retry.resume else 'anew'})")
+                    waiting.appendleft(retry)
                 else:
                     on_result(result)
                     ended += 1
+            worker.tasks.cancel_join_thread()  # nobody reads it any more: exit without flushing it
+            worker.tasks.close()
+            worker.results.close()
             if self.stopping:
                 del self.processes[index]
             else:
@@ -306,9 +362,9 @@ class LocalExecutor:
         is passed on. Each stops its runs, which record themselves KILLED."""
         if not _first_stop(self, signum):
             return
-        for process in self.processes.values():
-            if process.is_alive() and signum != signal.SIGINT:
-                os.kill(process.pid, signal.SIGTERM)
+        for worker in self.processes.values():
+            if worker.process.is_alive() and signum != signal.SIGINT:
+                os.kill(worker.process.pid, signal.SIGTERM)
 
 
 # -- on a Ray cluster -------------------------------------------------------------------
