@@ -428,6 +428,47 @@ def worker_pids(sweep_pid: int) -> list[int]:
     return sorted(pids)
 
 
+def test_a_run_a_cuda_graph_capture_broke_is_resumed_in_its_own_run_and_a_bug_is_not_tried_again(
+        tracking_uri, tmp_path, small_mnist_dir, monkeypatch):
+    """On a GPU one run's capture can break another run's work (CAPTURE_ERRORS): the worker
+    tries that run again, resumed from its last checkpoint, and it ends FINISHED in its own
+    run with each epoch logged once. Any other error fails the run at once. The CUDA error is
+    raised here on the CPU, in the second epoch, where the GPU run met it."""
+    from normlab.engine.train import Trainer, TrainConfig
+    from normlab.sweep.worker import RunRequest, Worker
+
+    records = st.SweepRecords("broken", "grid")
+    records.open_parent("sweep", {}, "")
+    worker = Worker("cpu", str(small_mnist_dir), "broken", str(tmp_path / "ck"))
+    client, real_epoch, raised = MlflowClient(tracking_uri), Trainer.run_epoch, []
+    errors = {"bn-s1": torch.AcceleratorError("CUDA error: operation not permitted on an event last recorded in a "
+                                              "capturing stream\nSearch for `cudaErrorCapturedEvent' in ..."),
+              "ln-s1": RuntimeError("a bug")}
+
+    def run_epoch(trainer, callbacks):
+        if trainer.epoch == 1 and trainer.config.run_name not in raised:
+            raised.append(trainer.config.run_name)
+            raise errors[trainer.config.run_name]
+        return real_epoch(trainer, callbacks)
+
+    monkeypatch.setattr(Trainer, "run_epoch", run_epoch)
+    results, lines = {}, []
+    for config in (TrainConfig(norm="bn", epochs=3), TrainConfig(norm="ln", epochs=3)):
+        results[config.run_name] = worker.train(RunRequest(config, records.child_tags(config, None),
+                                                           records.experiment_id),
+                                                echo=lambda message, err=False: lines.append(message))
+    text = "\n".join(lines)
+    broken, bug = results["bn-s1"], results["ln-s1"]
+    assert broken.status == "FINISHED", text
+    assert "[bn-s1] a CUDA-graph capture broke this run; trying it again (resuming)" in text
+    assert f"[bn-s1] resuming run {broken.run_id} after epoch 1" in text
+    assert [m.step for m in client.get_metric_history(broken.run_id, "test_acc")] == [1, 2, 3]
+    assert client.get_run(broken.run_id).data.tags["normlab.status"] == "finished"
+    assert (bug.status, "trying it again" in text.split("[ln-s1]", 1)[1]) == ("FAILED", False)
+    assert "RuntimeError: a bug" in bug.reason and bug.run_id
+    assert client.get_run(bug.run_id).data.tags["normlab.status"] == "failed"
+
+
 def test_a_worker_killed_while_it_waits_for_work_does_not_keep_the_others_from_their_next_run(
         tracking_uri, tmp_path, small_mnist_dir):
     """Two CPU workers: one trains a short run, the other a long one. The first, done and
@@ -542,7 +583,8 @@ def test_a_dead_workers_run_is_failed_then_resumed_from_a_checkpoint_or_trained_
     artifact, or the local copy on this machine), as a new run when it has none, and not at
     all once the attempts are spent."""
     from normlab.engine.train import TrainConfig
-    from normlab.sweep.executors import MAX_ATTEMPTS, _retry, _worker_died
+    from normlab.sweep.executors import _worker_died
+    from normlab.sweep.worker import MAX_ATTEMPTS, retry_request
     from normlab.sweep.worker import RunRequest
     from normlab.tracking import lease
 
@@ -569,7 +611,7 @@ def test_a_dead_workers_run_is_failed_then_resumed_from_a_checkpoint_or_trained_
     (checkpoints / runs["local"] / "last.pt").write_bytes(b"a checkpoint")
 
     def retried(kind, attempts=None):
-        return _retry(request, _worker_died(request, runs[kind], "died", "w"), attempts or {}, str(checkpoints))
+        return retry_request(request, _worker_died(request, runs[kind], "died", "w"), attempts or {}, str(checkpoints))
     assert (retried("bare").run_id, retried("bare").resume) == (None, False)  # a new run for the config
     assert retried("bare").tags == request.tags
     for kind in ("artifact", "local"):

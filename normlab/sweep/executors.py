@@ -21,10 +21,9 @@ import traceback
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from normlab.sweep.worker import RunRequest, RunResult, runs_per_gpu
+from normlab.sweep.worker import RunRequest, RunResult, retry_request, runs_per_gpu
 from normlab.tracking import connection
 
-MAX_ATTEMPTS = 3  # tries per run when workers die under it
 OnResult = Callable[[RunResult], None]
 
 
@@ -78,29 +77,6 @@ def _first_stop(executor, signum: int) -> bool:
     executor.echo(f"{signal.Signals(signum).name} received: stopping the running children after their "
                   f"current step (Ctrl-C again to abort now)")
     return True
-
-
-def _retry(request: RunRequest, result: RunResult, attempts: dict[str, int],
-           checkpoint_dir: str | None = None) -> RunRequest | None:
-    """The request that tries a run again after its worker died, or None when out of tries:
-    a resume of its run when it has a checkpoint (the artifact, or a local copy in
-    ``checkpoint_dir`` on this machine), else a new run (it died before its first epoch)."""
-    key = request.config.config_hash()
-    attempts[key] = attempts.get(key, 1) + 1
-    if attempts[key] > MAX_ATTEMPTS:
-        return None
-    if result.run_id and _has_checkpoint(result.run_id, checkpoint_dir):
-        return replace(request, run_id=result.run_id, resume=True)
-    return replace(request, run_id=None, resume=False)
-
-
-def _has_checkpoint(run_id: str, checkpoint_dir: str | None) -> bool:
-    from normlab.tracking.run_log import local_checkpoint_path
-    from normlab.tracking.sweep_records import has_checkpoint
-
-    if checkpoint_dir and local_checkpoint_path(checkpoint_dir, run_id).exists():
-        return True
-    return has_checkpoint(run_id)
 
 
 def _worker_died(request: RunRequest, run_id: str | None, why: str, device: str) -> RunResult:
@@ -340,7 +316,7 @@ class LocalExecutor:
                     waiting.appendleft(request)  # never began: not an attempt
                     continue
                 result = _worker_died(request, worker.started[key], why, self._where(index))
-                retry = None if self.stopping else _retry(request, result, attempts, self.settings.checkpoint_dir)
+                retry = None if self.stopping else retry_request(request, result, attempts, self.settings.checkpoint_dir)
                 if retry is not None:
                     self.echo(f"[{retry.config.run_name}] {why}; trying it again "
                               f"({'resuming' if retry.resume else 'anew'})")
@@ -524,7 +500,7 @@ class RayExecutor:
                         where = names.get(actor, "ray")
                         why = f"its Ray worker ({where}) died: {_first_line(exc)}"
                         result = _worker_died(request, _ray_run_of(actor, request), why, where)
-                        retry = None if self.stopping else _retry(request, result, attempts)
+                        retry = None if self.stopping else retry_request(request, result, attempts)
                         if retry is not None:
                             self.echo(f"[{request.config.run_name}] {why}; trying it again "
                                       f"({'resuming run ' + retry.run_id if retry.resume else 'as a new run'})")

@@ -20,13 +20,14 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import click
 import torch
 
 from normlab.engine.data import DeviceData, load_raw
+from normlab.engine.fast import Speedups
 from normlab.engine.train import TrainConfig, Trainer, resolve_device
 from normlab.errors import ConfigError, DataError, ResumeError
 from normlab.tracking import run_log
@@ -41,6 +42,12 @@ from normlab.tracking.redaction import redact
 # thread's (stream() and chunked_steps.capture_stream rule that out). A CPU run uses every
 # core alone.
 RUNS_PER_GPU = 3
+MAX_ATTEMPTS = 3  # tries per run when workers die under it, or captures break it
+# CUDA errors that another thread's CUDA-graph capture causes in a run, or a run's capture
+# meets from another thread's work: an event recorded on a capturing stream, then queried
+# (pytorch/pytorch#193982), and the capture it invalidates. 2 of 30 runs of the 10-seed study
+# (three at once, not compiled) failed so on an H200; the rest of the process is unharmed.
+CAPTURE_ERRORS = ("cudaErrorCapturedEvent", "cudaErrorStreamCaptureInvalidated")
 LOG_LINES = 40  # the last lines of a run's output kept for its failure report
 POOLED_STREAMS = 32  # torch's pool of CUDA streams per device and priority (c10/cuda/CUDAStream.h)
 HIGH_PRIORITY = -1  # the pool a worker's threads take their streams from
@@ -78,6 +85,35 @@ class RunResult:
     test_acc: float | None = None
     seconds: float = 0.0
     device: str = ""
+
+
+def retry_request(request: RunRequest, result: RunResult, attempts: dict[str, int],
+           checkpoint_dir: str | None = None) -> RunRequest | None:
+    """The request that tries a run again after its worker died or a capture broke it (see
+    CAPTURE_ERRORS), or None when out of tries:
+    a resume of its run when it has a checkpoint (the artifact, or a local copy in
+    ``checkpoint_dir`` on this machine), else a new run (it died before its first epoch)."""
+    key = request.config.config_hash()
+    attempts[key] = attempts.get(key, 1) + 1
+    if attempts[key] > MAX_ATTEMPTS:
+        return None
+    if result.run_id and has_checkpoint(result.run_id, checkpoint_dir):
+        return replace(request, run_id=result.run_id, resume=True)
+    return replace(request, run_id=None, resume=False)
+
+
+def has_checkpoint(run_id: str, checkpoint_dir: str | None) -> bool:
+    from normlab.tracking.run_log import local_checkpoint_path
+    from normlab.tracking.sweep_records import has_checkpoint as has_checkpoint_artifact
+
+    if checkpoint_dir and local_checkpoint_path(checkpoint_dir, run_id).exists():
+        return True
+    return has_checkpoint_artifact(run_id)
+
+
+def broken_by_a_capture(exc: BaseException) -> bool:
+    """Whether a run failed with one of CAPTURE_ERRORS (a CUDA error, so a torch.AcceleratorError)."""
+    return isinstance(exc, torch.AcceleratorError) and any(name in str(exc) for name in CAPTURE_ERRORS)
 
 
 def compile_key(config: TrainConfig) -> tuple:
@@ -139,33 +175,50 @@ class Worker:
 
     def train(self, request: RunRequest, echo=None, on_run=None) -> RunResult:
         """Train one request to its end; never raises for the run's own failures.
-        ``on_run(run_id)`` is called once the request's run exists."""
+        ``on_run(run_id)`` is called once the request's run exists (and for a retry's).
+
+        A run that a CUDA-graph capture broke (CAPTURE_ERRORS: nothing wrong with the run
+        itself) is tried again here, resumed from its checkpoint, up to MAX_ATTEMPTS in all."""
+        lines: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
+
+        def say(message: str, err: bool = False) -> None:
+            for line in redact(str(message)).splitlines():
+                lines.append(line)
+                (echo or click.echo)(f"[{request.config.run_name}] {line}", err=err)
+
+        attempts: dict[str, int] = {}
+        while True:
+            result, broken = self._train_once(request, say, lines, on_run)
+            retry = retry_request(request, result, attempts, self.checkpoint_dir) if broken else None
+            if retry is None:
+                return result
+            say(f"a CUDA-graph capture broke this run; trying it again ({'resuming' if retry.resume else 'anew'})")
+            request = retry
+
+    def _train_once(self, request: RunRequest, say, lines: collections.deque,
+                    on_run) -> tuple[RunResult, bool]:
+        """One try: the request's result, and whether a capture broke it."""
         from normlab.errors import LeaseHeld
         from normlab.tracking import resume
         from normlab.tracking.sweep_records import create_child_run
 
         start = time.perf_counter()
         config = request.config
-        prefix = f"[{config.run_name}] "
-        lines: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
 
-        def say(message: str, err: bool = False) -> None:
-            for line in redact(str(message)).splitlines():
-                lines.append(line)
-                (echo or click.echo)(prefix + line, err=err)
-
-        def result(status: str, reason: str = "", ending: Ending | None = None, run_id=None) -> RunResult:
+        def result(status: str, reason: str = "", ending: Ending | None = None, run_id=None,
+                   broken: bool = False) -> tuple[RunResult, bool]:
             return RunResult(config, run_id or (ending.run_id if ending else request.run_id), status, reason,
-                             ending.test_acc if ending else None, time.perf_counter() - start, self.device_name)
+                             ending.test_acc if ending else None, time.perf_counter() - start,
+                             self.device_name), broken
 
         if self.stop_reason is not None:
             return result("KILLED", f"not started: {self.stop_reason}")
-        trainer = None
+        trainer, run_id = None, None
         try:
             data = self.data(config.dataset)
             key = compile_key(config)
             ahead = float("inf") if key in self.compiled else max(request.epochs_ahead, config.epochs)
-            trainer = Trainer(config, data, epochs_ahead=ahead)
+            trainer = Trainer(config, data, speedups=Speedups.default(self.device, ahead, self.concurrent))
             if trainer.speedups.compile:
                 self.compiled.add(key)
             point = None
@@ -194,9 +247,9 @@ class Worker:
             if request.run_id and not request.resume:
                 run_log.fail_run_if_open(request.run_id, str(exc))
             return result("FAILED", str(exc))
-        except Exception as exc:  # a bug: train_tracked recorded it; report it with its traceback
+        except Exception as exc:  # a bug, or a broken capture: train_tracked recorded it; report it with its traceback
             say("".join(traceback.format_exception(exc)), err=True)
-            return result("FAILED", "\n".join(lines))
+            return result("FAILED", "\n".join(lines), run_id=run_id, broken=broken_by_a_capture(exc))
         finally:
             if trainer is not None:
                 with self.lock:
