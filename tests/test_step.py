@@ -251,18 +251,3 @@ def test_a_step_that_cannot_compile_warns_and_trains_the_model_itself(data, monk
         record = trainer.run_epoch(Callbacks())
     assert not trainer.train_step.compiled
     assert record.metrics() == Trainer(config, data, speedups=Speedups()).run_epoch(Callbacks()).metrics()
-
-
-def test_a_gpu_step_is_compiled_from_200_epochs_of_its_variant_and_only_one_run_at_a_time(monkeypatch):
-    """The compile rule (normlab.engine.fast): compiling pays back its cold cost from 200 epochs
-    of one variant, but not while a GPU trains several runs at once; NORMLAB_COMPILE overrides."""
-    from normlab.engine.fast import COMPILE_PAYS_FROM_EPOCHS, Speedups
-
-    gpu = torch.device("cuda")  # the rule reads the device's type only: no GPU needed
-    monkeypatch.delenv("NORMLAB_COMPILE", raising=False)
-    assert Speedups.default(gpu, COMPILE_PAYS_FROM_EPOCHS, runs_at_once=1).compile
-    assert not Speedups.default(gpu, COMPILE_PAYS_FROM_EPOCHS - 1, runs_at_once=1).compile
-    assert not Speedups.default(gpu, 10 * COMPILE_PAYS_FROM_EPOCHS, runs_at_once=3).compile
-    assert not Speedups.default(torch.device("cpu"), 10 * COMPILE_PAYS_FROM_EPOCHS).compile
-    monkeypatch.setenv("NORMLAB_COMPILE", "always")
-    assert Speedups.default(gpu, 1, runs_at_once=3).compile

@@ -27,7 +27,6 @@ import click
 import torch
 
 from normlab.engine.data import DeviceData, load_raw
-from normlab.engine.fast import Speedups
 from normlab.engine.train import TrainConfig, Trainer, resolve_device
 from normlab.errors import ConfigError, DataError, ResumeError
 from normlab.tracking import run_log
@@ -45,8 +44,10 @@ RUNS_PER_GPU = 3
 MAX_ATTEMPTS = 3  # tries per run when workers die under it, or captures break it
 # CUDA errors that another thread's CUDA-graph capture causes in a run, or a run's capture
 # meets from another thread's work: an event recorded on a capturing stream, then queried
-# (pytorch/pytorch#193982), and the capture it invalidates. 2 of 30 runs of the 10-seed study
-# (three at once, not compiled) failed so on an H200; the rest of the process is unharmed.
+# (pytorch/pytorch#193982), and the capture it invalidates. 2 of 30 runs of a 10-seed study
+# (three at once, not compiled, 8,000 images an epoch) failed so on an H200; the runs after
+# them in the same process finished
+# (benchmarks/results/h200x2-2026-11-30-sweep10-8000images-1gpu-not-compiled.log).
 CAPTURE_ERRORS = ("cudaErrorCapturedEvent", "cudaErrorStreamCaptureInvalidated")
 LOG_LINES = 40  # the last lines of a run's output kept for its failure report
 POOLED_STREAMS = 32  # torch's pool of CUDA streams per device and priority (c10/cuda/CUDAStream.h)
@@ -218,7 +219,7 @@ class Worker:
             data = self.data(config.dataset)
             key = compile_key(config)
             ahead = float("inf") if key in self.compiled else max(request.epochs_ahead, config.epochs)
-            trainer = Trainer(config, data, speedups=Speedups.default(self.device, ahead, self.concurrent))
+            trainer = Trainer(config, data, epochs_ahead=ahead)
             if trainer.speedups.compile:
                 self.compiled.add(key)
             point = None

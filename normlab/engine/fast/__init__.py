@@ -38,16 +38,14 @@ class Speedups:
     eval_batch_size: int = 500
 
     @classmethod
-    def default(cls, device: torch.device, epochs_ahead: int = 0, runs_at_once: int = 1) -> "Speedups":
+    def default(cls, device: torch.device, epochs_ahead: int = 0) -> "Speedups":
         """On a GPU: CUDA graphs of 64 steps each with the Triton convolutions, evaluation in
         batches of 2000, and the step compiled when ``epochs_ahead`` (the epochs this process
-        will train of this variant and batch size) reach COMPILE_PAYS_FROM_EPOCHS, and only
-        when the process trains one run at a time (see below). On the CPU:
+        will train of this variant and batch size) reach COMPILE_PAYS_FROM_EPOCHS. On the CPU:
         malloc keeps freed memory, evaluation in batches of 500 (under glibc's mmap limit), no
         compiling (it made CPU steps slower)."""
         cuda = device.type == "cuda"
-        compiled = {"always": True, "never": False}.get(
-            compile_choice(), epochs_ahead >= COMPILE_PAYS_FROM_EPOCHS and runs_at_once == 1)
+        compiled = {"always": True, "never": False}.get(compile_choice(), epochs_ahead >= COMPILE_PAYS_FROM_EPOCHS)
         return cls(cuda_graphs=cuda, chunk_steps=64 if cuda else 1, keep_freed_memory=not cuda,
                    compile=cuda and compiled,
                    triton_convs=cuda, eval_batch_size=2000 if cuda else 500)
@@ -59,11 +57,6 @@ class Speedups:
 # tell which it will get, so it compiles when even the cold cost is paid back: from 200
 # epochs of one variant and batch size (ten 20-epoch runs, a 10-seed study's share).
 COMPILE_PAYS_FROM_EPOCHS = 200
-# ...but not with several runs at once on a GPU: there the GPU's time goes to the runs side by
-# side, and each compiled run's preparing (1.8 s a run, one at a time under the tracing lock)
-# to nothing else. The 10-seed study, three runs at once on an H200: 112.0-120.2 s compiled
-# (benchmarks/results/h200-2026-11-30-e2e-10seeds-*), 72.3 s not compiled (28 of 30 runs;
-# h200x2-2026-11-30-sweep10-1gpu-not-compiled.log).
 COMPILE_CHOICES = ("auto", "always", "never")  # NORMLAB_COMPILE overrides the rule on a GPU
 
 
