@@ -570,3 +570,31 @@ def test_notebook_runs_top_to_bottom_against_the_store(store, monkeypatch):
     assert "| GN (2 groups) | 7,750 | 1 (1) |" in text
     assert "**n is too small for a verdict**" in text
     assert "Differences in final test accuracy:" in text
+
+
+def test_a_runs_misclassified_grid_shows_each_image_under_its_predicted_and_true_class(small_mnist_dir):
+    """The run's 5x2 grid (misclassified.png): real digits in reading order, each labelled
+    just above it; fewer than ten mistakes leave the rest of the grid blank."""
+    from normlab.analysis import plots
+    from normlab.engine.data import load_raw
+
+    raw = load_raw("mnist", str(small_mnist_dir))
+    images = raw.test_images[:7].permute(0, 2, 3, 1).numpy()
+    true = raw.test_labels[:7].tolist()
+    pred = [(t + 1) % 10 for t in true]
+    figure = plots.misclassified_grid(images, true, pred, [str(c) for c in range(10)], "BN: 7 mistakes")
+    [ax] = figure.axes
+    canvas = ax.images[0].get_array()
+    labels = list(ax.texts)
+    assert [t.get_text() for t in labels] == [f"pred {p}\ntrue {t}" for p, t in zip(pred, true)]
+    cells = []
+    for label, image in zip(labels, images):
+        x, y = label.get_position()  # centred on its image, on the row just above it
+        top, left = int(y) + 1, int(x - 14)
+        assert canvas[top:top + 28, left:left + 28].tolist() == image[..., 0].tolist()
+        cells.append((top, left))
+    assert len(set(cells)) == 7 and sorted(cells) == cells  # reading order: row by row, left to right
+    last_top, last_left = cells[-1]  # the three cells after it are blank
+    assert (canvas[last_top:, last_left + 28:] == 255).all() and (canvas[last_top + 28:] == 255).all()
+    assert figure._suptitle.get_text() == "BN: 7 mistakes"
+    plt.close(figure)
