@@ -161,11 +161,12 @@ def main() -> None:
             time_row("sweep1" if n == RUNS_PER_GPU else f"sweep1-x{n}", normlab + ["sweep", *common, *epochs], runs=3,
                      runs_per_gpu=n)
     if "sweep10" in rows:
-        # The 10-seed study compiles its steps (normlab.engine.fast.COMPILE_PAYS_FROM_EPOCHS); this
-        # fills the warm cache with them, as an earlier study on the machine would have.
-        base["NORMLAB_COMPILE"] = "always"
-        time_row("warm-up-compiled", normlab + ["sweep", *common, "--epochs", "1"], runs=3)
-        del base["NORMLAB_COMPILE"]
+        if args.device != "cpu":  # nothing is compiled on a CPU
+            # The 10-seed study compiles its steps (normlab.engine.fast.COMPILE_PAYS_FROM_EPOCHS);
+            # this fills the warm cache with them, as an earlier study on the machine would have.
+            base["NORMLAB_COMPILE"] = "always"
+            time_row("warm-up-compiled", normlab + ["sweep", *common, "--epochs", "1"], runs=3)
+            del base["NORMLAB_COMPILE"]
         for n in layouts:
             time_row("sweep10" if n == RUNS_PER_GPU else f"sweep10-x{n}",
                      normlab + ["sweep", "--seeds", "10", *common, *epochs], runs=30, runs_per_gpu=n)
