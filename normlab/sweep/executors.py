@@ -316,7 +316,8 @@ class LocalExecutor:
                     waiting.appendleft(request)  # never began: not an attempt
                     continue
                 result = _worker_died(request, worker.started[key], why, self._where(index))
-                retry = None if self.stopping else retry_request(request, result, attempts, self.settings.checkpoint_dir)
+                retry = None if self.stopping else retry_request(request, result, attempts,
+                                                                 self.settings.checkpoint_dir)
                 if retry is not None:
                     self.echo(f"[{retry.config.run_name}] {why}; trying it again "
                               f"({'resuming' if retry.resume else 'anew'})")

@@ -89,11 +89,11 @@ class RunResult:
 
 
 def retry_request(request: RunRequest, result: RunResult, attempts: dict[str, int],
-           checkpoint_dir: str | None = None) -> RunRequest | None:
+                  checkpoint_dir: str | None = None) -> RunRequest | None:
     """The request that tries a run again after its worker died or a capture broke it (see
-    CAPTURE_ERRORS), or None when out of tries:
-    a resume of its run when it has a checkpoint (the artifact, or a local copy in
-    ``checkpoint_dir`` on this machine), else a new run (it died before its first epoch)."""
+    CAPTURE_ERRORS), or None when out of tries: a resume of its run when it has a checkpoint
+    (the artifact, or a local copy in ``checkpoint_dir`` on this machine), else a new run (it
+    failed before its first epoch)."""
     key = request.config.config_hash()
     attempts[key] = attempts.get(key, 1) + 1
     if attempts[key] > MAX_ATTEMPTS:
@@ -104,6 +104,7 @@ def retry_request(request: RunRequest, result: RunResult, attempts: dict[str, in
 
 
 def has_checkpoint(run_id: str, checkpoint_dir: str | None) -> bool:
+    """Whether a resume of the run has a checkpoint to start from, here or in the store."""
     from normlab.tracking.run_log import local_checkpoint_path
     from normlab.tracking.sweep_records import has_checkpoint as has_checkpoint_artifact
 
@@ -248,7 +249,7 @@ class Worker:
             if request.run_id and not request.resume:
                 run_log.fail_run_if_open(request.run_id, str(exc))
             return result("FAILED", str(exc))
-        except Exception as exc:  # a bug, or a broken capture: train_tracked recorded it; report it with its traceback
+        except Exception as exc:  # a bug or a broken capture: train_tracked recorded it; report with the traceback
             say("".join(traceback.format_exception(exc)), err=True)
             return result("FAILED", "\n".join(lines), run_id=run_id, broken=broken_by_a_capture(exc))
         finally:
