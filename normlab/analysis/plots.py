@@ -50,6 +50,10 @@ def misclassified_grid(
     return fig
 
 
+HIGHLIGHT = "#3b75af"  # the elements that share one mean and variance
+OTHER = "#f2f2f2"
+
+
 def normalization_sets(panels: Sequence[tuple[str, np.ndarray]], title: str) -> Figure:
     """One 3-D block per norm, as in Figure 2 of the Group Normalization paper (Wu & He, 2018).
 
