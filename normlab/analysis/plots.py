@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 # Matplotlib is not thread-safe (its font objects are shared), and a GPU worker's runs draw
-# their misclassified grids from several threads: whoever draws or saves a figure takes this.
+# and save their misclassified grids from several threads, each under this lock (run_log).
 FIGURE_LOCK = threading.Lock()
 
 

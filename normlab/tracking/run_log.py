@@ -282,7 +282,7 @@ def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> Non
     mistakes = result.mistakes
     title = f"{config.label}: most confident mistakes on {config.dataset} test ({len(mistakes)})"
     images = data.raw.test_images[[m.index for m in mistakes]].permute(0, 2, 3, 1).numpy()
-    from normlab.analysis import plots  # matplotlib: 0.7 s of imports, needed only here, at the end
+    from normlab.analysis import plots  # matplotlib: imported by the warm-up above, needed only here
 
     import matplotlib.pyplot as plt
 
