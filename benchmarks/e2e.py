@@ -9,6 +9,7 @@ said so in the output. Per-phase times are read from the commands' own output.
 
     python benchmarks/e2e.py --out benchmarks/results/e2e.json            # GPU: the full table
     python benchmarks/e2e.py --rows sweep1,sweep10 --runs-per-gpu 1,3     # GPU: 1 vs 3 runs at once per GPU
+    python benchmarks/e2e.py --rows sweep10 --also-with NORMLAB_REUSE_STEPS=0  # with and without a switch
     python benchmarks/e2e.py --epochs 2 --rows train,sweep1 --device cpu  # a quick CPU look
     python benchmarks/e2e.py --epochs 1 --rows sweep10 --device cpu --train-images 1000  # CPU overhead per run
 
@@ -100,9 +101,16 @@ def main() -> None:
                         help="comma list of NORMLAB_RUNS_PER_GPU values: the warm sweep rows run once with each, "
                              f"so the layouts compare in one invocation (rows named sweep1-x1 and so on for all "
                              f"but the default, {RUNS_PER_GPU})")
+    parser.add_argument("--also-with", default="",
+                        help="comma list of NAME=VALUE settings (say NORMLAB_REUSE_STEPS=0): the warm sweep rows run "
+                             "again with each, in this invocation (rows named sweep1+REUSE_STEPS=0 and so on)")
     args = parser.parse_args()
     rows = args.rows.split(",")
-    layouts = [int(n) for n in args.runs_per_gpu.split(",")]
+    # (row suffix, runs per GPU, extra environment) of each warm sweep row
+    variants = [("" if int(n) == RUNS_PER_GPU else f"-x{n}", int(n), {}) for n in args.runs_per_gpu.split(",")]
+    for setting in filter(None, args.also_with.split(",")):
+        name, _, value = setting.partition("=")
+        variants.append((f"+{name.removeprefix('NORMLAB_')}={value}", RUNS_PER_GPU, {name: value}))
     work = Path(tempfile.mkdtemp(prefix="normlab-e2e-"))
     digits = next((p for p in (ROOT / "tests" / "data" / "mnist-t10k", ROOT.parent / "shared" / "data" / "mnist-t10k")
                    if p.exists()), ROOT / "tests" / "data" / "mnist-t10k")
@@ -122,20 +130,21 @@ def main() -> None:
     epochs = ["--epochs", str(args.epochs)]
 
     def time_row(name: str, command: list[str], cold: bool = False, runs: int = 1,
-                 runs_per_gpu: int = RUNS_PER_GPU) -> None:
+                 runs_per_gpu: int = RUNS_PER_GPU, setting: dict[str, str] | None = None) -> None:
         """Warm rows share one store, as a user's commands do (a new one costs seconds of
         schema migrations), each in its own experiment so that nothing is found done; the
         cold row starts from nothing, a fresh store included."""
         store = work / name / "mlflow.db" if cold else work / "mlflow.db"
         env = dict(base, MLFLOW_TRACKING_URI=f"sqlite:///{store}", NORMLAB_RUNS_PER_GPU=str(runs_per_gpu),
-                   **warm_cache)
+                   **warm_cache, **(setting or {}))
         command = command + (["--experiment-name", name] if "mlflow" in command[:3] else ["--experiment", name])
         if cold:
             env.update(TORCHINDUCTOR_CACHE_DIR=str(work / "cold-inductor"), TRITON_CACHE_DIR=str(work / "cold-triton"))
         (work / name).mkdir(parents=True, exist_ok=True)
         wall, output, status = run(command, env, work / name, logs / f"{name}.log")
         row = {"row": name, "command": " ".join(command[2:] if command[0] == sys.executable else command),
-               "cache": "cold" if cold else "warm", "runs_per_gpu": runs_per_gpu, "wall_s": round(wall, 2),
+               "cache": "cold" if cold else "warm", "runs_per_gpu": runs_per_gpu, "setting": setting or {},
+               "wall_s": round(wall, 2),
                "exit": status,
                "runs_finished": finished(output), "runs": runs, "phases_s": phases(output)}
         # what the user waits for beyond the training itself, per run: imports, store, data,
@@ -157,9 +166,9 @@ def main() -> None:
     if "sweep1" in rows:
         if not prewarmed:
             time_row("warm-up", normlab + ["sweep", *common, *epochs], runs=3)  # fills the warm cache
-        for n in layouts:
-            time_row("sweep1" if n == RUNS_PER_GPU else f"sweep1-x{n}", normlab + ["sweep", *common, *epochs], runs=3,
-                     runs_per_gpu=n)
+        for suffix, n, setting in variants:
+            time_row(f"sweep1{suffix}", normlab + ["sweep", *common, *epochs], runs=3, runs_per_gpu=n,
+                     setting=setting)
     if "sweep10" in rows:
         if args.device != "cpu":  # nothing is compiled on a CPU
             # The 10-seed study compiles its steps (normlab.engine.fast.COMPILE_PAYS_FROM_EPOCHS);
@@ -167,9 +176,9 @@ def main() -> None:
             base["NORMLAB_COMPILE"] = "always"
             time_row("warm-up-compiled", normlab + ["sweep", *common, "--epochs", "1"], runs=3)
             del base["NORMLAB_COMPILE"]
-        for n in layouts:
-            time_row("sweep10" if n == RUNS_PER_GPU else f"sweep10-x{n}",
-                     normlab + ["sweep", "--seeds", "10", *common, *epochs], runs=30, runs_per_gpu=n)
+        for suffix, n, setting in variants:
+            time_row(f"sweep10{suffix}", normlab + ["sweep", "--seeds", "10", *common, *epochs], runs=30,
+                     runs_per_gpu=n, setting=setting)
     if "train" in rows:
         time_row("train", normlab + ["train", "--norm", "ln", *common, *epochs])
     if "mlflow-run" in rows:

@@ -302,9 +302,11 @@ def test_a_sweep_ends_with_one_finished_child_per_config_under_its_parent_and_th
 
 def test_runs_after_others_in_one_worker_log_exactly_what_each_logs_alone(sweep_twice, small_mnist_dir):
     """ln-s2 is the third run of the second invocation's warm worker (after a resume and
-    another run); `normlab train` of its config alone, in a fresh process, logs the same numbers
-    bit for bit and ends with the same weights and mistakes."""
+    another run), and trains on the model and steps ln-s1 left (Trainer's warm); `normlab
+    train` of its config alone, in a fresh process, logs the same numbers bit for bit and ends
+    with the same weights and mistakes."""
     client, tmp = sweep_twice["client"], sweep_twice["tmp"]
+    assert "[ln-s2] takes over the model and steps of ln-s1" in sweep_twice["again"].stdout
     alone = run_cli("train", "--norm", "ln", "--seed", "2", "--epochs", "2", "--data-dir", str(small_mnist_dir),
                     "--experiment", "alone", "--checkpoint-dir", str(tmp / "ck-alone"), cwd=tmp,
                     MLFLOW_TRACKING_URI=sweep_twice["uri"])
@@ -712,3 +714,32 @@ def test_a_workers_threads_hold_streams_no_other_thread_or_capture_uses(tmp_path
     with worker.stream():  # a stream given back is lent again, not drawn anew
         assert torch.cuda.current_stream(device).cuda_stream in held
     assert len(worker.streams) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiling", ["never", "always"])
+def test_on_a_gpu_a_run_on_the_graphs_another_run_captured_trains_what_it_trains_alone(
+        tracking_uri, small_mnist_dir, tmp_path, monkeypatch, compiling):
+    """ln-s2 after ln-s1 in one GPU worker replays the CUDA graphs ln-s1 captured (and, compiled,
+    its compiled step), with its own seed swapped into the generator they are bound to: it logs
+    what ln-s2 logs in a worker of its own, bit for bit, and not what ln-s1 logged."""
+    from normlab.engine.train import TrainConfig
+    from normlab.sweep.worker import RunRequest, Worker
+
+    monkeypatch.setenv("NORMLAB_COMPILE", compiling)
+    client, said = MlflowClient(), []
+
+    def train(worker: Worker, seed: int) -> str:
+        result = worker.train(RunRequest(TrainConfig(norm="ln", epochs=2, seed=seed)),
+                              echo=lambda line, err=False: said.append(line))
+        assert result.status == "FINISHED", result.reason
+        return result.run_id
+
+    warm = Worker("cuda", str(small_mnist_dir), "warm", str(tmp_path / "warm"), concurrent=1)
+    first, second = train(warm, 1), train(warm, 2)
+    assert any(line.startswith("[ln-s2] takes over the model and steps of ln-s1") for line in said), said
+    alone = train(Worker("cuda", str(small_mnist_dir), "alone", str(tmp_path / "alone"), concurrent=1), 2)
+    assert histories(client, second) == histories(client, alone) != histories(client, first)
+    weights = [load(Path(client.download_artifacts(r, "checkpoint/last.pt", str(tmp_path / r)))) for r in (second, alone)]
+    for name, tensor in weights[0]["model"].items():
+        assert torch.equal(tensor, weights[1]["model"][name]), name

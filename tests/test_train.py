@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from normlab.engine.data import DeviceData, load_raw
-from normlab.engine.train import TrainConfig, Trainer, evaluate, fit, most_confident_mistakes
+from normlab.engine.train import Callbacks, TrainConfig, Trainer, evaluate, fit, most_confident_mistakes
 from normlab.errors import ConfigError
 
 
@@ -44,6 +44,45 @@ def test_same_seed_same_run_on_cpu(small_data):
     first = fit(Trainer(config, small_data)).records[0]
     second = fit(Trainer(config, small_data)).records[0]
     assert (first.train_loss, first.test_loss, first.test_acc) == (second.train_loss, second.test_loss, second.test_acc)
+
+
+def outcome(result) -> tuple[list, dict]:
+    """A fit's records without their timings, and its final weights."""
+    return ([(r.epoch, r.train_loss, r.train_acc, r.test_loss, r.test_acc, r.lr) for r in result.records],
+            {name: t.clone() for name, t in result.model.state_dict().items()})
+
+
+def assert_same_outcome(a, b) -> None:
+    assert a[0] == b[0]
+    assert a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+def test_a_trainer_on_the_steps_another_left_trains_what_a_new_one_trains(small_data):
+    """A worker's next run of a variant takes over the finished run's model and steps (on a
+    GPU: its compiled step and captured graphs) with its own initial weights, optimizer,
+    schedule and random streams: the same records and final weights as a new trainer, bit for
+    bit, also resumed from a checkpoint; another variant's steps are refused. (The GPU's
+    graphs and compiled step: tests/test_sweep.py, run on the H200.)"""
+    config = TrainConfig(norm="ln", epochs=2, seed=3, lr=0.03)
+    first = Trainer(TrainConfig(norm="ln", epochs=1, seed=1), small_data)
+    fit(first)
+    warm = Trainer(config, small_data, warm=first)
+    assert warm.model is first.model and warm.steps is first.steps and warm.optimizer is not first.optimizer
+    new = outcome(fit(Trainer(config, small_data)))
+    assert_same_outcome(outcome(fit(warm)), new)
+
+    half = Trainer(config, small_data)
+    half.run_epoch(Callbacks())
+    resumed = Trainer(config, small_data, warm=warm)
+    resumed.load_state_dict(half.state_dict())
+    resumed_outcome = outcome(fit(resumed))
+    assert resumed_outcome[0] == new[0][1:]
+    assert_same_outcome(([], resumed_outcome[1]), ([], new[1]))
+
+    with pytest.raises(ValueError, match="bn-s3's steps cannot train ln-s3"):
+        Trainer(config, small_data, warm=Trainer(TrainConfig(norm="bn", seed=3), small_data))
+    with pytest.raises(ValueError, match="cannot train"):
+        Trainer(config, DeviceData(small_data.raw, "cpu"), warm=resumed)
 
 
 def test_mistakes_are_wrong_and_most_confident_first(small_data):

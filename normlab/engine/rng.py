@@ -56,6 +56,16 @@ class RunRNG:
                 if default_cuda is not None:
                     default_cuda.graphsafe_set_state(cuda_before)
 
+    def reseed(self, seed: int) -> "RunRNG":
+        """Start this run's streams again from ``seed``, drawing what RunRNG(seed) would. The
+        CUDA generator stays the same object, since CUDA graphs captured inside ``active()`` are
+        bound to it: a worker's next run replays them with its own seed (Trainer's ``warm``)."""
+        with _LOCK:
+            self.cpu = torch.Generator().manual_seed(seed).get_state()
+            if self.cuda is not None:
+                self.cuda.manual_seed(seed)
+        return self
+
     def _cuda_index(self) -> int:
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
 

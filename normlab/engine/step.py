@@ -55,6 +55,15 @@ class TrainStep:
         self.buffers = [torch.zeros_like(p) for p in self.params]
         self.bind_optimizer_state()
 
+    def adopt(self, optimizer: torch.optim.SGD) -> None:
+        """Drive a new optimizer over the same parameters (a worker's next run of this
+        variant), whose momentum starts from zero as a new TrainStep's would."""
+        given = optimizer.param_groups[0]["params"]
+        if len(given) != len(self.params) or any(a is not b for a, b in zip(given, self.params)):
+            raise ValueError("the new optimizer must hold this step's parameters")
+        self.optimizer = optimizer
+        self.bind_optimizer_state()
+
     def bind_optimizer_state(self) -> None:
         """Make the optimizer's momentum buffers ours, copying in any it loaded meanwhile."""
         for p, buf in zip(self.params, self.buffers):

@@ -106,6 +106,14 @@ class TrainConfig:
                 if ours[k] != theirs[k] and not (k == "groups" and "gn" not in (self.norm, other.norm))]
 
 
+def steps_key(config: TrainConfig) -> tuple:
+    """What a compiled step and its captured CUDA graphs depend on: the model, the L1 weight
+    and dropout (constants in the update and the forward) and the batch size; not the seed,
+    learning rate, momentum or epochs."""
+    groups = config.groups if config.norm == "gn" else None
+    return config.dataset, config.norm, groups, config.l1, config.dropout, config.batch_size
+
+
 def resolve_device(requested: str) -> torch.device:
     """'auto' picks CUDA when present; asking for CUDA without a GPU is an error."""
     choices = ("auto", "cpu", "cuda")
@@ -234,18 +242,31 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, data: DeviceData, *, speedups: Speedups | None = None,
-                 epochs_ahead: int | None = None):
+                 epochs_ahead: int | None = None, warm: "Trainer | None" = None):
+        """``warm``: a finished run's trainer of the same ``steps_key`` on the same data, whose
+        model, compiled step and captured CUDA graphs this one takes over with its own initial
+        weights, optimizer, schedule and random streams (normlab.sweep.worker): it trains what
+        a new trainer would, bit for bit, without compiling or capturing again."""
         config.validate().check_fits(data.train_size)
+        if warm is not None and (steps_key(warm.config) != steps_key(config) or warm.data is not data):
+            raise ValueError(f"{warm.config.run_name}'s steps cannot train {config.run_name}: "
+                             f"they differ in {steps_key(warm.config)} vs {steps_key(config)} or in data")
         self.config = config
         self.data = data
         device = data.device
-        self.rng = RunRNG(config.seed, device)  # weights and dropout
         self.generator = torch.Generator(device=device).manual_seed(config.seed)  # shuffle and augmentation
-        self.speedups = speedups or Speedups.default(device, config.epochs if epochs_ahead is None else epochs_ahead)
+        if warm is None:
+            self.rng = RunRNG(config.seed, device)  # weights and dropout
+            self.speedups = speedups or Speedups.default(device, config.epochs if epochs_ahead is None else epochs_ahead)
+        else:
+            self.rng, self.speedups = warm.rng.reseed(config.seed), warm.speedups
         if self.speedups.keep_freed_memory:
             keep_freed_memory()
         with self.rng.active():
             self.model = Net(config.dataset, config.norm, config.groups, config.dropout).to(device)
+        if warm is not None:
+            warm.model.load_state_dict(self.model.state_dict())
+            self.model = warm.model
         use_triton_convs(self.model, self.speedups.triton_convs)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
@@ -260,9 +281,14 @@ class Trainer:
         # tells it the optimizer has stepped (no process-wide warning filter, which threads
         # side by side would race on).
         self.optimizer.step()
-        self.train_step = TrainStep(self.model, self.optimizer, config.l1, self.rng, self.speedups.compile)
-        self.steps = EpochSteps(self.train_step, list(batch_slices(data.train_size, config.batch_size)),
-                                self.speedups.chunk_steps, self.speedups.cuda_graphs)
+        if warm is None:
+            self.train_step = TrainStep(self.model, self.optimizer, config.l1, self.rng, self.speedups.compile)
+            self.steps = EpochSteps(self.train_step, list(batch_slices(data.train_size, config.batch_size)),
+                                    self.speedups.chunk_steps, self.speedups.cuda_graphs)
+        else:
+            self.train_step, self.steps = warm.train_step, warm.steps
+            self.train_step.adopt(self.optimizer)
+        self.prepared = warm is not None and warm.prepared
         self.epoch = 0
         self.last_evaluation: Evaluation | None = None
         self.stop_reason: str | None = None
@@ -318,11 +344,14 @@ class Trainer:
         with one evaluation; returns the seconds it took (about 0 when there is nothing to do,
         or it was done). What the warm-up steps train is undone, so preparing changes no result."""
         start = time.perf_counter()
+        if self.prepared:
+            return 0.0
         with TRACING_LOCK:
             if self.train_step.compiled or self.steps.graphed:
                 self.steps.prepare(self.data.normalize(self.data.train_x), self.data.train_y)
             if self.speedups.triton_convs and self.last_evaluation is None:
                 self.evaluate()
+        self.prepared = True
         return time.perf_counter() - start
 
     def train_epoch(self, callbacks: Callbacks) -> tuple[float, float]:

@@ -156,7 +156,8 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     are processes on this machine, one per GPU (``cpu_workers`` on a machine without one),
     or this process itself when there is one device."""
     from normlab.sweep.executors import RayExecutor, WorkerSettings, local_executor
-    from normlab.sweep.worker import RunRequest, compile_key
+    from normlab.engine.train import steps_key
+    from normlab.sweep.worker import RunRequest
     from normlab.tracking import sweep_records as st
 
     configs = grid.validate()
@@ -180,7 +181,7 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
 
     def request(config: TrainConfig, **resume) -> RunRequest:
         return RunRequest(config, records.child_tags(config, commit), records.experiment_id,
-                          epochs_ahead=ahead[compile_key(config)], **resume)
+                          epochs_ahead=ahead[steps_key(config)], **resume)
 
     requests = [request(c) for c in plan.start]
     requests += [request(by_hash[h], run_id=run_id, resume=True) for h, run_id in plan.resume.items()]
@@ -238,11 +239,11 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
 
 def epochs_per_worker(configs: list[TrainConfig], workers: int) -> dict[tuple, int]:
     """The epochs of each compile key (variant and batch size) one worker trains, about."""
-    from normlab.sweep.worker import compile_key
+    from normlab.engine.train import steps_key
 
     total: dict[tuple, int] = {}
     for config in configs:
-        total[compile_key(config)] = total.get(compile_key(config), 0) + config.epochs
+        total[steps_key(config)] = total.get(steps_key(config), 0) + config.epochs
     return {key: epochs // max(1, workers) for key, epochs in total.items()}
 
 

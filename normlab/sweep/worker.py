@@ -27,7 +27,7 @@ import click
 import torch
 
 from normlab.engine.data import DeviceData, load_raw
-from normlab.engine.train import TrainConfig, Trainer, resolve_device
+from normlab.engine.train import TrainConfig, Trainer, resolve_device, steps_key
 from normlab.errors import ConfigError, DataError, ResumeError
 from normlab.tracking import run_log
 from normlab.tracking.lifecycle import Ending, train_tracked
@@ -52,6 +52,23 @@ CAPTURE_ERRORS = ("cudaErrorCapturedEvent", "cudaErrorStreamCaptureInvalidated")
 LOG_LINES = 40  # the last lines of a run's output kept for its failure report
 POOLED_STREAMS = 32  # torch's pool of CUDA streams per device and priority (c10/cuda/CUDAStream.h)
 HIGH_PRIORITY = -1  # the pool a worker's threads take their streams from
+
+
+# A run that finishes leaves its trainer to the worker's next run of the same steps_key
+# (variant, L1, dropout, batch size), which takes over its model, compiled step and captured
+# CUDA graphs with its own weights, optimizer and random streams (Trainer's ``warm``), instead
+# of capturing, and compiling on a new model, again; NORMLAB_REUSE_STEPS=0 turns it off.
+# Measured: docs/speed.md. Up to IDLE_TRAINERS_PER_RUN_AT_ONCE idle trainers per run a
+# worker trains at once are kept (their graphs hold GPU memory); the oldest go first.
+IDLE_TRAINERS_PER_RUN_AT_ONCE = 4
+
+
+def reuse_steps() -> bool:
+    """Whether a worker's runs take over finished runs' trainers: NORMLAB_REUSE_STEPS, 1 (default) or 0."""
+    value = os.environ.get("NORMLAB_REUSE_STEPS", "1")
+    if value not in ("0", "1"):
+        raise ConfigError(f"NORMLAB_REUSE_STEPS={value!r}; valid: 1 (reuse, the default) or 0")
+    return value == "1"
 
 
 def runs_per_gpu() -> int:
@@ -118,12 +135,6 @@ def broken_by_a_capture(exc: BaseException) -> bool:
     return isinstance(exc, torch.AcceleratorError) and any(name in str(exc) for name in CAPTURE_ERRORS)
 
 
-def compile_key(config: TrainConfig) -> tuple:
-    """What a compiled step depends on: the model, the L1 weight (a constant in the update)
-    and the batch size."""
-    return config.dataset, config.norm, config.groups if config.norm == "gn" else None, config.l1, config.batch_size
-
-
 class Worker:
     """Trains requests in this process on one device, keeping data and compiled steps warm."""
 
@@ -139,7 +150,9 @@ class Worker:
         self.concurrent = concurrent or (runs_per_gpu() if self.device.type == "cuda" else 1)
         self.bars = bars
         self.datasets: dict[str, DeviceData] = {}
-        self.compiled: set[tuple] = set()  # steps compiled in this process: later runs reuse them
+        self.compiled: set[tuple] = set()  # steps_keys compiled in this process: later runs reuse them
+        self.reuse_steps = reuse_steps()
+        self.idle: collections.OrderedDict[tuple, list[Trainer]] = collections.OrderedDict()  # steps_key -> finished
         self.trainers: list[Trainer] = []
         self.stop_reason: str | None = None
         self.lock = threading.Lock()
@@ -218,9 +231,13 @@ class Worker:
         trainer, run_id = None, None
         try:
             data = self.data(config.dataset)
-            key = compile_key(config)
+            key = steps_key(config)
             ahead = float("inf") if key in self.compiled else max(request.epochs_ahead, config.epochs)
-            trainer = Trainer(config, data, epochs_ahead=ahead)
+            warm = self._take_idle(key)
+            trainer = Trainer(config, data, epochs_ahead=ahead, warm=warm)
+            if warm is not None:
+                say(f"takes over the model and steps of {warm.config.run_name}, trained before it in this "
+                    f"worker{' (compiled and captured)' if trainer.prepared and self.device.type == 'cuda' else ''}")
             if trainer.speedups.compile:
                 self.compiled.add(key)
             point = None
@@ -259,10 +276,32 @@ class Worker:
                         self.trainers.remove(trainer)
         if ending.aborted:
             raise KeyboardInterrupt
-        if ending.outcome != "finished":
+        if ending.outcome == "finished":
+            self._keep_idle(key, trainer)
+        else:
             run_log.attach_log(ending.run_id, "\n".join(lines))
             return result(ending.status, "\n".join(list(lines)[-15:]), ending)
         return result("FINISHED", "", ending)
+
+    def _take_idle(self, key: tuple) -> Trainer | None:
+        """A finished run's trainer of this steps_key for the next run to take over, if any."""
+        with self.lock:
+            idle = self.idle.get(key)
+            return idle.pop() if idle else None
+
+    def _keep_idle(self, key: tuple, trainer: Trainer) -> None:
+        """Keep a finished run's trainer for a later run of its steps_key; the oldest kept go
+        when there are more than IDLE_TRAINERS_PER_RUN_AT_ONCE per run trained at once."""
+        if not self.reuse_steps:
+            return
+        with self.lock:
+            self.idle.setdefault(key, []).append(trainer)
+            self.idle.move_to_end(key)
+            while sum(map(len, self.idle.values())) > IDLE_TRAINERS_PER_RUN_AT_ONCE * self.concurrent:
+                oldest = next(iter(self.idle))
+                self.idle[oldest].pop(0)
+                if not self.idle[oldest]:
+                    del self.idle[oldest]
 
     @contextmanager
     def stream(self) -> Iterator[None]:

@@ -3,6 +3,7 @@ model, checkpoints, how it ended, and what a resume reads back from it."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import platform
@@ -340,7 +341,7 @@ def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model") -> 
     anywhere without normlab's code; named after the run (`gn2-s1`), as the models table lists
     it. Returns its model id. No code_paths: MLflow would put the artifact's code/ first on the
     loader's sys.path, so whoever can write to the store could run code as normlab there."""
-    model = model.cpu().eval()
+    model = copy.deepcopy(model).cpu().eval()  # a copy: the worker's next run may train this one (Trainer's warm)
     example = data.test_x[:2].cpu().numpy().astype(np.float32)
     with TRACING_LOCK, _environment(CHECK_ON_CPU, keep_users=True):  # torch.export traces
         info = mlflow.pytorch.log_model(
