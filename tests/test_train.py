@@ -57,12 +57,16 @@ def assert_same_outcome(a, b) -> None:
     assert a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
 
 
-def test_a_trainer_on_the_steps_another_left_trains_what_a_new_one_trains(small_data):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_a_trainer_on_the_steps_another_left_trains_what_a_new_one_trains(small_data, device):
     """A worker's next run of a variant takes over the finished run's model and steps (on a
-    GPU: its compiled step and captured graphs) with its own initial weights, optimizer,
-    schedule and random streams: the same records and final weights as a new trainer, bit for
-    bit, also resumed from a checkpoint; another variant's steps are refused. (The GPU's
-    graphs and compiled step: tests/test_sweep.py, run on the H200.)"""
+    GPU: its captured CUDA graphs, bound to the generator its seed goes into) with its own
+    initial weights, optimizer, schedule and random streams: the same records and final
+    weights as a new trainer, bit for bit, also resumed from a checkpoint; another variant's
+    steps are refused. (Compiled, in a worker: tests/test_sweep.py, on the H200.)"""
+    if device != "cpu":
+        small_data = DeviceData(small_data.raw, device)
     config = TrainConfig(norm="ln", epochs=2, seed=3, lr=0.03)
     first = Trainer(TrainConfig(norm="ln", epochs=1, seed=1), small_data)
     fit(first)
@@ -82,7 +86,7 @@ def test_a_trainer_on_the_steps_another_left_trains_what_a_new_one_trains(small_
     with pytest.raises(ValueError, match="bn-s3's steps cannot train ln-s3"):
         Trainer(config, small_data, warm=Trainer(TrainConfig(norm="bn", seed=3), small_data))
     with pytest.raises(ValueError, match="cannot train"):
-        Trainer(config, DeviceData(small_data.raw, "cpu"), warm=resumed)
+        Trainer(config, DeviceData(small_data.raw, device), warm=resumed)
 
 
 def test_mistakes_are_wrong_and_most_confident_first(small_data):

@@ -238,7 +238,7 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
 
 
 def epochs_per_worker(configs: list[TrainConfig], workers: int) -> dict[tuple, int]:
-    """The epochs of each compile key (variant and batch size) one worker trains, about."""
+    """The epochs of each steps_key (variant and batch size) one worker trains, about."""
     from normlab.engine.train import steps_key
 
     total: dict[tuple, int] = {}

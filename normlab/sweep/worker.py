@@ -2,8 +2,8 @@
 
 On a GPU a run's training takes seconds, while importing torch and MLflow, starting CUDA,
 loading the data and compiling its step take longer. A worker pays those once: it keeps
-each dataset on its device, and Dynamo keeps the compiled step of every (variant, batch
-shape) it has seen, so the next run of that variant only captures its CUDA graphs. Each
+each dataset on its device, and a run that finishes leaves its model, compiled step and
+captured CUDA graphs to the worker's next run of that variant and batch size. Each
 request is still one ordinary MLflow run trained by ``lifecycle.train_tracked``, exactly
 what `normlab train` does (which is a worker with one run).
 
@@ -236,8 +236,8 @@ class Worker:
             warm = self._take_idle(key)
             trainer = Trainer(config, data, epochs_ahead=ahead, warm=warm)
             if warm is not None:
-                say(f"takes over the model and steps of {warm.config.run_name}, trained before it in this "
-                    f"worker{' (compiled and captured)' if trainer.prepared and self.device.type == 'cuda' else ''}")
+                say(f"takes over the model and steps of {warm.config.run_name}, which finished before it in "
+                    f"this worker{': nothing to compile or capture' if self.device.type == 'cuda' else ''}")
             if trainer.speedups.compile:
                 self.compiled.add(key)
             point = None
