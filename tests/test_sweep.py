@@ -304,7 +304,8 @@ def test_runs_after_others_in_one_worker_log_exactly_what_each_logs_alone(sweep_
     """ln-s2 is the third run of the second invocation's warm worker (after a resume and
     another run), and trains on the model and steps ln-s1 left (Trainer's warm); `normlab
     train` of its config alone, in a fresh process, logs the same numbers bit for bit and ends
-    with the same weights and mistakes."""
+    with the same weights and mistakes. Its logged model, exported as ln-s1's program with its
+    own weights (run_log._exports_reusing_graphs), predicts what the one exported alone does."""
     client, tmp = sweep_twice["client"], sweep_twice["tmp"]
     assert "[ln-s2] takes over the model and steps of ln-s1" in sweep_twice["again"].stdout
     alone = run_cli("train", "--norm", "ln", "--seed", "2", "--epochs", "2", "--data-dir", str(small_mnist_dir),
@@ -326,6 +327,15 @@ def test_runs_after_others_in_one_worker_log_exactly_what_each_logs_alone(sweep_
     mistakes = [Path(client.download_artifacts(r.info.run_id, "misclassified.json", str(tmp / r.info.run_id)))
                 .read_text() for r in (child, alone_run)]
     assert mistakes[0] == mistakes[1]
+    import mlflow.pytorch
+
+    from normlab.engine.data import DeviceData, load_raw
+
+    images = DeviceData(load_raw("mnist", small_mnist_dir), "cpu").test_x[:100]
+    with torch.no_grad():
+        predicted = [mlflow.pytorch.load_model(client.get_logged_model(
+            r.data.tags["model_uri"].removeprefix("models:/")).artifact_location)(images) for r in (child, alone_run)]
+    assert torch.equal(predicted[0], predicted[1])
 
 
 SIDE_BY_SIDE = """

@@ -11,8 +11,10 @@ import queue
 import sys
 import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import numpy as np
@@ -294,7 +296,8 @@ def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> Non
         plt.close(figure)
     mlflow.log_dict([asdict(m) for m in mistakes], "misclassified.json")
     mlflow.log_text(summary_text(result.model, config.dataset), "model_summary.txt")
-    model_id = log_model(result.model, data, name=model_name(config.run_name))
+    architecture = (config.dataset, config.norm, config.groups if config.norm == "gn" else None, config.dropout)
+    model_id = log_model(result.model, data, name=model_name(config.run_name), architecture=architecture)
     link_final_metrics(mlflow.active_run().info.run_id, model_id)
 
 
@@ -336,14 +339,55 @@ def model_requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
 
 
-def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model") -> str:
+# torch.export traces the model anew for every run: 0.7-0.8 s a run on the 2-core CPU, though
+# every model of one architecture gives the same graph and only the weights differ. So the
+# program exported for a process's first run of an architecture is kept, and a later run's is
+# that program with the later run's weights copied in. Measured: docs/speed.md.
+_EXPORTED: dict[tuple, tuple[torch.export.ExportedProgram, tuple]] = {}  # architecture -> (program, input shapes)
+
+
+@contextmanager
+def _exports_reusing_graphs(architecture: tuple) -> Iterator[None]:
+    """Within, holding TRACING_LOCK: torch.export.export, as MLflow calls it, gives the program
+    kept for this architecture with the given model's weights, when its weights' names, shapes
+    and types and its input shapes are the kept program's; otherwise it exports (and keeps) anew."""
+    export = torch.export.export
+
+    def export_reusing_graph(model, args, *more, **options):
+        weights, shapes = model.state_dict(), tuple(tuple(a.shape) for a in args)
+        kept = _EXPORTED.get(architecture)
+        if kept is not None and kept[1] == shapes and not kept[0].constants and _same_layout(kept[0].state_dict, weights):
+            with torch.no_grad():
+                for name, tensor in kept[0].state_dict.items():
+                    tensor.copy_(weights[name])
+            return kept[0]
+        program = export(model, args, *more, **options)
+        _EXPORTED[architecture] = (program, shapes)
+        return program
+
+    torch.export.export = export_reusing_graph
+    try:
+        yield
+    finally:
+        torch.export.export = export
+
+
+def _same_layout(kept: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> bool:
+    return kept.keys() == weights.keys() and all(
+        kept[k].shape == weights[k].shape and kept[k].dtype == weights[k].dtype for k in kept)
+
+
+def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model", architecture: tuple | None = None) -> str:
     """The trained model as a torch.export program (pt2), so `mlflow.pytorch.load_model` works
     anywhere without normlab's code; named after the run (`gn2-s1`), as the models table lists
     it. Returns its model id. No code_paths: MLflow would put the artifact's code/ first on the
-    loader's sys.path, so whoever can write to the store could run code as normlab there."""
+    loader's sys.path, so whoever can write to the store could run code as normlab there.
+    ``architecture`` (dataset, norm, groups, dropout) names the models whose exported graph is
+    the same, to trace it once per process."""
     model = copy.deepcopy(model).cpu().eval()  # a copy: the worker's next run may train this one (Trainer's warm)
     example = data.test_x[:2].cpu().numpy().astype(np.float32)
-    with TRACING_LOCK, _environment(CHECK_ON_CPU, keep_users=True):  # torch.export traces
+    reusing = _exports_reusing_graphs(architecture) if architecture is not None else nullcontext()
+    with TRACING_LOCK, reusing, _environment(CHECK_ON_CPU, keep_users=True):  # torch.export traces
         info = mlflow.pytorch.log_model(
             model,
             name=name,
