@@ -32,13 +32,13 @@ def main() -> None:
     import mlflow
 
     from normlab.engine.data import DeviceData, load_raw
-    from normlab.engine.train import TrainConfig, Trainer
+    from normlab.engine.train import TrainConfig, Trainer, architecture_key
     from normlab.tracking import run_log
 
     data = DeviceData(load_raw("mnist", args.data_dir), "cpu")
     config = TrainConfig(norm=args.norm, epochs=1)
     model = Trainer(config, data).model
-    architecture = (config.dataset, config.norm, config.groups if config.norm == "gn" else None, config.dropout)
+    architecture = architecture_key(config)
     run_log.warm_up_results_logging()  # the first call's one-time imports and package scan
     times: dict[str, list[float]] = {"reusing the graph": [], "tracing anew": []}
     with mlflow.start_run():

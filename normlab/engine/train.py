@@ -106,12 +106,16 @@ class TrainConfig:
                 if ours[k] != theirs[k] and not (k == "groups" and "gn" not in (self.norm, other.norm))]
 
 
+def architecture_key(config: TrainConfig) -> tuple:
+    """What the model's layers depend on: dataset, norm, groups (for gn) and dropout."""
+    return config.dataset, config.norm, config.groups if config.norm == "gn" else None, config.dropout
+
+
 def steps_key(config: TrainConfig) -> tuple:
     """What a compiled step and its captured CUDA graphs depend on: the model, the L1 weight
-    and dropout (constants in the update and the forward) and the batch size; not the seed,
-    learning rate, momentum or epochs."""
-    groups = config.groups if config.norm == "gn" else None
-    return config.dataset, config.norm, groups, config.l1, config.dropout, config.batch_size
+    (a constant in the update) and the batch size; not the seed, learning rate, momentum or
+    epochs."""
+    return *architecture_key(config), config.l1, config.batch_size
 
 
 def resolve_device(requested: str) -> torch.device:

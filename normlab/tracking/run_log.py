@@ -27,7 +27,15 @@ from mlflow.tracking import MlflowClient
 import normlab
 from normlab.engine.data import DeviceData
 from normlab.engine.models import summary_text
-from normlab.engine.train import METRICS, TRACING_LOCK, Callbacks, EpochRecord, FitResult, TrainConfig
+from normlab.engine.train import (
+    METRICS,
+    TRACING_LOCK,
+    Callbacks,
+    EpochRecord,
+    FitResult,
+    TrainConfig,
+    architecture_key,
+)
 from normlab.tracking.connection import (
     EXPERIMENT,
     _environment,
@@ -296,8 +304,7 @@ def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> Non
         plt.close(figure)
     mlflow.log_dict([asdict(m) for m in mistakes], "misclassified.json")
     mlflow.log_text(summary_text(result.model, config.dataset), "model_summary.txt")
-    architecture = (config.dataset, config.norm, config.groups if config.norm == "gn" else None, config.dropout)
-    model_id = log_model(result.model, data, name=model_name(config.run_name), architecture=architecture)
+    model_id = log_model(result.model, data, name=model_name(config.run_name), architecture=architecture_key(config))
     link_final_metrics(mlflow.active_run().info.run_id, model_id)
 
 
@@ -382,8 +389,8 @@ def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model", arc
     anywhere without normlab's code; named after the run (`gn2-s1`), as the models table lists
     it. Returns its model id. No code_paths: MLflow would put the artifact's code/ first on the
     loader's sys.path, so whoever can write to the store could run code as normlab there.
-    ``architecture`` (dataset, norm, groups, dropout) names the models whose exported graph is
-    the same, to trace it once per process."""
+    ``architecture`` (normlab.engine.train.architecture_key) names the models whose exported
+    graph is the same, to trace it once per process."""
     model = copy.deepcopy(model).cpu().eval()  # a copy: the worker's next run may train this one (Trainer's warm)
     example = data.test_x[:2].cpu().numpy().astype(np.float32)
     reusing = _exports_reusing_graphs(architecture) if architecture is not None else nullcontext()
