@@ -70,3 +70,15 @@ def test_the_tile_benchmark_says_it_needs_a_gpu_and_times_nothing_without_one(tm
     assert proc.returncode == 1
     assert "times Triton kernels on a CUDA GPU; none is available here" in proc.stderr
     assert not out.exists()
+
+
+def test_model_logging_benchmark_times_both_ways_and_prints_their_ratio(small_mnist_dir):
+    """benchmarks/model_logging.py: log_model with the kept graph and traced anew, alternately."""
+    proc = subprocess.run([sys.executable, "benchmarks/model_logging.py", "--data-dir", str(small_mnist_dir),
+                           "--repeats", "1"], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seconds = dict(re.findall(r"^log_model, (reusing the graph|tracing anew) +([\d.]+) s", proc.stdout, re.M))
+    assert seconds.keys() == {"reusing the graph", "tracing anew"}, proc.stdout
+    ratio = float(re.search(r"^ratio: ([\d.]+)x$", proc.stdout, re.M).group(1))
+    assert all(float(s) > 0 for s in seconds.values())
+    assert ratio == pytest.approx(float(seconds["tracing anew"]) / float(seconds["reusing the graph"]), rel=0.2)
