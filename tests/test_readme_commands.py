@@ -63,6 +63,10 @@ SKIPPED = [
      "the batch-size study: 36 runs, and batch 2 is 500 steps an epoch even on the test split: "
      "over 10 minutes on CI's 2 cores (normlab sweep with one batch size runs the same code)"),
     (r"benchmarks/speed\.py.*--tiny", "tests/test_benchmark.py runs this smoke test"),
+    (r"benchmarks/exit_cost\.py",
+     "a benchmark of fresh processes: eleven `normlab train` runs, minutes on CI's 2 cores; every CLI "
+     "test runs the exit it times"),
+    (r"benchmarks/model_logging\.py", "tests/test_benchmark.py runs it with --repeats 1"),
     (r"benchmarks/(speed|cpu_step)\.py",
      "a benchmark: minutes of full-size epochs (60,000 images) or of fresh processes per variant; "
      "tests/test_benchmark.py runs its --tiny form"),
