@@ -49,7 +49,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="normlab-exit-")
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db", PYTHONUNBUFFERED="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    train = ["train", "--norm", "ln", "--data-dir", args.data_dir, "--epochs", str(args.epochs)]
+    train = ["train", "--norm", "ln", "--data-dir", str(Path(args.data_dir).resolve()), "--epochs", str(args.epochs)]
     subprocess.run(WAYS["normlab (frozen at exit)"] + train, env=env, cwd=work, capture_output=True, check=True)  # the store
     times: dict[str, list[tuple[float, float]]] = {way: [] for way in WAYS}
     for _ in range(args.repeats):

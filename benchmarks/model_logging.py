@@ -28,14 +28,17 @@ def main() -> None:
     parser.add_argument("--norm", default="bn")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='normlab-logging-')}/mlflow.db"
+    data_dir = Path(args.data_dir).resolve()
+    work = tempfile.mkdtemp(prefix="normlab-logging-")
+    os.chdir(work)  # a sqlite store keeps the Default experiment's artifacts in ./mlruns
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
     import mlflow
 
     from normlab.engine.data import DeviceData, load_raw
     from normlab.engine.train import TrainConfig, Trainer, architecture_key
     from normlab.tracking import run_log
 
-    data = DeviceData(load_raw("mnist", args.data_dir), "cpu")
+    data = DeviceData(load_raw("mnist", data_dir), "cpu")
     config = TrainConfig(norm=args.norm, epochs=1)
     model = Trainer(config, data).model
     architecture = architecture_key(config)
