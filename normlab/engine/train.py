@@ -268,10 +268,11 @@ class Trainer:
             keep_freed_memory()
         with self.rng.active():
             self.model = Net(config.dataset, config.norm, config.groups, config.dropout).to(device)
-        if warm is not None:
+        if warm is None:
+            use_triton_convs(self.model, self.speedups.triton_convs)
+        else:
             warm.model.load_state_dict(self.model.state_dict())
             self.model = warm.model
-        use_triton_convs(self.model, self.speedups.triton_convs)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
                                          foreach=True)

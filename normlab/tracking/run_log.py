@@ -350,26 +350,27 @@ def model_requirements() -> list[str]:
 # every model of one architecture gives the same graph and only the weights differ. So the
 # program exported for a process's first run of an architecture is kept, and a later run's is
 # that program with the later run's weights copied in. Measured: docs/speed.md.
-_EXPORTED: dict[tuple, tuple[torch.export.ExportedProgram, tuple]] = {}  # architecture -> (program, input shapes)
+_EXPORTED: dict[tuple, tuple[torch.export.ExportedProgram, tuple]] = {}  # architecture -> (program, its call)
 
 
 @contextmanager
 def _exports_reusing_graphs(architecture: tuple) -> Iterator[None]:
     """Within, holding TRACING_LOCK: torch.export.export, as MLflow calls it, gives the program
     kept for this architecture with the given model's weights, when its weights' names, shapes
-    and types and its input shapes are the kept program's; otherwise it exports (and keeps) anew."""
+    and types, its input shapes and export's other arguments are the kept program's; otherwise
+    it exports (and keeps) anew."""
     export = torch.export.export
 
     def export_reusing_graph(model, args, *more, **options):
-        weights, shapes = model.state_dict(), tuple(tuple(a.shape) for a in args)
+        weights, call = model.state_dict(), (tuple(tuple(a.shape) for a in args), more, options)
         kept = _EXPORTED.get(architecture)
-        if kept is not None and kept[1] == shapes and not kept[0].constants and _same_layout(kept[0].state_dict, weights):
+        if kept is not None and kept[1] == call and not kept[0].constants and _same_layout(kept[0].state_dict, weights):
             with torch.no_grad():
                 for name, tensor in kept[0].state_dict.items():
                     tensor.copy_(weights[name])
             return kept[0]
         program = export(model, args, *more, **options)
-        _EXPORTED[architecture] = (program, shapes)
+        _EXPORTED[architecture] = (program, call)
         return program
 
     torch.export.export = export_reusing_graph
