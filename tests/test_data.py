@@ -2,8 +2,11 @@
 
 import gzip
 import hashlib
+import os
 import pickle
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,8 @@ from mlflow import MlflowClient
 from torchvision.datasets import MNIST
 
 from normlab.cli import main
-from normlab.engine.data import DATASETS, DeviceData, batch_slices, load_raw, random_crop_flip, random_rotation
+from normlab.engine.data import (DATASETS, DeviceData, batch_slices, load_raw, parsed_cache_path,
+                                 random_crop_flip, random_rotation)
 from normlab.errors import DataError
 from tests.mlflow_server import free_port
 from tests.mnist_fixture import FILES, REPO_MNIST, mnist_t10k, official_md5s, write_idx, write_mnist
@@ -173,6 +177,36 @@ def test_a_bad_label_stops_train_before_any_run_is_created(tmp_path, tracking_ur
     assert result.exit_code == 1
     assert f"{folder / 'train-labels-idx1-ubyte'} holds label 12 (image 0 of the train split" in result.output
     assert no_runs(tracking_uri)
+
+
+def test_a_later_load_takes_torchvisions_parse_from_the_cache_until_a_file_changes(tmp_path):
+    """The second process does not import torchvision (1-2 s) and gets the same tensors; a
+    changed file, or an unreadable cache, is parsed through torchvision again."""
+    root = write_mnist(tmp_path, train=200, test=100)
+    first = load_raw("mnist", root)
+    cache = parsed_cache_path(root, DATASETS["mnist"])
+    assert cache.is_file() and not list(cache.parent.glob("*.partial"))
+    probe = ("import sys; from normlab.engine.data import load_raw; raw = load_raw('mnist', sys.argv[1]); "
+             "print('torchvision' in sys.modules, raw.digest(), raw.train_labels[:3].tolist())")
+
+    def load_in_a_new_process() -> str:
+        return subprocess.run([sys.executable, "-c", probe, str(root)], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+
+    assert load_in_a_new_process() == f"False {first.digest()} {first.train_labels[:3].tolist()}"
+
+    folder = root / "MNIST" / "raw"
+    labels = _labels(folder, "train")
+    _relabel(folder, "train", [(labels[0] + 1) % 10] + labels[1:])  # same size, new content
+    written = (folder / "train-labels-idx1-ubyte").stat().st_mtime_ns
+    os.utime(folder / "train-labels-idx1-ubyte", ns=(written, written + 10**9))  # later, on any file system
+    changed = load_raw("mnist", root)
+    assert changed.train_labels[0] == (labels[0] + 1) % 10 and changed.digest() != first.digest()
+    assert load_in_a_new_process() == f"False {changed.digest()} {changed.train_labels[:3].tolist()}"
+
+    cache.write_bytes(cache.read_bytes()[:1000])  # a cache cut short is parsed anew and rewritten
+    assert load_in_a_new_process() == f"True {changed.digest()} {changed.train_labels[:3].tolist()}"
+    assert load_in_a_new_process().startswith("False")
 
 
 def test_truncated_idx_file_is_named(tmp_path):
