@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from normlab.engine.data import DeviceData, load_raw  # noqa: E402
 from normlab.engine.fast import Speedups  # noqa: E402
-from normlab.engine.train import Callbacks, TrainConfig, Trainer  # noqa: E402
+from normlab.engine.config import TrainConfig
+from normlab.engine.train import Callbacks, Trainer  # noqa: E402
 
 
 def train_at_once(trainers: list[Trainer], epochs: int, streams: list[torch.cuda.Stream]) -> float:

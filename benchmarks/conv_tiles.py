@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from normlab.engine.fast import triton_conv as conv  # noqa: E402
 from normlab.engine.fast.triton_conv import Conv2d  # noqa: E402
-from normlab.engine.models import ARCHITECTURES, Net
+from normlab.engine.models import Net
+from normlab.engine.registry import ARCHITECTURES
 
 BATCH = 128
 # (rows, reduction columns, warps) of the gather-GEMM; and of the weight gradient, with its

@@ -22,7 +22,8 @@ from exit_cost import ROOT, timed
 
 sys.path.insert(0, str(ROOT))
 
-from normlab.engine.data import DATASETS, parsed_cache_path  # noqa: E402
+from normlab.engine.data import parsed_cache_path  # noqa: E402
+from normlab.engine.registry import DATASETS
 
 
 def main() -> None:

@@ -35,7 +35,8 @@ def main() -> None:
     import mlflow
 
     from normlab.engine.data import DeviceData, load_raw
-    from normlab.engine.train import TrainConfig, Trainer, architecture_key
+    from normlab.engine.config import TrainConfig, architecture_key
+    from normlab.engine.train import Trainer
     from normlab.tracking import run_log
 
     data = DeviceData(load_raw("mnist", data_dir), "cpu")

@@ -42,7 +42,8 @@ from normlab.engine.fast import Speedups  # noqa: E402
 from normlab.engine.fast.cpu_dropout import Dropout  # noqa: E402
 from normlab.engine.fast.triton_conv import use_triton_convs
 from normlab.engine.models import Net
-from normlab.engine.train import Callbacks, TrainConfig, Trainer, resolve_device  # noqa: E402
+from normlab.engine.config import TrainConfig
+from normlab.engine.train import Callbacks, Trainer, resolve_device  # noqa: E402
 from normlab.tracking import run_log
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -11,13 +11,14 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from normlab.engine.data import DATASETS
-from normlab.engine.models import NORMS
-from normlab.engine.train import TrainConfig
+from normlab.engine.config import TrainConfig
+from normlab.engine.registry import DATASETS, NORMS
 from normlab.errors import ConfigError, DataError, ResumeError, TrackingUnreachable
 from normlab.sweep.driver import LR_SCALINGS, REFERENCE_BATCH, Grid, run_sweep
-from normlab.tracking import connection, run_log
-from normlab.tracking.lifecycle import train_tracked
+from normlab.tracking import EXPERIMENT
+
+# Torch and MLflow (2-5 s to import) are imported by the commands that use them, so that
+# `--help` and a mistyped option answer at once; tests/test_project.py checks it.
 
 DEFAULTS = TrainConfig()
 CONFIG_OPTIONS = ("norm", "groups", "l1", "dataset", "epochs", "batch_size", "lr", "seed")
@@ -46,7 +47,7 @@ def main() -> None:
 @click.option("--lr", type=float, default=DEFAULTS.lr, help="Peak learning rate of the one-cycle schedule.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, help="Seed for weights, shuffling, augmentation, dropout.")
 @click.option("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N.")
-@click.option("--experiment", default=connection.EXPERIMENT, help="MLflow experiment (ignored under `mlflow run`).")
+@click.option("--experiment", default=EXPERIMENT, help="MLflow experiment (ignored under `mlflow run`).")
 @click.option("--resume", "resume_run", default="", metavar="RUN_ID",
               help="Continue this run from its last checkpoint; options left out come from the checkpoint "
                    "(--data-dir from the run).")
@@ -56,14 +57,18 @@ def main() -> None:
 def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed, device, experiment,
           resume_run, checkpoint_dir) -> None:
     """Train one variant as one MLflow run: params, per-epoch metrics, mistakes, model."""
-    from normlab.engine.data import DeviceData, load_raw
-    from normlab.engine.train import Trainer, resolve_device
-    from normlab.tracking import resume
-
     config = TrainConfig(norm=norm, groups=groups, l1=l1, dataset=dataset, epochs=epochs,
                          batch_size=batch_size, lr=lr, seed=seed)
     try:
-        config.validate()
+        config.validate()  # before torch and MLflow are even imported
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    from normlab.engine.data import DeviceData, load_raw
+    from normlab.engine.train import Trainer, resolve_device
+    from normlab.tracking import connection, resume, run_log
+    from normlab.tracking.lifecycle import train_tracked
+
+    try:
         torch_device = resolve_device(device)
         run_log.check_checkpoint_dir(checkpoint_dir)
     except ConfigError as exc:
@@ -178,6 +183,8 @@ def _main_failing_launched_run() -> None:
 
 def _fail_launched_run(run_id: str | None, reason: str) -> None:
     if run_id:
+        from normlab.tracking import run_log
+
         run_log.fail_run_if_open(run_id, reason)
 
 
@@ -228,7 +235,8 @@ def summary_command(norm, dataset, groups) -> None:
 
     The same table a training run logs as model_summary.txt.
     """
-    from normlab.engine.models import Net, check_norm, count_parameters, summary_text, variant_label
+    from normlab.engine.models import Net, count_parameters, summary_text
+    from normlab.engine.registry import check_norm, variant_label
 
     try:
         check_norm(norm, groups, dataset)
@@ -292,7 +300,7 @@ def _seeds(ctx, param, value: str) -> tuple[int, ...]:
               help="Worker processes on a machine without a GPU, sharing its cores (with GPUs: one per GPU).")
 @click.option("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR,
               help="Local copy of each unfinished child's last checkpoint: DIR/RUN_ID/last.pt.")
-@click.option("--experiment", default=connection.EXPERIMENT, help="MLflow experiment (ignored under `mlflow run`).")
+@click.option("--experiment", default=EXPERIMENT, help="MLflow experiment (ignored under `mlflow run`).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Also keep the comparison files in this folder (they are logged on the parent anyway).")
 def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epochs, lr, lr_scaling, device, address,
@@ -306,6 +314,12 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
     l1_norms = norms if l1_on.strip() == "all" else tuple(v.strip() for v in l1_on.split(",") if v.strip())
     grid = Grid(norms=norms, l1=l1, l1_on=l1_norms, groups=groups, batch_sizes=batch_sizes, seeds=seeds,
                 dataset=dataset, epochs=epochs, lr=lr, lr_scaling=lr_scaling)
+    try:
+        grid.validate()  # before torch and MLflow are even imported
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    from normlab.tracking import connection
+
     connection.use_bounded_http_retries()
     try:
         connection.check_tracking_reachable()
@@ -335,7 +349,7 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
 
 
 @main.command()
-@click.option("--experiment", default=connection.EXPERIMENT, help="MLflow experiment holding the training runs.")
+@click.option("--experiment", default=EXPERIMENT, help="MLflow experiment holding the training runs.")
 @click.option("--filter", "filter_string", default="",
               help="MLflow search filter, e.g. \"params.dataset = 'mnist' and params.epochs = '20'\".")
 @click.option("--parent", "parent_run_id", default="", help="Only the child runs of this (sweep) run.")

@@ -57,9 +57,10 @@ def test_only_the_tracking_package_imports_mlflow(module):
 @pytest.mark.parametrize("module", [m for m in MODULES if in_package(m, "normlab.analysis")])
 def test_analysis_writes_no_run_it_reads_them_through_run_query(module):
     """Of the tracking package, analysis uses the store's name and settings (connection),
-    the reader (run_query: selection, histories, the comparison's own run) and redaction."""
+    the reader (run_query: selection, histories, the comparison's own run) and redaction,
+    and the default experiment's name (EXPERIMENT)."""
     used = {n.split(".")[2] for n in imports(module) if in_package(n, "normlab.tracking") and n.count(".") >= 2}
-    assert used <= {"connection", "run_query", "redaction"}
+    assert used <= {"connection", "run_query", "redaction", "EXPERIMENT"}
 
 
 @pytest.mark.parametrize("module", MODULES)

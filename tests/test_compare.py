@@ -525,6 +525,19 @@ def test_compare_command(tmp_path, store):
     assert not (tmp_path / "none").exists()
 
 
+def test_compare_command_never_imports_torch(tmp_path, store):
+    """The comparison reads MLflow and draws; torch (2-3 s to import) has no part in it."""
+    import subprocess
+
+    probe = ("import sys; from normlab.cli import entry; sys.argv[1:] = ['compare', '--parent', sys.argv[1], "
+             "'--out', sys.argv[2]]\ntry:\n    entry()\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+             "print('torch imported:', 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe, store.parent_id, str(tmp_path / "out")], cwd=tmp_path,
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.stdout.splitlines()[-2:] == ["exit 0", "torch imported: False"], done.stdout[-2000:] + done.stderr[-2000:]
+    assert (tmp_path / "out" / "test_accuracy.png").stat().st_size > 10_000
+
+
 def test_mlproject_compare_entry_point(tmp_path, store):
     import subprocess
 

@@ -17,8 +17,8 @@ from mlflow import MlflowClient
 from torchvision.datasets import MNIST
 
 from normlab.cli import main
-from normlab.engine.data import (DATASETS, DeviceData, batch_slices, load_raw, parsed_cache_path,
-                                 random_crop_flip, random_rotation)
+from normlab.engine.data import DeviceData, batch_slices, load_raw, parsed_cache_path, random_crop_flip, random_rotation
+from normlab.engine.registry import DATASETS
 from normlab.errors import DataError
 from tests.mlflow_server import free_port
 from tests.mnist_fixture import FILES, REPO_MNIST, mnist_t10k, official_md5s, write_idx, write_mnist

@@ -17,7 +17,8 @@ from normlab.analysis import explain as worked
 from normlab.analysis import plots
 from normlab.analysis.explain import EXAMPLE
 from normlab.cli import main
-from normlab.engine.models import ARCHITECTURES, NORMS, Net, count_parameters, valid_groups
+from normlab.engine.models import Net, count_parameters
+from normlab.engine.registry import ARCHITECTURES, NORMS, valid_groups
 from tests.conftest import ROOT
 
 N, C, H, W = EXAMPLE.shape

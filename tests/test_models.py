@@ -6,17 +6,8 @@ from torch import nn
 
 from normlab.engine.fast.cpu_dropout import Dropout
 from normlab.engine.fast.triton_conv import Conv2d
-from normlab.engine.models import (
-    ARCHITECTURES,
-    NORMS,
-    Net,
-    check_norm,
-    count_parameters,
-    summarize,
-    summary_text,
-    valid_groups,
-    variant_label,
-)
+from normlab.engine.models import Net, count_parameters, summarize, summary_text
+from normlab.engine.registry import ARCHITECTURES, NORMS, check_norm, valid_groups, variant_label
 from normlab.errors import ConfigError
 
 
@@ -90,7 +81,8 @@ def test_every_norm_and_group_count_learns_real_digits(norm, groups, digits):
     """One epoch (two without a norm, which starts slower) of batches of 16 at the default
     learning rate: far above chance (10%; the constant-output models stayed at 10-14% after
     three epochs), every variant at least 70% on held-out digits. A few seconds each."""
-    from normlab.engine.train import TrainConfig, Trainer, fit
+    from normlab.engine.config import TrainConfig
+    from normlab.engine.train import Trainer, fit
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CI's 2 cores: one thread each

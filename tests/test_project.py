@@ -161,6 +161,23 @@ def test_mlflow_run_as_typed_then_ctrl_c_then_the_printed_resume_then_compare(tr
     assert comparison.data.tags["compared_run_ids"] == run.info.run_id
 
 
+@pytest.mark.parametrize("args, shown", [
+    (["--help"], "Commands:"),
+    (["train", "--help"], "--norm [bn|ln|gn|in|none]"),
+    (["sweep", "--norms", "bn,xx"], "xx"),
+    (["train", "--norm", "xx"], "'xx' is not one of 'bn', 'ln', 'gn', 'in', 'none'"),
+    (["train", "--norm", "gn", "--groups", "3"], "--groups 3 does not divide"),
+])
+def test_help_and_mistyped_options_answer_without_importing_torch_or_mlflow(args, shown):
+    """They answer in a fraction of a second: torch and MLflow cost 4-5 s to import on CI's CPU."""
+    probe = ("import sys; from normlab.cli import entry; sys.argv[1:] = sys.argv[2:]\ntry:\n    entry()\n"
+             "except SystemExit:\n    pass\nprint('imported:', sorted({'torch', 'mlflow', 'torchvision'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe, "normlab", *args], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert done.stdout.splitlines()[-1] == "imported: []", done.stdout[-2000:] + done.stderr[-2000:]
+    assert shown in done.stdout + done.stderr
+
+
 def test_normlab_train_creates_its_own_named_run(tracking_uri, small_mnist_dir):
     proc = run_cli("train", "--norm", "bn", "--epochs", "1", "--seed", "4", "--data-dir", str(small_mnist_dir),
                    "--device", "cpu", "--experiment", "direct")

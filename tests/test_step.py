@@ -17,7 +17,8 @@ from normlab.engine.fast.chunked_steps import EpochSteps
 from normlab.engine.models import Net
 from normlab.engine.rng import RunRNG
 from normlab.engine.step import TrainStep, run_and_undo
-from normlab.engine.train import Callbacks, TrainConfig, Trainer, TrainingStopped, evaluate
+from normlab.engine.config import TrainConfig
+from normlab.engine.train import Callbacks, Trainer, TrainingStopped, evaluate
 from tests.mnist_fixture import write_mnist
 
 

@@ -446,7 +446,8 @@ def test_a_run_a_cuda_graph_capture_broke_is_resumed_in_its_own_run_and_a_bug_is
     tries that run again, resumed from its last checkpoint, and it ends FINISHED in its own
     run with each epoch logged once. Any other error fails the run at once. The CUDA error is
     raised here on the CPU, in the second epoch, where the GPU run met it."""
-    from normlab.engine.train import Trainer, TrainConfig
+    from normlab.engine.config import TrainConfig
+    from normlab.engine.train import Trainer
     from normlab.sweep.worker import RunRequest, Worker
 
     records = st.SweepRecords("broken", "grid")
@@ -592,7 +593,7 @@ def test_a_dead_workers_run_is_failed_then_resumed_from_a_checkpoint_or_trained_
     the reason and its lease broken; retried as a resume when the run has a checkpoint (the
     artifact, or the local copy on this machine), as a new run when it has none, and not at
     all once the attempts are spent."""
-    from normlab.engine.train import TrainConfig
+    from normlab.engine.config import TrainConfig
     from normlab.sweep.executors import _worker_died
     from normlab.sweep.worker import MAX_ATTEMPTS, retry_request
     from normlab.sweep.worker import RunRequest
@@ -644,7 +645,8 @@ def test_compiling_capturing_and_exporting_never_run_in_two_threads_at_once(trac
     from normlab.engine import train
     from normlab.engine.data import DeviceData, load_raw
     from normlab.engine.fast import Speedups
-    from normlab.engine.train import TrainConfig, Trainer
+    from normlab.engine.config import TrainConfig
+    from normlab.engine.train import Trainer
 
     assert run_log.TRACING_LOCK is train.TRACING_LOCK
     data = DeviceData(load_raw("mnist", str(small_mnist_dir)), torch.device("cpu"))
@@ -733,7 +735,7 @@ def test_on_a_gpu_a_run_on_the_graphs_another_run_captured_trains_what_it_trains
     """ln-s2 after ln-s1 in one GPU worker replays the CUDA graphs ln-s1 captured (and, compiled,
     its compiled step), with its own seed swapped into the generator they are bound to: it logs
     what ln-s2 logs in a worker of its own, bit for bit, and not what ln-s1 logged."""
-    from normlab.engine.train import TrainConfig
+    from normlab.engine.config import TrainConfig
     from normlab.sweep.worker import RunRequest, Worker
 
     monkeypatch.setenv("NORMLAB_COMPILE", compiling)

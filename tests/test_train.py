@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from normlab.engine.data import DeviceData, load_raw
-from normlab.engine.train import Callbacks, TrainConfig, Trainer, evaluate, fit, most_confident_mistakes
+from normlab.engine.config import TrainConfig
+from normlab.engine.train import Callbacks, Trainer, evaluate, fit, most_confident_mistakes
 from normlab.errors import ConfigError
 
 

@@ -18,9 +18,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from normlab.analysis import plots, results
-from normlab.engine.train import METRICS
+from normlab.engine.config import METRICS
 from normlab.errors import SelectionError
-from normlab.tracking import connection, run_query
+from normlab.tracking import EXPERIMENT, run_query
 
 CURVE_FILES = {  # file name: (metrics, one per row; title)
     "test_loss.png": (("test_loss",), "Test loss by variant"),
@@ -94,7 +94,7 @@ def slug(label: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-")
 
 
-def load_comparison(experiment: str = connection.EXPERIMENT, filter_string: str | None = None,
+def load_comparison(experiment: str = EXPERIMENT, filter_string: str | None = None,
                     parent_run_id: str | None = None, run_ids: list[str] | None = None,
                     include_unfinished: bool = False) -> Comparison:
     """Select runs, load their histories and compute the per-run and per-variant numbers.
@@ -157,7 +157,7 @@ def write_outputs(comparison: Comparison, out_dir: Path, band: str = "range") ->
     return files
 
 
-def run_comparison(out_dir: Path, experiment: str = connection.EXPERIMENT, filter_string: str | None = None,
+def run_comparison(out_dir: Path, experiment: str = EXPERIMENT, filter_string: str | None = None,
                    parent_run_id: str | None = None, run_ids: list[str] | None = None,
                    log_to_run_id: str | None = None, *, include_unfinished: bool = False,
                    band: str = "range") -> Comparison:

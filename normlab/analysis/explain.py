@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from normlab.engine.models import NORMS
+from normlab.engine.registry import NORMS
 from normlab.errors import ConfigError
 
 # N=2 samples, C=4 channels, 2x2 pixels. Chosen so that every set of every norm (and GN

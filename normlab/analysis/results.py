@@ -11,7 +11,7 @@ from typing import NamedTuple
 import pandas as pd
 
 from normlab.analysis import statistics
-from normlab.engine.models import NORMS, variant_label
+from normlab.engine.registry import NORMS, variant_label
 
 SETTINGS = ["norm", "groups", "l1", "batch_size", "dataset", "epochs", "train_size", "test_size", "parameters"]
 COMPARABLE = ["dataset", "train_size", "test_size", "epochs"]  # accuracies are ranked only within equal values

@@ -19,58 +19,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from normlab.errors import ConfigError, DataError
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    folder: str  # under --data-dir, as torchvision lays it out
-    train_files: tuple[str, ...]  # the files each split's images and labels come from
-    test_files: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    classes: tuple[str, ...]
-    augmentation: str  # human-readable, logged as a param
-    source: str  # where torchvision downloads it from
-    other_files: tuple[str, ...] = ()
-
-    @property
-    def expected_files(self) -> tuple[str, ...]:
-        return self.train_files + self.test_files + self.other_files
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec(
-        name="mnist",
-        folder="MNIST/raw",
-        train_files=("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-        test_files=("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-        mean=(0.1307,),
-        std=(0.3081,),
-        classes=tuple(str(d) for d in range(10)),
-        augmentation="random rotation +-7 deg",
-        source="https://ossci-datasets.s3.amazonaws.com/mnist/",
-    ),
-    "cifar10": DatasetSpec(
-        name="cifar10",
-        folder="cifar-10-batches-py",
-        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
-        test_files=("test_batch",),
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
-        classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-        augmentation="random crop (4 px padding) + horizontal flip",
-        source="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        other_files=("batches.meta",),
-    ),
-}
-
-
-def check_dataset(name: str) -> DatasetSpec:
-    if name not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
-    return DATASETS[name]
+from normlab.engine.registry import DatasetSpec, check_dataset
+from normlab.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -1,108 +1,15 @@
-"""The normalization registry and the one CNN family built from it.
-
-Every norm layer here has learnable per-channel scale and shift (gamma, beta), so all
-variants of a model have the same parameter count except ``none``. What differs is the set
-of elements that share one mean and variance:
-
-- ``bn``: per channel, over the batch and all pixels (N, H, W). Batch-dependent; keeps
-  running statistics for evaluation.
-- ``ln``: per sample, over all channels and pixels (C, H, W): ``GroupNorm`` with one
-  group. Its statistics equal ``torch.nn.LayerNorm((C, H, W))``; unlike that layer, its
-  affine is per channel (C values) rather than per element (C*H*W values).
-- ``gn``: per sample, over each group of C/G channels and all pixels.
-- ``in``: per sample and per channel, over the pixels (H, W): ``GroupNorm`` with C groups.
-- ``none``: identity.
-"""
+"""The one CNN family, built from the normalization registry (normlab.engine.registry)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
 from normlab.engine.fast.cpu_dropout import Dropout
 from normlab.engine.fast.triton_conv import Conv2d
-from normlab.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class Norm:
-    """One entry of the registry: how to build the layer and how to name it for readers."""
-
-    label: str
-    statistics_over: str
-    make: Callable[[int, int], nn.Module]  # (channels, groups) -> layer
-
-
-NORMS: dict[str, Norm] = {
-    "bn": Norm("BN", "(N, H, W) per channel", lambda c, g: nn.BatchNorm2d(c)),
-    "ln": Norm("LN", "(C, H, W) per sample", lambda c, g: nn.GroupNorm(1, c)),
-    "gn": Norm("GN", "(C/G, H, W) per sample and group", lambda c, g: nn.GroupNorm(g, c)),
-    "in": Norm("IN", "(H, W) per sample and channel", lambda c, g: nn.GroupNorm(c, c)),
-    "none": Norm("no norm", "nothing", lambda c, g: nn.Identity()),
-}
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """Channel plan of the reference network for one input size.
-
-    ``widths`` are the output channels of: conv1, conv2 (3x3), transition (1x1, then
-    max-pool), conv3, conv4, conv5 (3x3), conv6 (padded 3x3). The head is global average
-    pooling and a 1x1 conv to the classes.
-    """
-
-    in_channels: int
-    image_size: int
-    widths: tuple[int, int, int, int, int, int, int]
-    classes: int = 10
-
-    @property
-    def norm_channels(self) -> tuple[int, ...]:
-        """Channel counts of the layers that get a norm (every 3x3 conv)."""
-        c1, c2, _, c3, c4, c5, c6 = self.widths
-        return (c1, c2, c3, c4, c5, c6)
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    # The reference notebooks' best MNIST model: 7,750 parameters with BN.
-    "mnist": Architecture(in_channels=1, image_size=28, widths=(10, 20, 10, 20, 10, 10, 10)),
-    # The same family, wider, for 32x32 RGB: ~38.5k parameters with BN.
-    "cifar10": Architecture(in_channels=3, image_size=32, widths=(16, 32, 16, 32, 32, 32, 32)),
-}
-
-
-def valid_groups(dataset: str) -> list[int]:
-    """Group counts that divide every normalized channel count of the dataset's model."""
-    channels = ARCHITECTURES[dataset].norm_channels
-    return [g for g in range(1, min(channels) + 1) if all(c % g == 0 for c in channels)]
-
-
-def check_norm(norm: str, groups: int, dataset: str) -> None:
-    """Raise ConfigError naming the valid choices when norm or groups cannot be built."""
-    if norm not in NORMS:
-        raise ConfigError(f"unknown norm {norm!r}; valid choices: {', '.join(NORMS)}")
-    if dataset not in ARCHITECTURES:
-        raise ConfigError(f"unknown dataset {dataset!r}; valid choices: {', '.join(ARCHITECTURES)}")
-    if norm == "gn" and groups not in valid_groups(dataset):
-        channels = sorted(set(ARCHITECTURES[dataset].norm_channels))
-        choices = ", ".join(map(str, valid_groups(dataset)))
-        raise ConfigError(
-            f"--groups {groups} does not divide the {dataset} model's channel counts "
-            f"{channels}; valid choices: {choices}"
-        )
-
-
-def variant_label(norm: str, groups: int = 2, l1: float = 0.0) -> str:
-    """How a reader names a variant: 'GN (2 groups)', 'LN', 'BN + L1 (1e-05)'."""
-    label = NORMS[norm].label
-    if norm == "gn":
-        label += f" ({groups} group{'s' if groups != 1 else ''})"
-    if l1 > 0:
-        label += f" + L1 ({l1:g})"
-    return label
+from normlab.engine.registry import ARCHITECTURES, NORMS, check_norm
 
 
 def normalizes_each_channel_alone(layer: nn.Module) -> bool:

@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from normlab.engine.models import NORMS
-from normlab.engine.train import TrainConfig, resolve_device
+from normlab.engine.config import TrainConfig
+from normlab.engine.registry import NORMS
 from normlab.errors import ConfigError
-from normlab.tracking import connection
 
 
 # How a child's learning rate follows its batch size. "linear" keeps lr / batch size fixed
@@ -155,9 +154,11 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     ``address`` (a Ray cluster, or "auto") runs the workers as Ray actors; without it they
     are processes on this machine, one per GPU (``cpu_workers`` on a machine without one),
     or this process itself when there is one device."""
+    from normlab.engine.config import steps_key
+    from normlab.engine.train import resolve_device
     from normlab.sweep.executors import RayExecutor, WorkerSettings, local_executor
-    from normlab.engine.train import steps_key
     from normlab.sweep.worker import RunRequest
+    from normlab.tracking import connection
     from normlab.tracking import sweep_records as st
 
     configs = grid.validate()
@@ -239,7 +240,7 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
 
 def epochs_per_worker(configs: list[TrainConfig], workers: int) -> dict[tuple, int]:
     """The epochs of each steps_key (variant and batch size) one worker trains, about."""
-    from normlab.engine.train import steps_key
+    from normlab.engine.config import steps_key
 
     total: dict[tuple, int] = {}
     for config in configs:

@@ -27,7 +27,8 @@ import click
 import torch
 
 from normlab.engine.data import DeviceData, load_raw
-from normlab.engine.train import TrainConfig, Trainer, resolve_device, steps_key
+from normlab.engine.config import TrainConfig, steps_key
+from normlab.engine.train import Trainer, resolve_device
 from normlab.errors import ConfigError, DataError, ResumeError
 from normlab.tracking import run_log
 from normlab.tracking.lifecycle import Ending, train_tracked

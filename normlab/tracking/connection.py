@@ -17,8 +17,6 @@ import normlab
 from normlab.errors import TrackingUnreachable
 from normlab.tracking.redaction import redact
 
-EXPERIMENT = "normlab"
-
 PACKAGE_DIR = Path(normlab.__file__).parent
 
 
@@ -32,6 +30,13 @@ def git_commit() -> str | None:
         return commit + ("-dirty" if git("status", "--porcelain", "--", ".") else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def run_id_from_env() -> str | None:
+    """The run `mlflow run` created for this command (MLFLOW_RUN_ID), if any."""
+    from mlflow.environment_variables import MLFLOW_RUN_ID
+
+    return MLFLOW_RUN_ID.get()
 
 
 def experiment_id(name: str, client: MlflowClient | None = None) -> str:

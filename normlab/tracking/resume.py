@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from normlab.engine import checkpoint
-from normlab.engine.train import TrainConfig
+from normlab.engine.config import TrainConfig
 from normlab.errors import ConfigError, ResumeError
 from normlab.tracking import run_log
 

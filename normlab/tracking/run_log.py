@@ -25,24 +25,18 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 import normlab
+from normlab.engine.config import METRICS, TrainConfig, architecture_key
 from normlab.engine.data import DeviceData
 from normlab.engine.models import summary_text
-from normlab.engine.train import (
-    METRICS,
-    TRACING_LOCK,
-    Callbacks,
-    EpochRecord,
-    FitResult,
-    TrainConfig,
-    architecture_key,
-)
+from normlab.engine.train import TRACING_LOCK, Callbacks, EpochRecord, FitResult
+from normlab.tracking import EXPERIMENT
 from normlab.tracking.connection import (
-    EXPERIMENT,
     _environment,
     experiment_id,
     git_commit,
     hide_credentialed_links,
     mark_model_training,
+    run_id_from_env,
 )
 from normlab.tracking.redaction import redact
 
@@ -57,7 +51,7 @@ def start_training_run(config: TrainConfig, experiment: str = EXPERIMENT, run_id
         # by id, and for this run only: mlflow.set_experiment(name) that loses a creation race to
         # another process returns without setting it (the run then lands in the Default
         # experiment), and it sets the process's experiment, for every thread and every later run
-        in_experiment = experiment_id(experiment) if mlflow.active_run() is None and not _run_id_from_env() else None
+        in_experiment = experiment_id(experiment) if mlflow.active_run() is None and not run_id_from_env() else None
         run = mlflow.start_run(experiment_id=in_experiment, run_name=config.run_name,
                                log_system_metrics=_system_metrics())
     mlflow.set_tag("mlflow.runName", config.run_name)  # `mlflow run` names runs randomly
@@ -83,12 +77,6 @@ def _stop_system_metrics(run_id: str, wait: float = 5.0) -> None:
         stopper = threading.Thread(target=monitor.finish, name=f"stop-system-metrics-{run_id[:8]}", daemon=True)
         stopper.start()
         stopper.join(wait)
-
-
-def _run_id_from_env() -> str | None:
-    from mlflow.environment_variables import MLFLOW_RUN_ID
-
-    return MLFLOW_RUN_ID.get()
 
 
 def _same_value(logged: str, ours: str) -> bool:
@@ -586,7 +574,7 @@ def resume_training_run(run_id: str, after_epoch: int) -> mlflow.ActiveRun:
     """
     client = MlflowClient()
     previous = client.get_run(run_id).data.tags
-    launched = _run_id_from_env()
+    launched = run_id_from_env()
     if launched and launched != run_id:
         client.set_tag(launched, "mlflow.note.content",
                        f"This invocation resumed run {run_id}; its metrics are logged there.")

@@ -9,11 +9,11 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from normlab.engine.train import METRICS
+from normlab.engine.config import METRICS
 from normlab.errors import SelectionError
-from normlab.tracking.connection import EXPERIMENT, hide_credentialed_links
+from normlab.tracking import EXPERIMENT
+from normlab.tracking.connection import hide_credentialed_links, run_id_from_env
 from normlab.tracking.redaction import redact
-from normlab.tracking.run_log import _run_id_from_env
 
 TRAINING_RUN_TAG = "variant"  # set by log_run_setup; sweep parents and comparison runs lack it
 
@@ -128,7 +128,7 @@ def runs_frame(runs: list):
     """
     import pandas as pd
 
-    from normlab.engine.models import NORMS
+    from normlab.engine.registry import NORMS
 
     rows = []
     for run in runs:
@@ -174,7 +174,7 @@ def runs_frame(runs: list):
 
 
 def _base_label(norm: str, params: dict, tags: dict) -> str:
-    from normlab.engine.models import NORMS, variant_label
+    from normlab.engine.registry import NORMS, variant_label
 
     if norm not in NORMS:
         return tags.get(TRAINING_RUN_TAG, norm)
@@ -269,7 +269,7 @@ def log_comparison(files: list[Path], compared_run_ids: list[str], params: dict[
     tags = {"compared_runs": str(len(compared_run_ids)),
             # MLflow caps tag values at 8,000 characters; runs.csv always lists every id
             "compared_run_ids": ids if len(ids) <= 8000 else "see comparison/runs.csv"}
-    run_id = log_to_run_id or _run_id_from_env()
+    run_id = log_to_run_id or run_id_from_env()
     created = run_id is None
     if created:
         run_id = client.create_run(experiment_id, run_name="comparison",

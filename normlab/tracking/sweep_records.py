@@ -18,7 +18,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from normlab.engine.train import TrainConfig
+from normlab.engine.config import TrainConfig
 from normlab.tracking import connection, lease
 from normlab.tracking.run_log import STATUS_TAG
 
