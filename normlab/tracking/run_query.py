@@ -10,6 +10,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from normlab.engine.config import METRICS
+from normlab.engine.registry import NORMS, variant_label
 from normlab.errors import SelectionError
 from normlab.tracking import EXPERIMENT
 from normlab.tracking.connection import hide_credentialed_links, run_id_from_env
@@ -128,8 +129,6 @@ def runs_frame(runs: list):
     """
     import pandas as pd
 
-    from normlab.engine.registry import NORMS
-
     rows = []
     for run in runs:
         p = run.data.params
@@ -174,8 +173,6 @@ def runs_frame(runs: list):
 
 
 def _base_label(norm: str, params: dict, tags: dict) -> str:
-    from normlab.engine.registry import NORMS, variant_label
-
     if norm not in NORMS:
         return tags.get(TRAINING_RUN_TAG, norm)
     return variant_label(norm, _number(params.get("groups"), int) or 1, _number(params.get("l1"), float) or 0.0)
