@@ -209,6 +209,17 @@ def test_a_later_load_takes_torchvisions_parse_from_the_cache_until_a_file_chang
     assert load_in_a_new_process().startswith("False")
 
 
+def test_a_data_folder_where_the_parse_cannot_be_kept_still_loads(tmp_path):
+    """Say a read-only folder, or here a file in the cache's place: every load parses anew."""
+    root = write_mnist(tmp_path, train=200, test=100)
+    blocker = root / ".normlab-cache"
+    blocker.write_text("not a folder")
+    first, second = load_raw("mnist", root), load_raw("mnist", root)
+    assert first.digest() == second.digest() and first.train_labels.tolist() == second.train_labels.tolist()
+    assert blocker.read_text() == "not a folder"
+    assert sorted(p.name for p in root.iterdir()) == [".normlab-cache", "MNIST"]
+
+
 def test_truncated_idx_file_is_named(tmp_path):
     root = write_mnist(tmp_path, train=200, test=100)
     target = root / "MNIST" / "raw" / "train-images-idx3-ubyte"

@@ -7,6 +7,7 @@ an epoch is one ``randperm`` plus one batched augmentation call (``affine_grid``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -155,7 +156,8 @@ def _keep_parsed(path: Path, stamps: dict[str, list[int]], splits: RawSplits) ->
                     "test_labels": splits.test_labels}, partial)
         os.replace(partial, path)
     except OSError:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # nothing written, or nowhere it could be
+            partial.unlink()
 
 
 def load_raw(name: str, data_dir: str | os.PathLike, download: bool = True) -> RawSplits:
