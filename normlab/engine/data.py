@@ -115,9 +115,11 @@ def _files_failing_md5(cls, folder: Path) -> list[str]:
 
 
 # The splits as torchvision parsed them, kept beside the data so that later runs need not
-# import torchvision (1.3 s on an H200 and 1.9 s on the 2-core CPU, more than parsing):
-# --data-dir/.normlab-cache/<dataset>.pt, valid while every file it was parsed from keeps its
-# size and modification time. Bump the version when what is kept changes.
+# import torchvision: --data-dir/.normlab-cache/<dataset>.pt, valid while every file it was
+# parsed from keeps its size and modification time. Bump the version when what is kept changes.
+# Measured (benchmarks/data_cache.py, `normlab train` as a process): 11.27 s against 12.09 s on
+# the 2-core CPU; no gain on an H200, where the Dynamo that torchvision imports is imported
+# anyway by torch's SGD and the Triton convolutions (docs/speed.md).
 PARSED_CACHE_VERSION = 1
 
 
