@@ -3,7 +3,7 @@
 All four norms apply one rule to a set of elements: subtract the set's mean, divide by
 sqrt(variance + eps). They differ only in which elements form a set. ``explain`` computes
 the sets, their statistics and the normalized values from that rule alone, then has the
-torch layers normlab builds (``models.NORMS``) compute the same things and records the
+torch layers normlab builds (``registry.NORMS``) compute the same things and records the
 largest difference. ``render`` turns the result into text; it computes nothing.
 """
 

@@ -378,7 +378,7 @@ def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model", arc
     anywhere without normlab's code; named after the run (`gn2-s1`), as the models table lists
     it. Returns its model id. No code_paths: MLflow would put the artifact's code/ first on the
     loader's sys.path, so whoever can write to the store could run code as normlab there.
-    ``architecture`` (normlab.engine.train.architecture_key) names the models whose exported
+    ``architecture`` (normlab.engine.config.architecture_key) names the models whose exported
     graph is the same, to trace it once per process."""
     model = copy.deepcopy(model).cpu().eval()  # a copy: the worker's next run may train this one (Trainer's warm)
     example = data.test_x[:2].cpu().numpy().astype(np.float32)
