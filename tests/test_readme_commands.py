@@ -53,7 +53,7 @@ SKIPPED = [
      "needs a tracking server at that address (tests/test_tracking_server.py runs sweeps against a real "
      "`mlflow server`)"),
     (r"--address|SLURM|JOB_COMPLETION_INDEX|\bray\b", "needs a cluster (Ray, SLURM or Kubernetes)"),
-    (r"benchmarks/(conv_tiles|compile_rule|stacked_seeds)\.py|--device cuda", "needs a CUDA GPU"),
+    (r"benchmarks/(conv_tiles|compile_rule|stacked_seeds|concurrency)\.py|--device cuda", "needs a CUDA GPU"),
     (r"benchmarks/e2e\.py",
      "times the study's commands as processes at full size (60,000 images, 20 epochs, 10 seeds): an "
      "H200 benchmark; its output is committed in benchmarks/results/"),
@@ -63,9 +63,9 @@ SKIPPED = [
      "the batch-size study: 36 runs, and batch 2 is 500 steps an epoch even on the test split: "
      "over 10 minutes on CI's 2 cores (normlab sweep with one batch size runs the same code)"),
     (r"benchmarks/speed\.py.*--tiny", "tests/test_benchmark.py runs this smoke test"),
-    (r"benchmarks/(exit_cost|data_cache)\.py",
-     "a benchmark of fresh processes: eleven `normlab train` runs, minutes on CI's 2 cores; every CLI "
-     "test runs the exit it times"),
+    (r"benchmarks/(exit_cost|data_cache|commands)\.py",
+     "a benchmark of fresh processes (`normlab` commands repeated, alternately): minutes on CI's 2 cores; "
+     "the CLI tests run the same commands"),
     (r"benchmarks/model_logging\.py", "tests/test_benchmark.py runs it with --repeats 1"),
     (r"benchmarks/(speed|cpu_step)\.py",
      "a benchmark: minutes of full-size epochs (60,000 images) or of fresh processes per variant; "
