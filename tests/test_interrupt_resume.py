@@ -4,6 +4,7 @@ final logging was cut short), one owner per run being trained, and a loss that d
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -310,9 +311,12 @@ def test_a_run_whose_store_went_down_in_its_last_epoch_is_completed_by_the_resum
                                    NORMLAB_LEASE_SECONDS="3600")
         run_id = out.wait_for(r"^MLflow run (\w+) ", timeout=300).group(1)
         out.wait_for(r"^epoch   1/2", timeout=300)
-        while not (client.get_metric_history(run_id, "test_acc")
-                   and [f.path for f in client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/last.pt"]):
-            time.sleep(0.05)  # epoch 1 fully logged
+        # epoch 1 fully logged, by the server's own access log: the checkpoint's upload answered. The
+        # artifact listing shows the file before the server replies, and a kill in that gap failed
+        # epoch 1's upload instead (seen in CI under load)
+        answered = re.compile(rf'"PUT \S+/{run_id}/artifacts/checkpoint/last\.pt HTTP/1\.1" 200')
+        while not (client.get_metric_history(run_id, "test_acc") and answered.search(server.log.read_text())):
+            time.sleep(0.05)
         # ...and its last call's reply received: a kill between the store writing epoch 1's metrics
         # and the reply reaching the trainer failed epoch 1's upload instead (seen once in CI)
         time.sleep(0.5)
