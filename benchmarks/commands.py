@@ -10,15 +10,12 @@ Prints each command's median wall time both ways and their ratio.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from processes import ROOT, isolated_store, timed
 
 COMMANDS = {
     "normlab --help": ["--help"],
@@ -28,14 +25,10 @@ COMMANDS = {
 
 
 def run(checkout: Path, args: list[str], env: dict[str, str], cwd: str) -> float:
-    """Wall seconds of `python -m normlab ARGS` importing normlab from ``checkout``."""
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "normlab", *args], env=dict(env, PYTHONPATH=str(checkout)), cwd=cwd,
-                          capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode != (2 if "xx" in args else 0):  # the mistyped option must be refused, the rest succeed
-        sys.exit(f"normlab {' '.join(args)} from {checkout} exited with {done.returncode}:\n{done.stderr[-2000:]}")
-    return seconds
+    """Wall seconds of `python -m normlab ARGS` importing normlab from ``checkout``; the
+    mistyped option must be refused (exit status 2), the rest succeed."""
+    return timed([sys.executable, "-m", "normlab", *args], dict(env, PYTHONPATH=str(checkout)), cwd,
+                 exit_status=2 if "xx" in args else 0)[0]
 
 
 def main() -> None:
@@ -44,14 +37,13 @@ def main() -> None:
     parser.add_argument("--baseline", required=True, help="the commit to compare against")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="normlab-commands-")
+    work, env = isolated_store("normlab-commands-")
     baseline = Path(work) / "baseline"
     subprocess.run(["git", "worktree", "add", "--detach", str(baseline), args.baseline], cwd=ROOT, check=True,
                    capture_output=True)
     try:
-        env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db", PYTHONUNBUFFERED="1")
         subprocess.run([sys.executable, "-m", "normlab", "sweep", "--seeds", "1", "--epochs", "1", "--data-dir",
-                        str(Path(args.data_dir).resolve())], env=dict(env, PYTHONPATH=str(ROOT)), cwd=work,
+                        str(Path(args.data_dir).resolve())], env=env, cwd=work,
                        capture_output=True, check=True)  # three runs to compare
         ways = {"this checkout": ROOT, f"baseline {args.baseline}": baseline}
         times = {(name, way): [] for name in COMMANDS for way in ways}

@@ -76,7 +76,7 @@ def main() -> None:
             trainer.run_epoch(Callbacks())
             trainers.append(trainer)
         streams = [torch.cuda.Stream() for _ in trainers]
-        alone = statistics.median(train_at_once(trainers[:1], 1, streams) for _ in range(3)) / 1
+        alone = statistics.median(train_at_once(trainers[:1], 1, streams) for _ in range(3))
         print(f"\n{name}: one epoch alone {alone:.3f} s")
         for n in counts:
             wall = train_at_once(trainers[:n], args.epochs, streams)

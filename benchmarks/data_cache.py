@@ -10,15 +10,12 @@ Prints each way's median wall time.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from exit_cost import ROOT, timed
+from processes import ROOT, isolated_store, timed, train_benchmark_args
 
 sys.path.insert(0, str(ROOT))
 
@@ -27,16 +24,10 @@ from normlab.engine.registry import DATASETS
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = train_benchmark_args(__doc__)
     data_dir = Path(args.data_dir).resolve()
     cache = parsed_cache_path(data_dir, DATASETS["mnist"])
-    work = tempfile.mkdtemp(prefix="normlab-data-cache-")
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db", PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    work, env = isolated_store("normlab-data-cache-")
     train = [sys.executable, "-m", "normlab", "train", "--norm", "ln", "--data-dir", str(data_dir),
              "--epochs", str(args.epochs)]
     subprocess.run(train, env=env, cwd=work, capture_output=True, check=True)  # the store, and the cache

@@ -10,16 +10,13 @@ Prints each way's median wall time and median time from the command's last line 
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from processes import isolated_store, timed, train_benchmark_args
+
 WAYS = {
     "normlab (frozen at exit)": [sys.executable, "-m", "normlab"],
     "click main (full collection)": [sys.executable, "-c",
@@ -27,28 +24,9 @@ WAYS = {
 }
 
 
-def timed(command: list[str], env: dict[str, str], cwd: str) -> tuple[float, float]:
-    """(wall seconds, seconds from the last line of output to the exit)."""
-    start = time.perf_counter()
-    last = start
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for _ in process.stdout:
-        last = time.perf_counter()
-    if process.wait() != 0:
-        raise SystemExit(f"{' '.join(command)} exited with {process.returncode}")
-    end = time.perf_counter()
-    return end - start, end - last
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="normlab-exit-")
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db", PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = train_benchmark_args(__doc__)
+    work, env = isolated_store("normlab-exit-")
     train = ["train", "--norm", "ln", "--data-dir", str(Path(args.data_dir).resolve()), "--epochs", str(args.epochs)]
     subprocess.run(WAYS["normlab (frozen at exit)"] + train, env=env, cwd=work, capture_output=True, check=True)  # the store
     times: dict[str, list[tuple[float, float]]] = {way: [] for way in WAYS}

@@ -34,8 +34,8 @@ def main() -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
     import mlflow
 
-    from normlab.engine.data import DeviceData, load_raw
     from normlab.engine.config import TrainConfig, architecture_key
+    from normlab.engine.data import DeviceData, load_raw
     from normlab.engine.train import Trainer
     from normlab.tracking import run_log
 

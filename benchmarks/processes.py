@@ -1,0 +1,50 @@
+"""Timing normlab's commands as processes, as users run them: a fresh tracking store of the
+benchmark's own, each command's wall time and the time from its last line to its exit.
+Shared by exit_cost.py, data_cache.py and commands.py."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_benchmark_args(description: str) -> argparse.Namespace:
+    """--data-dir, --epochs and --repeats of a benchmark that times `normlab train` runs."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    return parser.parse_args()
+
+
+def isolated_store(prefix: str) -> tuple[str, dict[str, str]]:
+    """A new working folder and the environment whose sqlite store lives there, with this
+    checkout importable (a sqlite store also keeps artifacts in the working folder's ./mlruns)."""
+    work = tempfile.mkdtemp(prefix=prefix)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return work, env
+
+
+def timed(command: list[str], env: dict[str, str], cwd: str, exit_status: int = 0) -> tuple[float, float]:
+    """(wall seconds, seconds from the last line of output to the exit); stops the benchmark,
+    with the command's last lines, when it does not exit with ``exit_status``."""
+    start = time.perf_counter()
+    last = start
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        last = time.perf_counter()
+        tail.append(line)
+    if process.wait() != exit_status:
+        sys.exit(f"{' '.join(command)} exited with {process.returncode}, not {exit_status}:\n{''.join(tail)}")
+    end = time.perf_counter()
+    return end - start, end - last
