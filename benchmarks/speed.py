@@ -37,12 +37,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from normlab.engine.config import TrainConfig  # noqa: E402
 from normlab.engine.data import DeviceData, load_raw  # noqa: E402
 from normlab.engine.fast import Speedups  # noqa: E402
 from normlab.engine.fast.cpu_dropout import Dropout  # noqa: E402
 from normlab.engine.fast.triton_conv import use_triton_convs
 from normlab.engine.models import Net
-from normlab.engine.config import TrainConfig
 from normlab.engine.train import Callbacks, Trainer, resolve_device  # noqa: E402
 from normlab.tracking import run_log
 

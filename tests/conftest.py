@@ -110,6 +110,27 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+IMPORT_PROBE = """import sys
+from normlab.cli import entry
+sys.argv[1:] = sys.argv[2:]
+try:
+    entry()
+except SystemExit as exc:
+    print('exit', exc.code)
+print('imported:', sorted({'torch', 'mlflow', 'torchvision'} & set(sys.modules)))
+"""
+
+
+def run_cli_noting_imports(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`normlab ARGS` through its entry in a fresh process that prints, last, its exit status
+    ('exit N') and which of torch, MLflow and torchvision it imported ("imported: ['mlflow']")."""
+    return subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE, "normlab", *args],
+        cwd=cwd or tempfile.mkdtemp(prefix="normlab-cli-"), env=cli_env(), capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
     """`python -m normlab ARGS` as a user would run it, by default in a fresh temporary folder
     (what it writes relative to the working directory, such as a sqlite store's ./mlruns,

@@ -31,7 +31,7 @@ from scipy import stats
 from normlab.analysis import compare, results
 from normlab.cli import main
 from normlab.errors import SelectionError
-from tests.conftest import ROOT, cli_env
+from tests.conftest import ROOT, cli_env, run_cli_noting_imports
 
 EPOCHS = 4
 TRAINED = [  # (norm, l1, seed, child of the sweep parent run)
@@ -527,14 +527,9 @@ def test_compare_command(tmp_path, store):
 
 def test_compare_command_never_imports_torch(tmp_path, store):
     """The comparison reads MLflow and draws; torch (2-3 s to import) has no part in it."""
-    import subprocess
-
-    probe = ("import sys; from normlab.cli import entry; sys.argv[1:] = ['compare', '--parent', sys.argv[1], "
-             "'--out', sys.argv[2]]\ntry:\n    entry()\nexcept SystemExit as e:\n    print('exit', e.code)\n"
-             "print('torch imported:', 'torch' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", probe, store.parent_id, str(tmp_path / "out")], cwd=tmp_path,
-                          env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert done.stdout.splitlines()[-2:] == ["exit 0", "torch imported: False"], done.stdout[-2000:] + done.stderr[-2000:]
+    done = run_cli_noting_imports("compare", "--parent", store.parent_id, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    lines = done.stdout.splitlines()
+    assert lines[-2] == "exit 0" and "'torch'" not in lines[-1], done.stdout[-2000:] + done.stderr[-2000:]
     assert (tmp_path / "out" / "test_accuracy.png").stat().st_size > 10_000
 
 

@@ -18,7 +18,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import ROOT, cli_env, run_cli, run_cli_noting_imports
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 
@@ -170,10 +170,7 @@ def test_mlflow_run_as_typed_then_ctrl_c_then_the_printed_resume_then_compare(tr
 ])
 def test_help_and_mistyped_options_answer_without_importing_torch_or_mlflow(args, shown):
     """They answer in a fraction of a second: torch and MLflow cost 4-5 s to import on CI's CPU."""
-    probe = ("import sys; from normlab.cli import entry; sys.argv[1:] = sys.argv[2:]\ntry:\n    entry()\n"
-             "except SystemExit:\n    pass\nprint('imported:', sorted({'torch', 'mlflow', 'torchvision'} & set(sys.modules)))")
-    done = subprocess.run([sys.executable, "-c", probe, "normlab", *args], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
+    done = run_cli_noting_imports(*args, timeout=60)
     assert done.stdout.splitlines()[-1] == "imported: []", done.stdout[-2000:] + done.stderr[-2000:]
     assert shown in done.stdout + done.stderr
 
