@@ -10,6 +10,7 @@ said so in the output. Per-phase times are read from the commands' own output.
     python benchmarks/e2e.py --out benchmarks/results/e2e.json            # GPU: the full table
     python benchmarks/e2e.py --rows sweep1,sweep10 --runs-per-gpu 1,3     # GPU: 1 vs 3 runs at once per GPU
     python benchmarks/e2e.py --rows sweep10 --also-with NORMLAB_REUSE_STEPS=0  # with and without a switch
+    python benchmarks/e2e.py --rows sweep1,train --baseline REV --repeats 3  # against other commits, alternately
     python benchmarks/e2e.py --epochs 2 --rows train,sweep1 --device cpu  # a quick CPU look
     python benchmarks/e2e.py --epochs 1 --rows sweep10 --device cpu --train-images 1000  # CPU overhead per run
 
@@ -87,6 +88,34 @@ def same_histories(store: Path, *runs: tuple[str, str]) -> bool | None:
     return all(h == histories[0] for h in histories)
 
 
+def baseline_checkout(baseline: str, work: Path) -> Path:
+    """A baseline's folder: as given, or a git worktree of that commit in ``work``."""
+    if (Path(baseline) / "normlab").is_dir():
+        return Path(baseline).resolve()
+    folder = work / f"worktree-{baseline}"
+    subprocess.run(["git", "worktree", "add", "--detach", str(folder), baseline], cwd=ROOT, check=True,
+                   capture_output=True)
+    return folder
+
+
+def print_medians(results: list[dict], baselines: list[str]) -> None:
+    """Each row's median wall time over its repeats, and each baseline's against it."""
+    walls: dict[str, list[float]] = {}
+    for row in results:
+        walls.setdefault(row["row"], []).append(row["wall_s"])
+    print("\nmedians (and this checkout's speed-up over each baseline):")
+    for name, seconds in walls.items():
+        if "@" in name or name.startswith("warm-up"):
+            continue
+        ours = statistics.median(seconds)
+        print(f"  {name:<14} this checkout {ours:7.2f} s (of {len(seconds)})")
+        for baseline in baselines:
+            theirs = walls.get(f"{name}{baseline}")
+            if theirs:
+                print(f"  {'':<14} {baseline[1:]:<13} {statistics.median(theirs):7.2f} s   "
+                      f"{statistics.median(theirs) / ours:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=20)
@@ -101,6 +130,11 @@ def main() -> None:
                         help="comma list of NORMLAB_RUNS_PER_GPU values: the warm sweep rows run once with each, "
                              f"so the layouts compare in one invocation (rows named sweep1-x1 and so on for all "
                              f"but the default, {RUNS_PER_GPU})")
+    parser.add_argument("--baseline", default="",
+                        help="comma list of other checkouts (a folder, or a commit to check out in a git worktree): "
+                             "each row runs from each of them too, alternately with this one, and the medians are "
+                             "compared (rows named train@NAME, NAME the folder's name or the commit)")
+    parser.add_argument("--repeats", type=int, default=1, help="times each row runs (medians are printed)")
     parser.add_argument("--also-with", default="",
                         help="comma list of NAME=VALUE settings (say NORMLAB_REUSE_STEPS=0): the warm sweep rows run "
                              "again with each, in this invocation (rows named sweep1+REUSE_STEPS=0 and so on)")
@@ -130,21 +164,27 @@ def main() -> None:
     epochs = ["--epochs", str(args.epochs)]
 
     def time_row(name: str, command: list[str], cold: bool = False, runs: int = 1,
-                 runs_per_gpu: int = RUNS_PER_GPU, setting: dict[str, str] | None = None) -> None:
+                 runs_per_gpu: int = RUNS_PER_GPU, setting: dict[str, str] | None = None,
+                 checkout: Path = ROOT, repeat: int = 0) -> None:
         """Warm rows share one store, as a user's commands do (a new one costs seconds of
-        schema migrations), each in its own experiment so that nothing is found done; the
-        cold row starts from nothing, a fresh store included."""
-        store = work / name / "mlflow.db" if cold else work / "mlflow.db"
+        schema migrations), each in its own experiment so that nothing is found done; a cold
+        row starts from nothing, a fresh store and compile caches included. ``checkout`` is
+        the normlab that runs (this one, or the baseline)."""
+        experiment = name if repeat == 0 else f"{name}-{repeat + 1}"
+        folder = work / experiment
+        store = folder / "mlflow.db" if cold else work / "mlflow.db"
         env = dict(base, MLFLOW_TRACKING_URI=f"sqlite:///{store}", NORMLAB_RUNS_PER_GPU=str(runs_per_gpu),
                    **warm_cache, **(setting or {}))
-        command = command + (["--experiment-name", name] if "mlflow" in command[:3] else ["--experiment", name])
+        env["PYTHONPATH"] = str(checkout) + os.pathsep + os.environ.get("PYTHONPATH", "")
+        command = [str(checkout) if part == str(ROOT) else part for part in command]  # mlflow run's project
+        command = command + (["--experiment-name", experiment] if "mlflow" in command[:3] else ["--experiment", experiment])
         if cold:
-            env.update(TORCHINDUCTOR_CACHE_DIR=str(work / "cold-inductor"), TRITON_CACHE_DIR=str(work / "cold-triton"))
-        (work / name).mkdir(parents=True, exist_ok=True)
-        wall, output, status = run(command, env, work / name, logs / f"{name}.log")
+            env.update(TORCHINDUCTOR_CACHE_DIR=str(folder / "cold-inductor"), TRITON_CACHE_DIR=str(folder / "cold-triton"))
+        folder.mkdir(parents=True, exist_ok=True)
+        wall, output, status = run(command, env, folder, logs / f"{experiment}.log")
         row = {"row": name, "command": " ".join(command[2:] if command[0] == sys.executable else command),
                "cache": "cold" if cold else "warm", "runs_per_gpu": runs_per_gpu, "setting": setting or {},
-               "wall_s": round(wall, 2),
+               "checkout": str(checkout), "wall_s": round(wall, 2),
                "exit": status,
                "runs_finished": finished(output), "runs": runs, "phases_s": phases(output)}
         # what the user waits for beyond the training itself, per run: imports, store, data,
@@ -161,29 +201,39 @@ def main() -> None:
     common = ["--data-dir", str(data), "--device", args.device]
     subprocess.run([sys.executable, "-c", "import mlflow; mlflow.search_experiments()"], check=True,
                    env=dict(base, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}"))  # the shared store
-    if "sweep1-cold" in rows:
-        time_row("sweep1-cold", normlab + ["sweep", *common, *epochs], cold=True, runs=3)
-    if "sweep1" in rows:
-        if not prewarmed:
-            time_row("warm-up", normlab + ["sweep", *common, *epochs], runs=3)  # fills the warm cache
-        for suffix, n, setting in variants:
-            time_row(f"sweep1{suffix}", normlab + ["sweep", *common, *epochs], runs=3, runs_per_gpu=n,
-                     setting=setting)
-    if "sweep10" in rows:
-        if args.device != "cpu":  # nothing is compiled on a CPU
-            # The 10-seed study compiles its steps (normlab.engine.fast.COMPILE_PAYS_FROM_EPOCHS);
-            # this fills the warm cache with them, as an earlier study on the machine would have.
-            base["NORMLAB_COMPILE"] = "always"
-            time_row("warm-up-compiled", normlab + ["sweep", *common, "--epochs", "1"], runs=3)
-            del base["NORMLAB_COMPILE"]
-        for suffix, n, setting in variants:
-            time_row(f"sweep10{suffix}", normlab + ["sweep", "--seeds", "10", *common, *epochs], runs=30,
-                     runs_per_gpu=n, setting=setting)
-    if "train" in rows:
-        time_row("train", normlab + ["train", "--norm", "ln", *common, *epochs])
-    if "mlflow-run" in rows:
-        time_row("mlflow-run", [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
-                                "-P", "norm=ln", "-P", f"data_dir={data}", "-P", f"epochs={args.epochs}"])
+    checkouts = {"": ROOT}
+    for baseline in filter(None, args.baseline.split(",")):
+        folder = baseline_checkout(baseline, work)
+        checkouts[f"@{folder.name if folder.parent != work else baseline}"] = folder
+    for suffix, checkout in checkouts.items():  # fill the warm caches, as an earlier study on the machine would have
+        if "sweep1" in rows and not prewarmed:
+            time_row(f"warm-up{suffix}", normlab + ["sweep", *common, *epochs], runs=3, checkout=checkout)
+        if "sweep10" in rows and args.device != "cpu":  # nothing is compiled on a CPU
+            # The 10-seed study compiles its steps (normlab.engine.fast.COMPILE_PAYS_FROM_EPOCHS)
+            time_row(f"warm-up-compiled{suffix}", normlab + ["sweep", *common, "--epochs", "1"], runs=3,
+                     setting={"NORMLAB_COMPILE": "always"}, checkout=checkout)
+    for repeat in range(args.repeats):
+        for suffix, checkout in checkouts.items():
+            def row(name: str, command: list[str], **options) -> None:
+                time_row(name + suffix, command, checkout=checkout, repeat=repeat, **options)
+
+            if "sweep1-cold" in rows:
+                row("sweep1-cold", normlab + ["sweep", *common, *epochs], cold=True, runs=3)
+            if "sweep1" in rows:
+                for variant, n, setting in variants:
+                    row(f"sweep1{variant}", normlab + ["sweep", *common, *epochs], runs=3, runs_per_gpu=n,
+                        setting=setting)
+            if "sweep10" in rows:
+                for variant, n, setting in variants:
+                    row(f"sweep10{variant}", normlab + ["sweep", "--seeds", "10", *common, *epochs], runs=30,
+                        runs_per_gpu=n, setting=setting)
+            if "train" in rows:
+                row("train", normlab + ["train", "--norm", "ln", *common, *epochs])
+            if "mlflow-run" in rows:
+                row("mlflow-run", [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
+                                   "-P", "norm=ln", "-P", f"data_dir={data}", "-P", f"epochs={args.epochs}"])
+    if args.repeats > 1 or len(checkouts) > 1:
+        print_medians(results, [suffix for suffix in checkouts if suffix])
     notebook = None
     if "notebook" in rows:
         per_variant = []
@@ -224,6 +274,9 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
+    for folder in checkouts.values():
+        if folder.parent == work:
+            subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=ROOT, capture_output=True)
     shutil.rmtree(work, ignore_errors=True)
 
 

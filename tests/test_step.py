@@ -7,6 +7,8 @@ and momentum buffers that stay the optimizer's own state.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,7 +89,7 @@ class StopAfter(Callbacks):
 
 
 def test_steps_launched_in_chunks_train_what_single_steps_train_and_stop_at_a_chunk_end(data):
-    """The GPU default launches 64 steps at a time (one CUDA graph each), their rates taken
+    """The GPU default launches 8 steps at a time (one CUDA graph each), their rates taken
     from the schedule a chunk ahead. The same chunking on the CPU trains, bit for bit, what
     one step at a time trains; a stop asked for inside a chunk takes effect at its end."""
     config = TrainConfig(norm="bn", l1=1e-4, epochs=2, batch_size=48, seed=3)  # 5 steps: 4 x 48 + 8
@@ -105,6 +107,22 @@ def test_steps_launched_in_chunks_train_what_single_steps_train_and_stop_at_a_ch
         with pytest.raises(TrainingStopped, match=f"stopped after step {stopped_after} of 5 in epoch 1; 0 epochs"):
             trainer.run_epoch(StopAfter(trainer, 2))
         assert trainer.scheduler.last_epoch == stopped_after  # the schedule went no further
+
+
+def test_the_gpu_default_launches_8_steps_a_graph_with_a_short_switch_interval_which_a_trainer_sets(data):
+    """The two go together (Speedups' comment has the measurements); the interval is the
+    process's, set by the trainer that asks for it, and a CPU trainer leaves it alone."""
+    on_gpu, on_cpu = Speedups.default(torch.device("cuda")), Speedups.default(torch.device("cpu"))
+    assert (on_gpu.chunk_steps, on_gpu.switch_interval) == (8, 0.0005)
+    assert (on_cpu.chunk_steps, on_cpu.switch_interval) == (1, None)
+    before = sys.getswitchinterval()
+    try:
+        Trainer(TrainConfig(epochs=1), data, speedups=Speedups(switch_interval=0.002))
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+        Trainer(TrainConfig(epochs=1), data)
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        sys.setswitchinterval(before)
 
 
 def test_a_chunk_is_launched_whole():

@@ -7,6 +7,7 @@ matplotlib, so it can be tested and timed on its own.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -179,6 +180,8 @@ class Trainer:
             self.rng, self.speedups = warm.rng.reseed(config.seed), warm.speedups
         if self.speedups.keep_freed_memory:
             keep_freed_memory()
+        if self.speedups.switch_interval:  # for the whole process, as malloc's settings above
+            sys.setswitchinterval(self.speedups.switch_interval)
         with self.rng.active():
             self.model = Net(config.dataset, config.norm, config.groups, config.dropout).to(device)
         if warm is None:

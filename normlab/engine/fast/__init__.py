@@ -22,10 +22,17 @@ class Speedups:
     augmentation per epoch (2.7x the notebook's DataLoader epoch), and on the CPU the model's
     dropout draws a quarter of torch's random numbers (cpu_dropout.py: 1.38x per CPU step)."""
 
-    # 64 steps per captured CUDA graph: 1.07 s -> 0.28 s an epoch (not compiled); 0.151 s ->
-    # 0.145 s against one graph per step. Capturing costs 0.4-0.8 s per run.
+    # CUDA graphs of chunk_steps steps: 1.07 s -> 0.28 s an epoch against none (not compiled).
+    # 8 steps rather than 64 capture 13 steps instead of 85 before the first epoch (0.65 -> 0.17 s
+    # a run, the same epoch: benchmarks/chunk_steps.py) but launch 59 replays an epoch, not 8.
+    # Each torch call lets go of the interpreter's lock, and taking it back from a thread that
+    # runs Python (a caller's uploads, another run's setup) waits up to the switch interval,
+    # 5 ms by default. Together, 8 steps and 0.5 ms took the classic sweep on an H200 from 27.4
+    # to 24.7 s and `normlab train` from 16.0 to 14.6 s; 8 steps at 5 ms gained nothing (0.97x),
+    # 0.5 ms at 64 steps 1.02-1.05x (benchmarks/e2e.py --baseline, docs/speed.md).
     cuda_graphs: bool = False
     chunk_steps: int = 1
+    switch_interval: float | None = None  # seconds; None leaves the process's as it is
     # glibc keeps freed activations for the next step (host_memory.py): 1.25x per CPU step
     keep_freed_memory: bool = False
     # torch.compile of the step's forward, loss and update: 0.25 s -> 0.14 s an epoch, but
@@ -39,14 +46,16 @@ class Speedups:
 
     @classmethod
     def default(cls, device: torch.device, epochs_ahead: int = 0) -> "Speedups":
-        """On a GPU: CUDA graphs of 64 steps each with the Triton convolutions, evaluation in
-        batches of 2000, and the step compiled when ``epochs_ahead`` (the epochs this process
-        will train of this variant and batch size) reach COMPILE_PAYS_FROM_EPOCHS. On the CPU:
+        """On a GPU: CUDA graphs of 8 steps each and a 0.5 ms switch interval, the Triton
+        convolutions, evaluation in batches of 2000, and the step compiled when ``epochs_ahead``
+        (the epochs this process will train of this variant and batch size) reach
+        COMPILE_PAYS_FROM_EPOCHS. On the CPU:
         malloc keeps freed memory, evaluation in batches of 500 (under glibc's mmap limit), no
         compiling (it made CPU steps slower)."""
         cuda = device.type == "cuda"
         compiled = {"always": True, "never": False}.get(compile_choice(), epochs_ahead >= COMPILE_PAYS_FROM_EPOCHS)
-        return cls(cuda_graphs=cuda, chunk_steps=64 if cuda else 1, keep_freed_memory=not cuda,
+        return cls(cuda_graphs=cuda, chunk_steps=8 if cuda else 1, switch_interval=0.0005 if cuda else None,
+                   keep_freed_memory=not cuda,
                    compile=cuda and compiled,
                    triton_convs=cuda, eval_batch_size=2000 if cuda else 500)
 
