@@ -177,9 +177,10 @@ def main() -> None:
                    **warm_cache, **(setting or {}))
         env["PYTHONPATH"] = str(checkout) + os.pathsep + os.environ.get("PYTHONPATH", "")
         command = [str(checkout) if part == str(ROOT) else part for part in command]  # mlflow run's project
-        command = command + (["--experiment-name", experiment] if "mlflow" in command[:3] else ["--experiment", experiment])
+        command = command + ["--experiment-name" if "mlflow" in command[:3] else "--experiment", experiment]
         if cold:
-            env.update(TORCHINDUCTOR_CACHE_DIR=str(folder / "cold-inductor"), TRITON_CACHE_DIR=str(folder / "cold-triton"))
+            env.update(TORCHINDUCTOR_CACHE_DIR=str(folder / "cold-inductor"),
+                       TRITON_CACHE_DIR=str(folder / "cold-triton"))
         folder.mkdir(parents=True, exist_ok=True)
         wall, output, status = run(command, env, folder, logs / f"{experiment}.log")
         row = {"row": name, "command": " ".join(command[2:] if command[0] == sys.executable else command),
