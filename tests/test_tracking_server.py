@@ -71,10 +71,9 @@ def test_longer_outage_stops_with_a_resumable_checkpoint_and_resume_fills_the_ga
         server, small_mnist_dir, tmp_path, monkeypatch):
     """With retries exhausted (the user's MLFLOW_HTTP_REQUEST_MAX_RETRIES=1 stands for an
     outage longer than the retry window) the run stops with a clear error. Epoch uploads run
-    on their own thread, and a failure surfaces at the next upload the training thread hands
-    over: epoch 2's checkpoint, if epoch 2's metrics already failed by then, else at the end
-    of epoch 3 (or 4). The local checkpoint holds every trained epoch, whose metrics never
-    reached the server.
+    on their own thread, and a failure stops training as the next epoch starts: after epoch 2
+    when its uploads fail, else after epoch 3 (or 4, at the end). The local checkpoint holds
+    every trained epoch, whose metrics never reached the server.
     Resuming against the restarted server logs them from the checkpoint, then trains the rest."""
     proc = start_training(small_mnist_dir, tmp_path, "--epochs", "4", MLFLOW_TRACKING_URI=server.uri,
                           MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")

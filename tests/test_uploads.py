@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from normlab.tracking.run_log import EpochUploads
+from normlab.engine.train import EpochRecord
+from normlab.tracking.run_log import EpochUploads, MetricLogger
 
 
 def test_calls_are_made_in_order_and_all_are_made_by_close(tracking_uri):
@@ -30,6 +33,27 @@ def test_a_failed_call_is_raised_in_the_training_thread_and_later_calls_are_drop
     uploads.submit(client.log_batch, run_id, metrics=[Metric("test_acc", 2.0, 0, 2)])
     with pytest.raises(MlflowException, match="no-such-run"):
         uploads.close()
+    assert client.get_metric_history(run_id, "test_acc") == []  # dropped: a resume logs it from the checkpoint
+
+
+def test_a_failed_upload_lets_its_epoch_end_and_stops_the_next_one_from_starting(tracking_uri):
+    """Seen in CI: the store died as the last epoch ended, its checkpoint upload failed before
+    its metrics were queued, and raising at that submit left the trained, checkpointed epoch
+    unprinted. Queuing never raises; the failure is raised as the next epoch starts."""
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("uploads")).info.run_id
+    uploads = EpochUploads(run_id)
+    logger = MetricLogger(uploads)
+    logger.epoch_started(1, 10)
+    uploads.submit(client.log_artifact, "no-such-run", __file__)  # epoch 1's checkpoint
+    deadline = time.monotonic() + 30
+    while uploads.failure is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert uploads.failure is not None
+    logger.epoch_done(EpochRecord(1, 0.5, 80.0, 0.4, 85.0, 0.01, 1.0))  # queued, not raised
+    with pytest.raises(MlflowException, match="no-such-run"):
+        logger.epoch_started(2, 10)
+    uploads.close()  # raised once: the ending is recorded without a second error
     assert client.get_metric_history(run_id, "test_acc") == []  # dropped: a resume logs it from the checkpoint
 
 

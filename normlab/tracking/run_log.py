@@ -179,9 +179,10 @@ class EpochUploads:
 
     Each call takes ~40 ms on a local sqlite store and more on a server: as long as a
     tenth of an H200 epoch. A call that fails (after MLflow's own retries) is raised in the
-    training thread at its next ``submit`` or at ``close``, where it would have been raised
-    had it been made in place; later calls are then dropped, since the checkpoint's records
-    let a resume log them (``log_missing_epochs``).
+    training thread by ``raise_failure``, which MetricLogger calls as each epoch starts, or
+    at ``close``: the epoch whose upload failed still ends whole (checkpoint saved, line
+    printed) and the next one does not start. Later calls are dropped, since the
+    checkpoint's records let a resume log them (``log_missing_epochs``).
     """
 
     def __init__(self, run_id: str):
@@ -190,13 +191,22 @@ class EpochUploads:
         self.busy_seconds = 0.0  # spent in MLflow calls, on the upload thread
         self.waited_seconds = 0.0  # the training thread spent waiting for them in close()
         self._calls: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
+        self.failure: BaseException | None = None  # the first call that failed
+        self._failure_raised = False
         self._thread = threading.Thread(target=self._work, name=f"mlflow-{run_id[:8]}", daemon=True)
         self._thread.start()
 
     def submit(self, call, *args, **kwargs) -> None:
-        self._raise_error()
+        """Queue a call; after a failure it is dropped. Never raises: an epoch's callbacks
+        all run (in CI, the last epoch's checkpoint upload failed before its metrics were
+        queued, and raising there left that trained, checkpointed epoch unprinted)."""
         self._calls.put((call, args, kwargs))
+
+    def raise_failure(self) -> None:
+        """Raise the first call that failed, once."""
+        if self.failure is not None and not self._failure_raised:
+            self._failure_raised = True
+            raise self.failure
 
     def close(self) -> None:
         """Wait until every queued call is made; raise the first that failed."""
@@ -205,31 +215,30 @@ class EpochUploads:
             self._calls.put(None)
             self._thread.join()
             self.waited_seconds += time.perf_counter() - start
-        self._raise_error()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        self.raise_failure()
 
     def _work(self) -> None:
         while (item := self._calls.get()) is not None:
             call, args, kwargs = item
-            if self._error is not None:
+            if self.failure is not None:
                 continue
             start = time.perf_counter()
             try:
                 call(*args, **kwargs)
             except BaseException as exc:  # handed to the training thread
-                self._error = exc
+                self.failure = exc
             self.busy_seconds += time.perf_counter() - start
 
 
 class MetricLogger(Callbacks):
-    """Logs each epoch's four metrics in one call, with step = epoch (1-based)."""
+    """Logs each epoch's four metrics in one call, with step = epoch (1-based); an upload that
+    failed stops training as the next epoch starts."""
 
     def __init__(self, uploads: EpochUploads):
         self.uploads = uploads
+
+    def epoch_started(self, epoch: int, steps: int) -> None:
+        self.uploads.raise_failure()
 
     def epoch_done(self, record: EpochRecord) -> None:
         timestamp = int(time.time() * 1000)
