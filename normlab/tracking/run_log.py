@@ -197,9 +197,9 @@ class EpochUploads:
         self._thread.start()
 
     def submit(self, call, *args, **kwargs) -> None:
-        """Queue a call; after a failure it is dropped. Never raises: an epoch's callbacks
-        all run (in CI, the last epoch's checkpoint upload failed before its metrics were
-        queued, and raising there left that trained, checkpointed epoch unprinted)."""
+        """Queue a call; after a failure it is dropped. Never raises, so that an epoch's
+        callbacks all run (its checkpoint saved, its line printed) even when one of its
+        uploads has already failed."""
         self._calls.put((call, args, kwargs))
 
     def raise_failure(self) -> None:

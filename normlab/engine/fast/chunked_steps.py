@@ -1,5 +1,5 @@
 """An epoch's steps launched a chunk at a time, on CUDA as captured CUDA graphs: the host
-launches one graph replay per 8 steps instead of ~60 kernels per step."""
+launches one graph replay per chunk (8 steps on a GPU) instead of ~60 kernels per step."""
 
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ class EpochSteps:
     of a chunk are one CUDA graph, captured once per chunk shape (an MNIST epoch at the GPU
     default has two: 8 full batches, and the last 5 with the short one) and replayed for every
     chunk of that shape: the host launches 59 replays an epoch instead of ~60 kernels a step,
-    and waits for none of them. Without graphs the same steps run one by one over the same buffers.
+    and waits for none of them. Without graphs the same steps run one by one over the same
+    buffers.
     """
 
     def __init__(self, step: TrainStep, slices: list[slice], chunk: int = 1, graphed: bool = False,
