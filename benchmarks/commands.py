@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from processes import ROOT, isolated_store, timed
+from processes import ROOT, git_worktree, isolated_store, remove_worktree, timed
 
 COMMANDS = {
     "normlab --help": ["--help"],
@@ -38,9 +38,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     work, env = isolated_store("normlab-commands-")
-    baseline = Path(work) / "baseline"
-    subprocess.run(["git", "worktree", "add", "--detach", str(baseline), args.baseline], cwd=ROOT, check=True,
-                   capture_output=True)
+    baseline = git_worktree(args.baseline, Path(work) / "baseline")
     try:
         subprocess.run([sys.executable, "-m", "normlab", "sweep", "--seeds", "1", "--epochs", "1", "--data-dir",
                         str(Path(args.data_dir).resolve())], env=env, cwd=work,
@@ -56,7 +54,7 @@ def main() -> None:
             print(f"{name:<26} this checkout {ours:6.2f} s   baseline {theirs:6.2f} s   {theirs / ours:5.1f}x   "
                   f"(medians of {args.repeats})")
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=ROOT, capture_output=True)
+        remove_worktree(baseline)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.processes import git_worktree, remove_worktree  # noqa: E402
 from benchmarks.speed import STUDY, prepare_mnist  # noqa: E402
 from normlab.sweep.worker import RUNS_PER_GPU  # noqa: E402
 
@@ -86,16 +87,6 @@ def same_histories(store: Path, *runs: tuple[str, str]) -> bool | None:
             return None
         histories.append([(m.step, m.value) for m in client.get_metric_history(matches[0].info.run_id, "test_acc")])
     return all(h == histories[0] for h in histories)
-
-
-def baseline_checkout(baseline: str, work: Path) -> Path:
-    """A baseline's folder: as given, or a git worktree of that commit in ``work``."""
-    if (Path(baseline) / "normlab").is_dir():
-        return Path(baseline).resolve()
-    folder = work / f"worktree-{baseline}"
-    subprocess.run(["git", "worktree", "add", "--detach", str(folder), baseline], cwd=ROOT, check=True,
-                   capture_output=True)
-    return folder
 
 
 def print_medians(results: list[dict], baselines: list[str]) -> None:
@@ -202,10 +193,13 @@ def main() -> None:
     common = ["--data-dir", str(data), "--device", args.device]
     subprocess.run([sys.executable, "-c", "import mlflow; mlflow.search_experiments()"], check=True,
                    env=dict(base, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}"))  # the shared store
-    checkouts = {"": ROOT}
+    checkouts, worktrees = {"": ROOT}, []  # row suffix -> the normlab it runs; the worktrees made for them
     for baseline in filter(None, args.baseline.split(",")):
-        folder = baseline_checkout(baseline, work)
-        checkouts[f"@{folder.name if folder.parent != work else baseline}"] = folder
+        if (Path(baseline) / "normlab").is_dir():
+            checkouts[f"@{Path(baseline).name}"] = Path(baseline).resolve()
+        else:
+            worktrees.append(git_worktree(baseline, work / f"worktree-{baseline}"))
+            checkouts[f"@{baseline}"] = worktrees[-1]
     for suffix, checkout in checkouts.items():  # fill the warm caches, as an earlier study on the machine would have
         if "sweep1" in rows and not prewarmed:
             time_row(f"warm-up{suffix}", normlab + ["sweep", *common, *epochs], runs=3, checkout=checkout)
@@ -275,9 +269,8 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
-    for folder in checkouts.values():
-        if folder.parent == work:
-            subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=ROOT, capture_output=True)
+    for folder in worktrees:
+        remove_worktree(folder)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -1,6 +1,7 @@
 """Timing normlab's commands as processes, as users run them: a fresh tracking store of the
-benchmark's own, each command's wall time and the time from its last line to its exit.
-Shared by exit_cost.py, data_cache.py and commands.py."""
+benchmark's own, each command's wall time and the time from its last line to its exit, and
+another commit checked out to time against. Shared by exit_cost.py, data_cache.py,
+commands.py and e2e.py."""
 
 from __future__ import annotations
 
@@ -48,3 +49,15 @@ def timed(command: list[str], env: dict[str, str], cwd: str, exit_status: int = 
         sys.exit(f"{' '.join(command)} exited with {process.returncode}, not {exit_status}:\n{''.join(tail)}")
     end = time.perf_counter()
     return end - start, end - last
+
+
+def git_worktree(commit: str, folder: Path) -> Path:
+    """``commit`` checked out (detached) at ``folder``, beside this checkout; remove_worktree
+    takes it away."""
+    subprocess.run(["git", "worktree", "add", "--detach", str(folder), commit], cwd=ROOT, check=True,
+                   capture_output=True)
+    return folder
+
+
+def remove_worktree(folder: Path) -> None:
+    subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=ROOT, capture_output=True)
