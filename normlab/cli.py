@@ -64,18 +64,12 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     from normlab.engine.data import DeviceData, load_raw
-    from normlab.engine.fast import start_cuda_early
     from normlab.engine.train import Trainer, resolve_device
-
-    try:
-        torch_device = resolve_device(device)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
-    start_cuda_early(torch_device)  # while MLflow imports
     from normlab.tracking import connection, resume, run_log
     from normlab.tracking.lifecycle import train_tracked
 
     try:
+        torch_device = resolve_device(device)
         run_log.check_checkpoint_dir(checkpoint_dir)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -125,30 +125,6 @@ def test_the_gpu_default_launches_8_steps_a_graph_with_a_short_switch_interval_w
         sys.setswitchinterval(before)
 
 
-def test_cuda_starts_early_on_a_thread_only_for_a_gpu_run():
-    """start_cuda_early overlaps CUDA's start and Dynamo's import with MLflow's imports; a
-    CPU run starts no thread (and takes no GPU memory on a machine that has one). In a fresh
-    interpreter, so that Dynamo is not imported already."""
-    import subprocess
-    import textwrap
-
-    code = textwrap.dedent("""
-        import sys, threading, torch
-        from normlab.engine.fast import start_cuda_early
-        assert start_cuda_early(torch.device("cpu")) is None and threading.active_count() == 1
-        assert not torch.cuda.is_initialized()
-        if torch.cuda.is_available():
-            thread = start_cuda_early(torch.device("cuda"))
-            assert thread.name == "normlab-cuda-start" and not thread.daemon
-            thread.join()
-            assert torch.cuda.is_initialized() and "torch._dynamo" in sys.modules
-        print("ok", torch.cuda.is_available())
-    """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["ok", str(torch.cuda.is_available())]
-
-
 def test_a_chunk_is_launched_whole():
     steps = EpochSteps(make_step(), [slice(i, i + 8) for i in range(0, 40, 8)], chunk=2)
     with pytest.raises(ValueError, match="not one chunk of 2"):

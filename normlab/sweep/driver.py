@@ -154,22 +154,15 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     ``address`` (a Ray cluster, or "auto") runs the workers as Ray actors; without it they
     are processes on this machine, one per GPU (``cpu_workers`` on a machine without one),
     or this process itself when there is one device."""
-    import torch
-
     from normlab.engine.config import steps_key
-    from normlab.engine.fast import start_cuda_early
     from normlab.engine.train import resolve_device
-    from normlab.sweep.executors import RayExecutor, WorkerSettings, local_devices, local_executor
+    from normlab.sweep.executors import RayExecutor, WorkerSettings, local_executor
     from normlab.sweep.worker import RunRequest
     from normlab.tracking import connection
     from normlab.tracking import sweep_records as st
 
     configs = grid.validate()
     check_resources(configs, data_dir, device)
-    if not address:
-        devices = local_devices(device, cpu_workers)
-        if len(devices) == 1:  # this process trains: its CUDA starts while MLflow's store imports
-            start_cuda_early(torch.device(devices[0][0]))
     if out_dir is not None:
         check_writable(out_dir, "--out")
     connection.create_store_safely()

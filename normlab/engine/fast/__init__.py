@@ -6,7 +6,6 @@ the plain forward, loss, gradients and SGD update, one batch at a time."""
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -76,28 +75,3 @@ def compile_choice() -> str:
     if choice not in COMPILE_CHOICES:
         raise ConfigError(f"NORMLAB_COMPILE={choice!r}; valid choices: {', '.join(COMPILE_CHOICES)}")
     return choice
-
-
-def start_cuda_early(device: torch.device) -> threading.Thread | None:
-    """On a GPU: start CUDA (driver and context) and import Dynamo, which torch's SGD imports
-    at its first step, on a thread, so that both overlap the caller's next imports (MLflow
-    and its store, about 2 s of Python) instead of following them. CUDA's start waits outside
-    the interpreter's lock; the caller's first use of the GPU waits for it, as torch starts
-    CUDA once. An error here is left for that first use to raise and report. Not a daemon: a
-    command that exits early (a refused option) waits for it rather than ending the process
-    while the thread is inside CUDA's start.
-    Measured by a probe in fresh processes on an H200: 5.96 s instead of 6.36 s to torch,
-    CUDA, Dynamo and MLflow's store (medians of 4; docs/speed.md has the end-to-end runs)."""
-    if device.type != "cuda":
-        return None
-
-    def start() -> None:
-        try:
-            torch.empty(0, device=device)
-            import torch._dynamo  # noqa: F401
-        except Exception:
-            pass
-
-    thread = threading.Thread(target=start, name="normlab-cuda-start")
-    thread.start()
-    return thread
