@@ -1,8 +1,9 @@
 """What the user waits for: normlab's commands timed as processes, against the notebook pipeline.
 
-Each row is one command run as a user runs it (a new process, its own fresh MLflow store),
-timed from start to exit, on a cold compile cache (empty Inductor and Triton caches, as on a
-fresh machine) or a warm one. The notebook pipeline (benchmarks/speed.py's DataLoader + PIL
+Each row is one command run as a user runs it (a new process), timed from start to exit: cold
+(empty Inductor and Triton caches and a new MLflow store, as on a fresh machine) or warm (the
+compile caches filled and one store shared, as by a user's earlier commands, each row in an
+experiment of its own). The notebook pipeline (benchmarks/speed.py's DataLoader + PIL
 loop) runs as one process per study variant for --notebook-epochs epochs; its wall time for
 the full study is that process's fixed cost plus the study's epochs at its median epoch time,
 said so in the output. Per-phase times are read from the commands' own output.
