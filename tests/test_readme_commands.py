@@ -64,9 +64,12 @@ SKIPPED = [
      "the batch-size study: 36 runs, and batch 2 is 500 steps an epoch even on the test split: "
      "over 10 minutes on CI's 2 cores (normlab sweep with one batch size runs the same code)"),
     (r"benchmarks/speed\.py.*--tiny", "tests/test_benchmark.py runs this smoke test"),
-    (r"benchmarks/(exit_cost|data_cache|commands|process_split)\.py",
+    (r"benchmarks/(exit_cost|data_cache|commands)\.py",
      "a benchmark of fresh processes (`normlab` commands repeated, alternately): minutes on CI's 2 cores; "
      "the CLI tests run the same commands"),
+    (r"benchmarks/process_split\.py",
+     "a benchmark of fresh processes (a run's engine and tracking sides four ways, repeated): a minute or "
+     "more on CI's 2 cores; the training tests run the same engine and tracking calls"),
     (r"benchmarks/model_logging\.py", "tests/test_benchmark.py runs it with --repeats 1"),
     (r"benchmarks/(speed|cpu_step)\.py",
      "a benchmark: minutes of full-size epochs (60,000 images) or of fresh processes per variant; "
