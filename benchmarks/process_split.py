@@ -12,16 +12,17 @@ Prints each way's wall time and its median. `normlab train` does not split its r
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from processes import isolated_store, train_benchmark_args
+from processes import isolated_store
 
 ENGINE = """
-import sys, time
+import sys
 from normlab.engine.config import TrainConfig
 from normlab.engine.data import DeviceData, load_raw
 from normlab.engine.train import Trainer, resolve_device
@@ -62,7 +63,10 @@ def wall(codes: list[str], data_dir: str, env: dict[str, str], cwd: str) -> floa
 
 
 def main() -> None:
-    args = train_benchmark_args(__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--repeats", type=int, default=4)
+    args = parser.parse_args()
     work, env = isolated_store("normlab-split-")
     data_dir = str(Path(args.data_dir).resolve())
     wall(WAYS["both in one process (now)"], data_dir, env, work)  # the store, and warm file caches
