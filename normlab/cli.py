@@ -12,6 +12,7 @@ import click
 from click.core import ParameterSource
 
 from normlab.engine.config import TrainConfig
+from normlab.engine.fast import engine_process
 from normlab.engine.registry import DATASETS, NORMS
 from normlab.errors import ConfigError, DataError, ResumeError, TrackingUnreachable
 from normlab.sweep.driver import LR_SCALINGS, REFERENCE_BATCH, Grid, run_sweep
@@ -61,15 +62,26 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
                          batch_size=batch_size, lr=lr, seed=seed)
     try:
         config.validate()  # before torch and MLflow are even imported
+        own_process = not resume_run and engine_process.wanted(device)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
+    if own_process:  # its torch, CUDA, data and trainer start now, beside our MLflow
+        with engine_process.EngineProcess(config, data_dir, device) as engine:
+            _train(ctx, config, engine, data_dir, device, experiment, resume_run, checkpoint_dir)
+    else:
+        _train(ctx, config, None, data_dir, device, experiment, resume_run, checkpoint_dir)
+
+
+def _train(ctx, config: TrainConfig, engine, data_dir: str, device: str, experiment: str, resume_run: str,
+           checkpoint_dir: str) -> None:
+    """`normlab train` once its options are valid: the trainer here, or ``engine``'s in its own process."""
     from normlab.engine.data import DeviceData, load_raw
     from normlab.engine.train import Trainer, resolve_device
     from normlab.tracking import connection, resume, run_log
     from normlab.tracking.lifecycle import train_tracked
 
     try:
-        torch_device = resolve_device(device)
+        torch_device = resolve_device(device) if engine is None else None  # the engine process resolves its own
         run_log.check_checkpoint_dir(checkpoint_dir)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -96,22 +108,30 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
         config = point.config
         if ctx.get_parameter_source("data_dir") in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
             data_dir = run_log.logged_data_dir(resume_run) or data_dir  # as the hint prints it: no --data-dir
-    try:
-        data = DeviceData(load_raw(config.dataset, data_dir), torch_device)
-    except DataError as exc:
-        raise click.ClickException(str(exc)) from exc
-    try:
-        trainer = Trainer(config, data)
-        if point is not None:
-            resume.check_same_data(point, data.raw.digest())
-            trainer.load_state_dict(point.state)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
+    if engine is None:
+        try:
+            data = DeviceData(load_raw(config.dataset, data_dir), torch_device)
+        except DataError as exc:
+            raise click.ClickException(str(exc)) from exc
+        try:
+            trainer = Trainer(config, data)
+            if point is not None:
+                resume.check_same_data(point, data.digest)
+                trainer.load_state_dict(point.state)
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from exc
     try:
         connection.create_store_safely()
     except TrackingUnreachable as exc:
         raise click.ClickException(str(exc)) from exc
-
+    if engine is not None:
+        try:
+            trainer, data = engine, engine.data  # waits for the engine's trainer
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from exc
+        except DataError as exc:
+            raise click.ClickException(str(exc)) from exc
+        torch_device = data.device
     click.echo(f"{config.label} on {config.dataset} ({data.train_size} train / {data.test_size} test), "
                f"{config.epochs} epochs, device {torch_device}")
     if point is not None:

@@ -8,15 +8,18 @@ an epoch is one ``randperm`` plus one batched augmentation call (``affine_grid``
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
+import platform
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -300,6 +303,26 @@ class DeviceData:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """The splits' content hash (RawSplits.digest), computed once."""
+        return self.raw.digest()
+
+    @functools.cached_property
+    def device_name(self) -> str:
+        """The GPU's name (NVIDIA H200), else the processor's, as a run records it."""
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return platform.processor() or "cpu"
+
+    def test_images_of(self, indices: list[int]) -> np.ndarray:
+        """Those test images as uint8 (N, H, W, C) on the host, as plots draw them."""
+        return self.raw.test_images[indices].permute(0, 2, 3, 1).numpy()
+
+    def example_input(self) -> np.ndarray:
+        """Two normalized test images on the host: a logged model's input example."""
+        return self.test_x[:2].cpu().numpy().astype(np.float32)
 
     def training_epoch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """One epoch's inputs: shuffled, augmented per sample, normalized; on the device."""

@@ -244,7 +244,7 @@ class Worker:
             point = None
             if request.resume:
                 point = resume.find(request.run_id, config, set(), self.checkpoint_dir)
-                resume.check_same_data(point, data.raw.digest())
+                resume.check_same_data(point, data.digest)
                 trainer.load_state_dict(point.state)
                 say(f"resuming run {point.run_id} after epoch {trainer.epoch} ({point.source})")
             run_id = request.run_id if not request.resume else None

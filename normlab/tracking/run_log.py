@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Iterator
 
 import mlflow
-import numpy as np
 import torch
 from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
@@ -144,7 +143,7 @@ def _log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module
         "variant": config.label,
         "norm": config.norm,
         "dataset": config.dataset,
-        "device": torch.cuda.get_device_name(data.device) if data.device.type == "cuda" else platform.processor() or "cpu",
+        "device": data.device_name,
         "normlab.device": str(data.device),  # what --device auto resolved to
         "normlab.data_dir": str(Path(data_dir).resolve()),  # where a resume finds the data
         "config_hash": config.config_hash(),
@@ -170,7 +169,7 @@ def dataset_input(data: DeviceData) -> MetaDataset:
     """Name, torchvision's download address as source, and the content digest."""
     source = HTTPDatasetSource(url=data.spec.source)
     return MetaDataset(source=source, name=f"{data.spec.name}-{data.train_size}+{data.test_size}",
-                       digest=data.raw.digest())
+                       digest=data.digest)
 
 
 class EpochUploads:
@@ -289,7 +288,7 @@ def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> Non
     warm_up_results_logging()  # done already, unless the run was shorter than the warm-up
     mistakes = result.mistakes
     title = f"{config.label}: most confident mistakes on {config.dataset} test ({len(mistakes)})"
-    images = data.raw.test_images[[m.index for m in mistakes]].permute(0, 2, 3, 1).numpy()
+    images = data.test_images_of([m.index for m in mistakes])
     from normlab.analysis import plots  # matplotlib: imported by the warm-up above, needed only here
 
     import matplotlib.pyplot as plt
@@ -390,7 +389,7 @@ def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model", arc
     ``architecture`` (normlab.engine.config.architecture_key) names the models whose exported
     graph is the same, to trace it once per process."""
     model = copy.deepcopy(model).cpu().eval()  # a copy: the worker's next run may train this one (Trainer's warm)
-    example = data.test_x[:2].cpu().numpy().astype(np.float32)
+    example = data.example_input()
     reusing = _exports_reusing_graphs(architecture) if architecture is not None else nullcontext()
     with TRACING_LOCK, reusing, _environment(CHECK_ON_CPU, keep_users=True):  # torch.export traces
         info = mlflow.pytorch.log_model(
@@ -502,7 +501,7 @@ class Checkpointer(Callbacks):
         self.run_id = uploads.run_id
         self.local_path = local_path
         self.records = list(records or [])
-        self.data_digest = trainer.data.raw.digest()
+        self.data_digest = trainer.data.digest
 
     def epoch_done(self, record: EpochRecord) -> None:
         from normlab.engine import checkpoint

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from normlab.errors import ConfigError
+
+if TYPE_CHECKING:  # the package imports no torch: engine_process decides before torch is imported
+    import torch
 
 
 # Each switch with its measured effect (docs/speed.md has the runs; BN epochs of 60,000
