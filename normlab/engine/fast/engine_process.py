@@ -109,6 +109,7 @@ class EngineProcess:
         self._prepare_seconds: float | None = None
         self._mistakes = None
         self._stop_sent = False
+        self._ended = False  # the child has sent its last message
 
     def __enter__(self) -> "EngineProcess":
         return self
@@ -117,10 +118,11 @@ class EngineProcess:
         self.close()
 
     def close(self) -> None:
-        """End the child: at once if it is still training (the run has ended on this side)."""
-        if self._process.is_alive():
-            self.request_stop("the command ended")
-            self._process.join(timeout=5)
+        """End the child. One that has reported its end gets two seconds to exit; one still
+        training is killed at once: the run has ended on this side (a second Ctrl-C, a store
+        that failed), and everything the run keeps was written here."""
+        if self._ended:
+            self._process.join(timeout=2)
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
@@ -192,6 +194,7 @@ class EngineProcess:
     def _handle(self, message: tuple, callbacks=None):
         """Act on one message; an epoch's record is returned, errors are raised here."""
         kind, *body = message
+        self._ended = kind not in ("built", "prepared", "started", "steps", "epoch")
         if kind == "built":
             self._data = body[0]
         elif kind == "prepared":

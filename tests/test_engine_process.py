@@ -1,0 +1,183 @@
+"""`normlab train` with its engine in a process of its own (engine/fast/engine_process.py).
+
+On a GPU that is the default; CI has none, so these tests ask for it on the CPU with
+NORMLAB_ENGINE_PROCESS=always: the same code, the same messages, the same run. They check it
+logs exactly what the one-process command logs, and that every ending crosses the process
+boundary: a stop, a divergence, bad data, a dead engine process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from normlab.engine.checkpoint import load
+from normlab.engine.fast import engine_process
+from tests.conftest import cli_env
+from tests.process_output import Lines
+
+METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
+SPLIT = {"NORMLAB_ENGINE_PROCESS": "always"}
+
+
+def train(cwd: Path, *args: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "normlab", "train", *args], cwd=cwd, env=cli_env(**env),
+                          capture_output=True, text=True, timeout=600)
+
+
+def start(cwd: Path, *args: str, **env) -> tuple[subprocess.Popen, Lines]:
+    """`normlab train ARGS` in a session of its own (a terminal's Ctrl-C reaches its whole group)."""
+    proc = subprocess.Popen([sys.executable, "-m", "normlab", "train", *args], cwd=cwd, env=cli_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return proc, Lines(proc.stdout)
+
+
+def engine_of(proc: subprocess.Popen) -> psutil.Process:
+    """The command's engine process (not multiprocessing's resource tracker beside it)."""
+    [engine] = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    return engine
+
+
+def only_run(client: MlflowClient, experiment: str):
+    [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run
+
+
+def histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    return {m: [(x.step, x.value) for x in client.get_metric_history(run_id, m)] for m in METRICS}
+
+
+def final_state(run_id: str) -> dict:
+    return load(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint/last.pt")))
+
+
+def test_a_run_trained_in_an_engine_process_logs_what_one_trained_in_one_process_logs(
+        small_mnist_dir, tmp_path, tracking_uri):
+    common = ("--norm", "gn", "--epochs", "2", "--data-dir", str(small_mnist_dir), "--checkpoint-dir", str(tmp_path))
+    split = train(tmp_path, *common, "--experiment", "split", **SPLIT)
+    assert split.returncode == 0, split.stdout + split.stderr
+    alone = train(tmp_path, *common, "--experiment", "alone", NORMLAB_ENGINE_PROCESS="never")
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    client = MlflowClient()
+    ours, theirs = only_run(client, "split"), only_run(client, "alone")
+    assert histories(client, ours.info.run_id) == histories(client, theirs.info.run_id)  # bit for bit
+    assert [s for s, _ in histories(client, ours.info.run_id)["test_acc"]] == [1, 2]
+    assert ours.data.params == theirs.data.params
+    assert ours.data.params["device"] == "cpu" and int(ours.data.params["parameters"]) > 7000
+    same_tags = ("device", "normlab.device", "config_hash", "torch_version", "normlab.status")
+    assert {t: ours.data.tags[t] for t in same_tags} == {t: theirs.data.tags[t] for t in same_tags}
+    assert ours.inputs.dataset_inputs[0].dataset.digest == theirs.inputs.dataset_inputs[0].dataset.digest
+    ours_state, theirs_state = final_state(ours.info.run_id), final_state(theirs.info.run_id)
+    for name, weights in theirs_state["model"].items():
+        assert torch.equal(ours_state["model"][name], weights), name
+    mistakes = [mlflow.artifacts.load_dict(f"runs:/{r.info.run_id}/misclassified.json") for r in (ours, theirs)]
+    assert mistakes[0] == mistakes[1] and len(mistakes[0]) == 10
+    image = mlflow.artifacts.load_image(f"runs:/{ours.info.run_id}/misclassified.png")
+    assert image.size[0] > 400  # the 5x2 grid of real digits drawn on this side
+    model = mlflow.pytorch.load_model(ours.data.tags["model_uri"])
+    x = torch.zeros(2, 1, 28, 28)
+    reference = mlflow.pytorch.load_model(theirs.data.tags["model_uri"])
+    assert torch.equal(model(x), reference(x))
+
+
+def test_ctrl_c_reaches_the_engine_process_once_and_the_run_resumes_from_its_checkpoint(
+        small_mnist_dir, tmp_path, tracking_uri):
+    checkpoints = tmp_path / "ck"
+    proc, out = start(tmp_path, "--epochs", "20", "--data-dir", str(small_mnist_dir), "--checkpoint-dir",
+                      str(checkpoints), **SPLIT)
+    run_id = out.wait_for(r"^MLflow run (\w+) ", timeout=300).group(1)
+    engine = engine_of(proc)
+    out.wait_for(r"^epoch   1/20", timeout=300)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the command and its engine process
+    proc.wait(timeout=120)
+    out.thread.join(timeout=10)
+    assert proc.returncode == 130, out.text
+    assert out.text.count("Ctrl-C again to abort now") == 1 and "aborted" not in out.text, out.text  # one stop
+    assert not psutil.pid_exists(engine.pid) or engine.status() == psutil.STATUS_ZOMBIE
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert (run.info.status, run.data.tags["normlab.status"]) == ("KILLED", "interrupted")
+    assert "SIGINT received: stopped " in run.data.tags["normlab.reason"]
+    done = load(checkpoints / run_id / "last.pt")["epoch"]
+    assert 1 <= done < 20
+    assert [s for s, _ in histories(client, run_id)["test_acc"]] == list(range(1, done + 1))
+    resumed = train(tmp_path, "--resume", run_id, "--epochs", "20", "--checkpoint-dir", str(checkpoints))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming run {run_id} after epoch {done}" in resumed.stdout
+    assert [s for s, _ in histories(client, run_id)["test_acc"]] == list(range(1, 21))
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_an_engine_process_that_dies_fails_the_run_and_says_so(small_mnist_dir, tmp_path, tracking_uri):
+    proc, out = start(tmp_path, "--epochs", "20", "--data-dir", str(small_mnist_dir), "--checkpoint-dir",
+                      str(tmp_path / "ck"), **SPLIT)
+    run_id = out.wait_for(r"^MLflow run (\w+) ", timeout=300).group(1)
+    out.wait_for(r"^epoch   1/20", timeout=300)
+    engine = engine_of(proc)
+    engine.kill()
+    proc.wait(timeout=120)
+    out.thread.join(timeout=10)
+    assert proc.returncode == 1, out.text
+    assert "the engine process ended without a word (exit code -9)" in out.text
+    run = MlflowClient().get_run(run_id)
+    assert (run.info.status, run.data.tags["normlab.status"]) == ("FAILED", "failed")
+    assert "EngineCrashed: the engine process ended without a word (exit code -9)" in run.data.tags["normlab.reason"]
+
+
+def test_a_diverging_run_fails_with_its_advice_across_the_process_boundary(small_mnist_dir, tmp_path, tracking_uri):
+    result = train(tmp_path, "--lr", "1e4", "--epochs", "2", "--data-dir", str(small_mnist_dir), "--checkpoint-dir",
+                   str(tmp_path), **SPLIT)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "training diverged at --lr 10000.0; lower the learning rate" in result.stderr
+    run = only_run(MlflowClient(), "normlab")
+    assert (run.info.status, run.data.tags["normlab.status"]) == ("FAILED", "failed")
+    assert "training diverged at --lr 10000.0" in run.data.tags["normlab.reason"]
+
+
+def test_bad_data_is_reported_before_any_run_and_the_engine_process_ends(small_mnist_dir, tmp_path, tracking_uri):
+    data = tmp_path / "data" / "MNIST" / "raw"
+    data.mkdir(parents=True)
+    for file in (small_mnist_dir / "MNIST" / "raw").iterdir():
+        (data / file.name).write_bytes(file.read_bytes()[:1000])  # truncated: parsing fails, nothing downloads
+    result = train(tmp_path, "--data-dir", str(tmp_path / "data"), **SPLIT)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "the file is truncated or corrupt; delete it and download again" in result.stderr
+    assert "Traceback" not in result.stderr
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("normlab")
+    assert experiment is None or client.search_runs([experiment.experiment_id]) == []
+
+
+def test_a_batch_larger_than_the_data_is_a_usage_error_from_the_engine_process(small_mnist_dir, tmp_path, tracking_uri):
+    result = train(tmp_path, "--batch-size", "5000", "--data-dir", str(small_mnist_dir), **SPLIT)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--batch-size 5000 is larger than the training split (1000 images); choose at most 1000" in result.stderr
+
+
+def test_the_switch_names_its_choices_and_auto_means_a_gpu(monkeypatch):
+    monkeypatch.setenv("NORMLAB_ENGINE_PROCESS", "sometimes")
+    with pytest.raises(Exception, match=r"NORMLAB_ENGINE_PROCESS='sometimes'; valid choices: auto, always, never"):
+        engine_process.wanted("auto")
+    monkeypatch.setenv("NORMLAB_ENGINE_PROCESS", "auto")
+    assert engine_process.wanted("cuda") and engine_process.wanted("cuda:1")
+    assert not engine_process.wanted("cpu")
+    assert engine_process.wanted("auto") == (engine_process._cuda_devices() > 0)
+    assert engine_process._cuda_devices() == torch.cuda.device_count() or os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+    monkeypatch.setenv("NORMLAB_ENGINE_PROCESS", "never")
+    assert not engine_process.wanted("cuda")
+
+
+def test_a_bad_switch_is_refused_before_anything_starts(tmp_path):
+    result = train(tmp_path, "--epochs", "1", NORMLAB_ENGINE_PROCESS="sometimes")
+    assert result.returncode == 2
+    assert "NORMLAB_ENGINE_PROCESS='sometimes'; valid choices: auto, always, never" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
