@@ -181,3 +181,26 @@ def test_a_bad_switch_is_refused_before_anything_starts(tmp_path):
     assert result.returncode == 2
     assert "NORMLAB_ENGINE_PROCESS='sometimes'; valid choices: auto, always, never" in result.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_train_has_an_engine_process_by_default_and_logs_what_one_process_logs(
+        small_mnist_dir, tmp_path, tracking_uri):
+    gpu = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES") or "0"}
+    common = ("--epochs", "3", "--data-dir", str(small_mnist_dir), "--checkpoint-dir", str(tmp_path))
+    proc, out = start(tmp_path, *common, "--experiment", "split", **gpu)  # as typed: auto, on a GPU
+    out.wait_for(r"^MLflow run (\w+) ", timeout=300)
+    assert engine_of(proc).is_running()
+    proc.wait(timeout=300)
+    out.thread.join(timeout=10)
+    assert proc.returncode == 0, out.text
+    assert "device cuda" in out.text
+    alone = train(tmp_path, *common, "--experiment", "alone", NORMLAB_ENGINE_PROCESS="never", **gpu)
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    client = MlflowClient()
+    ours, theirs = only_run(client, "split"), only_run(client, "alone")
+    assert ours.data.params["device"] == "cuda" and ours.data.tags["device"] == torch.cuda.get_device_name(0)
+    assert histories(client, ours.info.run_id) == histories(client, theirs.info.run_id)  # bit for bit
+    ours_state, theirs_state = final_state(ours.info.run_id), final_state(theirs.info.run_id)
+    for name, weights in theirs_state["model"].items():
+        assert torch.equal(ours_state["model"][name], weights), name

@@ -34,6 +34,7 @@ from normlab.engine.registry import DatasetSpec, check_dataset
 from normlab.errors import ConfigError, DataError, NonFiniteLoss
 
 CHOICES = ("auto", "always", "never")
+STEPS_PER_REPORT = 8  # steps the engine process reports at once (a CUDA graph's chunk)
 
 
 def wanted(device: str) -> bool:
@@ -241,6 +242,9 @@ class _Reporter:
 
     def step_done(self) -> None:
         self.steps += 1
+        if self.steps == STEPS_PER_REPORT:  # for a progress bar on the other side
+            self.conn.send(("steps", self.steps))
+            self.steps = 0
 
     def epoch_done(self, record) -> None:
         import torch
