@@ -204,36 +204,3 @@ def test_on_a_gpu_train_has_an_engine_process_by_default_and_logs_what_one_proce
     ours_state, theirs_state = final_state(ours.info.run_id), final_state(theirs.info.run_id)
     for name, weights in theirs_state["model"].items():
         assert torch.equal(ours_state["model"][name], weights), name
-
-
-def test_the_tracking_side_exports_the_model_while_it_trains_and_logs_it_with_the_trained_weights(
-        small_mnist_dir, tracking_uri, monkeypatch):
-    """On a GPU the command's process idles while its engine process trains, so it exports
-    the model's architecture meanwhile (run_log.warm_up_model_export_in_background); log_model
-    then copies the trained weights into that program instead of tracing anew."""
-    import threading
-
-    from normlab.engine.config import TrainConfig, architecture_key
-    from normlab.engine.data import DeviceData, load_raw
-    from normlab.engine.models import Net
-    from normlab.tracking import run_log
-
-    monkeypatch.setattr(run_log, "_EXPORTED", {})
-    config = TrainConfig(norm="gn", epochs=1)
-    data = DeviceData(load_raw("mnist", small_mnist_dir), "cpu")
-    torch.manual_seed(1)
-    run_log.warm_up_model_export_in_background(config, data, Net(config.dataset, config.norm, config.groups))
-    for thread in threading.enumerate():
-        if thread.name == "normlab-warm-up":
-            thread.join(timeout=300)
-    [(program, _)] = run_log._EXPORTED.values()
-    torch.manual_seed(2)
-    trained = Net(config.dataset, config.norm, config.groups).eval()  # other weights than the exported ones
-    with mlflow.start_run():
-        model_id = run_log.log_model(trained, data, name="gn2-s1", architecture=architecture_key(config))
-    assert run_log._EXPORTED[architecture_key(config)][0] is program  # taken over, not traced anew
-    logged = mlflow.pytorch.load_model(MlflowClient().get_logged_model(model_id).artifact_location)
-    images = data.test_x[:100]
-    with torch.no_grad():
-        assert torch.allclose(logged(images), trained(images), atol=1e-6, rtol=0)
-        assert not torch.allclose(logged(images), Net(config.dataset, config.norm, config.groups).eval()(images))

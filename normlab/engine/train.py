@@ -159,8 +159,6 @@ class Trainer:
     trains the same steps with the same schedule.
     """
 
-    idle_model = None  # its model trains here (an EngineProcess's model here does not)
-
     def __init__(self, config: TrainConfig, data: DeviceData, *, speedups: Speedups | None = None,
                  epochs_ahead: int | None = None, warm: "Trainer | None" = None):
         """``warm``: a finished run's trainer of the same ``steps_key`` on the same data, whose

@@ -274,35 +274,13 @@ def warm_up_results_logging() -> None:
 def warm_up_results_logging_in_background() -> None:
     """warm_up_results_logging on a daemon thread; an error there is met again, and reported,
     by the run's own log_results."""
-    _in_background(warm_up_results_logging)
-
-
-def warm_up_model_export_in_background(config: TrainConfig, data: DeviceData, idle_model: torch.nn.Module) -> None:
-    """Export ``idle_model``, a model of the run's architecture that trains in another process
-    (the engine process), on a daemon thread as log_model will export it, so that log_model
-    then only copies the trained weights into the kept program (_exports_reusing_graphs)."""
-    model = copy.deepcopy(idle_model).cpu().eval()  # here: the trained weights are loaded into it later
-
-    def export() -> None:
-        import tempfile
-
-        warm_up_results_logging()  # first, as log_results would (waits for one in progress)
-        with tempfile.TemporaryDirectory() as folder:
-            _save_model(model, data, architecture_key(config), path=Path(folder) / "model")
-
-    _in_background(export)
-
-
-def _in_background(warm_up) -> None:
-    """A warm-up on a daemon thread; an error there is met again, and reported, where the
-    run itself does the same work."""
-    def run() -> None:
+    def warm_up() -> None:
         try:
-            warm_up()
+            warm_up_results_logging()
         except Exception:
             pass
 
-    threading.Thread(target=run, name="normlab-warm-up", daemon=True).start()
+    threading.Thread(target=warm_up, name="normlab-warm-up", daemon=True).start()
 
 
 def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> None:
@@ -411,27 +389,21 @@ def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model", arc
     ``architecture`` (normlab.engine.config.architecture_key) names the models whose exported
     graph is the same, to trace it once per process."""
     model = copy.deepcopy(model).cpu().eval()  # a copy: the worker's next run may train this one (Trainer's warm)
-    info = _save_model(model, data, architecture, name=name)
+    example = data.example_input()
+    reusing = _exports_reusing_graphs(architecture) if architecture is not None else nullcontext()
+    with TRACING_LOCK, reusing, _environment(CHECK_ON_CPU, keep_users=True):  # torch.export traces
+        info = mlflow.pytorch.log_model(
+            model,
+            name=name,
+            input_example=example,
+            serialization_format="pt2",  # not pickle (MLflow's default on Databricks), which needs the code
+            pip_requirements=model_requirements(),
+            # MLflow would load the saved program again and predict the example (~0.5 s a run);
+            # tests/test_bad_input.py loads and predicts with it in a process without normlab
+            validate_serving_input=False,
+        )
     mlflow.set_tag("model_uri", info.model_uri)
     return info.model_id
-
-
-def _save_model(model: torch.nn.Module, data: DeviceData, architecture: tuple | None, *, name: str | None = None,
-                path: Path | None = None):
-    """mlflow.pytorch.log_model (``name``) or save_model (``path``) of a CPU model, as every
-    run's model is saved: the same export, so a save warms up a later log of its architecture."""
-    reusing = _exports_reusing_graphs(architecture) if architecture is not None else nullcontext()
-    options = dict(
-        input_example=data.example_input(),
-        serialization_format="pt2",  # not pickle (MLflow's default on Databricks), which needs the code
-        pip_requirements=model_requirements(),
-    )
-    with TRACING_LOCK, reusing, _environment(CHECK_ON_CPU, keep_users=True):  # torch.export traces
-        if path is not None:
-            return mlflow.pytorch.save_model(model, path, **options)
-        # MLflow would load the saved program again and predict the example (~0.5 s a run);
-        # tests/test_bad_input.py loads and predicts with it in a process without normlab
-        return mlflow.pytorch.log_model(model, name=name, validate_serving_input=False, **options)
 
 
 STATUS_TAG = "normlab.status"  # running | finished | interrupted | failed: the truth `mlflow run` cannot overwrite

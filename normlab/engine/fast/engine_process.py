@@ -147,11 +147,6 @@ class EngineProcess:
             self._model = Net(self.config.dataset, self.config.norm, self.config.groups, self.config.dropout)
         return self._model
 
-    @property
-    def idle_model(self):
-        """The model here, which does not train: the tracking side may export it while the child trains."""
-        return self.model
-
     def prepare(self) -> float:
         """Wait for the child to compile and capture its step; the seconds that took it."""
         while self._prepare_seconds is None:
