@@ -72,8 +72,8 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
         _train(ctx, config, None, data_dir, device, experiment, resume_run, checkpoint_dir)
 
 
-def _train(ctx, config: TrainConfig, engine, data_dir: str, device: str, experiment: str, resume_run: str,
-           checkpoint_dir: str) -> None:
+def _train(ctx, config: TrainConfig, engine: engine_process.EngineProcess | None, data_dir: str, device: str,
+           experiment: str, resume_run: str, checkpoint_dir: str) -> None:
     """`normlab train` once its options are valid: the trainer here, or ``engine``'s in its own process."""
     from normlab.engine.data import DeviceData, load_raw
     from normlab.engine.train import Trainer, resolve_device
