@@ -170,7 +170,8 @@ def test_the_switch_names_its_choices_and_auto_means_a_gpu(monkeypatch):
     monkeypatch.setenv("NORMLAB_ENGINE_PROCESS", "auto")
     assert engine_process.wanted("cuda") and engine_process.wanted("cuda:1")
     assert not engine_process.wanted("cpu")
-    assert engine_process.wanted("auto") == (engine_process._cuda_devices() > 0)
+    assert engine_process.wanted("auto") == (torch.version.cuda is not None and engine_process._cuda_devices() > 0)
+    assert engine_process._torch_has_cuda() == (torch.version.cuda is not None)  # the installed build, unimported
     if "CUDA_VISIBLE_DEVICES" not in os.environ:  # both honour it, but torch may read it before this test sets it
         assert engine_process._cuda_devices() == torch.cuda.device_count()
     monkeypatch.setenv("NORMLAB_ENGINE_PROCESS", "never")

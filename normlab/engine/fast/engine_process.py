@@ -21,6 +21,7 @@ training runs on a GPU (``NORMLAB_ENGINE_PROCESS``: auto, always, never).
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import io
 import multiprocessing
 import os
@@ -28,6 +29,7 @@ import signal
 import threading
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from normlab.engine.config import TrainConfig
 from normlab.engine.registry import DatasetSpec, check_dataset
@@ -48,7 +50,14 @@ def wanted(device: str) -> bool:
         return choice == "always"
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         return True
-    return device == "auto" and _cuda_devices() > 0
+    return device == "auto" and _torch_has_cuda() and _cuda_devices() > 0
+
+
+def _torch_has_cuda() -> bool:
+    """Whether the installed torch is a CUDA build (a CPU-only wheel on a GPU machine would
+    train on the CPU), from its files: finding a package does not import it."""
+    spec = importlib.util.find_spec("torch")
+    return bool(spec and spec.origin and any((Path(spec.origin).parent / "lib").glob("libtorch_cuda*")))
 
 
 def _cuda_devices() -> int:
