@@ -1,13 +1,14 @@
 """How much of a run's start two processes could overlap: its engine side (torch, CUDA, the
 data on the device, the Trainer built and prepared) and its tracking side (MLflow, its store,
-a run with params) one after the other in one process, as `normlab train` does them now,
-against each alone and against both as two processes at once. Every way is a fresh process
-(or two), alternately, after one that creates the store.
+a run with params) one after the other in one process, as `normlab train` does them on a
+CPU, against each alone and against both as two processes at once. Every way is a fresh
+process (or two), alternately, after one that creates the store.
 
     python benchmarks/process_split.py --data-dir DATA --repeats 4
 
-Prints each way's wall time and its median. `normlab train` does not split its run this way
-(yet): this measures what a split would gain before anyone builds it (docs/speed.md).
+Prints each way's wall time and its median: the most a split can gain. `normlab train` on a
+GPU splits its run this way (normlab/engine/fast/engine_process.py); its end-to-end gain is
+`benchmarks/e2e.py --rows train --baseline REV` against a commit before it (docs/speed.md).
 """
 
 from __future__ import annotations
