@@ -11,6 +11,7 @@ said so in the output. Per-phase times are read from the commands' own output.
     python benchmarks/e2e.py --out benchmarks/results/e2e.json            # GPU: the full table
     python benchmarks/e2e.py --rows sweep1,sweep10 --runs-per-gpu 1,3     # GPU: 1 vs 3 runs at once per GPU
     python benchmarks/e2e.py --rows sweep10 --also-with NORMLAB_REUSE_STEPS=0  # with and without a switch
+    python benchmarks/e2e.py --rows train,mlflow-run --also-with NORMLAB_ENGINE_PROCESS=never --repeats 3
     python benchmarks/e2e.py --rows sweep1,train --baseline REV --repeats 3  # against other commits, alternately
     python benchmarks/e2e.py --epochs 2 --rows train,sweep1 --device cpu  # a quick CPU look
     python benchmarks/e2e.py --epochs 1 --rows sweep10 --device cpu --train-images 1000  # CPU overhead per run
@@ -90,21 +91,22 @@ def same_histories(store: Path, *runs: tuple[str, str]) -> bool | None:
     return all(h == histories[0] for h in histories)
 
 
-def print_medians(results: list[dict], baselines: list[str]) -> None:
-    """Each row's median wall time over its repeats, and each baseline's against it."""
+def print_medians(results: list[dict], baselines: list[str], settings: list[str]) -> None:
+    """Each row's median wall time over its repeats, and each baseline's and setting's
+    (``+NAME=VALUE`` rows) against it."""
     walls: dict[str, list[float]] = {}
     for row in results:
         walls.setdefault(row["row"], []).append(row["wall_s"])
-    print("\nmedians (and this checkout's speed-up over each baseline):")
+    print("\nmedians (and this checkout's speed-up, as it is, over each baseline and setting):")
     for name, seconds in walls.items():
-        if "@" in name or name.startswith("warm-up"):
+        if "@" in name or "+" in name or name.startswith("warm-up"):
             continue
         ours = statistics.median(seconds)
         print(f"  {name:<14} this checkout {ours:7.2f} s (of {len(seconds)})")
-        for baseline in baselines:
-            theirs = walls.get(f"{name}{baseline}")
+        for other in baselines + settings:
+            theirs = walls.get(f"{name}{other}")
             if theirs:
-                print(f"  {'':<14} {baseline[1:]:<13} {statistics.median(theirs):7.2f} s   "
+                print(f"  {'':<14} {other[1:]:<13} {statistics.median(theirs):7.2f} s   "
                       f"{statistics.median(theirs) / ours:.2f}x")
 
 
@@ -128,15 +130,17 @@ def main() -> None:
                              "compared (rows named train@NAME, NAME the folder's name or the commit)")
     parser.add_argument("--repeats", type=int, default=1, help="times each row runs (medians are printed)")
     parser.add_argument("--also-with", default="",
-                        help="comma list of NAME=VALUE settings (say NORMLAB_REUSE_STEPS=0): the warm sweep rows run "
+                        help="comma list of NAME=VALUE settings (say NORMLAB_REUSE_STEPS=0): the warm rows run "
                              "again with each, in this invocation (rows named sweep1+REUSE_STEPS=0 and so on)")
     args = parser.parse_args()
     rows = args.rows.split(",")
     # (row suffix, runs per GPU, extra environment) of each warm sweep row
     variants = [("" if int(n) == RUNS_PER_GPU else f"-x{n}", int(n), {}) for n in args.runs_per_gpu.split(",")]
+    settings: dict[str, dict[str, str]] = {}  # row suffix -> the setting
     for setting in filter(None, args.also_with.split(",")):
         name, _, value = setting.partition("=")
-        variants.append((f"+{name.removeprefix('NORMLAB_')}={value}", RUNS_PER_GPU, {name: value}))
+        settings[f"+{name.removeprefix('NORMLAB_')}={value}"] = {name: value}
+    variants += [(suffix, RUNS_PER_GPU, setting) for suffix, setting in settings.items()]
     work = Path(tempfile.mkdtemp(prefix="normlab-e2e-"))
     digits = next((p for p in (ROOT / "tests" / "data" / "mnist-t10k", ROOT.parent / "shared" / "data" / "mnist-t10k")
                    if p.exists()), ROOT / "tests" / "data" / "mnist-t10k")
@@ -223,13 +227,15 @@ def main() -> None:
                 for variant, n, setting in variants:
                     row(f"sweep10{variant}", normlab + ["sweep", "--seeds", "10", *common, *epochs], runs=30,
                         runs_per_gpu=n, setting=setting)
-            if "train" in rows:
-                row("train", normlab + ["train", "--norm", "ln", *common, *epochs])
-            if "mlflow-run" in rows:
-                row("mlflow-run", [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
-                                   "-P", "norm=ln", "-P", f"data_dir={data}", "-P", f"epochs={args.epochs}"])
-    if args.repeats > 1 or len(checkouts) > 1:
-        print_medians(results, [suffix for suffix in checkouts if suffix])
+            for variant, setting in [("", {}), *settings.items()]:  # one run: the settings, not the layouts
+                if "train" in rows:
+                    row(f"train{variant}", normlab + ["train", "--norm", "ln", *common, *epochs], setting=setting)
+                if "mlflow-run" in rows:
+                    row(f"mlflow-run{variant}", [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager",
+                                                 "local", "-P", "norm=ln", "-P", f"data_dir={data}",
+                                                 "-P", f"epochs={args.epochs}"], setting=setting)
+    if args.repeats > 1 or len(checkouts) > 1 or settings:
+        print_medians(results, [suffix for suffix in checkouts if suffix], list(settings))
     notebook = None
     if "notebook" in rows:
         per_variant = []
