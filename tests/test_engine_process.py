@@ -22,16 +22,11 @@ from mlflow import MlflowClient
 
 from normlab.engine.checkpoint import load
 from normlab.engine.fast import engine_process
-from tests.conftest import cli_env
+from tests.conftest import cli_env, run_cli
 from tests.process_output import Lines
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
 SPLIT = {"NORMLAB_ENGINE_PROCESS": "always"}
-
-
-def train(cwd: Path, *args: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "normlab", "train", *args], cwd=cwd, env=cli_env(**env),
-                          capture_output=True, text=True, timeout=600)
 
 
 def start(cwd: Path, *args: str, **env) -> tuple[subprocess.Popen, Lines]:
@@ -63,9 +58,9 @@ def final_state(run_id: str) -> dict:
 def test_a_run_trained_in_an_engine_process_logs_what_one_trained_in_one_process_logs(
         small_mnist_dir, tmp_path, tracking_uri):
     common = ("--norm", "gn", "--epochs", "2", "--data-dir", str(small_mnist_dir), "--checkpoint-dir", str(tmp_path))
-    split = train(tmp_path, *common, "--experiment", "split", **SPLIT)
+    split = run_cli("train", *common, "--experiment", "split", **SPLIT, cwd=tmp_path)
     assert split.returncode == 0, split.stdout + split.stderr
-    alone = train(tmp_path, *common, "--experiment", "alone", NORMLAB_ENGINE_PROCESS="never")
+    alone = run_cli("train", *common, "--experiment", "alone", NORMLAB_ENGINE_PROCESS="never", cwd=tmp_path)
     assert alone.returncode == 0, alone.stdout + alone.stderr
     client = MlflowClient()
     ours, theirs = only_run(client, "split"), only_run(client, "alone")
@@ -110,7 +105,8 @@ def test_ctrl_c_reaches_the_engine_process_once_and_the_run_resumes_from_its_che
     done = load(checkpoints / run_id / "last.pt")["epoch"]
     assert 1 <= done < 20
     assert [s for s, _ in histories(client, run_id)["test_acc"]] == list(range(1, done + 1))
-    resumed = train(tmp_path, "--resume", run_id, "--epochs", "20", "--checkpoint-dir", str(checkpoints))
+    resumed = run_cli("train", "--resume", run_id, "--epochs", "20", "--checkpoint-dir", str(checkpoints),
+                      cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming run {run_id} after epoch {done}" in resumed.stdout
     assert [s for s, _ in histories(client, run_id)["test_acc"]] == list(range(1, 21))
@@ -134,8 +130,8 @@ def test_an_engine_process_that_dies_fails_the_run_and_says_so(small_mnist_dir, 
 
 
 def test_a_diverging_run_fails_with_its_advice_across_the_process_boundary(small_mnist_dir, tmp_path, tracking_uri):
-    result = train(tmp_path, "--lr", "1e4", "--epochs", "2", "--data-dir", str(small_mnist_dir), "--checkpoint-dir",
-                   str(tmp_path), **SPLIT)
+    result = run_cli("train", "--lr", "1e4", "--epochs", "2", "--data-dir", str(small_mnist_dir), "--checkpoint-dir",
+                     str(tmp_path), **SPLIT, cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "training diverged at --lr 10000.0; lower the learning rate" in result.stderr
     run = only_run(MlflowClient(), "normlab")
@@ -148,7 +144,7 @@ def test_bad_data_is_reported_before_any_run_and_the_engine_process_ends(small_m
     data.mkdir(parents=True)
     for file in (small_mnist_dir / "MNIST" / "raw").iterdir():
         (data / file.name).write_bytes(file.read_bytes()[:1000])  # truncated: parsing fails, nothing downloads
-    result = train(tmp_path, "--data-dir", str(tmp_path / "data"), **SPLIT)
+    result = run_cli("train", "--data-dir", str(tmp_path / "data"), **SPLIT, cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "the file is truncated or corrupt; delete it and download again" in result.stderr
     assert "Traceback" not in result.stderr
@@ -158,7 +154,7 @@ def test_bad_data_is_reported_before_any_run_and_the_engine_process_ends(small_m
 
 
 def test_a_batch_larger_than_the_data_is_a_usage_error_from_the_engine_process(small_mnist_dir, tmp_path, tracking_uri):
-    result = train(tmp_path, "--batch-size", "5000", "--data-dir", str(small_mnist_dir), **SPLIT)
+    result = run_cli("train", "--batch-size", "5000", "--data-dir", str(small_mnist_dir), **SPLIT, cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "--batch-size 5000 is larger than the training split (1000 images); choose at most 1000" in result.stderr
 
@@ -179,7 +175,7 @@ def test_the_switch_names_its_choices_and_auto_means_a_gpu(monkeypatch):
 
 
 def test_a_bad_switch_is_refused_before_anything_starts(tmp_path):
-    result = train(tmp_path, "--epochs", "1", NORMLAB_ENGINE_PROCESS="sometimes")
+    result = run_cli("train", "--epochs", "1", NORMLAB_ENGINE_PROCESS="sometimes", cwd=tmp_path)
     assert result.returncode == 2
     assert "NORMLAB_ENGINE_PROCESS='sometimes'; valid choices: auto, always, never" in result.stderr
     assert not (tmp_path / "mlflow.db").exists()
@@ -197,7 +193,7 @@ def test_on_a_gpu_train_has_an_engine_process_by_default_and_logs_what_one_proce
     out.thread.join(timeout=10)
     assert proc.returncode == 0, out.text
     assert "device cuda" in out.text
-    alone = train(tmp_path, *common, "--experiment", "alone", NORMLAB_ENGINE_PROCESS="never", **gpu)
+    alone = run_cli("train", *common, "--experiment", "alone", NORMLAB_ENGINE_PROCESS="never", **gpu, cwd=tmp_path)
     assert alone.returncode == 0, alone.stdout + alone.stderr
     client = MlflowClient()
     ours, theirs = only_run(client, "split"), only_run(client, "alone")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from normlab.engine.config import TrainConfig
-from normlab.engine.registry import DatasetSpec, check_dataset
+from normlab.engine.registry import DatasetSpec
 from normlab.errors import ConfigError, DataError, NonFiniteLoss
 
 CHOICES = ("auto", "always", "never")
@@ -202,7 +202,8 @@ class EngineProcess:
             return self._conn.recv()
         except (EOFError, OSError):
             self._process.join(timeout=5)
-            raise EngineCrashed(f"the engine process ended without a word (exit code {self._process.exitcode})") from None
+            raise EngineCrashed(f"the engine process ended without a word "
+                                f"(exit code {self._process.exitcode})") from None
 
     def _handle(self, message: tuple, callbacks=None):
         """Act on one message; an epoch's record is returned, errors are raised here."""
@@ -286,8 +287,8 @@ def _serve(conn, config: TrainConfig, data_dir: str, device: str) -> None:
         except DataError as exc:
             return conn.send(("data", str(exc)))
         stop.watch(trainer)
-        conn.send(("built", EngineData(check_dataset(config.dataset), data.device, data.device_name, data.train_size,
-                                       data.test_size, data.digest, data.example_input())))
+        conn.send(("built", EngineData(data.spec, data.device, data.device_name, data.train_size, data.test_size,
+                                       data.digest, data.example_input())))
         conn.send(("prepared", trainer.prepare()))
         try:
             result = fit(trainer, _Reporter(conn, trainer))
