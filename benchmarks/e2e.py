@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.processes import git_worktree, remove_worktree  # noqa: E402
 from benchmarks.speed import STUDY, prepare_mnist  # noqa: E402
-from normlab.sweep.worker import RUNS_PER_GPU  # noqa: E402
+from normlab.engine.fast.trainer_pool import RUNS_PER_GPU  # noqa: E402
 
 ROWS = ("sweep1-cold", "sweep1", "sweep10", "train", "mlflow-run", "notebook")
 

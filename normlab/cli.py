@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -66,15 +67,15 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     if own_process:  # its torch, CUDA, data and trainer start now, beside our MLflow
-        with engine_process.EngineProcess(config, data_dir, device) as engine:
-            _train(ctx, config, engine, data_dir, device, experiment, resume_run, checkpoint_dir)
+        with engine_process.EngineProcess(data_dir, device, concurrent=1) as engine:
+            _train(ctx, config, engine.trainer(config), data_dir, device, experiment, resume_run, checkpoint_dir)
     else:
         _train(ctx, config, None, data_dir, device, experiment, resume_run, checkpoint_dir)
 
 
-def _train(ctx, config: TrainConfig, engine: engine_process.EngineProcess | None, data_dir: str, device: str,
+def _train(ctx, config: TrainConfig, engine: engine_process.RemoteTrainer | None, data_dir: str, device: str,
            experiment: str, resume_run: str, checkpoint_dir: str) -> None:
-    """`normlab train` once its options are valid: the trainer here, or ``engine``'s in its own process."""
+    """`normlab train` once its options are valid: the trainer here, or ``engine``, the run in an engine process."""
     from normlab.engine.data import DeviceData, load_raw
     from normlab.engine.train import Trainer, resolve_device
     from normlab.tracking import connection, resume, run_log
@@ -338,19 +339,16 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
         grid.validate()  # before torch and MLflow are even imported
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    from normlab.tracking import connection
-
-    connection.use_bounded_http_retries()
+    address = address or os.environ.get("RAY_ADDRESS") or None
     try:
-        connection.check_tracking_reachable()
-        outcome = run_sweep(grid, experiment=experiment, data_dir=data_dir, device=device,
-                            checkpoint_dir=checkpoint_dir, address=address or os.environ.get("RAY_ADDRESS") or None,
-                            cpu_workers=workers,
-                            out_dir=Path(out) if out else None, echo=click.echo)
+        one_engine = not address and engine_process.wanted_for_sweep(device, workers)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    except (DataError, TrackingUnreachable) as exc:
-        raise click.ClickException(str(exc)) from exc
+    with contextlib.ExitStack() as stack:
+        # its torch, CUDA and the data on the GPU start now, beside our MLflow
+        engine = stack.enter_context(engine_process.EngineProcess(data_dir, device, preload=dataset)) \
+            if one_engine else None
+        outcome = _sweep(grid, experiment, data_dir, device, checkpoint_dir, address, workers, out, engine)
     total = len(grid.configs())
     click.echo(f"sweep: {len(outcome.done)} of {total} children finished; parent run {outcome.parent_id}")
     if outcome.interrupted:
@@ -366,6 +364,23 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
             click.echo(f"- {failure.config.run_name} (run {failure.run_id or '-'}): "
                        f"{reason[-1] if reason else failure.status}", err=True)
         sys.exit(1)
+
+
+def _sweep(grid: Grid, experiment: str, data_dir: str, device: str, checkpoint_dir: str, address: str | None,
+           workers: int, out: str | None, engine: engine_process.EngineProcess | None):
+    """run_sweep, its errors as the command line reports them."""
+    from normlab.tracking import connection
+
+    connection.use_bounded_http_retries()
+    try:
+        connection.check_tracking_reachable()
+        return run_sweep(grid, experiment=experiment, data_dir=data_dir, device=device, checkpoint_dir=checkpoint_dir,
+                         address=address, cpu_workers=workers, out_dir=Path(out) if out else None, echo=click.echo,
+                         engine=engine)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except (DataError, TrackingUnreachable) as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.command()

@@ -126,7 +126,7 @@ def test_an_engine_process_that_dies_fails_the_run_and_says_so(small_mnist_dir, 
     assert "the engine process ended without a word (exit code -9)" in out.text
     run = MlflowClient().get_run(run_id)
     assert (run.info.status, run.data.tags["normlab.status"]) == ("FAILED", "failed")
-    assert "EngineCrashed: the engine process ended without a word (exit code -9)" in run.data.tags["normlab.reason"]
+    assert "EngineDied: the engine process ended without a word (exit code -9)" in run.data.tags["normlab.reason"]
 
 
 def test_a_diverging_run_fails_with_its_advice_across_the_process_boundary(small_mnist_dir, tmp_path, tracking_uri):

@@ -707,25 +707,25 @@ def test_a_workers_threads_hold_streams_no_other_thread_or_capture_uses(tmp_path
     streams stay distinct however many streams the process draws, and a capture asked for on
     a worker's thread runs on that thread's own stream."""
     from normlab.engine.fast.chunked_steps import capture_stream
-    from normlab.sweep.worker import POOLED_STREAMS, Worker
+    from normlab.engine.fast.trainer_pool import POOLED_STREAMS, TrainerPool
 
-    worker = Worker("cuda", str(tmp_path), "Default", str(tmp_path))
-    device = worker.device if worker.device.index is not None else torch.device("cuda", 0)
-    with worker.stream():
+    pool = TrainerPool("cuda", str(tmp_path))
+    device = pool.device if pool.device.index is not None else torch.device("cuda", 0)
+    with pool.stream():
         first = torch.cuda.current_stream(device)
         assert capture_stream(device) == first
         for _ in range(POOLED_STREAMS + 8):  # wrap both pools around
             torch.cuda.Stream(device)
             torch.cuda.Stream(device, priority=-1)
-        with worker.stream():
+        with pool.stream():
             second = torch.cuda.current_stream(device)
             assert capture_stream(device) == second
     held = {first.cuda_stream, second.cuda_stream}
     assert len(held) == 2 and torch.cuda.default_stream(device).cuda_stream not in held
     assert capture_stream(device).cuda_stream not in held  # the default stream's side stream
-    with worker.stream():  # a stream given back is lent again, not drawn anew
+    with pool.stream():  # a stream given back is lent again, not drawn anew
         assert torch.cuda.current_stream(device).cuda_stream in held
-    assert len(worker.streams) == 2
+    assert len(pool.streams) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

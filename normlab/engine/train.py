@@ -27,7 +27,7 @@ from normlab.engine.step import TrainStep
 from normlab.errors import ConfigError, NonFiniteLoss
 
 # Dynamo, AOTAutograd and torch.export share process-wide tracing state, and a CUDA graph
-# must not capture another thread's work: runs side by side in one process (normlab.sweep.worker)
+# must not capture another thread's work: runs side by side in one process (engine/fast/trainer_pool.py)
 # compile, capture and export their models one at a time, holding this lock, and train
 # concurrently in between.
 TRACING_LOCK = threading.Lock()
@@ -163,7 +163,7 @@ class Trainer:
                  epochs_ahead: int | None = None, warm: "Trainer | None" = None):
         """``warm``: a finished run's trainer of the same ``steps_key`` on the same data, whose
         model, compiled step and captured CUDA graphs this one takes over with its own initial
-        weights, optimizer, schedule and random streams (normlab.sweep.worker): it trains what
+        weights, optimizer, schedule and random streams (engine/fast/trainer_pool.py): it trains what
         a new trainer would, bit for bit, without compiling or capturing again."""
         config.validate().check_fits(data.train_size)
         if warm is not None and (steps_key(warm.config) != steps_key(config) or warm.data is not data):
@@ -210,6 +210,7 @@ class Trainer:
             self.train_step, self.steps = warm.train_step, warm.steps
             self.train_step.adopt(self.optimizer)
         self.prepared = warm is not None and warm.prepared
+        self.took_over = warm.config.run_name if warm is not None else None  # the run whose steps it reuses
         self.epoch = 0
         self.last_evaluation: Evaluation | None = None
         self.stop_reason: str | None = None

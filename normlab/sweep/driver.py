@@ -123,7 +123,7 @@ def check_resources(configs: list[TrainConfig], data_dir: str, device: str) -> N
     from normlab.engine.data import load_raw
     from normlab.engine.fast import compile_choice
     from normlab.engine.train import resolve_device
-    from normlab.sweep.worker import runs_per_gpu
+    from normlab.engine.fast.trainer_pool import runs_per_gpu
 
     resolve_device(device)
     compile_choice()
@@ -148,12 +148,13 @@ class Outcome:
 
 def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkpoint_dir: str,
               address: str | None = None, cpu_workers: int = 1, out_dir: Path | None = None,
-              echo: Callable[[str], None] = print) -> Outcome:
+              echo: Callable[[str], None] = print, engine=None) -> Outcome:
     """Validate, open the parent, train what MLflow says is left, then compare on the parent.
 
     ``address`` (a Ray cluster, or "auto") runs the workers as Ray actors; without it they
     are processes on this machine, one per GPU (``cpu_workers`` on a machine without one),
-    or this process itself when there is one device."""
+    or this process itself when there is one device, training in ``engine`` (an
+    engine_process.EngineProcess) if the command started one."""
     from normlab.engine.config import steps_key
     from normlab.engine.train import resolve_device
     from normlab.sweep.executors import RayExecutor, WorkerSettings, local_executor
@@ -169,7 +170,7 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     records = st.SweepRecords(experiment, grid.sweep_hash())
     settings = WorkerSettings(str(data_dir), records.experiment_name(), checkpoint_dir, connection.tracking_uri())
     executor = (RayExecutor(address, settings, echo) if address  # refuses a bad cluster before any run exists
-                else local_executor(device, cpu_workers, settings, echo))
+                else local_executor(device, cpu_workers, settings, echo, engine))
     parent_id, existed = records.open_parent(grid.run_name(), grid.params(), grid.description())
     commit = connection.git_commit()
     plan = records.plan(configs, commit)

@@ -21,7 +21,8 @@ import traceback
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from normlab.sweep.worker import RunRequest, RunResult, retry_request, runs_per_gpu
+from normlab.engine.fast.trainer_pool import runs_per_gpu
+from normlab.sweep.worker import RunRequest, RunResult, retry_request
 from normlab.tracking import connection
 
 OnResult = Callable[[RunResult], None]
@@ -58,8 +59,12 @@ def local_devices(device: str, cpu_workers: int = 1) -> list[tuple[str, dict[str
     return [(str(resolved), {})]
 
 
-def local_executor(device: str, cpu_workers: int, settings: WorkerSettings, echo: Callable[[str], None]):
-    """Worker processes, one per device; the sweep's own process when there is one device."""
+def local_executor(device: str, cpu_workers: int, settings: WorkerSettings, echo: Callable[[str], None],
+                   engine=None):
+    """Worker processes, one per device; the sweep's own process when there is one device,
+    training in ``engine`` (an engine_process.EngineProcess) when the command started one."""
+    if engine is not None:
+        return InProcessExecutor(device, settings, echo, engine)
     devices = local_devices(device, cpu_workers)
     if len(devices) == 1:
         return InProcessExecutor(devices[0][0], settings, echo)
@@ -105,18 +110,21 @@ def _serve_in_threads(serve: Callable[[], None], threads: int) -> None:
 
 class InProcessExecutor:
     """The worker in the sweep's own process, for a machine with one device: the command has
-    imported torch and MLflow and read the data already, so no second process pays that again."""
+    imported torch and MLflow and read the data already, so no second process pays that again.
+    With ``engine`` (one GPU) the runs train in that engine process, tracked here."""
 
-    def __init__(self, device: str, settings: WorkerSettings, echo: Callable[[str], None]):
+    def __init__(self, device: str, settings: WorkerSettings, echo: Callable[[str], None], engine=None):
         from normlab.sweep.worker import Worker
 
-        self.worker = Worker(device, settings.data_dir, settings.experiment, settings.checkpoint_dir)
+        self.worker = Worker(device, settings.data_dir, settings.experiment, settings.checkpoint_dir, engine=engine)
         self.echo = echo
         self.stopping = False
         self.workers = 1
 
     def describe(self) -> str:
-        return f"1 worker in this process ({self.worker.device_name}), {self.worker.concurrent} run(s) at once"
+        where = ("in an engine process, tracked in this one" if self.worker.threads > self.worker.concurrent
+                 else f"in this process ({self.worker.device_name})")
+        return f"1 worker {where}, {self.worker.concurrent} run(s) at once"
 
     def run(self, requests: list[RunRequest], on_result: OnResult) -> None:
         from normlab.engine.interrupts import stop_on_signals
@@ -146,7 +154,7 @@ class InProcessExecutor:
             self.worker.request_stop(reason)
 
         with stop_on_signals(stop):
-            _serve_in_threads(serve, min(self.worker.concurrent, len(requests)))
+            _serve_in_threads(serve, min(self.worker.threads, len(requests)))
 
 
 def _local_worker(index: int, device: str, settings: WorkerSettings, tasks, results) -> None:

@@ -1,18 +1,20 @@
-"""The engine in a process of its own, so that a run's two starts overlap.
+"""The engine in a process of its own, so that tracking and training stop taking turns.
 
-One `normlab train` starts two things before its first epoch: the engine (torch, CUDA, the
-data on the device, the model, optimizer and captured step) and the tracking (MLflow, its
-store, the run and its params). In one process they take turns: Python runs one thread at a
-time, and both are interpreter work. As two processes they start at once. On an H200 the
+A run has two sides: the engine (torch, CUDA, the data on the device, the model, optimizer
+and captured step, the epochs) and the tracking (MLflow, its store, the run, its params,
+metrics, artifacts and model). In one process they take turns: Python runs one thread at a
+time, and both are interpreter work. As two processes they run at once. On an H200 the
 engine's start took 4.8 s beside the tracking's, against 8.5 s for both in one process
 (benchmarks/process_split.py; docs/speed.md has the end-to-end times).
 
-``EngineProcess`` is what the command's side (the tracking side) holds instead of a Trainer:
-``fit``, the callbacks, the checkpointer and the run's logging use it as they use a Trainer,
-while the Trainer itself runs in a child process that trains straight through and reports
-each epoch, with the state a checkpoint needs, over a pipe. A stop request goes the other
-way. The child ignores Ctrl-C and SIGTERM: the command receives them and passes on one stop,
-as `stop_on_signals` does in one process.
+``EngineProcess`` starts a child process holding a TrainerPool and hands it runs; for each it
+returns a ``RemoteTrainer``, which the tracking side uses as it uses a Trainer: ``fit``, the
+callbacks, the checkpointer and the run's logging read the child's reports (each epoch with
+the state a checkpoint needs) over one pipe, each under its run's key, while the child trains
+straight through. Stop requests go the other way. A sweep on one GPU hands it all its runs: a
+run that finishes leaves its place to the next at once, while its artifacts and model are
+logged on the tracking side. The child ignores Ctrl-C and SIGTERM: the command receives them
+and passes on one stop, as `stop_on_signals` does in one process.
 
 On a CPU the two processes would share the cores the training needs, so it is used where
 training runs on a GPU (``NORMLAB_ENGINE_PROCESS``: auto, always, never). End to end on three
@@ -23,11 +25,14 @@ H200s, `normlab train` took 11.4-12.8 s against 15.0-16.8 s in one process (1.26
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import io
+import itertools
 import multiprocessing
 import os
+import queue
 import signal
 import threading
 import traceback
@@ -43,9 +48,9 @@ STEPS_PER_REPORT = 8  # steps the engine process reports at once (a CUDA graph's
 
 
 def wanted(device: str) -> bool:
-    """Whether `normlab train --device DEVICE` trains in an engine process: on a GPU (auto),
-    or as NORMLAB_ENGINE_PROCESS says. Decided without importing torch, which the engine
-    process imports in the meantime."""
+    """Whether `normlab train --device DEVICE` trains in an engine process: on a GPU (auto), or
+    as NORMLAB_ENGINE_PROCESS says. Decided without importing torch, which the engine process
+    imports in the meantime."""
     choice = os.environ.get("NORMLAB_ENGINE_PROCESS", "auto")
     if choice not in CHOICES:
         raise ConfigError(f"NORMLAB_ENGINE_PROCESS={choice!r}; valid choices: {', '.join(CHOICES)}")
@@ -54,6 +59,17 @@ def wanted(device: str) -> bool:
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         return True
     return device == "auto" and _torch_has_cuda() and _cuda_devices() > 0
+
+
+def wanted_for_sweep(device: str, cpu_workers: int) -> bool:
+    """Whether a sweep on this machine trains in one engine process: where ``wanted`` says so
+    and there is one device to train on (one GPU visible, or one CPU worker)."""
+    if not wanted(device):
+        return False
+    gpus = _cuda_devices() if device in ("auto", "cuda") and _torch_has_cuda() else 0
+    if gpus:
+        return gpus == 1
+    return device.startswith("cuda") or cpu_workers == 1
 
 
 def _torch_has_cuda() -> bool:
@@ -77,7 +93,11 @@ def _cuda_devices() -> int:
 
 
 class EngineCrashed(RuntimeError):
-    """The engine process failed with an error of its own (its traceback is the message) or died."""
+    """A run failed in the engine process with an error of its own (its traceback is the message)."""
+
+
+class EngineDied(EngineCrashed):
+    """The engine process itself ended (killed, out of memory); its runs can be tried again."""
 
 
 @dataclass
@@ -104,25 +124,19 @@ class EngineData:
 
 
 class EngineProcess:
-    """A Trainer in a child process, as the tracking side uses a Trainer (see the module's
-    docstring). Use it as a context manager: leaving it ends the child."""
+    """A TrainerPool in a child process (see the module's docstring): ``trainer(config)`` hands
+    it a run and returns the RemoteTrainer the tracking side uses as it uses a Trainer. A new
+    child starts in place of one that died. Use it as a context manager: leaving it ends the
+    child."""
 
-    def __init__(self, config: TrainConfig, data_dir: str, device: str):
-        self.config = config
-        self.epoch = 0
-        context = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA or threads
-        self._conn, child_end = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child_end, config, str(data_dir), device),
-                                        name=f"normlab-engine-{config.run_name}", daemon=True)
-        self._process.start()
-        child_end.close()
-        self._data: EngineData | None = None
-        self._model = None
-        self._state: bytes | None = None
-        self._prepare_seconds: float | None = None
-        self._mistakes = None
-        self._stop_sent = False
-        self._ended = False  # the child has sent its last message
+    def __init__(self, data_dir: str, device: str, concurrent: int | None = None, preload: str | None = None):
+        """``concurrent``: runs the child trains at once (default: TrainerPool's); ``preload``:
+        a dataset the child puts on its device at once, before any run asks for it."""
+        self.data_dir, self.device, self.preload = str(data_dir), device, preload
+        self._concurrent = concurrent
+        self._lock = threading.Lock()
+        self._keys = itertools.count()
+        self._channel = _Channel(self)
 
     def __enter__(self) -> "EngineProcess":
         return self
@@ -130,22 +144,154 @@ class EngineProcess:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def close(self) -> None:
-        """End the child. One that has reported its end gets two seconds to exit; one still
-        training is killed at once: the run has ended on this side (a second Ctrl-C, a store
-        that failed), and everything the run keeps was written here."""
-        if self._ended:
-            self._process.join(timeout=2)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
-        self._conn.close()
+    @property
+    def concurrent(self) -> int:
+        """Runs the child trains at once (it tells, once started)."""
+        return self._channel.hello()[1]
 
-    # What a Trainer offers the tracking side
+    @property
+    def device_name(self) -> str:
+        return self._channel.hello()[0]
+
+    def trainer(self, config: TrainConfig, epochs_ahead: int = 0, state: dict | None = None) -> "RemoteTrainer":
+        """Hand the child a run (continuing from ``state``, a checkpoint, if given), as
+        TrainerPool.trainer does in this process; it starts when one of the child's places
+        is free."""
+        saved = None
+        if state is not None:
+            import torch
+
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            saved = buffer.getvalue()
+        with self._lock:
+            if self._channel.died is not None:
+                self._channel = _Channel(self)
+            channel, key = self._channel, next(self._keys)
+        trainer = RemoteTrainer(channel, key, config, saved)
+        channel.send(("train", key, config, epochs_ahead, saved))
+        return trainer
+
+    def release(self, trainer: "RemoteTrainer", finished: bool) -> None:
+        """The tracking side is done with the run (the child keeps a finished run's trainer itself)."""
+        trainer.close()
+
+    def request_stop(self, reason: str) -> None:
+        """Stop every run the child trains, and every later one (safe in a signal handler)."""
+        self._channel.send(("stop all", reason))
+
+    @contextlib.contextmanager
+    def stream(self):
+        """Nothing to hold on this side: the child's threads hold the CUDA streams."""
+        yield
+
+    def close(self) -> None:
+        """End the child: it exits at once, whatever it still trains (the runs on this side
+        have ended, and everything they keep was written here)."""
+        self._channel.close()
+
+
+class _Channel:
+    """One child process and its pipe: a thread sends what the tracking side asks (through a
+    queue, so a signal handler may ask too) and a thread hands each message to its run."""
+
+    def __init__(self, engine: EngineProcess):
+        context = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA or threads
+        self.conn, child_end = context.Pipe()
+        self.process = context.Process(target=_serve, name="normlab-engine", daemon=True,
+                                       args=(child_end, engine.data_dir, engine.device, engine._concurrent,
+                                             engine.preload))
+        self.process.start()
+        child_end.close()
+        self.inboxes: dict[int, queue.SimpleQueue] = {}
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.died: str | None = None
+        self._hello: tuple | None = None
+        self._hello_heard = threading.Event()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._send_all, name="normlab-engine-sender", daemon=True).start()
+        threading.Thread(target=self._route_all, name="normlab-engine-router", daemon=True).start()
+
+    def send(self, message: tuple) -> None:
+        self.outbox.put(message)  # SimpleQueue.put may be called from a signal handler
+
+    def hello(self) -> tuple:
+        """(device name, runs at once) as the child reported them once started."""
+        self._hello_heard.wait()
+        if self._hello is None:
+            raise EngineDied(self.died)
+        return self._hello
+
+    def inbox(self, key: int) -> queue.SimpleQueue:
+        with self._lock:
+            inbox = self.inboxes[key] = queue.SimpleQueue()
+            if self.died is not None:
+                inbox.put(("died", self.died))
+            return inbox
+
+    def forget(self, key: int) -> None:
+        with self._lock:
+            self.inboxes.pop(key, None)
+
+    def close(self) -> None:
+        self.send(("close",))
+        self.process.join(timeout=2)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.outbox.put(None)
+
+    def _send_all(self) -> None:
+        while (message := self.outbox.get()) is not None:
+            try:
+                self.conn.send(message)
+            except OSError:  # the child has ended: the router tells the runs
+                return
+
+    def _route_all(self) -> None:
+        while True:
+            try:
+                key, *message = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            if key is None:  # the child's hello
+                self._hello = tuple(message[1:])
+                self._hello_heard.set()
+                continue
+            with self._lock:
+                inbox = self.inboxes.get(key)
+            if inbox is not None:  # else its run has ended on this side
+                inbox.put(tuple(message))
+        self.process.join(timeout=5)
+        with self._lock:
+            self.died = f"the engine process ended without a word (exit code {self.process.exitcode})"
+            for inbox in self.inboxes.values():
+                inbox.put(("died", self.died))
+        self._hello_heard.set()
+        self.conn.close()
+
+
+class RemoteTrainer:
+    """A run in the engine process, as the tracking side uses a Trainer: it reads the run's
+    messages as they come (an epoch's record, with the state a checkpoint needs)."""
+
+    def __init__(self, channel: _Channel, key: int, config: TrainConfig, state: bytes | None = None):
+        self.config = config
+        self.epoch = 0
+        self.took_over: str | None = None  # the run whose model and steps the engine reused
+        self._channel, self._key = channel, key
+        self._inbox = channel.inbox(key)
+        self._data: EngineData | None = None
+        self._model = None
+        self._state = state  # the last checkpoint's, as torch.save wrote it
+        self._prepare_seconds: float | None = None
+        self._mistakes = None
+        self._stop_sent = False
+        self._ended = False  # the engine has sent the run's last message
 
     @property
     def data(self) -> EngineData:
-        """The data's facts, once the child has built its trainer (raises its ConfigError or DataError)."""
+        """The data's facts, once the engine has built the run's trainer (raises its ConfigError or DataError)."""
         while self._data is None:
             self._handle(self._receive())
         return self._data
@@ -160,57 +306,56 @@ class EngineProcess:
         return self._model
 
     def prepare(self) -> float:
-        """Wait for the child to compile and capture its step; the seconds that took it."""
+        """Wait for the engine to compile and capture the run's step; the seconds that took it."""
         while self._prepare_seconds is None:
             self._handle(self._receive())
         seconds, self._prepare_seconds = self._prepare_seconds, 0.0
         return seconds
 
     def run_epoch(self, callbacks):
-        """The child's next epoch, reported to callbacks as a Trainer reports its own."""
+        """The engine's next epoch of the run, reported to callbacks as a Trainer reports its own."""
         while True:
             record = self._handle(self._receive(), callbacks)
             if record is not None:
                 return record
 
     def mistakes(self, k: int = 10):
-        """The final evaluation's most confident mistakes (k is the child's: 10)."""
+        """The final evaluation's most confident mistakes (k is the engine's: 10)."""
         while self._mistakes is None:
             self._handle(self._receive())
         return self._mistakes
 
     def state_dict(self) -> dict:
-        """The child's Trainer.state_dict() after its last reported epoch, on the CPU."""
+        """The engine's Trainer.state_dict() after the last reported epoch, on the CPU."""
         import torch
 
         return torch.load(io.BytesIO(self._state), map_location="cpu", weights_only=True)
 
     def request_stop(self, reason: str) -> None:
-        """Ask the child to stop after its current step (safe in a signal handler)."""
-        if self._stop_sent:
-            return
-        self._stop_sent = True
-        try:
-            self._conn.send(("stop", reason))
-        except OSError:  # the child has ended already
-            pass
+        """Ask the engine to stop the run after its current step (safe in a signal handler)."""
+        if not self._stop_sent:
+            self._stop_sent = True
+            self._channel.send(("stop", self._key, reason))
 
-    # The pipe
+    def close(self) -> None:
+        """Done on this side: a run the engine still trains (the run ended here first) is stopped."""
+        if not self._ended:
+            self.request_stop("its run has ended")
+        self._channel.forget(self._key)
 
     def _receive(self) -> tuple:
-        try:
-            return self._conn.recv()
-        except (EOFError, OSError):
-            self._process.join(timeout=5)
-            raise EngineCrashed(f"the engine process ended without a word "
-                                f"(exit code {self._process.exitcode})") from None
+        message = self._inbox.get()
+        if message[0] == "died":
+            self._ended = True
+            raise EngineDied(message[1])
+        return message
 
     def _handle(self, message: tuple, callbacks=None):
         """Act on one message; an epoch's record is returned, errors are raised here."""
         kind, *body = message
         self._ended = kind not in ("built", "prepared", "started", "steps", "epoch")
         if kind == "built":
-            self._data = body[0]
+            self._data, self.epoch, self.took_over = body
         elif kind == "prepared":
             self._prepare_seconds = body[0]
         elif kind == "started" and callbacks is not None:
@@ -243,89 +388,138 @@ def _error(kind: str, message: str) -> BaseException:
 
 
 class _Reporter:
-    """The child's callbacks: each event goes to the tracking side."""
+    """The engine's callbacks for one run: each event goes to the tracking side."""
 
-    def __init__(self, conn, trainer):
-        self.conn = conn
-        self.trainer = trainer
+    def __init__(self, send, key: int, trainer):
+        self.send, self.key, self.trainer = send, key, trainer
         self.steps = 0
 
     def epoch_started(self, epoch: int, steps: int) -> None:
-        self.conn.send(("started", epoch, steps))
+        self.send(self.key, "started", epoch, steps)
 
     def step_done(self) -> None:
         self.steps += 1
         if self.steps == STEPS_PER_REPORT:  # for a progress bar on the other side
-            self.conn.send(("steps", self.steps))
+            self.send(self.key, "steps", self.steps)
             self.steps = 0
 
     def epoch_done(self, record) -> None:
         import torch
 
         if self.steps:
-            self.conn.send(("steps", self.steps))
+            self.send(self.key, "steps", self.steps)
             self.steps = 0
         state = io.BytesIO()
         torch.save(self.trainer.state_dict(), state)
-        self.conn.send(("epoch", record, state.getvalue()))
+        self.send(self.key, "epoch", record, state.getvalue())
 
 
-def _serve(conn, config: TrainConfig, data_dir: str, device: str) -> None:
-    """The engine process: build the trainer, report it, prepare, train, report the mistakes."""
+def _serve(conn, data_dir: str, device: str, concurrent: int | None, preload: str | None) -> None:
+    """The engine process: a TrainerPool whose threads train the runs the tracking side hands
+    it, each reported on the one pipe under its key, until told to close (or the pipe ends)."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # the command passes a stop on (module docstring)
         signal.signal(signum, signal.SIG_IGN)
-    stop = _StopListener(conn)
+    sending = threading.Lock()
+
+    def send(*message) -> None:
+        with sending:
+            conn.send(message)
+
     try:
-        from normlab.engine.data import DeviceData, load_raw
-        from normlab.engine.train import Trainer, TrainingStopped, fit, resolve_device
+        from normlab.engine.fast.trainer_pool import TrainerPool
 
-        try:
-            data = DeviceData(load_raw(config.dataset, data_dir), resolve_device(device))
-            trainer = Trainer(config, data)
-        except ConfigError as exc:
-            return conn.send(("config", str(exc)))
-        except DataError as exc:
-            return conn.send(("data", str(exc)))
-        stop.watch(trainer)
-        conn.send(("built", EngineData(data.spec, data.device, data.device_name, data.train_size, data.test_size,
-                                       data.digest, data.example_input())))
-        conn.send(("prepared", trainer.prepare()))
-        try:
-            result = fit(trainer, _Reporter(conn, trainer))
-        except TrainingStopped as exc:
-            return conn.send(("stopped", str(exc)))
-        except NonFiniteLoss as exc:
-            return conn.send(("diverged", str(exc)))
-        indices = [m.index for m in result.mistakes]
-        conn.send(("finished", result.mistakes, dict(zip(indices, data.test_images_of(indices)))))
-    except (BrokenPipeError, ConnectionResetError):
+        pool = TrainerPool(device, data_dir, concurrent)
+        if preload:
+            threading.Thread(target=_quietly, args=(pool.data, preload), name="normlab-preload", daemon=True).start()
+        send(None, "hello", pool.device_name, pool.concurrent)
+        runs = _Runs(pool, send)
+        while (message := conn.recv())[0] != "close":
+            runs.act(*message)
+    except (EOFError, OSError):
         pass  # the command has gone; nobody to tell
-    except BaseException:
-        conn.send(("crashed", traceback.format_exc()))
     finally:
-        conn.close()
+        os._exit(0)  # at once: the runs' daemon threads and CUDA's teardown are not waited for
 
 
-class _StopListener:
-    """In the child: a thread that turns the command's stop message, or its end, into
-    Trainer.request_stop."""
+def _quietly(function, *args) -> None:
+    """Preloading is a head start: a failure is met again, and reported, by the run that needs the data."""
+    try:
+        function(*args)
+    except Exception:
+        pass
 
-    def __init__(self, conn):
-        self.conn = conn
-        self.trainer = None
-        self.reason: str | None = None
-        threading.Thread(target=self._listen, name="normlab-stop-listener", daemon=True).start()
 
-    def watch(self, trainer) -> None:
-        self.trainer = trainer
-        if self.reason is not None:
-            trainer.request_stop(self.reason)
+class _Runs:
+    """In the engine process: the runs handed over, trained by ``pool.concurrent`` threads in
+    the order they came, and the stops the tracking side asks for."""
 
-    def _listen(self) -> None:
+    def __init__(self, pool, send):
+        self.pool, self.send = pool, send
+        self.waiting: queue.SimpleQueue = queue.SimpleQueue()
+        self.stopped: dict[int, str] = {}  # run key -> why the tracking side stopped it
+        self.training: dict[int, object] = {}  # run key -> its Trainer
+        self.lock = threading.Lock()
+        for index in range(pool.concurrent):
+            threading.Thread(target=self._serve_runs, name=f"normlab-engine-{index}", daemon=True).start()
+
+    def act(self, kind: str, *body) -> None:
+        if kind == "train":
+            self.waiting.put(body)
+        elif kind == "stop":
+            key, reason = body
+            with self.lock:
+                self.stopped[key] = reason
+                if key in self.training:
+                    self.training[key].request_stop(reason)
+        elif kind == "stop all":
+            self.pool.request_stop(body[0])
+
+    def _serve_runs(self) -> None:
+        with self.pool.stream():
+            while True:
+                self._train(*self.waiting.get())
+
+    def _train(self, key: int, config: TrainConfig, epochs_ahead: int, saved: bytes | None) -> None:
+        """One run, start to end, every event sent under its key; never raises."""
+        import torch
+
+        from normlab.engine.train import TrainingStopped, fit
+
+        with self.lock:
+            if key in self.stopped:
+                return self.send(key, "stopped", f"{self.stopped[key]}: stopped before it started")
         try:
-            _, reason = self.conn.recv()
-        except (EOFError, OSError):
-            reason = "the command that started this engine process ended"
-        self.reason = reason
-        if self.trainer is not None:
-            self.trainer.request_stop(reason)
+            state = None if saved is None else torch.load(io.BytesIO(saved), map_location="cpu", weights_only=True)
+            trainer = self.pool.trainer(config, epochs_ahead, state)
+        except ConfigError as exc:
+            return self.send(key, "config", str(exc))
+        except DataError as exc:
+            return self.send(key, "data", str(exc))
+        except BaseException:
+            return self.send(key, "crashed", traceback.format_exc())
+        finished = False
+        try:
+            with self.lock:
+                self.training[key] = trainer
+                if key in self.stopped:
+                    trainer.request_stop(self.stopped[key])
+            data = trainer.data
+            self.send(key, "built", EngineData(data.spec, data.device, data.device_name, data.train_size,
+                                               data.test_size, data.digest, data.example_input()),
+                      trainer.epoch, trainer.took_over)
+            self.send(key, "prepared", trainer.prepare() if trainer.epoch < config.epochs else 0.0)
+            try:
+                result = fit(trainer, _Reporter(self.send, key, trainer))
+            except TrainingStopped as exc:
+                return self.send(key, "stopped", str(exc))
+            except NonFiniteLoss as exc:
+                return self.send(key, "diverged", str(exc))
+            indices = [m.index for m in result.mistakes]
+            self.send(key, "finished", result.mistakes, dict(zip(indices, data.test_images_of(indices))))
+            finished = True
+        except BaseException:
+            self.send(key, "crashed", traceback.format_exc())
+        finally:
+            with self.lock:
+                self.training.pop(key, None)
+            self.pool.release(trainer, finished)
