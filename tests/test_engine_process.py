@@ -1,9 +1,11 @@
-"""`normlab train` with its engine in a process of its own (engine/fast/engine_process.py).
+"""`normlab train` and `normlab sweep` with their engine in a process of their own
+(engine/fast/engine_process.py).
 
 On a GPU that is the default; CI has none, so these tests ask for it on the CPU with
-NORMLAB_ENGINE_PROCESS=always: the same code, the same messages, the same run. They check it
+NORMLAB_ENGINE_PROCESS=always: the same code, the same messages, the same runs. They check it
 logs exactly what the one-process command logs, and that every ending crosses the process
-boundary: a stop, a divergence, bad data, a dead engine process.
+boundary: a stop, a divergence, bad data, a dead engine process. (tests/test_sweep.py's
+stopped-and-resumed sweep runs both ways too.)
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
 SPLIT = {"NORMLAB_ENGINE_PROCESS": "always"}
 
 
-def start(cwd: Path, *args: str, **env) -> tuple[subprocess.Popen, Lines]:
-    """`normlab train ARGS` in a session of its own (a terminal's Ctrl-C reaches its whole group)."""
-    proc = subprocess.Popen([sys.executable, "-m", "normlab", "train", *args], cwd=cwd, env=cli_env(**env),
+def start(cwd: Path, *args: str, command: str = "train", **env) -> tuple[subprocess.Popen, Lines]:
+    """`normlab train ARGS` (or another command) in a session of its own (a terminal's Ctrl-C
+    reaches its whole group)."""
+    proc = subprocess.Popen([sys.executable, "-m", "normlab", command, *args], cwd=cwd, env=cli_env(**env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     return proc, Lines(proc.stdout)
 
@@ -179,6 +182,66 @@ def test_a_bad_switch_is_refused_before_anything_starts(tmp_path):
     assert result.returncode == 2
     assert "NORMLAB_ENGINE_PROCESS='sometimes'; valid choices: auto, always, never" in result.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def sweep_children(client: MlflowClient, experiment: str) -> dict[str, list]:
+    """A sweep's child runs by name (a name with two runs would show as two)."""
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    children: dict[str, list] = {}
+    for run in runs:
+        if "mlflow.parentRunId" in run.data.tags:
+            children.setdefault(run.info.run_name, []).append(run)
+    return children
+
+
+SWEEP = ("--norms", "bn,ln", "--seeds", "2", "--epochs", "2")
+
+
+def test_a_sweep_in_an_engine_process_logs_what_a_sweep_in_one_process_logs(small_mnist_dir, tmp_path,
+                                                                              tracking_uri):
+    """Four runs handed to one engine process two at a time (it trains one at a time on the
+    CPU), later runs taking over earlier runs' models: each child logs what the one-process
+    sweep's child of that config logs, bit for bit."""
+    common = (*SWEEP, "--data-dir", str(small_mnist_dir), "--checkpoint-dir", str(tmp_path / "ck"))
+    split = run_cli("sweep", *common, "--experiment", "split", **SPLIT, cwd=tmp_path)
+    assert split.returncode == 0, split.stdout + split.stderr
+    assert "1 worker in an engine process, tracked in this one, 1 run(s) at once" in split.stdout
+    assert "[bn-l1_1e-05-s2] takes over the model and steps of bn-l1_1e-05-s1" in split.stdout
+    alone = run_cli("sweep", *common, "--experiment", "alone", NORMLAB_ENGINE_PROCESS="never", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    client = MlflowClient()
+    ours, theirs = sweep_children(client, "split"), sweep_children(client, "alone")
+    assert sorted(ours) == sorted(theirs) == ["bn-l1_1e-05-s1", "bn-l1_1e-05-s2", "ln-s1", "ln-s2"]
+    for name, [run] in ours.items():
+        [reference] = theirs[name]
+        assert run.info.status == "FINISHED" and run.data.tags["normlab.worker_device"] == "cpu"
+        assert histories(client, run.info.run_id) == histories(client, reference.info.run_id), name
+        assert run.data.params == reference.data.params
+        mistakes = [mlflow.artifacts.load_dict(f"runs:/{r.info.run_id}/misclassified.json") for r in (run, reference)]
+        assert mistakes[0] == mistakes[1] and len(mistakes[0]) == 10
+
+
+def test_a_sweeps_engine_process_killed_mid_run_is_replaced_and_every_child_finishes_once(
+        small_mnist_dir, tmp_path, tracking_uri):
+    proc, out = start(tmp_path, *SWEEP, "--data-dir", str(small_mnist_dir), "--checkpoint-dir", str(tmp_path / "ck"),
+                      command="sweep", **SPLIT)
+    run_id = out.wait_for(r"^\[bn-l1_1e-05-s1\] MLflow run (\w+) ", timeout=300).group(1)
+    out.wait_for(r"^\[bn-l1_1e-05-s1\] epoch   1/2", timeout=300)
+    engine_of(proc).kill()
+    proc.wait(timeout=300)
+    out.thread.join(timeout=10)
+    assert proc.returncode == 0, out.text
+    assert ("[bn-l1_1e-05-s1] the engine process ended without a word (exit code -9) under this run; "
+            "trying it again (resuming)") in out.text
+    assert f"[bn-l1_1e-05-s1] resuming run {run_id} after epoch 1" in out.text
+    client = MlflowClient()
+    children = sweep_children(client, "normlab")
+    assert sorted(children) == ["bn-l1_1e-05-s1", "bn-l1_1e-05-s2", "ln-s1", "ln-s2"]
+    for name, runs in children.items():
+        assert [r.info.status for r in runs] == ["FINISHED"], name  # one run each, finished
+        assert [s for s, _ in histories(client, runs[0].info.run_id)["test_acc"]] == [1, 2], name
+    assert children["bn-l1_1e-05-s1"][0].info.run_id == run_id
+    assert "sweep: 4 of 4 children finished" in out.text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

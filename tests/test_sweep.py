@@ -181,18 +181,22 @@ SMALL = ("--norms", "bn,ln", "--seeds", "2", "--epochs", "2")
 SMALL_GRID = Grid(norms=("bn", "ln"), seeds=(1, 2), epochs=2)
 
 
-@pytest.fixture(scope="module")
-def sweep_twice(tmp_path_factory, small_mnist_dir):
+@pytest.fixture(scope="module", params=["as typed", "engine process"])
+def sweep_twice(request, tmp_path_factory, small_mnist_dir):
     """`normlab sweep --norms bn,ln --seeds 2 --epochs 2 --out OUT` in its own store, stopped by
     SIGINT once the second child's first epoch is printed (what the store held then is kept), and the same
     command run again to its end. Without git (GIT_DIR points nowhere) both invocations count
-    as the same code version even if the checkout changes in between."""
+    as the same code version even if the checkout changes in between. Once as typed (on the
+    CPU, the runs train in the sweep's process) and once with the runs in an engine process,
+    as on one GPU (NORMLAB_ENGINE_PROCESS=always)."""
     tmp = tmp_path_factory.mktemp("sweep-twice")
     uri = store_uri(tmp)
     client = MlflowClient(uri)
     args = ("sweep", *SMALL, "--data-dir", str(small_mnist_dir), "--checkpoint-dir", str(tmp / "ck"),
             "--out", str(tmp / "out"))
     env = dict(MLFLOW_TRACKING_URI=uri, GIT_DIR=str(tmp / "no-git"))
+    if request.param == "engine process":
+        env["NORMLAB_ENGINE_PROCESS"] = "always"
     second = SMALL_GRID.configs()[1]
     proc, out = start(args, tmp, **env)
     try:

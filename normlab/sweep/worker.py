@@ -93,14 +93,17 @@ def has_checkpoint(run_id: str, checkpoint_dir: str | None) -> bool:
     return has_checkpoint_artifact(run_id)
 
 
-def worth_another_try(exc: BaseException) -> bool:
-    """Whether a run failed for nothing wrong with the run itself: one of CAPTURE_ERRORS (a
-    CUDA error, so a torch.AcceleratorError, or its traceback from an engine process), or
-    an engine process that died under it."""
+def worth_another_try(exc: BaseException) -> str | None:
+    """Why a run failed for nothing wrong with the run itself, else None: one of
+    CAPTURE_ERRORS (a CUDA error, so a torch.AcceleratorError, or its traceback from an
+    engine process), or an engine process that died under it."""
     from normlab.engine.fast.engine_process import EngineCrashed
 
-    return isinstance(exc, EngineDied) or (isinstance(exc, (torch.AcceleratorError, EngineCrashed))
-                                           and any(name in str(exc) for name in CAPTURE_ERRORS))
+    if isinstance(exc, EngineDied):
+        return f"{exc} under this run"
+    if isinstance(exc, (torch.AcceleratorError, EngineCrashed)) and any(name in str(exc) for name in CAPTURE_ERRORS):
+        return "a CUDA-graph capture broke this run"
+    return None
 
 
 class Worker:
@@ -162,13 +165,13 @@ class Worker:
             retry = retry_request(request, result, attempts, self.checkpoint_dir) if broken else None
             if retry is None:
                 return result
-            say(f"{result.reason.splitlines()[-1] if result.reason else 'it broke'}; "
-                f"trying it again ({'resuming' if retry.resume else 'anew'})")
+            say(f"{broken}; trying it again ({'resuming' if retry.resume else 'anew'})")
             request = retry
 
     def _train_once(self, request: RunRequest, say, lines: collections.deque,
-                    on_run) -> tuple[RunResult, bool]:
-        """One try: the request's result, and whether it is worth another."""
+                    on_run) -> tuple[RunResult, str | None]:
+        """One try: the request's result, and why it is worth another (worth_another_try)."""
+        from normlab.engine.train import TrainingStopped
         from normlab.errors import LeaseHeld
         from normlab.tracking import resume
         from normlab.tracking.sweep_records import create_child_run
@@ -177,7 +180,7 @@ class Worker:
         config = request.config
 
         def result(status: str, reason: str = "", ending: Ending | None = None, run_id=None,
-                   broken: bool = False) -> tuple[RunResult, bool]:
+                   broken: str | None = None) -> tuple[RunResult, str | None]:
             return RunResult(config, run_id or (ending.run_id if ending else request.run_id), status, reason,
                              ending.test_acc if ending else None, time.perf_counter() - start,
                              self._device_name()), broken
@@ -206,6 +209,8 @@ class Worker:
                                    run_id=run_id, echo=say, bars=self.bars and self.threads == 1)
         except LeaseHeld as exc:
             return result("SKIPPED", str(exc))
+        except TrainingStopped as exc:  # an engine process's, stopped before the run existed
+            return result("KILLED", str(exc))
         except (ConfigError, DataError, ResumeError) as exc:
             say(f"Error: {exc}", err=True)
             if request.run_id and not request.resume:

@@ -206,7 +206,7 @@ class _Channel:
         self.inboxes: dict[int, queue.SimpleQueue] = {}
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.died: str | None = None
-        self._hello: tuple | None = None
+        self._hello: tuple | ConfigError | None = None
         self._hello_heard = threading.Event()
         self._lock = threading.Lock()
         threading.Thread(target=self._send_all, name="normlab-engine-sender", daemon=True).start()
@@ -220,6 +220,8 @@ class _Channel:
         self._hello_heard.wait()
         if self._hello is None:
             raise EngineDied(self.died)
+        if isinstance(self._hello, ConfigError):
+            raise self._hello
         return self._hello
 
     def inbox(self, key: int) -> queue.SimpleQueue:
@@ -254,8 +256,8 @@ class _Channel:
                 key, *message = self.conn.recv()
             except (EOFError, OSError):
                 break
-            if key is None:  # the child's hello
-                self._hello = tuple(message[1:])
+            if key is None:  # the child's hello, or why it cannot train at all
+                self._hello = tuple(message[1:]) if message[0] == "hello" else ConfigError(message[1])
                 self._hello_heard.set()
                 continue
             with self._lock:
@@ -428,11 +430,17 @@ def _serve(conn, data_dir: str, device: str, concurrent: int | None, preload: st
     try:
         from normlab.engine.fast.trainer_pool import TrainerPool
 
-        pool = TrainerPool(device, data_dir, concurrent)
-        if preload:
-            threading.Thread(target=_quietly, args=(pool.data, preload), name="normlab-preload", daemon=True).start()
-        send(None, "hello", pool.device_name, pool.concurrent)
-        runs = _Runs(pool, send)
+        try:
+            pool = TrainerPool(device, data_dir, concurrent)
+        except ConfigError as exc:  # a device there is not: every run is refused with the reason
+            send(None, "refused", str(exc))
+            runs = _Refusals(str(exc), send)
+        else:
+            if preload:
+                threading.Thread(target=_quietly, args=(pool.data, preload), name="normlab-preload",
+                                 daemon=True).start()
+            send(None, "hello", pool.device_name, pool.concurrent)
+            runs = _Runs(pool, send)
         while (message := conn.recv())[0] != "close":
             runs.act(*message)
     except (EOFError, OSError):
@@ -447,6 +455,17 @@ def _quietly(function, *args) -> None:
         function(*args)
     except Exception:
         pass
+
+
+class _Refusals:
+    """In an engine process that could not start its pool: each run handed over is refused."""
+
+    def __init__(self, reason: str, send):
+        self.reason, self.send = reason, send
+
+    def act(self, kind: str, *body) -> None:
+        if kind == "train":
+            self.send(body[0], "config", self.reason)
 
 
 class _Runs:
@@ -486,8 +505,9 @@ class _Runs:
         from normlab.engine.train import TrainingStopped, fit
 
         with self.lock:
-            if key in self.stopped:
-                return self.send(key, "stopped", f"{self.stopped[key]}: stopped before it started")
+            reason = self.stopped.get(key, self.pool.stop_reason)
+        if reason is not None:
+            return self.send(key, "stopped", f"not started: {reason}")
         try:
             state = None if saved is None else torch.load(io.BytesIO(saved), map_location="cpu", weights_only=True)
             trainer = self.pool.trainer(config, epochs_ahead, state)
