@@ -200,12 +200,14 @@ SWEEP = ("--norms", "bn,ln", "--seeds", "2", "--epochs", "2")
 def test_a_sweep_in_an_engine_process_logs_what_a_sweep_in_one_process_logs(small_mnist_dir, tmp_path,
                                                                               tracking_uri):
     """Four runs handed to one engine process two at a time (it trains one at a time on the
-    CPU), later runs taking over earlier runs' models: each child logs what the one-process
-    sweep's child of that config logs, bit for bit."""
+    CPU), the first of each variant taking over the model it prepared while the sweep started,
+    later ones earlier runs' models: each child logs what the one-process sweep's child of
+    that config logs, bit for bit."""
     common = (*SWEEP, "--data-dir", str(small_mnist_dir), "--checkpoint-dir", str(tmp_path / "ck"))
     split = run_cli("sweep", *common, "--experiment", "split", **SPLIT, cwd=tmp_path)
     assert split.returncode == 0, split.stdout + split.stderr
     assert "1 worker in an engine process, tracked in this one, 1 run(s) at once" in split.stdout
+    assert "[bn-l1_1e-05-s1] takes over the model and steps of the warm-up of bn-l1_1e-05-s1" in split.stdout
     assert "[bn-l1_1e-05-s2] takes over the model and steps of bn-l1_1e-05-s1" in split.stdout
     alone = run_cli("sweep", *common, "--experiment", "alone", NORMLAB_ENGINE_PROCESS="never", cwd=tmp_path)
     assert alone.returncode == 0, alone.stdout + alone.stderr

@@ -193,7 +193,7 @@ class Worker:
             trainer = self.engine.trainer(config, request.epochs_ahead, point.state if point else None)
             data = trainer.data  # an engine process's: once it has built the trainer
             if trainer.took_over:
-                say(f"takes over the model and steps of {trainer.took_over}, which finished before it here"
+                say(f"takes over the model and steps of {trainer.took_over}"
                     f"{': nothing to compile or capture' if data.device.type == 'cuda' else ''}")
             if point is not None:
                 resume.check_same_data(point, data.digest)

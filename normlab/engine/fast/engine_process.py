@@ -129,10 +129,12 @@ class EngineProcess:
     child starts in place of one that died. Use it as a context manager: leaving it ends the
     child."""
 
-    def __init__(self, data_dir: str, device: str, concurrent: int | None = None, preload: str | None = None):
-        """``concurrent``: runs the child trains at once (default: TrainerPool's); ``preload``:
-        a dataset the child puts on its device at once, before any run asks for it."""
-        self.data_dir, self.device, self.preload = str(data_dir), device, preload
+    def __init__(self, data_dir: str, device: str, concurrent: int | None = None,
+                 ahead: tuple[list[TrainConfig], dict[tuple, int]] | None = None):
+        """``concurrent``: runs the child trains at once (default: TrainerPool's); ``ahead``:
+        the configs (and epochs per steps_key) of the runs to come, whose data the child puts
+        on its device and whose steps it prepares at once (TrainerPool.prepare_ahead)."""
+        self.data_dir, self.device, self.ahead = str(data_dir), device, ahead
         self._concurrent = concurrent
         self._lock = threading.Lock()
         self._keys = itertools.count()
@@ -200,7 +202,7 @@ class _Channel:
         self.conn, child_end = context.Pipe()
         self.process = context.Process(target=_serve, name="normlab-engine", daemon=True,
                                        args=(child_end, engine.data_dir, engine.device, engine._concurrent,
-                                             engine.preload))
+                                             engine.ahead))
         self.process.start()
         child_end.close()
         self.inboxes: dict[int, queue.SimpleQueue] = {}
@@ -416,7 +418,7 @@ class _Reporter:
         self.send(self.key, "epoch", record, state.getvalue())
 
 
-def _serve(conn, data_dir: str, device: str, concurrent: int | None, preload: str | None) -> None:
+def _serve(conn, data_dir: str, device: str, concurrent: int | None, ahead) -> None:
     """The engine process: a TrainerPool whose threads train the runs the tracking side hands
     it, each reported on the one pipe under its key, until told to close (or the pipe ends)."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # the command passes a stop on (module docstring)
@@ -436,8 +438,8 @@ def _serve(conn, data_dir: str, device: str, concurrent: int | None, preload: st
             send(None, "refused", str(exc))
             runs = _Refusals(str(exc), send)
         else:
-            if preload:
-                threading.Thread(target=_quietly, args=(pool.data, preload), name="normlab-preload",
+            if ahead:  # a warm-up that fails is met again, and reported, by the run that needs it
+                threading.Thread(target=pool.prepare_ahead, args=ahead, name="normlab-prepare-ahead",
                                  daemon=True).start()
             send(None, "hello", pool.device_name, pool.concurrent)
             runs = _Runs(pool, send)
@@ -447,14 +449,6 @@ def _serve(conn, data_dir: str, device: str, concurrent: int | None, preload: st
         pass  # the command has gone; nobody to tell
     finally:
         os._exit(0)  # at once: the runs' daemon threads and CUDA's teardown are not waited for
-
-
-def _quietly(function, *args) -> None:
-    """Preloading is a head start: a failure is met again, and reported, by the run that needs the data."""
-    try:
-        function(*args)
-    except Exception:
-        pass
 
 
 class _Refusals:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -75,6 +76,8 @@ class TrainerPool:
         self.compiled: set[tuple] = set()  # steps_keys compiled in this process: later runs reuse them
         self.reuse_steps = reuse_steps()
         self.idle: collections.OrderedDict[tuple, list[Trainer]] = collections.OrderedDict()  # steps_key -> finished
+        self.preparing: dict[tuple, threading.Event] = {}  # steps_key -> set once prepare_ahead is done with it
+        self.warm_ups: weakref.WeakSet[Trainer] = weakref.WeakSet()  # prepared ahead, trained nothing
         self.active: list[Trainer] = []
         self.stop_reason: str | None = None
         self.lock = threading.Lock()
@@ -110,11 +113,15 @@ class TrainerPool:
         earlier run here compiled it. A stop request reaches it until ``release``."""
         data = self.data(config.dataset)
         key = steps_key(config)
+        if key in self.preparing:
+            self.preparing[key].wait()
         ahead = float("inf") if key in self.compiled else max(epochs_ahead, config.epochs)
         with self.lock:
             idle = self.idle.get(key)
             warm = idle.pop() if idle else None
         trainer = Trainer(config, data, epochs_ahead=ahead, warm=warm)
+        if warm in self.warm_ups:
+            trainer.took_over = f"the warm-up of {warm.config.run_name}"
         if trainer.speedups.compile:
             self.compiled.add(key)
         if state is not None:
@@ -124,6 +131,33 @@ class TrainerPool:
             if self.stop_reason is not None:
                 trainer.request_stop(self.stop_reason)
         return trainer
+
+    def prepare_ahead(self, configs: list[TrainConfig], epochs_ahead: dict[tuple, int]) -> None:
+        """Build and prepare (compile, capture) a trainer for each steps_key of ``configs``,
+        and keep it for the first run of that key to take over: an engine process does this
+        while its command starts the runs' tracking. ``epochs_ahead``: per steps_key, as
+        ``trainer`` takes it. A run of a key waits for the key's warm-up rather than prepare
+        its own; a warm-up that fails leaves that run to prepare its own."""
+        firsts: dict[tuple, TrainConfig] = {}
+        for config in configs:
+            firsts.setdefault(steps_key(config), config)
+        with self.lock:
+            for key in firsts:
+                self.preparing.setdefault(key, threading.Event())
+        with self.stream():
+            for key, config in firsts.items():
+                try:
+                    trainer = Trainer(config, self.data(config.dataset), epochs_ahead=max(epochs_ahead.get(key, 0),
+                                                                                       config.epochs))
+                    if trainer.speedups.compile:
+                        self.compiled.add(key)
+                    trainer.prepare()
+                    self.warm_ups.add(trainer)
+                    self.release(trainer, finished=True)
+                except Exception:
+                    pass
+                finally:
+                    self.preparing[key].set()
 
     def release(self, trainer: Trainer, finished: bool) -> None:
         """The run of ``trainer`` has ended; a finished one's trainer is kept for a later run of
