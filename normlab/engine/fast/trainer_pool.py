@@ -28,11 +28,13 @@ from normlab.errors import ConfigError
 # Runs a GPU trains at once, each in a thread with its own CUDA stream: one run of this small
 # model leaves most of the chip idle. On an H200 the 10-seed study (30 runs, warm) took 112.0 s
 # three at once against 159.9 s one after another, 30 of 30 finished both ways
-# (benchmarks/results/h200-2026-11-30-e2e-10seeds-x3-vs-x1.txt). Earlier, 5 of 30 captures
-# failed three at once: a new pooled stream per capture was, after 32 captures, another
-# thread's (``stream`` and chunked_steps.capture_stream rule that out). A CPU run uses every
-# core alone.
-RUNS_PER_GPU = 3
+# (benchmarks/results/h200-2026-11-30-e2e-10seeds-x3-vs-x1.txt). Once its runs trained in an
+# engine process, tracked in another, six at once took 60.8 and 63.2 s against 68.7 and 67.0 s
+# for three (h200-2026-11-30g-e2e-10seeds-x3-vs-x6.txt, alternately; 30 of 30 each time).
+# Earlier, 5 of 30 captures failed three at once: a new pooled stream per capture was, after
+# 32 captures, another thread's (``stream`` and chunked_steps.capture_stream rule that out).
+# A CPU run uses every core alone.
+RUNS_PER_GPU = 6
 POOLED_STREAMS = 32  # torch's pool of CUDA streams per device and priority (c10/cuda/CUDAStream.h)
 HIGH_PRIORITY = -1  # the pool a worker's threads take their streams from
 
