@@ -16,7 +16,7 @@ from normlab.engine.config import TrainConfig
 from normlab.engine.fast import engine_process
 from normlab.engine.registry import DATASETS, NORMS
 from normlab.errors import ConfigError, DataError, ResumeError, TrackingUnreachable
-from normlab.sweep.driver import LR_SCALINGS, REFERENCE_BATCH, Grid, epochs_per_worker, run_sweep
+from normlab.sweep.driver import LR_SCALINGS, REFERENCE_BATCH, Grid, epochs_per_worker, run_sweep, training_order
 from normlab.tracking import EXPERIMENT
 
 # Torch and MLflow (2-5 s to import) are imported by the commands that use them, so that
@@ -347,7 +347,8 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
     with contextlib.ExitStack() as stack:
         # its torch, CUDA, the data on the GPU and the runs' steps start now, beside our MLflow
         engine = stack.enter_context(engine_process.EngineProcess(
-            data_dir, device, ahead=(grid.configs(), epochs_per_worker(grid.configs(), 1)))) if one_engine else None
+            data_dir, device, ahead=(training_order(grid.configs()), epochs_per_worker(grid.configs(), 1)))) \
+            if one_engine else None
         outcome = _sweep(grid, experiment, data_dir, device, checkpoint_dir, address, workers, out, engine)
     total = len(grid.configs())
     click.echo(f"sweep: {len(outcome.done)} of {total} children finished; parent run {outcome.parent_id}")

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from normlab.cli import main
 from normlab.engine.checkpoint import load
 from normlab.errors import ConfigError
-from normlab.sweep.driver import Grid
+from normlab.sweep.driver import Grid, training_order
 from normlab.tracking import run_log
 from normlab.tracking import sweep_records as st
 from tests.conftest import cli_env, run_cli
@@ -51,6 +51,17 @@ def test_grid_axes_l1_everywhere_groups_only_for_gn():
     assert Grid(norms=("gn", "bn"), l1_on=("bn", "gn"), groups=(5, 2, 1), batch_sizes=(128, 32),
                 seeds=(2, 1)).sweep_hash() == grid.sweep_hash()
     assert Grid(norms=("bn", "gn"), seeds=(1, 2, 3)).sweep_hash() != grid.sweep_hash()
+
+
+def test_runs_train_round_robin_over_variant_and_batch_size_each_in_grid_order():
+    """Runs at once then train different variants: a worker's trainers serve their variants'
+    next runs instead of each run at once needing its own trainer of every variant in turn."""
+    names = [c.run_name for c in training_order(Grid(norms=("bn", "ln"), batch_sizes=(64, 128), seeds=(1, 2)).configs())]
+    assert names == ["bn-l1_1e-05-b64-s1", "bn-l1_1e-05-s1", "ln-b64-s1", "ln-s1",
+                     "bn-l1_1e-05-b64-s2", "bn-l1_1e-05-s2", "ln-b64-s2", "ln-s2"]  # 128 is the default
+    uneven = Grid(norms=("bn", "ln"), seeds=(1, 2, 3)).configs()[:4]  # bn seeds 1-3, ln seed 1
+    assert [c.run_name for c in training_order(uneven)] == ["bn-l1_1e-05-s1", "ln-s1", "bn-l1_1e-05-s2",
+                                                             "bn-l1_1e-05-s3"]
 
 
 def test_l1_is_an_axis_of_the_norms_in_l1_on_only():
@@ -197,7 +208,7 @@ def sweep_twice(request, tmp_path_factory, small_mnist_dir):
     env = dict(MLFLOW_TRACKING_URI=uri, GIT_DIR=str(tmp / "no-git"))
     if request.param == "engine process":
         env["NORMLAB_ENGINE_PROCESS"] = "always"
-    second = SMALL_GRID.configs()[1]
+    second = training_order(SMALL_GRID.configs())[1]  # the order the sweep trains them in
     proc, out = start(args, tmp, **env)
     try:
         out.wait_for(rf"^\[{re.escape(second.run_name)}\] epoch   1/2", timeout=300)
@@ -216,7 +227,7 @@ def sweep_twice(request, tmp_path_factory, small_mnist_dir):
 
 def test_ctrl_c_stops_the_running_child_and_marks_it_and_the_parent_killed(sweep_twice):
     stopped = sweep_twice["stopped"]
-    first, second = SMALL_GRID.configs()[:2]
+    first, second = training_order(SMALL_GRID.configs())[:2]
     assert stopped["returncode"] == 130, stopped["output"]
     assert "SIGINT received: stopping after the current step" in stopped["output"]
     assert "sweep interrupted; run the same command again to resume" in stopped["output"]
@@ -240,7 +251,7 @@ def test_ctrl_c_stops_the_running_child_and_marks_it_and_the_parent_killed(sweep
 def test_the_same_command_again_resumes_the_stopped_child_and_trains_only_what_is_missing(sweep_twice):
     stopped, again, client = sweep_twice["stopped"], sweep_twice["again"], sweep_twice["client"]
     assert again.returncode == 0, again.stdout + again.stderr
-    first, second = SMALL_GRID.configs()[:2]
+    first, second = training_order(SMALL_GRID.configs())[:2]
     [parent] = stopped["parents"]
     by_config = {r.data.tags[st.CONFIG_HASH]: r for r in stopped["children"].values()}
     done, killed = by_config[first.config_hash()].info.run_id, by_config[second.config_hash()].info.run_id

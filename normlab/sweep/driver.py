@@ -185,8 +185,9 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
         return RunRequest(config, records.child_tags(config, commit), records.experiment_id,
                           epochs_ahead=ahead[steps_key(config)], **resume)
 
-    requests = [request(c) for c in plan.start]
-    requests += [request(by_hash[h], run_id=run_id, resume=True) for h, run_id in plan.resume.items()]
+    requests = {c.config_hash(): request(c) for c in plan.start}
+    requests.update({h: request(by_hash[h], run_id=run_id, resume=True) for h, run_id in plan.resume.items()})
+    requests = [requests[c.config_hash()] for c in training_order([c for c in configs if c.config_hash() in requests])]
     echo(f"sweep {grid.sweep_hash()}: {len(configs)} children, parent run {parent_id}"
          f"{' (resuming it)' if existed else ''}; {len(plan.done)} finished already, {len(plan.resume)} to "
          f"resume, {len(plan.start)} to start, {len(plan.busy)} being trained elsewhere; {executor.describe()}")
@@ -237,6 +238,21 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     elif outcome.failures:
         records.finish_parent("FAILED")
     return outcome
+
+
+def training_order(configs: list[TrainConfig]) -> list[TrainConfig]:
+    """The configs round robin over their steps_keys (bn-s1, ln-s1, gn-s1, bn-s2, ...), each
+    key's in grid order. Runs at once then spread over the variants, so the trainers they
+    leave serve their variants' next runs, rather than each run at once needing a trainer of
+    every variant in turn (one compile and capture each); and the first runs are those whose
+    steps an engine process prepares ahead."""
+    from normlab.engine.config import steps_key
+
+    groups: dict[tuple, list[TrainConfig]] = {}
+    for config in configs:
+        groups.setdefault(steps_key(config), []).append(config)
+    rounds = max(map(len, groups.values()), default=0)
+    return [group[i] for i in range(rounds) for group in groups.values() if i < len(group)]
 
 
 def epochs_per_worker(configs: list[TrainConfig], workers: int) -> dict[tuple, int]:

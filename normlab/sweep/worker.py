@@ -24,7 +24,7 @@ import click
 import torch
 
 from normlab.engine.config import TrainConfig
-from normlab.engine.fast.engine_process import EngineDied, EngineProcess
+from normlab.engine.fast.engine_process import EngineCrashed, EngineDied, EngineProcess
 from normlab.engine.fast.trainer_pool import TrainerPool
 from normlab.errors import ConfigError, DataError, ResumeError
 from normlab.tracking import run_log
@@ -97,8 +97,6 @@ def worth_another_try(exc: BaseException) -> str | None:
     """Why a run failed for nothing wrong with the run itself, else None: one of
     CAPTURE_ERRORS (a CUDA error, so a torch.AcceleratorError, or its traceback from an
     engine process), or an engine process that died under it."""
-    from normlab.engine.fast.engine_process import EngineCrashed
-
     if isinstance(exc, EngineDied):
         return f"{exc} under this run"
     if isinstance(exc, (torch.AcceleratorError, EngineCrashed)) and any(name in str(exc) for name in CAPTURE_ERRORS):

@@ -78,11 +78,12 @@ class TrainerPool:
         self.compiled: set[tuple] = set()  # steps_keys compiled in this process: later runs reuse them
         self.reuse_steps = reuse_steps()
         self.idle: collections.OrderedDict[tuple, list[Trainer]] = collections.OrderedDict()  # steps_key -> finished
-        self.preparing: dict[tuple, threading.Event] = {}  # steps_key -> set once prepare_ahead is done with it
+        self.preparing: collections.Counter[tuple] = collections.Counter()  # steps_key -> warm-ups not yet ready
         self.warm_ups: weakref.WeakSet[Trainer] = weakref.WeakSet()  # prepared ahead, trained nothing
         self.active: list[Trainer] = []
         self.stop_reason: str | None = None
         self.lock = threading.Lock()
+        self.kept = threading.Condition(self.lock)  # notified when a trainer becomes idle, or a warm-up fails
         self.streams: list[torch.cuda.Stream] = []  # on a GPU: every stream this pool took
         self.idle_streams: list[torch.cuda.Stream] = []  # ...and those no thread holds now
 
@@ -115,10 +116,9 @@ class TrainerPool:
         earlier run here compiled it. A stop request reaches it until ``release``."""
         data = self.data(config.dataset)
         key = steps_key(config)
-        if key in self.preparing:
-            self.preparing[key].wait()
         ahead = float("inf") if key in self.compiled else max(epochs_ahead, config.epochs)
-        with self.lock:
+        with self.lock:  # a warm-up of this key on its way is as good as an idle trainer
+            self.kept.wait_for(lambda: self.idle.get(key) or not self.preparing[key])
             idle = self.idle.get(key)
             warm = idle.pop() if idle else None
         trainer = Trainer(config, data, epochs_ahead=ahead, warm=warm)
@@ -135,22 +135,21 @@ class TrainerPool:
         return trainer
 
     def prepare_ahead(self, configs: list[TrainConfig], epochs_ahead: dict[tuple, int]) -> None:
-        """Build and prepare (compile, capture) a trainer for each steps_key of ``configs``,
-        and keep it for the first run of that key to take over: an engine process does this
-        while its command starts the runs' tracking. ``epochs_ahead``: per steps_key, as
-        ``trainer`` takes it. A run of a key waits for the key's warm-up rather than prepare
-        its own; a warm-up that fails leaves that run to prepare its own."""
-        firsts: dict[tuple, TrainConfig] = {}
-        for config in configs:
-            firsts.setdefault(steps_key(config), config)
+        """Build and prepare (compile, capture) a trainer for each of the first ``concurrent``
+        ``configs`` (the runs to come, in their order), and keep each for a run of its
+        steps_key to take over: an engine process does this while its command starts the
+        runs' tracking. ``epochs_ahead``: per steps_key, as ``trainer`` takes it. A run waits
+        for a warm-up of its key on its way rather than prepare its own; a warm-up that fails
+        leaves that run to prepare its own."""
+        firsts = configs[:self.concurrent]
         with self.lock:
-            for key in firsts:
-                self.preparing.setdefault(key, threading.Event())
+            self.preparing.update(steps_key(c) for c in firsts)
         with self.stream():
-            for key, config in firsts.items():
+            for config in firsts:
+                key = steps_key(config)
                 try:
-                    trainer = Trainer(config, self.data(config.dataset), epochs_ahead=max(epochs_ahead.get(key, 0),
-                                                                                       config.epochs))
+                    trainer = Trainer(config, self.data(config.dataset),
+                                      epochs_ahead=max(epochs_ahead.get(key, 0), config.epochs))
                     if trainer.speedups.compile:
                         self.compiled.add(key)
                     trainer.prepare()
@@ -159,7 +158,9 @@ class TrainerPool:
                 except Exception:
                     pass
                 finally:
-                    self.preparing[key].set()
+                    with self.lock:
+                        self.preparing[key] -= 1
+                        self.kept.notify_all()
 
     def release(self, trainer: Trainer, finished: bool) -> None:
         """The run of ``trainer`` has ended; a finished one's trainer is kept for a later run of
@@ -172,6 +173,7 @@ class TrainerPool:
                 return
             self.idle.setdefault(steps_key(trainer.config), []).append(trainer)
             self.idle.move_to_end(steps_key(trainer.config))
+            self.kept.notify_all()
             while sum(map(len, self.idle.values())) > IDLE_TRAINERS_PER_RUN_AT_ONCE * self.concurrent:
                 oldest = next(iter(self.idle))
                 self.idle[oldest].pop(0)
