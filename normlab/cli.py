@@ -73,16 +73,16 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
         _train(ctx, config, None, data_dir, device, experiment, resume_run, checkpoint_dir)
 
 
-def _train(ctx, config: TrainConfig, engine: engine_process.RemoteTrainer | None, data_dir: str, device: str,
+def _train(ctx, config: TrainConfig, remote: engine_process.RemoteTrainer | None, data_dir: str, device: str,
            experiment: str, resume_run: str, checkpoint_dir: str) -> None:
-    """`normlab train` once its options are valid: the trainer here, or ``engine``, the run in an engine process."""
+    """`normlab train` once its options are valid: the trainer here, or ``remote``, the run in an engine process."""
     from normlab.engine.data import DeviceData, load_raw
     from normlab.engine.train import Trainer, resolve_device
     from normlab.tracking import connection, resume, run_log
     from normlab.tracking.lifecycle import train_tracked
 
     try:
-        torch_device = resolve_device(device) if engine is None else None  # the engine process resolves its own
+        torch_device = resolve_device(device) if remote is None else None  # the engine process resolves its own
         run_log.check_checkpoint_dir(checkpoint_dir)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -109,7 +109,7 @@ def _train(ctx, config: TrainConfig, engine: engine_process.RemoteTrainer | None
         config = point.config
         if ctx.get_parameter_source("data_dir") in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
             data_dir = run_log.logged_data_dir(resume_run) or data_dir  # as the hint prints it: no --data-dir
-    if engine is None:
+    if remote is None:
         try:
             data = DeviceData(load_raw(config.dataset, data_dir), torch_device)
         except DataError as exc:
@@ -125,9 +125,9 @@ def _train(ctx, config: TrainConfig, engine: engine_process.RemoteTrainer | None
         connection.create_store_safely()
     except TrackingUnreachable as exc:
         raise click.ClickException(str(exc)) from exc
-    if engine is not None:
+    if remote is not None:
         try:
-            trainer, data = engine, engine.data  # waits for the engine's trainer
+            trainer, data = remote, remote.data  # waits for the engine's trainer
         except ConfigError as exc:
             raise click.UsageError(str(exc)) from exc
         except DataError as exc:

@@ -56,7 +56,8 @@ def test_grid_axes_l1_everywhere_groups_only_for_gn():
 def test_runs_train_round_robin_over_variant_and_batch_size_each_in_grid_order():
     """Runs at once then train different variants: a worker's trainers serve their variants'
     next runs instead of each run at once needing its own trainer of every variant in turn."""
-    names = [c.run_name for c in training_order(Grid(norms=("bn", "ln"), batch_sizes=(64, 128), seeds=(1, 2)).configs())]
+    grid = Grid(norms=("bn", "ln"), batch_sizes=(64, 128), seeds=(1, 2))
+    names = [c.run_name for c in training_order(grid.configs())]
     assert names == ["bn-l1_1e-05-b64-s1", "bn-l1_1e-05-s1", "ln-b64-s1", "ln-s1",
                      "bn-l1_1e-05-b64-s2", "bn-l1_1e-05-s2", "ln-b64-s2", "ln-s2"]  # 128 is the default
     uneven = Grid(norms=("bn", "ln"), seeds=(1, 2, 3)).configs()[:4]  # bn seeds 1-3, ln seed 1

@@ -185,9 +185,10 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
         return RunRequest(config, records.child_tags(config, commit), records.experiment_id,
                           epochs_ahead=ahead[steps_key(config)], **resume)
 
-    requests = {c.config_hash(): request(c) for c in plan.start}
-    requests.update({h: request(by_hash[h], run_id=run_id, resume=True) for h, run_id in plan.resume.items()})
-    requests = [requests[c.config_hash()] for c in training_order([c for c in configs if c.config_hash() in requests])]
+    by_config = {c.config_hash(): request(c) for c in plan.start}
+    by_config.update({h: request(by_hash[h], run_id=run_id, resume=True) for h, run_id in plan.resume.items()})
+    todo_in_grid_order = [c for c in configs if c.config_hash() in by_config]
+    requests = [by_config[c.config_hash()] for c in training_order(todo_in_grid_order)]
     echo(f"sweep {grid.sweep_hash()}: {len(configs)} children, parent run {parent_id}"
          f"{' (resuming it)' if existed else ''}; {len(plan.done)} finished already, {len(plan.resume)} to "
          f"resume, {len(plan.start)} to start, {len(plan.busy)} being trained elsewhere; {executor.describe()}")
