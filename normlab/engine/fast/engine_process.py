@@ -438,9 +438,8 @@ def _serve(conn, data_dir: str, device: str, concurrent: int | None, ahead) -> N
             send(None, "refused", str(exc))
             runs = _Refusals(str(exc), send)
         else:
-            if ahead:  # a warm-up that fails is met again, and reported, by the run that needs it
-                threading.Thread(target=pool.prepare_ahead, args=ahead, name="normlab-prepare-ahead",
-                                 daemon=True).start()
+            if ahead:
+                pool.prepare_ahead(*ahead)
             send(None, "hello", pool.device_name, pool.concurrent)
             runs = _Runs(pool, send)
         while (message := conn.recv())[0] != "close":

@@ -134,18 +134,24 @@ class TrainerPool:
                 trainer.request_stop(self.stop_reason)
         return trainer
 
-    def prepare_ahead(self, configs: list[TrainConfig], epochs_ahead: dict[tuple, int]) -> None:
+    def prepare_ahead(self, configs: list[TrainConfig], epochs_ahead: dict[tuple, int]) -> threading.Thread:
         """Build and prepare (compile, capture) a trainer for each of the first ``concurrent``
-        ``configs`` (the runs to come, in their order), and keep each for a run of its
-        steps_key to take over: an engine process does this while its command starts the
-        runs' tracking. ``epochs_ahead``: per steps_key, as ``trainer`` takes it. A run waits
-        for a warm-up of its key on its way rather than prepare its own; a warm-up that fails
-        leaves that run to prepare its own."""
+        ``configs`` (the runs to come, in their order) in a thread, returned started, and keep
+        each for a run of its steps_key to take over: an engine process does this while its
+        command starts the runs' tracking. ``epochs_ahead``: per steps_key, as ``trainer``
+        takes it. From this call on, a run waits for a warm-up of its key on its way rather
+        than prepare its own; a warm-up that fails leaves that run to prepare its own."""
         firsts = configs[:self.concurrent]
         with self.lock:
             self.preparing.update(steps_key(c) for c in firsts)
+        thread = threading.Thread(target=self._prepare, args=(firsts, epochs_ahead), name="normlab-prepare-ahead",
+                                  daemon=True)
+        thread.start()
+        return thread
+
+    def _prepare(self, configs: list[TrainConfig], epochs_ahead: dict[tuple, int]) -> None:
         with self.stream():
-            for config in firsts:
+            for config in configs:
                 key = steps_key(config)
                 try:
                     trainer = Trainer(config, self.data(config.dataset),
@@ -155,7 +161,7 @@ class TrainerPool:
                     trainer.prepare()
                     self.warm_ups.add(trainer)
                     self.release(trainer, finished=True)
-                except Exception:
+                except Exception:  # met again, and reported, by the run that needs it
                     pass
                 finally:
                     with self.lock:

@@ -1,0 +1,66 @@
+"""The trainer pool (engine/fast/trainer_pool.py): the trainers a worker or an engine process
+keeps from run to run, and those it prepares ahead while a sweep starts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from normlab.engine.config import TrainConfig
+from normlab.engine.fast.trainer_pool import TrainerPool
+from normlab.engine.train import Trainer, fit
+from normlab.errors import ConfigError
+from normlab.sweep.driver import training_order
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs a CUDA GPU"))]
+
+
+def outcome(trainer: Trainer) -> tuple[list, dict]:
+    """A fit's records without their timings, and its final weights."""
+    result = fit(trainer)
+    return ([(r.epoch, r.train_loss, r.train_acc, r.test_loss, r.test_acc, r.lr) for r in result.records],
+            {name: t.clone() for name, t in result.model.state_dict().items()})
+
+
+def assert_same_outcome(a, b) -> None:
+    assert a[0] == b[0]
+    assert a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_first_runs_take_over_the_trainers_prepared_ahead_and_train_what_new_ones_train(
+        small_mnist_dir, device):
+    """prepare_ahead builds one trainer per run at once, in the runs' order, in a thread; a run
+    asked for at once waits for its warm-up instead of preparing its own, and trains what a
+    new trainer trains, bit for bit; the next run of its variant takes over its trainer."""
+    pool = TrainerPool(device, str(small_mnist_dir), concurrent=2)
+    configs = training_order([TrainConfig(norm=norm, epochs=1, seed=seed) for norm in ("ln", "gn") for seed in (1, 2)])
+    assert [c.run_name for c in configs] == ["ln-s1", "gn2-s1", "ln-s2", "gn2-s2"]
+    pool.prepare_ahead(configs, {})
+    first = pool.trainer(configs[0])  # asked for before its warm-up can be ready
+    assert first.took_over == "the warm-up of ln-s1"
+    assert_same_outcome(outcome(first), outcome(Trainer(configs[0], pool.data("mnist"))))
+    pool.release(first, finished=True)
+    second = pool.trainer(configs[1])
+    assert second.took_over == "the warm-up of gn2-s1"
+    third = pool.trainer(configs[2])
+    assert third.took_over == "ln-s1" and third.model is first.model
+    assert_same_outcome(outcome(third), outcome(Trainer(configs[2], pool.data("mnist"))))
+
+
+def test_a_warm_up_that_fails_leaves_its_run_to_fail_or_prepare_on_its_own(small_mnist_dir):
+    pool = TrainerPool("cpu", str(small_mnist_dir), concurrent=2)
+    too_large = TrainConfig(norm="ln", epochs=1, batch_size=5000)
+    pool.prepare_ahead([too_large, TrainConfig(norm="ln", epochs=1)], {}).join(timeout=120)
+    assert sum(pool.preparing.values()) == 0 and len(pool.warm_ups) == 1
+    with pytest.raises(ConfigError, match="batch"):
+        pool.trainer(too_large)  # its own error, not a wait for a warm-up that never comes
+
+
+def test_a_stop_reaches_the_active_runs_and_every_later_one(small_mnist_dir):
+    pool = TrainerPool("cpu", str(small_mnist_dir))
+    running = pool.trainer(TrainConfig(norm="bn", epochs=1))
+    pool.request_stop("SIGINT received")
+    assert running.stop_reason == "SIGINT received"
+    assert pool.trainer(TrainConfig(norm="bn", epochs=1, seed=2)).stop_reason == "SIGINT received"
