@@ -3,8 +3,9 @@
 On a GPU a run's training takes seconds, while loading the data and compiling and capturing
 its step take longer. A pool pays those once per process: it keeps each dataset on its
 device, and a run that finishes leaves its model, compiled step and captured CUDA graphs to
-the pool's next run of that variant and batch size (Trainer's ``warm``). Several runs may
-train at once, each in a thread of its own holding a CUDA stream of its own (``stream``).
+the pool's next run of that variant and batch size (Trainer's ``warm``); an engine process
+prepares trainers for the first runs while its command starts (``prepare_ahead``). Several
+runs may train at once, each in a thread of its own holding a CUDA stream of its own (``stream``).
 The pool knows nothing of MLflow: a sweep's worker (normlab.sweep.worker) or an engine
 process (engine_process.py) asks it for trainers and trains them.
 """
