@@ -28,6 +28,18 @@ DEFAULT_CHECKPOINT_DIR = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home(
                              / "normlab" / "checkpoints")
 
 
+@contextlib.contextmanager
+def _reported():
+    """normlab's errors as the command line reports them: a ConfigError is a usage error (exit
+    2); bad data, a resume that cannot be, an unreachable store fail the command (exit 1)."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except (DataError, ResumeError, TrackingUnreachable) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="normlab", message="normlab %(version)s")
 def main() -> None:
@@ -61,11 +73,9 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
     """Train one variant as one MLflow run: params, per-epoch metrics, mistakes, model."""
     config = TrainConfig(norm=norm, groups=groups, l1=l1, dataset=dataset, epochs=epochs,
                          batch_size=batch_size, lr=lr, seed=seed)
-    try:
+    with _reported():
         config.validate()  # before torch and MLflow are even imported
         own_process = not resume_run and engine_process.wanted(device)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
     if own_process:  # its torch, CUDA, data and trainer start now, beside our MLflow
         with engine_process.EngineProcess(data_dir, device, concurrent=1) as engine:
             _train(ctx, config, engine.trainer(config), data_dir, device, experiment, resume_run, checkpoint_dir)
@@ -81,58 +91,35 @@ def _train(ctx, config: TrainConfig, remote: engine_process.RemoteTrainer | None
     from normlab.tracking import connection, resume, run_log
     from normlab.tracking.lifecycle import train_tracked
 
-    try:
+    with _reported():
         torch_device = resolve_device(device) if remote is None else None  # the engine process resolves its own
         run_log.check_checkpoint_dir(checkpoint_dir)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
-    connection.use_bounded_http_retries()
-    try:
+        connection.use_bounded_http_retries()
         connection.check_tracking_reachable()
-    except TrackingUnreachable as exc:
-        raise click.ClickException(str(exc)) from exc
-    point = None
-    if resume_run:
-        explicit = {name for name in CONFIG_OPTIONS
-                    if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
-        if ctx.get_parameter_source("experiment") not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
-            run_experiment = run_log.experiment_of(resume_run)
-            if run_experiment not in (None, experiment):
-                raise click.UsageError(f"--experiment {experiment!r}: run {resume_run} is in experiment "
-                                       f"{run_experiment!r}, and a resume continues it there; leave --experiment out")
-        try:
+        point = None
+        if resume_run:
+            explicit = {name for name in CONFIG_OPTIONS if ctx.get_parameter_source(name)
+                        not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+            if ctx.get_parameter_source("experiment") not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+                run_experiment = run_log.experiment_of(resume_run)
+                if run_experiment not in (None, experiment):
+                    raise click.UsageError(f"--experiment {experiment!r}: run {resume_run} is in experiment "
+                                           f"{run_experiment!r}, and a resume continues it there; leave "
+                                           f"--experiment out")
             point = resume.find(resume_run, config, explicit, checkpoint_dir)
-        except ConfigError as exc:
-            raise click.UsageError(str(exc)) from exc
-        except (ResumeError, DataError) as exc:
-            raise click.ClickException(str(exc)) from exc
-        config = point.config
-        if ctx.get_parameter_source("data_dir") in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
-            data_dir = run_log.logged_data_dir(resume_run) or data_dir  # as the hint prints it: no --data-dir
-    if remote is None:
-        try:
+            config = point.config
+            if ctx.get_parameter_source("data_dir") in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+                data_dir = run_log.logged_data_dir(resume_run) or data_dir  # as the hint prints it: no --data-dir
+        if remote is None:
             data = DeviceData(load_raw(config.dataset, data_dir), torch_device)
-        except DataError as exc:
-            raise click.ClickException(str(exc)) from exc
-        try:
             trainer = Trainer(config, data)
             if point is not None:
                 resume.check_same_data(point, data.digest)
                 trainer.load_state_dict(point.state)
-        except ConfigError as exc:
-            raise click.UsageError(str(exc)) from exc
-    try:
         connection.create_store_safely()
-    except TrackingUnreachable as exc:
-        raise click.ClickException(str(exc)) from exc
-    if remote is not None:
-        try:
+        if remote is not None:
             trainer, data = remote, remote.data  # waits for the engine's trainer
-        except ConfigError as exc:
-            raise click.UsageError(str(exc)) from exc
-        except DataError as exc:
-            raise click.ClickException(str(exc)) from exc
-        torch_device = data.device
+            torch_device = data.device
     click.echo(f"{config.label} on {config.dataset} ({data.train_size} train / {data.test_size} test), "
                f"{config.epochs} epochs, device {torch_device}")
     if point is not None:
@@ -335,23 +322,16 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
     l1_norms = norms if l1_on.strip() == "all" else tuple(v.strip() for v in l1_on.split(",") if v.strip())
     grid = Grid(norms=norms, l1=l1, l1_on=l1_norms, groups=groups, batch_sizes=batch_sizes, seeds=seeds,
                 dataset=dataset, epochs=epochs, lr=lr, lr_scaling=lr_scaling)
-    try:
-        grid.validate()  # before torch and MLflow are even imported
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
     address = address or os.environ.get("RAY_ADDRESS") or None
-    try:
+    with _reported():
+        configs = grid.validate()  # before torch and MLflow are even imported
         one_engine = not address and engine_process.wanted_for_sweep(device, workers)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
     with contextlib.ExitStack() as stack:
         # its torch, CUDA, the data on the GPU and the runs' steps start now, beside our MLflow
         engine = stack.enter_context(engine_process.EngineProcess(
-            data_dir, device, ahead=(training_order(grid.configs()), epochs_per_worker(grid.configs(), 1)))) \
-            if one_engine else None
+            data_dir, device, ahead=(training_order(configs), epochs_per_worker(configs, 1)))) if one_engine else None
         outcome = _sweep(grid, experiment, data_dir, device, checkpoint_dir, address, workers, out, engine)
-    total = len(grid.configs())
-    click.echo(f"sweep: {len(outcome.done)} of {total} children finished; parent run {outcome.parent_id}")
+    click.echo(f"sweep: {len(outcome.done)} of {len(configs)} children finished; parent run {outcome.parent_id}")
     if outcome.interrupted:
         click.echo("sweep interrupted; run the same command again to resume", err=True)
         sys.exit(130)
@@ -373,15 +353,11 @@ def _sweep(grid: Grid, experiment: str, data_dir: str, device: str, checkpoint_d
     from normlab.tracking import connection
 
     connection.use_bounded_http_retries()
-    try:
+    with _reported():
         connection.check_tracking_reachable()
         return run_sweep(grid, experiment=experiment, data_dir=data_dir, device=device, checkpoint_dir=checkpoint_dir,
                          address=address, cpu_workers=workers, out_dir=Path(out) if out else None, echo=click.echo,
                          engine=engine)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
-    except (DataError, TrackingUnreachable) as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 @main.command()

@@ -11,21 +11,10 @@ from normlab.engine.fast.trainer_pool import TrainerPool
 from normlab.engine.train import Trainer, fit
 from normlab.errors import ConfigError
 from normlab.sweep.driver import training_order
+from tests.test_train import assert_same_outcome, outcome
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                 reason="needs a CUDA GPU"))]
-
-
-def outcome(trainer: Trainer) -> tuple[list, dict]:
-    """A fit's records without their timings, and its final weights."""
-    result = fit(trainer)
-    return ([(r.epoch, r.train_loss, r.train_acc, r.test_loss, r.test_acc, r.lr) for r in result.records],
-            {name: t.clone() for name, t in result.model.state_dict().items()})
-
-
-def assert_same_outcome(a, b) -> None:
-    assert a[0] == b[0]
-    assert a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -40,13 +29,13 @@ def test_the_first_runs_take_over_the_trainers_prepared_ahead_and_train_what_new
     pool.prepare_ahead(configs, {})
     first = pool.trainer(configs[0])  # asked for before its warm-up can be ready
     assert first.took_over == "the warm-up of ln-s1"
-    assert_same_outcome(outcome(first), outcome(Trainer(configs[0], pool.data("mnist"))))
+    assert_same_outcome(outcome(fit(first)), outcome(fit(Trainer(configs[0], pool.data("mnist")))))
     pool.release(first, finished=True)
     second = pool.trainer(configs[1])
     assert second.took_over == "the warm-up of gn2-s1"
     third = pool.trainer(configs[2])
     assert third.took_over == "ln-s1" and third.model is first.model
-    assert_same_outcome(outcome(third), outcome(Trainer(configs[2], pool.data("mnist"))))
+    assert_same_outcome(outcome(fit(third)), outcome(fit(Trainer(configs[2], pool.data("mnist")))))
 
 
 def test_a_warm_up_that_fails_leaves_its_run_to_fail_or_prepare_on_its_own(small_mnist_dir):
