@@ -11,6 +11,7 @@ statistics expected of them come from scipy.stats on those printed numbers.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -29,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from normlab.analysis import compare, results
+from normlab.analysis.renderers import figure_renderers
 from normlab.cli import main
 from normlab.errors import SelectionError
 from tests.conftest import ROOT, cli_env, run_cli_noting_imports
@@ -464,6 +466,31 @@ def test_run_comparison_writes_stable_files_and_logs_them(tmp_path, store):
         assert (downloaded / name).read_bytes() == (out / name).read_bytes()
     # the comparison run lives in the experiment but is not a training run
     assert len(compare.load_comparison("normlab").runs) == len(TRAINED)
+
+
+def test_figure_renderers_draw_the_files_drawn_here_byte_for_byte(tmp_path, store, comparison, monkeypatch):
+    """What a sweep on a GPU does (analysis/renderers.py): each figure drawn by a process of
+    the pool, the same files as drawn here."""
+    here = compare.write_outputs(comparison, tmp_path / "here")
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)  # two renderers on CI's 2 cores too
+    before = set(multiprocessing.active_children())
+    with figure_renderers() as pool:
+        renderers = set(multiprocessing.active_children()) - before
+        assert len(renderers) == 2 and all(p.is_alive() for p in renderers)
+        submitted = []
+
+        class Counted:
+            def submit(self, fn, path, *job):
+                submitted.append(path.name)
+                return pool.submit(fn, path, *job)
+
+        elsewhere = compare.write_outputs(comparison, tmp_path / "elsewhere", renderers=Counted())
+    assert not any(p.is_alive() for p in renderers)  # shut down on the way out
+    pngs = sorted(name for name in here if name.endswith(".png"))
+    assert sorted(submitted) == pngs and len(pngs) == 7  # 4 curve and summary figures, 3 galleries
+    assert sorted(here) == sorted(elsewhere)
+    for name in here:
+        assert elsewhere[name].read_bytes() == here[name].read_bytes(), name
 
 
 def test_run_comparison_logs_into_a_given_run(tmp_path, store):

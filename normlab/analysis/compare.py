@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 import tempfile
 import warnings
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -55,23 +55,28 @@ class Comparison:
                 f"{len(self.table)} variant{'' if len(self.table) == 1 else 's'}; {datasets} "
                 f"({sizes} train/test images), {', '.join(map(str, epochs))} epoch{'' if epochs == [1] else 's'}")
 
-    def figures(self, band: str = "range") -> dict[str, Figure]:
-        """The curve and summary figures, by file name (the caller closes them); `band` as in
-        plots.BANDS: the seeds' min–max or the 95% confidence interval of the mean."""
+    def figure_jobs(self, band: str = "range") -> dict[str, plots.FigureJob]:
+        """The curve and summary figures to draw, by file name; `band` as in plots.BANDS: the
+        seeds' min–max or the 95% confidence interval of the mean."""
         plots.check_band(band)
         context = self.describe()
-        figures = {name: plots.curves_figure(self.history, metrics, f"{title} ({context})", band)
-                   for name, (metrics, title) in CURVE_FILES.items()}
-        figures["final_accuracy.png"] = plots.final_accuracy_figure(
-            self.runs_metrics, f"Final test accuracy per seed ({context})", band)
+        jobs = {name: (plots.curves_figure, (self.history, metrics, f"{title} ({context})", band))
+                for name, (metrics, title) in CURVE_FILES.items()}
+        jobs["final_accuracy.png"] = (plots.final_accuracy_figure,
+                                      (self.runs_metrics, f"Final test accuracy per seed ({context})", band))
         if self.history["batch_size"].nunique() > 1:  # the batch-size study
-            figures["batch_size.png"] = plots.batch_size_figure(self.history, band=band)
-        return figures
+            jobs["batch_size.png"] = (plots.batch_size_figure, (self.history, "test_acc", band))
+        return jobs
 
-    def galleries(self, download_dir: Path) -> dict[str, Figure]:
-        """Per variant, the representative run's logged misclassified.png, titled with which seed
-        it is and why (results.representative_runs); by file name."""
-        figures = {}
+    def figures(self, band: str = "range") -> dict[str, Figure]:
+        """figure_jobs drawn here, by file name (the caller closes them)."""
+        return {name: build(*args) for name, (build, args) in self.figure_jobs(band).items()}
+
+    def gallery_jobs(self, download_dir: Path) -> dict[str, plots.FigureJob]:
+        """Per variant, the representative run's logged misclassified.png (downloaded into
+        download_dir), titled with which seed it is and why (results.representative_runs); by
+        file name."""
+        jobs = {}
         for run in results.representative_runs(self.runs_metrics).itertuples():
             found = run_query.download_misclassified(run.run_id, download_dir / run.run_id)
             if found is None:
@@ -84,9 +89,12 @@ class Comparison:
             confidences = [m["confidence"] for m in mistakes]
             caption = (f"final test accuracy {run.final_test_acc:.2f}%; confidence in the wrong class "
                        f"{max(confidences):.2f}–{min(confidences):.2f}" if confidences else "no mistakes")
-            figures[f"misclassified_{slug(str(run.variant))}.png"] = plots.gallery_figure(
-                plt.imread(png), title, caption)
-        return figures
+            jobs[f"misclassified_{slug(str(run.variant))}.png"] = (plots.gallery_figure_of, (Path(png), title, caption))
+        return jobs
+
+    def galleries(self, download_dir: Path) -> dict[str, Figure]:
+        """gallery_jobs drawn here, by file name (the caller closes them)."""
+        return {name: build(*args) for name, (build, args) in self.gallery_jobs(download_dir).items()}
 
 
 def slug(label: str) -> str:
@@ -133,17 +141,19 @@ def _drop_unused_variants(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def write_outputs(comparison: Comparison, out_dir: Path, band: str = "range") -> dict[str, Path]:
-    """Figures, galleries, results.csv/.md, runs.csv, differences.csv and findings.md under out_dir."""
+def write_outputs(comparison: Comparison, out_dir: Path, band: str = "range",
+                  renderers: Executor | None = None) -> dict[str, Path]:
+    """Figures, galleries, results.csv/.md, runs.csv, differences.csv and findings.md under
+    out_dir; the figures drawn by ``renderers`` (analysis/renderers.py) side by side, if given."""
     plots.check_band(band)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
     with tempfile.TemporaryDirectory() as downloads:
-        figures = {**comparison.figures(band), **comparison.galleries(Path(downloads))}
-        for name, figure in figures.items():
-            figure.savefig(out_dir / name, dpi=110, bbox_inches="tight")
-            plt.close(figure)
-            files[name] = out_dir / name
+        jobs = {**comparison.figure_jobs(band), **comparison.gallery_jobs(Path(downloads))}
+        if renderers is None:
+            files = {name: plots.save(out_dir / name, *job) for name, job in jobs.items()}
+        else:
+            drawing = {name: renderers.submit(plots.save, out_dir / name, *job) for name, job in jobs.items()}
+            files = {name: future.result() for name, future in drawing.items()}
     comparison.table.to_csv(out_dir / "results.csv", index=False)
     comparison.runs_metrics.to_csv(out_dir / "runs.csv", index=False)
     results.differences_frame(results.pairwise(comparison.table, comparison.runs_metrics)).to_csv(
@@ -160,11 +170,12 @@ def write_outputs(comparison: Comparison, out_dir: Path, band: str = "range") ->
 def run_comparison(out_dir: Path, experiment: str = EXPERIMENT, filter_string: str | None = None,
                    parent_run_id: str | None = None, run_ids: list[str] | None = None,
                    log_to_run_id: str | None = None, *, include_unfinished: bool = False,
-                   band: str = "range") -> Comparison:
+                   band: str = "range", renderers: Executor | None = None) -> Comparison:
     """Compare the selected runs: write every output under out_dir and log it to MLflow.
 
     `band`: what the curves' bands and the whiskers span, 'range' (min–max over seeds) or
-    'ci' (95% confidence interval of the mean); checked before any run is read.
+    'ci' (95% confidence interval of the mean); checked before any run is read. `renderers`:
+    as in write_outputs.
 
     The files go under 'comparison/' of `log_to_run_id` (a sweep passes its parent run),
     else of the run `mlflow run` started, else of a new run in the compared runs'
@@ -172,7 +183,7 @@ def run_comparison(out_dir: Path, experiment: str = EXPERIMENT, filter_string: s
     """
     plots.check_band(band)
     comparison = load_comparison(experiment, filter_string, parent_run_id, run_ids, include_unfinished)
-    comparison.files = write_outputs(comparison, Path(out_dir), band)
+    comparison.files = write_outputs(comparison, Path(out_dir), band, renderers)
     params = {"experiment": experiment, "filter": filter_string or "", "parent_run_id": parent_run_id or "",
               "include_unfinished": str(include_unfinished), "band": band}
     comparison.logged_to_run_id = run_query.log_comparison(

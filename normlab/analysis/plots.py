@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import matplotlib
 
@@ -15,6 +16,10 @@ from matplotlib.figure import Figure  # noqa: E402
 # Matplotlib is not thread-safe (its font objects are shared), and a GPU worker's runs draw
 # and save their misclassified grids from several threads, each under this lock (run_log).
 FIGURE_LOCK = threading.Lock()
+
+# A figure to draw: a function of this module and its arguments (frames, strings, paths), so
+# that another process can draw it (analysis/renderers.py).
+FigureJob = tuple[Callable[..., "Figure"], tuple]
 
 
 def misclassified_grid(
@@ -324,3 +329,16 @@ def gallery_figure(image: np.ndarray, title: str, caption: str) -> Figure:
     fig.suptitle(title, fontsize=9, y=0.995, va="top", wrap=True)
     fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7, wrap=True)
     return fig
+
+
+def gallery_figure_of(png: Path, title: str, caption: str) -> Figure:
+    """gallery_figure of the image in a PNG file."""
+    return gallery_figure(plt.imread(png), title, caption)
+
+
+def save(path: Path, build: Callable[..., Figure], args: tuple) -> Path:
+    """Draw build(*args) into path (PNG, 110 dpi, trimmed to its content) and close it."""
+    figure = build(*args)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path

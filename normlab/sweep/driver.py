@@ -9,6 +9,7 @@ again resumes: finished children are kept, interrupted ones continue from their 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -16,10 +17,12 @@ import math
 import tempfile
 import threading
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from normlab.analysis.renderers import figure_renderers
 from normlab.engine.config import TrainConfig
 from normlab.engine.registry import NORMS
 from normlab.errors import ConfigError
@@ -192,8 +195,10 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     echo(f"sweep {grid.sweep_hash()}: {len(configs)} children, parent run {parent_id}"
          f"{' (resuming it)' if existed else ''}; {len(plan.done)} finished already, {len(plan.resume)} to "
          f"resume, {len(plan.start)} to start, {len(plan.busy)} being trained elsewhere; {executor.describe()}")
+    renderers: contextlib.AbstractContextManager = contextlib.nullcontext()
     if resolve_device(device).type == "cuda":  # the host idles while its GPUs train
         _import_comparison_in_background()
+        renderers = figure_renderers()
     started = time.perf_counter()
     echo(f"sweep: runs handed to the workers {_since_process_start():.1f} s after the command started")
 
@@ -215,29 +220,30 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
             outcome.failures.append(result)
             echo(f"{result.status:<8} {name} (run {result.run_id or '-'}): {result.reason.splitlines()[-1] if result.reason else ''}")
 
-    try:
-        executor.run(requests, settle)
-    except KeyboardInterrupt:
-        outcome.interrupted = True
-    outcome.interrupted = outcome.interrupted or getattr(executor, "stopping", False)
-    if outcome.busy:  # what other processes were training may have finished meanwhile
-        after = records.plan(configs, commit)
-        outcome.done.update(after.done)
-        outcome.busy = dict(after.busy)
-    echo(f"sweep: trained {len(outcome.trained)} children in {time.perf_counter() - started:.1f} s")
-    if outcome.interrupted:
-        records.finish_parent("KILLED")
-    elif all(c.config_hash() in outcome.done for c in configs):
+    with renderers as pool:
         try:
-            started = time.perf_counter()
-            compare_children(records, configs, outcome.done, out_dir, echo)
-            echo(f"sweep: comparison took {time.perf_counter() - started:.1f} s")
-        except Exception:
+            executor.run(requests, settle)
+        except KeyboardInterrupt:
+            outcome.interrupted = True
+        outcome.interrupted = outcome.interrupted or getattr(executor, "stopping", False)
+        if outcome.busy:  # what other processes were training may have finished meanwhile
+            after = records.plan(configs, commit)
+            outcome.done.update(after.done)
+            outcome.busy = dict(after.busy)
+        echo(f"sweep: trained {len(outcome.trained)} children in {time.perf_counter() - started:.1f} s")
+        if outcome.interrupted:
+            records.finish_parent("KILLED")
+        elif all(c.config_hash() in outcome.done for c in configs):
+            try:
+                started = time.perf_counter()
+                compare_children(records, configs, outcome.done, out_dir, echo, pool)
+                echo(f"sweep: comparison took {time.perf_counter() - started:.1f} s")
+            except Exception:
+                records.finish_parent("FAILED")
+                raise
+            records.finish_parent("FINISHED")
+        elif outcome.failures:
             records.finish_parent("FAILED")
-            raise
-        records.finish_parent("FINISHED")
-    elif outcome.failures:
-        records.finish_parent("FAILED")
     return outcome
 
 
@@ -290,8 +296,9 @@ def check_writable(folder: Path, option: str) -> None:
 
 
 def compare_children(records, configs: list[TrainConfig], done: dict[str, str], out_dir: Path | None,
-                     echo: Callable[[str], None]) -> None:
-    """The comparison of the finished children, logged on the parent (once per set of children)."""
+                     echo: Callable[[str], None], renderers: Executor | None = None) -> None:
+    """The comparison of the finished children, logged on the parent (once per set of children);
+    its figures drawn by ``renderers`` if given (analysis/renderers.py)."""
     from normlab.analysis.compare import run_comparison
     from normlab.tracking import sweep_records as st
 
@@ -303,7 +310,7 @@ def compare_children(records, configs: list[TrainConfig], done: dict[str, str], 
     with tempfile.TemporaryDirectory(prefix="normlab-compare-") as tmp:
         target = Path(out_dir) if out_dir else Path(tmp)
         result = run_comparison(target, experiment=records.experiment_name(), parent_run_id=records.parent_id,
-                                run_ids=run_ids, log_to_run_id=records.parent_id)
+                                run_ids=run_ids, log_to_run_id=records.parent_id, renderers=renderers)
     records.set_tag(records.parent_id, st.COMPARED, fingerprint)
     echo(f"comparison: logged under 'comparison/' of parent run {records.parent_id}")
     if out_dir is not None:
