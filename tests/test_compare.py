@@ -10,11 +10,13 @@ statistics expected of them come from scipy.stats on those printed numbers.
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
 import re
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -491,6 +493,17 @@ def test_figure_renderers_draw_the_files_drawn_here_byte_for_byte(tmp_path, stor
     assert sorted(here) == sorted(elsewhere)
     for name in here:
         assert elsewhere[name].read_bytes() == here[name].read_bytes(), name
+
+
+def test_figures_are_drawn_here_when_the_renderers_have_stopped(tmp_path, comparison):
+    here = compare.write_outputs(comparison, tmp_path / "here")
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=functools.partial(os._exit, 3)) as stopped:  # dies as it starts
+        with pytest.warns(RuntimeWarning, match=r"the figure renderers stopped \(.*\); drawing the figures here"):
+            drawn = compare.write_outputs(comparison, tmp_path / "drawn", renderers=stopped)
+    assert sorted(drawn) == sorted(here)
+    for name in here:
+        assert drawn[name].read_bytes() == here[name].read_bytes(), name
 
 
 def test_run_comparison_logs_into_a_given_run(tmp_path, store):

@@ -11,6 +11,7 @@ import re
 import tempfile
 import warnings
 from concurrent.futures import Executor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,11 +150,7 @@ def write_outputs(comparison: Comparison, out_dir: Path, band: str = "range",
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as downloads:
         jobs = {**comparison.figure_jobs(band), **comparison.gallery_jobs(Path(downloads))}
-        if renderers is None:
-            files = {name: plots.save(out_dir / name, *job) for name, job in jobs.items()}
-        else:
-            drawing = {name: renderers.submit(plots.save, out_dir / name, *job) for name, job in jobs.items()}
-            files = {name: future.result() for name, future in drawing.items()}
+        files = _drawn(jobs, out_dir, renderers)
     comparison.table.to_csv(out_dir / "results.csv", index=False)
     comparison.runs_metrics.to_csv(out_dir / "runs.csv", index=False)
     results.differences_frame(results.pairwise(comparison.table, comparison.runs_metrics)).to_csv(
@@ -165,6 +162,18 @@ def write_outputs(comparison: Comparison, out_dir: Path, band: str = "range",
     for name in ("results.csv", "runs.csv", "differences.csv", "results.md", "findings.md"):
         files[name] = out_dir / name
     return files
+
+
+def _drawn(jobs: dict[str, plots.FigureJob], out_dir: Path, renderers: Executor | None) -> dict[str, Path]:
+    """Each job drawn into out_dir/NAME, by the renderers if given; here if not, or if they
+    stopped (a renderer killed, or one that could not start), with a warning."""
+    if renderers is not None:
+        try:
+            drawing = {name: renderers.submit(plots.save, out_dir / name, *job) for name, job in jobs.items()}
+            return {name: future.result() for name, future in drawing.items()}
+        except BrokenProcessPool as exc:
+            warnings.warn(f"the figure renderers stopped ({exc}); drawing the figures here", RuntimeWarning)
+    return {name: plots.save(out_dir / name, *job) for name, job in jobs.items()}
 
 
 def run_comparison(out_dir: Path, experiment: str = EXPERIMENT, filter_string: str | None = None,
