@@ -198,7 +198,8 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     renderers: contextlib.AbstractContextManager = contextlib.nullcontext()
     if resolve_device(device).type == "cuda":  # the host idles while its GPUs train
         _import_comparison_in_background()
-        renderers = figure_renderers()
+        if requests:  # with nothing to train they would still be starting when the comparison needs them
+            renderers = figure_renderers()
     started = time.perf_counter()
     echo(f"sweep: runs handed to the workers {_since_process_start():.1f} s after the command started")
 
