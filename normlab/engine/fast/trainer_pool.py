@@ -122,11 +122,9 @@ class TrainerPool:
             self.kept.wait_for(lambda: self.idle.get(key) or not self.preparing[key])
             idle = self.idle.get(key)
             warm = idle.pop() if idle else None
-        trainer = Trainer(config, data, epochs_ahead=ahead, warm=warm)
+        trainer = self._built(config, data, ahead, warm)
         if warm in self.warm_ups:
             trainer.took_over = f"the warm-up of {warm.config.run_name}"
-        if trainer.speedups.compile:
-            self.compiled.add(key)
         if state is not None:
             trainer.load_state_dict(state)
         with self.lock:
@@ -155,10 +153,8 @@ class TrainerPool:
             for config in configs:
                 key = steps_key(config)
                 try:
-                    trainer = Trainer(config, self.data(config.dataset),
-                                      epochs_ahead=max(epochs_ahead.get(key, 0), config.epochs))
-                    if trainer.speedups.compile:
-                        self.compiled.add(key)
+                    trainer = self._built(config, self.data(config.dataset),
+                                          max(epochs_ahead.get(key, 0), config.epochs))
                     trainer.prepare()
                     self.warm_ups.add(trainer)
                     self.release(trainer, finished=True)
@@ -168,6 +164,14 @@ class TrainerPool:
                     with self.lock:
                         self.preparing[key] -= 1
                         self.kept.notify_all()
+
+    def _built(self, config: TrainConfig, data: DeviceData, epochs_ahead: float,
+               warm: Trainer | None = None) -> Trainer:
+        """A new Trainer; a compiled one's steps_key is noted, so later runs of it compile too."""
+        trainer = Trainer(config, data, epochs_ahead=epochs_ahead, warm=warm)
+        if trainer.speedups.compile:
+            self.compiled.add(steps_key(config))
+        return trainer
 
     def release(self, trainer: Trainer, finished: bool) -> None:
         """The run of ``trainer`` has ended; a finished one's trainer is kept for a later run of
