@@ -26,6 +26,7 @@ from normlab.engine.checkpoint import load
 from normlab.engine.fast import engine_process
 from tests.conftest import cli_env, run_cli
 from tests.process_output import Lines
+from tests.test_sweep import sweep_runs
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
 SPLIT = {"NORMLAB_ENGINE_PROCESS": "always"}
@@ -185,12 +186,10 @@ def test_a_bad_switch_is_refused_before_anything_starts(tmp_path):
 
 
 def sweep_children(client: MlflowClient, experiment: str) -> dict[str, list]:
-    """A sweep's child runs by name (a name with two runs would show as two)."""
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    """A sweep's child runs (test_sweep.sweep_runs) by name: a name with two runs shows as two."""
     children: dict[str, list] = {}
-    for run in runs:
-        if "mlflow.parentRunId" in run.data.tags:
-            children.setdefault(run.info.run_name, []).append(run)
+    for run in sweep_runs(client, experiment)[1].values():
+        children.setdefault(run.info.run_name, []).append(run)
     return children
 
 
