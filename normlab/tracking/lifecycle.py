@@ -121,7 +121,7 @@ def _train_in_run(trainer, point, run_id: str, data_dir: str, checkpoint_dir: st
         if data.device.type == "cuda":
             # The host idles while the GPU trains. On a CPU the warm-up takes the training's own
             # cores: on the 2-core machine, 3 epochs took 4.1 s instead of 1.8 s for 1.7 s saved.
-            run_log.warm_up_results_logging_in_background()
+            run_log.warm_up_results_logging_in_background(config, data)
         progress = Progress(config.epochs, echo, bars)
         started = time.perf_counter()
         result = fit(trainer, CallbackList(checkpointer, run_log.MetricLogger(uploads), progress))
