@@ -94,7 +94,7 @@ def _train(ctx, config: TrainConfig, remote: engine_process.RemoteTrainer | None
     with _reported():
         torch_device = resolve_device(device) if remote is None else None  # the engine process resolves its own
         run_log.check_checkpoint_dir(checkpoint_dir)
-        connection.use_bounded_http_retries()
+        connection.use_command_defaults()
         connection.check_tracking_reachable()
         point = None
         if resume_run:
@@ -352,7 +352,7 @@ def _sweep(grid: Grid, experiment: str, data_dir: str, device: str, checkpoint_d
     """run_sweep, its errors as the command line reports them."""
     from normlab.tracking import connection
 
-    connection.use_bounded_http_retries()
+    connection.use_command_defaults()
     with _reported():
         connection.check_tracking_reachable()
         return run_sweep(grid, experiment=experiment, data_dir=data_dir, device=device, checkpoint_dir=checkpoint_dir,
@@ -384,7 +384,9 @@ def compare(experiment, filter_string, parent_run_id, run_ids, out_dir, include_
 
     from normlab.analysis.compare import SkippedRunsWarning, run_comparison
     from normlab.errors import SelectionError
+    from normlab.tracking import connection
 
+    connection.use_command_defaults()
     ids = [i.strip() for value in run_ids for i in value.split(",") if i.strip()]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

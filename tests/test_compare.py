@@ -35,7 +35,7 @@ from normlab.analysis import compare, results
 from normlab.analysis.renderers import figure_renderers
 from normlab.cli import main
 from normlab.errors import SelectionError
-from tests.conftest import ROOT, cli_env, run_cli_noting_imports
+from tests.conftest import ROOT, cli_env, run_cli, run_cli_noting_imports
 
 EPOCHS = 4
 TRAINED = [  # (norm, l1, seed, child of the sweep parent run)
@@ -571,6 +571,21 @@ def test_compare_command_never_imports_torch(tmp_path, store):
     lines = done.stdout.splitlines()
     assert lines[-2] == "exit 0" and "'torch'" not in lines[-1], done.stdout[-2000:] + done.stderr[-2000:]
     assert (tmp_path / "out" / "test_accuracy.png").stat().st_size > 10_000
+
+
+def test_compare_draws_no_progress_bar_per_downloaded_gallery_unless_the_user_asks(tmp_path, store):
+    """The comparison downloads each run's misclassified.png and .json; with tqdm installed
+    (the test extras install it, as many environments have it) MLflow would draw a progress
+    bar for each. `normlab compare` as typed draws none; a user who sets
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true gets them."""
+    pytest.importorskip("tqdm")
+    quiet = run_cli("compare", "--parent", store.parent_id, "--out", str(tmp_path / "quiet"), cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "Downloading artifacts" not in quiet.stdout + quiet.stderr
+    asked = run_cli("compare", "--parent", store.parent_id, "--out", str(tmp_path / "asked"), cwd=tmp_path,
+                    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="true")
+    assert asked.returncode == 0, asked.stderr[-2000:]
+    assert asked.stderr.count("Downloading artifacts") >= 2 * len(store.children)
 
 
 def test_mlproject_compare_entry_point(tmp_path, store):

@@ -166,7 +166,7 @@ def _local_worker(index: int, device: str, settings: WorkerSettings, tasks, resu
     from normlab.sweep.worker import Worker
 
     os.environ["MLFLOW_TRACKING_URI"] = settings.tracking_uri
-    connection.use_bounded_http_retries()
+    connection.use_command_defaults()
     worker = Worker(device, settings.data_dir, settings.experiment, settings.checkpoint_dir,
                     name=f"worker {index + 1}" if device == "cpu" else None)
     sending = threading.Lock()
@@ -592,7 +592,7 @@ class RayWorker:
 
         os.environ.update(settings.secrets)
         os.environ["MLFLOW_TRACKING_URI"] = settings.tracking_uri
-        connection.use_bounded_http_retries()
+        connection.use_command_defaults()
         context = ray.get_runtime_context()
         self.actor_id = context.get_actor_id()
         self.node = f"on Ray node {context.get_node_id()[:8]} ({ray.util.get_node_ip_address()})"

@@ -113,10 +113,17 @@ HTTP_RETRY_DEFAULTS = {
 }
 
 
-def use_bounded_http_retries() -> None:
-    """Apply HTTP_RETRY_DEFAULTS where the user has not chosen their own values, and show
-    each retry on stderr (urllib3 logs them to a NullHandler), so an outage is visible."""
-    for name, value in HTTP_RETRY_DEFAULTS.items():
+# normlab downloads small artifacts one at a time (each run's gallery for a comparison, a
+# checkpoint to resume from). Where tqdm is installed MLflow draws a progress bar for each:
+# six at the end of the classic sweep, sixty for a ten-seed one.
+QUIET_DOWNLOAD_DEFAULTS = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+def use_command_defaults() -> None:
+    """Apply HTTP_RETRY_DEFAULTS and QUIET_DOWNLOAD_DEFAULTS where the user has not chosen
+    their own values, and show each HTTP retry on stderr (urllib3 logs them to a
+    NullHandler), so an outage is visible."""
+    for name, value in {**HTTP_RETRY_DEFAULTS, **QUIET_DOWNLOAD_DEFAULTS}.items():
         os.environ.setdefault(name, value)
     hide_credentialed_links()
     retries = logging.getLogger("urllib3.connectionpool")

@@ -455,7 +455,7 @@ def record_ending(run_id: str, outcome: str, reason: str | None = None) -> bool:
     tags = {STATUS_TAG: outcome}
     if reason:
         tags[REASON_TAG] = redact(reason)[:4000]
-    hide_credentialed_links()  # a refused command's ending may come before use_bounded_http_retries
+    hide_credentialed_links()  # a refused command's ending may come before use_command_defaults
     _stop_system_metrics(run_id)
     with _environment(FEW_RETRIES):
         try:
