@@ -419,9 +419,10 @@ def _model_saving(architecture: tuple | None) -> Iterator[None]:
 def export_ahead(config: TrainConfig, data: DeviceData) -> None:
     """Export the model of ``config``'s architecture now, as log_model will (into a folder
     thrown away), so that the run's log_model only copies its trained weights into the kept
-    program: tracing the model then happens while the run trains, not after it. On an H200's
-    host the trace is about 0.5 s a model; the three models of the classic sweep, finishing
-    together, traced one after another (TRACING_LOCK). Once per architecture and process."""
+    program: tracing the model then happens while the run trains, not after it, where the
+    classic sweep's three models, finishing together, traced one after another (TRACING_LOCK).
+    The trace was 0.86 s of a 1.09 s log_model on the 2-core CPU; on an H200 the classic sweep
+    took 1.10x less time end to end (docs/speed.md). Once per architecture and process."""
     architecture = architecture_key(config)
     if architecture in _EXPORTED:
         return
