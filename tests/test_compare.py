@@ -495,6 +495,29 @@ def test_figure_renderers_draw_the_files_drawn_here_byte_for_byte(tmp_path, stor
         assert elsewhere[name].read_bytes() == here[name].read_bytes(), name
 
 
+IMPORTS_MEANWHILE = """
+import sys, threading, time
+from normlab.analysis.renderers import figure_renderers
+before = {name for name in ("normlab.analysis.compare", "scipy.stats") if name in sys.modules}
+with figure_renderers(1):
+    deadline = time.time() + 120
+    while any(t.name == "normlab-import-compare" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    print(sorted(before), "normlab.analysis.compare" in sys.modules and "scipy.stats" in sys.modules)
+"""
+
+
+def test_figure_renderers_import_the_commands_side_of_the_comparison_meanwhile():
+    """While its renderers start, and a GPU sweep's runs train, the command imports what its
+    own part of the comparison needs (pandas, scipy's statistics), instead of at its end."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", IMPORTS_MEANWHILE], env=cli_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "[] True"
+
+
 def test_figures_are_drawn_here_when_the_renderers_have_stopped(tmp_path, comparison):
     here = compare.write_outputs(comparison, tmp_path / "here")
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
