@@ -422,7 +422,7 @@ def export_ahead(config: TrainConfig, data: DeviceData) -> None:
     program: tracing the model then happens while the run trains, not after it, where the
     classic sweep's three models, finishing together, traced one after another (TRACING_LOCK).
     The trace was 0.86 s of a 1.09 s log_model on the 2-core CPU; on an H200 the classic sweep
-    took 1.10x less time end to end (docs/speed.md). Once per architecture and process."""
+    ran 1.10x faster end to end (docs/speed.md). Once per architecture and process."""
     architecture = architecture_key(config)
     if architecture in _EXPORTED:
         return
