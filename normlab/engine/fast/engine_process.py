@@ -468,7 +468,7 @@ class _Runs:
     def __init__(self, pool, send):
         self.pool, self.send = pool, send
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
-        self.stopped: dict[int, str] = {}  # run key -> why the tracking side stopped it
+        self.stopped: dict[int, str] = {}  # run key -> why the tracking side stopped it, until its run ends
         self.training: dict[int, object] = {}  # run key -> its Trainer
         self.lock = threading.Lock()
         for index in range(pool.concurrent):
@@ -498,7 +498,7 @@ class _Runs:
         from normlab.engine.train import TrainingStopped, fit
 
         with self.lock:
-            reason = self.stopped.get(key, self.pool.stop_reason)
+            reason = self.stopped.pop(key, self.pool.stop_reason)
         if reason is not None:
             return self.send(key, "stopped", f"not started: {reason}")
         try:
@@ -535,4 +535,5 @@ class _Runs:
         finally:
             with self.lock:
                 self.training.pop(key, None)
+                self.stopped.pop(key, None)
             self.pool.release(trainer, finished)
