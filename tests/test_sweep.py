@@ -385,12 +385,20 @@ def test_runs_side_by_side_in_one_worker_log_exactly_what_each_logs_alone(sweep_
     weights (a BN running mean) differed from the sweep's in the last digits, while every
     logged metric was identical; the cause is not known (CPU workers train one run at a time,
     so users do not meet it). Random streams mixed between runs differ at once: with the
-    streams' lock removed, bn-l1's first train loss is 2.238 instead of 2.256."""
+    streams' lock removed, bn-l1's first train loss is 2.238 instead of 2.256.
+
+    The script picks the CPU itself, so a GPU the machine has stays visible to it: with
+    CUDA_VISIBLE_DEVICES empty on an H200, torch 2.11's export (FakeTensorMode swapping in a
+    no-op CUDA device guard) crashed the process whenever one thread exported while the
+    others trained (benchmarks/results/h200-2026-11-30i-cpu-side-by-side-segfault.txt); no
+    command exports beside a CPU run's training, since a CPU worker trains one run at a time."""
     client, tmp = sweep_twice["client"], sweep_twice["tmp"]
     assert SMALL_GRID == Grid(norms=("bn", "ln"), seeds=(1, 2), epochs=2)  # the script's grid
+    env = cli_env(MLFLOW_TRACKING_URI=sweep_twice["uri"])
+    if "CUDA_VISIBLE_DEVICES" not in os.environ:
+        del env["CUDA_VISIBLE_DEVICES"]
     done = subprocess.run([sys.executable, "-c", SIDE_BY_SIDE, str(small_mnist_dir), str(tmp / "ck-side")], cwd=tmp,
-                          env=cli_env(MLFLOW_TRACKING_URI=sweep_twice["uri"]), capture_output=True, text=True,
-                          timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert sorted(results) == sorted(c.config_hash() for c in SMALL_GRID.configs())
