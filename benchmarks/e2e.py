@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.processes import git_worktree, remove_worktree  # noqa: E402
 from benchmarks.speed import STUDY, prepare_mnist  # noqa: E402
 from normlab.engine.fast.trainer_pool import RUNS_PER_GPU  # noqa: E402
+import torch  # noqa: E402
 
 ROWS = ("sweep1-cold", "sweep1", "sweep10", "train", "mlflow-run", "notebook")
 
@@ -205,8 +206,13 @@ def main() -> None:
         else:
             worktrees.append(git_worktree(baseline, work / f"worktree-{baseline}"))
             checkouts[f"@{baseline}"] = worktrees[-1]
+    # A GPU's Triton kernels are built by the first command that needs them (9.3 s of an
+    # `mlflow run` row that came first: h200-2026-11-30i-e2e-mlflow-run.txt), so any warm row
+    # on a GPU, not only the sweep's, has the warm-up before it.
+    on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    warm_rows = {"sweep1", "sweep10", "train", "mlflow-run"} if on_gpu else {"sweep1"}
     for suffix, checkout in checkouts.items():  # fill the warm caches, as an earlier study on the machine would have
-        if "sweep1" in rows and not prewarmed:
+        if warm_rows & set(rows) and not prewarmed:
             time_row(f"warm-up{suffix}", normlab + ["sweep", *common, *epochs], runs=3, checkout=checkout)
         if "sweep10" in rows and args.device != "cpu":  # nothing is compiled on a CPU
             # The 10-seed study compiles its steps (normlab.engine.fast.COMPILE_PAYS_FROM_EPOCHS)
@@ -268,8 +274,6 @@ def main() -> None:
     if same is not None:
         print(f"ln-s1 trained by the sweep's worker and alone by normlab train: "
               f"test_acc histories {'identical' if same else 'differ'}")
-    import torch
-
     report = {"date": time.strftime("%Y-%m-%d"), "data": source, "epochs": args.epochs,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
               "torch": torch.__version__, "python": platform.python_version(), "rows": results, "notebook": notebook}
