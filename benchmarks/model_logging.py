@@ -1,10 +1,10 @@
 """What logging a run's model costs, with the exported graph of an earlier run of the same
-architecture reused (run_log._exports_reusing_graphs, what every run after a process's first
+architecture reused (results_log._exports_reusing_graphs, what every run after a process's first
 does) and with a new trace each time, alternately, in one process.
 
     python benchmarks/model_logging.py --data-dir /tmp/mnist1k --repeats 7
 
-Prints each way's median seconds for `run_log.log_model` (torch.export, saving, MLflow's
+Prints each way's median seconds for `results_log.log_model` (torch.export, saving, MLflow's
 model files) into a temporary sqlite store.
 """
 
@@ -37,22 +37,22 @@ def main() -> None:
     from normlab.engine.config import TrainConfig, architecture_key
     from normlab.engine.data import DeviceData, load_raw
     from normlab.engine.train import Trainer
-    from normlab.tracking import run_log
+    from normlab.tracking import results_log
 
     data = DeviceData(load_raw("mnist", data_dir), "cpu")
     config = TrainConfig(norm=args.norm, epochs=1)
     model = Trainer(config, data).model
     architecture = architecture_key(config)
-    run_log.warm_up_results_logging()  # the first call's one-time imports and package scan
+    results_log.warm_up_results_logging()  # the first call's one-time imports and package scan
     times: dict[str, list[float]] = {"reusing the graph": [], "tracing anew": []}
     with mlflow.start_run():
-        run_log.log_model(model, data, architecture=architecture)  # keeps the program
+        results_log.log_model(model, data, architecture=architecture)  # keeps the program
         for _ in range(args.repeats):
             for way in times:
                 if way == "tracing anew":
-                    run_log._EXPORTED.clear()
+                    results_log._EXPORTED.clear()
                 start = time.perf_counter()
-                run_log.log_model(model, data, architecture=architecture)
+                results_log.log_model(model, data, architecture=architecture)
                 times[way].append(time.perf_counter() - start)
     medians = {way: statistics.median(t) for way, t in times.items()}
     for way, median in medians.items():

@@ -44,7 +44,7 @@ from normlab.engine.fast.cpu_dropout import Dropout  # noqa: E402
 from normlab.engine.fast.triton_conv import use_triton_convs
 from normlab.engine.models import Net
 from normlab.engine.train import Callbacks, Trainer, resolve_device  # noqa: E402
-from normlab.tracking import run_log
+from normlab.tracking import results_log, run_log
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 STUDY = (TrainConfig(norm="bn", l1=1e-5), TrainConfig(norm="ln"), TrainConfig(norm="gn", groups=2))
@@ -284,7 +284,7 @@ def study_runs(data: DeviceData, configs: list[TrainConfig], side_by_side: bool,
                                                run_log.MetricLogger(uploads)))
             uploads.close()
             loop_end = time.perf_counter()
-            run_log.log_results(config, data, result)
+            results_log.log_results(config, data, result)
             final = time.perf_counter() - loop_end
         return StudyRun(config.label, loop_start, loop_end, result.records[-1].test_acc, prepared,
                         uploads.busy_seconds, uploads.waited_seconds, final)

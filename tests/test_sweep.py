@@ -24,7 +24,7 @@ from normlab.cli import main
 from normlab.engine.checkpoint import load
 from normlab.errors import ConfigError
 from normlab.sweep.driver import Grid, training_order
-from normlab.tracking import run_log
+from normlab.tracking import results_log
 from normlab.tracking import sweep_records as st
 from tests.conftest import cli_env, run_cli
 from tests.process_output import Lines
@@ -321,7 +321,7 @@ def test_runs_after_others_in_one_worker_log_exactly_what_each_logs_alone(sweep_
     another run), and trains on the model and steps ln-s1 left (Trainer's warm); `normlab
     train` of its config alone, in a fresh process, logs the same numbers bit for bit and ends
     with the same weights and mistakes. Its logged model, exported as ln-s1's program with its
-    own weights (run_log._exports_reusing_graphs), predicts what the one exported alone does."""
+    own weights (results_log._exports_reusing_graphs), predicts what the one exported alone does."""
     client, tmp = sweep_twice["client"], sweep_twice["tmp"]
     assert "[ln-s2] takes over the model and steps of ln-s1" in sweep_twice["again"].stdout
     alone = run_cli("train", "--norm", "ln", "--seed", "2", "--epochs", "2", "--data-dir", str(small_mnist_dir),
@@ -672,7 +672,7 @@ def test_compiling_capturing_and_exporting_never_run_in_two_threads_at_once(trac
     from normlab.engine.config import TrainConfig
     from normlab.engine.train import Trainer
 
-    assert run_log.TRACING_LOCK is train.TRACING_LOCK
+    assert results_log.TRACING_LOCK is train.TRACING_LOCK
     data = DeviceData(load_raw("mnist", str(small_mnist_dir)), torch.device("cpu"))
     guard, state = threading.Lock(), {"running": 0, "most": 0, "sections": []}
 
@@ -704,7 +704,7 @@ def test_compiling_capturing_and_exporting_never_run_in_two_threads_at_once(trac
     def export(trainer):
         with mlflow.start_run():
             barrier.wait()
-            run_log.log_model(trainer.model, data, name=trainer.config.run_name)
+            results_log.log_model(trainer.model, data, name=trainer.config.run_name)
 
     def guarded(function, trainer):
         try:

@@ -66,7 +66,7 @@ def test_the_results_warm_up_is_paid_once_and_a_run_ending_meanwhile_waits_for_i
 
     from mlflow.utils import requirements_utils
 
-    from normlab.tracking import run_log
+    from normlab.tracking import results_log
 
     scans, scanning = [], threading.Event()
 
@@ -76,14 +76,14 @@ def test_the_results_warm_up_is_paid_once_and_a_run_ending_meanwhile_waits_for_i
         scans.append(list(requirements))
 
     monkeypatch.setattr(requirements_utils, "warn_dependency_requirement_mismatches", slow_scan)
-    monkeypatch.setattr(run_log, "_results_logging_warmed", False)
+    monkeypatch.setattr(results_log, "_results_logging_warmed", False)
     exported = threading.Event()
-    monkeypatch.setattr(run_log, "export_ahead", lambda config, data: exported.set())
-    run_log.warm_up_results_logging_in_background(TrainConfig(norm="ln"), None)
+    monkeypatch.setattr(results_log, "export_ahead", lambda config, data: exported.set())
+    results_log.warm_up_results_logging_in_background(TrainConfig(norm="ln"), None)
     assert scanning.wait(30)
-    run_log.warm_up_results_logging()  # what log_results calls first
-    assert scans == [run_log.model_requirements()]  # done, and only once
-    run_log.warm_up_results_logging()
+    results_log.warm_up_results_logging()  # what log_results calls first
+    assert scans == [results_log.model_requirements()]  # done, and only once
+    results_log.warm_up_results_logging()
     assert len(scans) == 1
     assert exported.wait(30)  # then the run's architecture, on the same thread
 
@@ -100,15 +100,15 @@ def test_a_model_exported_ahead_is_logged_with_its_own_weights_and_traced_no_mor
     from normlab.engine.config import architecture_key
     from normlab.engine.data import DeviceData, load_raw
     from normlab.engine.models import Net
-    from normlab.tracking import run_log
+    from normlab.tracking import results_log
 
     data = DeviceData(load_raw("mnist", str(small_mnist_dir)), torch.device("cpu"))
     config = TrainConfig(norm="gn", epochs=1)
     traces, export = [], torch.export.export
     monkeypatch.setattr(torch.export, "export", lambda *args, **kwargs: traces.append(1) or export(*args, **kwargs))
-    monkeypatch.setattr(run_log, "_EXPORTED", {})
-    run_log.export_ahead(config, data)
-    run_log.export_ahead(config, data)
+    monkeypatch.setattr(results_log, "_EXPORTED", {})
+    results_log.export_ahead(config, data)
+    results_log.export_ahead(config, data)
     assert len(traces) == 1  # once per architecture
 
     torch.manual_seed(7)
@@ -116,9 +116,9 @@ def test_a_model_exported_ahead_is_logged_with_its_own_weights_and_traced_no_mor
     predicted = []
     for kept in (True, False):
         if not kept:
-            monkeypatch.setattr(run_log, "_EXPORTED", {})
+            monkeypatch.setattr(results_log, "_EXPORTED", {})
         with mlflow.start_run():
-            model_id = run_log.log_model(trained, data, name="gn-s1", architecture=architecture_key(config))
+            model_id = results_log.log_model(trained, data, name="gn-s1", architecture=architecture_key(config))
         with torch.no_grad():
             predicted.append(mlflow.pytorch.load_model(f"models:/{model_id}")(data.test_x[:64]))
     assert len(traces) == 2  # the kept program served the first log_model; the second traced anew

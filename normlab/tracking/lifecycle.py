@@ -17,7 +17,7 @@ from typing import Callable
 import click
 
 from normlab.engine.train import Callbacks, EpochRecord
-from normlab.tracking import run_log
+from normlab.tracking import results_log, run_log
 
 Echo = Callable[..., None]  # echo(message, err=False)
 
@@ -121,14 +121,14 @@ def _train_in_run(trainer, point, run_id: str, data_dir: str, checkpoint_dir: st
         if data.device.type == "cuda":
             # The host idles while the GPU trains. On a CPU the warm-up takes the training's own
             # cores: on the 2-core machine, 3 epochs took 4.1 s instead of 1.8 s for 1.7 s saved.
-            run_log.warm_up_results_logging_in_background(config, data)
+            results_log.warm_up_results_logging_in_background(config, data)
         progress = Progress(config.epochs, echo, bars)
         started = time.perf_counter()
         result = fit(trainer, CallbackList(checkpointer, run_log.MetricLogger(uploads), progress))
         phases["training and evaluation"] = time.perf_counter() - started
         started = time.perf_counter()
         uploads.close()
-        run_log.log_results(config, data, result)
+        results_log.log_results(config, data, result)
         phases["artifacts and model"] = time.perf_counter() - started
     except TrainingStopped as exc:
         _close_quietly(uploads)

@@ -1,0 +1,212 @@
+"""What a run logs at its end: the misclassified grid and list, the model's summary, the
+model itself (a torch.export program, traced once per architecture and process, ahead while
+a GPU run trains), and its final metrics linked to that model; with the warm-up that pays a
+process's first-time costs of all this while its first GPU run trains."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import threading
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from normlab.engine.config import TrainConfig, architecture_key
+from normlab.engine.data import DeviceData
+from normlab.engine.models import Net, summary_text
+from normlab.engine.rng import RunRNG
+from normlab.engine.train import TRACING_LOCK, FitResult
+from normlab.tracking.connection import _environment
+
+
+_RESULTS_LOGGING_WARM = threading.Lock()  # held while a process pays log_results' first-time costs
+_results_logging_warmed = False
+
+
+def warm_up_results_logging() -> None:
+    """Pay what the first log_results of a process costs beyond later ones, ahead of it: on a
+    background thread while the run trains on a GPU and the host is idle. Measured on the
+    2-core CPU: importing torch.export's tracer (torch.export.export imports it on first
+    call) 2.3 s, MLflow's scan of every installed package before it writes the model's
+    requirements 1.2 s (then cached in the process), matplotlib 0.8 s. Each is paid once per
+    process; a later caller waits for a warm-up in progress rather than paying it again.
+    (The host is idle only on a GPU: lifecycle warms up there.)"""
+    global _results_logging_warmed
+    with _RESULTS_LOGGING_WARM:
+        if _results_logging_warmed:
+            return
+        with TRACING_LOCK:  # imports torch's tracing modules: not while another thread traces
+            import torch.export._trace  # noqa: F401
+        from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
+
+        from normlab.analysis import plots  # noqa: F401
+
+        warn_dependency_requirement_mismatches(model_requirements())
+        _results_logging_warmed = True
+
+
+def warm_up_results_logging_in_background(config: TrainConfig, data: DeviceData) -> None:
+    """warm_up_results_logging and export_ahead(config, data) on a daemon thread; an error
+    there is met again, and reported, by the run's own log_results."""
+    def warm_up() -> None:
+        try:
+            warm_up_results_logging()
+            export_ahead(config, data)
+        except Exception:
+            pass
+
+    threading.Thread(target=warm_up, name="normlab-warm-up", daemon=True).start()
+
+
+def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> None:
+    """Artifacts at the end of a run: misclassified grid and list, summary, the model."""
+    warm_up_results_logging()  # done already, unless the run was shorter than the warm-up
+    mistakes = result.mistakes
+    title = f"{config.label}: most confident mistakes on {config.dataset} test ({len(mistakes)})"
+    images = data.test_images_of([m.index for m in mistakes])
+    from normlab.analysis import plots  # matplotlib: imported by the warm-up above, needed only here
+
+    import matplotlib.pyplot as plt
+
+    with plots.FIGURE_LOCK:
+        figure = plots.misclassified_grid(images, [m.true for m in mistakes], [m.pred for m in mistakes],
+                                          data.spec.classes, title)
+        mlflow.log_figure(figure, "misclassified.png")
+        plt.close(figure)
+    mlflow.log_dict([asdict(m) for m in mistakes], "misclassified.json")
+    mlflow.log_text(summary_text(result.model, config.dataset), "model_summary.txt")
+    model_id = log_model(result.model, data, name=model_name(config.run_name), architecture=architecture_key(config))
+    link_final_metrics(mlflow.active_run().info.run_id, model_id)
+
+
+MODEL_METRICS = ("test_acc", "test_loss")  # the columns of MLflow's models table
+
+
+def link_final_metrics(run_id: str, model_id: str) -> None:
+    """Link the run's last test accuracy and loss to its logged model, so the models table
+    compares models by them. They are logged again with the step, time and value they have,
+    which the SQL store (sqlite, server) keeps as one entry: the histories gain nothing."""
+    client = MlflowClient()
+    final = []
+    for key in MODEL_METRICS:
+        history = client.get_metric_history(run_id, key)
+        if history:
+            last = max(history, key=lambda m: (m.step, m.timestamp))
+            final.append(Metric(key, last.value, last.timestamp, last.step, model_id=model_id))
+    if final:
+        client.log_batch(run_id, metrics=final)
+
+
+# MLflow checks the input example by loading the model on the GPU when there is one, which
+# a model exported from the CPU cannot do (a warning for every GPU run): check on the CPU,
+# unless the user chose a device.
+CHECK_ON_CPU = {"MLFLOW_DEFAULT_PREDICTION_DEVICE": "cpu"}
+
+
+# Characters MLflow refuses in a logged model's name; a run name has '.' for --l1 1e-4 (bn-l1_0.0001-s1).
+MODEL_NAME_FORBIDDEN = "/:.%\"'"
+
+
+def model_name(run_name: str) -> str:
+    """The run's name as a model name MLflow accepts: 'bn-l1_0.0001-s1' -> 'bn-l1_0_0001-s1'."""
+    return "".join("_" if c in MODEL_NAME_FORBIDDEN else c for c in run_name)
+
+
+def model_requirements() -> list[str]:
+    """What a logged model needs to load: this torch and this MLflow."""
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+
+
+# torch.export traces the model anew for every run: 0.7-0.8 s a run on the 2-core CPU, though
+# every model of one architecture gives the same graph and only the weights differ. So the
+# program exported for a process's first run of an architecture is kept, and a later run's is
+# that program with the later run's weights copied in. Measured: docs/speed.md.
+_EXPORTED: dict[tuple, tuple[torch.export.ExportedProgram, tuple]] = {}  # architecture -> (program, its call)
+
+
+@contextmanager
+def _exports_reusing_graphs(architecture: tuple) -> Iterator[None]:
+    """Within, holding TRACING_LOCK: torch.export.export, as MLflow calls it, gives the program
+    kept for this architecture with the given model's weights, when its weights' names, shapes
+    and types, its input shapes and export's other arguments are the kept program's; otherwise
+    it exports (and keeps) anew."""
+    export = torch.export.export
+
+    def export_reusing_graph(model, args, *more, **options):
+        weights, call = model.state_dict(), (tuple(tuple(a.shape) for a in args), more, options)
+        kept = _EXPORTED.get(architecture)
+        if kept is not None and kept[1] == call and not kept[0].constants and _same_layout(kept[0].state_dict, weights):
+            with torch.no_grad():
+                for name, tensor in kept[0].state_dict.items():
+                    tensor.copy_(weights[name])
+            return kept[0]
+        program = export(model, args, *more, **options)
+        _EXPORTED[architecture] = (program, call)
+        return program
+
+    torch.export.export = export_reusing_graph
+    try:
+        yield
+    finally:
+        torch.export.export = export
+
+
+def _same_layout(kept: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> bool:
+    return kept.keys() == weights.keys() and all(
+        kept[k].shape == weights[k].shape and kept[k].dtype == weights[k].dtype for k in kept)
+
+
+def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model", architecture: tuple | None = None) -> str:
+    """The trained model as a torch.export program (pt2), so `mlflow.pytorch.load_model` works
+    anywhere without normlab's code; named after the run (`gn2-s1`), as the models table lists
+    it. Returns its model id. No code_paths: MLflow would put the artifact's code/ first on the
+    loader's sys.path, so whoever can write to the store could run code as normlab there.
+    ``architecture`` (normlab.engine.config.architecture_key) names the models whose exported
+    graph is the same, to trace it once per process."""
+    model = copy.deepcopy(model).cpu().eval()  # a copy: the worker's next run may train this one (Trainer's warm)
+    with _model_saving(architecture):
+        info = mlflow.pytorch.log_model(
+            model,
+            name=name,
+            input_example=data.example_input(),
+            serialization_format="pt2",  # not pickle (MLflow's default on Databricks), which needs the code
+            pip_requirements=model_requirements(),
+            # MLflow would load the saved program again and predict the example (~0.5 s a run);
+            # tests/test_bad_input.py loads and predicts with it in a process without normlab
+            validate_serving_input=False,
+        )
+    mlflow.set_tag("model_uri", info.model_uri)
+    return info.model_id
+
+
+@contextmanager
+def _model_saving(architecture: tuple | None) -> Iterator[None]:
+    """How MLflow saves a model here: holding TRACING_LOCK (torch.export traces), reusing the
+    program kept for ``architecture``, checking the input example on the CPU."""
+    reusing = _exports_reusing_graphs(architecture) if architecture is not None else nullcontext()
+    with TRACING_LOCK, reusing, _environment(CHECK_ON_CPU, keep_users=True):
+        yield
+
+
+def export_ahead(config: TrainConfig, data: DeviceData) -> None:
+    """Export the model of ``config``'s architecture now, as log_model will (into a folder
+    thrown away), so that the run's log_model only copies its trained weights into the kept
+    program: tracing the model then happens while the run trains, not after it, where the
+    classic sweep's three models, finishing together, traced one after another (TRACING_LOCK).
+    The trace was 0.86 s of a 1.09 s log_model on the 2-core CPU; on an H200 the classic sweep
+    ran 1.10x faster end to end (docs/speed.md). Once per architecture and process."""
+    architecture = architecture_key(config)
+    if architecture in _EXPORTED:
+        return
+    with RunRNG(0, torch.device("cpu")).active():  # its initial weights draw nothing from other runs' streams
+        model = Net(config.dataset, config.norm, config.groups, config.dropout).eval()
+    with _model_saving(architecture), tempfile.TemporaryDirectory(prefix="normlab-export-ahead-") as folder:
+        mlflow.pytorch.save_model(model, Path(folder) / "model", input_example=data.example_input(),
+                                  serialization_format="pt2", pip_requirements=model_requirements())
