@@ -497,19 +497,19 @@ def test_figure_renderers_draw_the_files_drawn_here_byte_for_byte(tmp_path, stor
 
 IMPORTS_MEANWHILE = """
 import sys, threading, time
-from normlab.analysis.renderers import figure_renderers
+from normlab.sweep import driver
 before = {name for name in ("normlab.analysis.compare", "scipy.stats") if name in sys.modules}
-with figure_renderers(1):
-    deadline = time.time() + 120
-    while any(t.name == "normlab-import-compare" for t in threading.enumerate()) and time.time() < deadline:
-        time.sleep(0.05)
-    print(sorted(before), "normlab.analysis.compare" in sys.modules and "scipy.stats" in sys.modules)
+driver._import_comparison_in_background()
+deadline = time.time() + 120
+while any(t.name == "normlab-import-comparison" for t in threading.enumerate()) and time.time() < deadline:
+    time.sleep(0.05)
+print(sorted(before), "normlab.analysis.compare" in sys.modules and "scipy.stats" in sys.modules)
 """
 
 
-def test_figure_renderers_import_the_commands_side_of_the_comparison_meanwhile():
-    """While its renderers start, and a GPU sweep's runs train, the command imports what its
-    own part of the comparison needs (pandas, scipy's statistics), instead of at its end."""
+def test_a_gpu_sweep_imports_the_comparison_while_its_runs_train():
+    """What a sweep on a GPU starts before handing its runs over (sweep/driver.py): a thread that
+    imports the comparison's modules (pandas, scipy's statistics), instead of at its end."""
     import subprocess
 
     done = subprocess.run([sys.executable, "-c", IMPORTS_MEANWHILE], env=cli_env(), capture_output=True, text=True,

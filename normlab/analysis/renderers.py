@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib
 import io
 import multiprocessing
 import os
 import signal
-import threading
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterator
 
@@ -31,10 +29,6 @@ def figure_renderers(processes: int = PROCESSES) -> Iterator[ProcessPoolExecutor
     command and its engine; shut down on the way out, unfinished drawings cancelled."""
     count = max(1, min(processes, (os.cpu_count() or 1) - 2))
     pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"), initializer=_ready)
-    # The command's own side of the comparison (pandas, scipy's statistics: 0.43 s on the
-    # 2-core CPU, after everything a sweep imports before) is imported meanwhile too.
-    threading.Thread(target=importlib.import_module, args=("normlab.analysis.compare",),
-                     name="normlab-import-compare", daemon=True).start()
     try:
         for _ in range(count):  # the pool spawns a process for each job that finds none idle: all, now
             pool.submit(int)
