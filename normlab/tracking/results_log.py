@@ -175,9 +175,7 @@ def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model", arc
         info = mlflow.pytorch.log_model(
             model,
             name=name,
-            input_example=data.example_input(),
-            serialization_format="pt2",  # not pickle (MLflow's default on Databricks), which needs the code
-            pip_requirements=model_requirements(),
+            **_save_options(data),
             # MLflow would load the saved program again and predict the example (~0.5 s a run);
             # tests/test_bad_input.py loads and predicts with it in a process without normlab
             validate_serving_input=False,
@@ -195,6 +193,14 @@ def _model_saving(architecture: tuple | None) -> Iterator[None]:
         yield
 
 
+def _save_options(data: DeviceData) -> dict:
+    """What log_model and export_ahead both pass MLflow's saving: the same export call, so
+    that the program export_ahead keeps is the one log_model's export asks for."""
+    return {"input_example": data.example_input(),
+            "serialization_format": "pt2",  # not pickle (MLflow's default on Databricks), which needs the code
+            "pip_requirements": model_requirements()}
+
+
 def export_ahead(config: TrainConfig, data: DeviceData) -> None:
     """Export the model of ``config``'s architecture now, as log_model will (into a folder
     thrown away), so that the run's log_model only copies its trained weights into the kept
@@ -208,5 +214,4 @@ def export_ahead(config: TrainConfig, data: DeviceData) -> None:
     with RunRNG(0, torch.device("cpu")).active():  # its initial weights draw nothing from other runs' streams
         model = Net(config.dataset, config.norm, config.groups, config.dropout).eval()
     with _model_saving(architecture), tempfile.TemporaryDirectory(prefix="normlab-export-ahead-") as folder:
-        mlflow.pytorch.save_model(model, Path(folder) / "model", input_example=data.example_input(),
-                                  serialization_format="pt2", pip_requirements=model_requirements())
+        mlflow.pytorch.save_model(model, Path(folder) / "model", **_save_options(data))
