@@ -4,6 +4,7 @@ killed under them; and the lock that keeps two runs of one process from tracing 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -564,6 +565,42 @@ def test_a_worker_killed_while_it_waits_for_work_does_not_keep_the_others_from_t
     assert re.search(r"\[long\] its worker process \(cpu worker \d, pid \d+\) died with exit code -9; "
                      r"trying it again \(anew\)", text), text
     assert len(re.findall(r"^\[long\] started on", text, re.M)) == 2
+
+
+def test_an_engine_process_is_handed_the_runs_in_the_sweeps_order_however_long_each_takes_to_hand_over():
+    """The in-process executor with an engine process: four threads hand runs over to two
+    places. Here a run's hand-over takes longer the earlier it is in the sweep (as one that
+    looks for its checkpoint first), and one fails before it reaches the engine. The engine
+    still gets them in the sweep's order, and every thread goes on to the next run. Without
+    a turn each, a later run took an earlier one's place: a sweep stopped by Ctrl-C in CI
+    had trained its second run while its first had no run yet."""
+    from normlab.sweep import executors
+    from tests import stand_in_worker as stand_in
+
+    names = [f"run{i}" for i in range(8)]
+    handed, results = [], []
+
+    class Worker:  # the Worker's interface as the executor uses it, with an engine process's threads
+        concurrent, threads, device_name = 2, 4, "cpu"
+
+        def stream(self):
+            return contextlib.nullcontext()
+
+        def train(self, request, handed_over=lambda: None):
+            time.sleep(0.05 * (len(names) - names.index(request.config.run_name)))
+            if request.config.run_name == "run2":
+                raise RuntimeError("a bug before the hand-over")
+            handed.append(request.config.run_name)
+            handed_over()
+            time.sleep(0.1)  # trains
+            return stand_in.Result(request.config, "FINISHED", os.getpid())
+
+    executor = executors.InProcessExecutor.__new__(executors.InProcessExecutor)
+    executor.worker, executor.stopping = Worker(), False
+    executor.run([stand_in.Request(stand_in.Config(name, 0)) for name in names], results.append)
+    assert handed == [name for name in names if name != "run2"]
+    assert sorted((r.config.run_name, r.status) for r in results) == [
+        (name, "FAILED" if name == "run2" else "FINISHED") for name in names]
 
 
 def test_two_worker_processes_share_the_sweep_and_a_killed_one_has_its_run_resumed(tmp_path, small_mnist_dir):

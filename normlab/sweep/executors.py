@@ -129,23 +129,20 @@ class InProcessExecutor:
     def run(self, requests: list[RunRequest], on_result: OnResult) -> None:
         from normlab.engine.interrupts import stop_on_signals
 
-        tasks: queue.Queue = queue.Queue()
-        for request in requests:
-            tasks.put(request)
+        turns = _TakenInOrder(requests)
         lock = threading.Lock()
 
         def serve() -> None:
             with self.worker.stream():
-                while True:
+                while (turn := turns.next()) is not None:
+                    request, handed_over = turn
                     try:
-                        request = tasks.get_nowait()
-                    except queue.Empty:
-                        return
-                    try:
-                        result = self.worker.train(request)
+                        result = self.worker.train(request, handed_over=handed_over)
                     except Exception:  # a bug outside the run: fail this run, not the ones after it
                         result = RunResult(request.config, request.run_id, "FAILED", traceback.format_exc(),
                                            device=self.worker.device_name)
+                    finally:
+                        handed_over()
                     with lock:
                         on_result(result)
 
@@ -155,6 +152,35 @@ class InProcessExecutor:
 
         with stop_on_signals(stop):
             _serve_in_threads(serve, min(self.worker.threads, len(requests)))
+
+
+class _TakenInOrder:
+    """The requests, handed to the worker in the order they are taken. With an engine process
+    twice as many threads as it has places hand runs over; without a turn each, a thread
+    could hand over a later run before an earlier one (still looking for its checkpoint)
+    and take its place: then runs train out of the sweep's order, and the first ones miss
+    the steps the engine prepared ahead for them."""
+
+    def __init__(self, requests: list[RunRequest]):
+        self._requests = collections.deque(requests)
+        self._turn = threading.Lock()
+
+    def next(self) -> tuple[RunRequest, Callable[[], None]] | None:
+        """The next request and the call that ends its turn (once the worker has its run;
+        later calls do nothing); None when none is left. Waits while another thread's turn lasts."""
+        self._turn.acquire()
+        if not self._requests:
+            self._turn.release()
+            return None
+        ended = False
+
+        def handed_over() -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                self._turn.release()
+
+        return self._requests.popleft(), handed_over
 
 
 def _local_worker(index: int, device: str, settings: WorkerSettings, tasks, results) -> None:

@@ -143,9 +143,10 @@ class Worker:
         self.stop_reason = reason
         self.engine.request_stop(reason)
 
-    def train(self, request: RunRequest, echo=None, on_run=None) -> RunResult:
+    def train(self, request: RunRequest, echo=None, on_run=None, handed_over=None) -> RunResult:
         """Train one request to its end; never raises for the run's own failures.
-        ``on_run(run_id)`` is called once the request's run exists (and for a retry's).
+        ``on_run(run_id)`` is called once the request's run exists (and for a retry's);
+        ``handed_over()`` once the engine has it (it may wait there for a place).
 
         A run that a CUDA-graph capture or a dying engine process broke (worth_another_try:
         nothing wrong with the run itself) is tried again here, resumed from its checkpoint,
@@ -159,7 +160,7 @@ class Worker:
 
         attempts: dict[str, int] = {}
         while True:
-            result, broken = self._train_once(request, say, lines, on_run)
+            result, broken = self._train_once(request, say, lines, on_run, handed_over)
             retry = retry_request(request, result, attempts, self.checkpoint_dir) if broken else None
             if retry is None:
                 return result
@@ -167,7 +168,7 @@ class Worker:
             request = retry
 
     def _train_once(self, request: RunRequest, say, lines: collections.deque,
-                    on_run) -> tuple[RunResult, str | None]:
+                    on_run, handed_over) -> tuple[RunResult, str | None]:
         """One try: the request's result, and why it is worth another (worth_another_try)."""
         from normlab.engine.train import TrainingStopped
         from normlab.errors import LeaseHeld
@@ -189,6 +190,8 @@ class Worker:
         try:
             point = resume.find(request.run_id, config, set(), self.checkpoint_dir) if request.resume else None
             trainer = self.engine.trainer(config, request.epochs_ahead, point.state if point else None)
+            if handed_over is not None:
+                handed_over()
             data = trainer.data  # an engine process's: once it has built the trainer
             if trainer.took_over:
                 say(f"takes over the model and steps of {trainer.took_over}"
