@@ -64,7 +64,7 @@ SKIPPED = [
      "the batch-size study: 36 runs, and batch 2 is 500 steps an epoch even on the test split: "
      "over 10 minutes on CI's 2 cores (normlab sweep with one batch size runs the same code)"),
     (r"benchmarks/speed\.py.*--tiny", "tests/test_benchmark.py runs this smoke test"),
-    (r"benchmarks/(exit_cost|data_cache|commands)\.py",
+    (r"benchmarks/(exit_cost|data_cache|commands|mlflow_run_share)\.py",
      "a benchmark of fresh processes (`normlab` commands repeated, alternately): minutes on CI's 2 cores; "
      "the CLI tests run the same commands"),
     (r"benchmarks/process_split\.py",
