@@ -71,6 +71,9 @@ SKIPPED = [
      "a benchmark of fresh processes (a run's engine and tracking sides four ways, repeated): a minute or "
      "more on CI's 2 cores; the training tests run the same engine and tracking calls"),
     (r"benchmarks/model_logging\.py", "tests/test_benchmark.py runs it with --repeats 1"),
+    (r"benchmarks/step_profile\.py",
+     "a profile of whole epochs and steps, each variant in turn: it reports, and checks nothing a test "
+     "does not (tests/test_step.py and tests/test_train.py train the same steps)"),
     (r"benchmarks/(speed|cpu_step)\.py",
      "a benchmark: minutes of full-size epochs (60,000 images) or of fresh processes per variant; "
      "tests/test_benchmark.py runs its --tiny form"),
