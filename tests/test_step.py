@@ -8,6 +8,7 @@ and momentum buffers that stay the optimizer's own state.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -31,11 +32,15 @@ def data(tmp_path_factory) -> DeviceData:
     return DeviceData(load_raw("mnist", folder, download=False), "cpu")
 
 
-def plain_epochs(config: TrainConfig, data: DeviceData) -> tuple[list[tuple[float, float, float]], Net]:
-    """The textbook loop: backward, torch.optim.SGD.step, OneCycleLR.step, .item() per step."""
+def plain_epochs(config: TrainConfig, data: DeviceData,
+                 channels_last: bool = False) -> tuple[list[tuple[float, float, float]], Net]:
+    """The textbook loop: backward, torch.optim.SGD.step, OneCycleLR.step, .item() per step;
+    the model in channels-last memory order if asked (as the engine's, Speedups.channels_last)."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = Net(config.dataset, config.norm, config.groups, config.dropout)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
     steps = -(-data.train_size // config.batch_size)
@@ -62,8 +67,9 @@ def plain_epochs(config: TrainConfig, data: DeviceData) -> tuple[list[tuple[floa
 @pytest.mark.parametrize("norm,l1", [("bn", 1e-4), ("gn", 0.0)])
 def test_engine_trains_what_the_plain_loop_trains(data, norm, l1):
     config = TrainConfig(norm=norm, l1=l1, epochs=2, batch_size=48, seed=3)  # 200 = 4 x 48 + 8: a short last batch
-    expected, plain_model = plain_epochs(config, data)
-    trainer = Trainer(config, data)  # the CPU defaults
+    trainer = Trainer(config, data)  # the CPU defaults: channels last for GN, not for BN
+    assert trainer.speedups.channels_last == (norm == "gn")
+    expected, plain_model = plain_epochs(config, data, trainer.speedups.channels_last)
     records = [trainer.run_epoch(Callbacks()) for _ in range(config.epochs)]
     for record, (train_loss, test_loss, test_acc) in zip(records, expected):
         assert record.train_loss == pytest.approx(train_loss, rel=1e-4)
@@ -74,6 +80,39 @@ def test_engine_trains_what_the_plain_loop_trains(data, norm, l1):
     # seeds, with either dropout). A wrong update rule moves them by far more.
     for ours, theirs in zip(trainer.model.state_dict().values(), plain_model.state_dict().values()):
         torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("norm", ["ln", "gn", "none"])
+def test_channels_last_trains_what_channels_first_trains_to_float_rounding(data, norm):
+    """Speedups.channels_last (on by default on the CPU for these) changes only the memory
+    order, so the convolutions' rounding: the same run in the default channels-first order
+    ends its epochs with the same losses to 1e-3 and weights as close as a flipped ReLU tie
+    allows (test_engine_trains_what_the_plain_loop_trains)."""
+    config = TrainConfig(norm=norm, epochs=2, batch_size=48, seed=3)
+    last = Trainer(config, data)
+    first = Trainer(config, data, speedups=replace(last.speedups, channels_last=False))
+    assert last.speedups.channels_last and last.model.conv2[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert first.model.conv2[0].weight.is_contiguous()
+    for _ in range(config.epochs):
+        ours, theirs = last.run_epoch(Callbacks()), first.run_epoch(Callbacks())
+        assert ours.train_loss == pytest.approx(theirs.train_loss, rel=1e-3)
+        assert ours.test_loss == pytest.approx(theirs.test_loss, rel=1e-3)
+        assert abs(ours.test_acc - theirs.test_acc) <= 2.0  # two of 100 digits: 8 steps leave many near a tie
+    for ours, theirs in zip(last.model.state_dict().values(), first.model.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=2e-3)
+
+
+def test_channels_last_is_on_by_default_only_on_the_cpu_for_the_models_it_measured_faster_for():
+    """CHANNELS_LAST_ON_CPU: the study's LN and GN (2 groups) on MNIST, not BN (its CPU
+    kernels lose what the convolutions gain) nor IN; CIFAR-10's BN; never on a GPU (the
+    Triton convolutions read channels first)."""
+    def default(device: str, **fields) -> bool:
+        return Speedups.default(torch.device(device), 0, TrainConfig(**fields)).channels_last
+
+    assert [default("cpu", norm=n) for n in ("bn", "ln", "gn", "in", "none")] == [False, True, True, False, True]
+    assert default("cpu", norm="bn", dataset="cifar10") and not default("cpu", norm="gn", groups=8, dataset="cifar10")
+    assert not any(default("cuda", norm=n, dataset=d) for n in ("bn", "ln", "gn", "none") for d in ("mnist", "cifar10"))
+    assert not Speedups.default(torch.device("cpu")).channels_last  # no config: the plain order
 
 
 class StopAfter(Callbacks):

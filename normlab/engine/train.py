@@ -175,7 +175,8 @@ class Trainer:
         self.generator = torch.Generator(device=device).manual_seed(config.seed)  # shuffle and augmentation
         if warm is None:
             self.rng = RunRNG(config.seed, device)  # weights and dropout
-            self.speedups = speedups or Speedups.default(device, config.epochs if epochs_ahead is None else epochs_ahead)
+            self.speedups = speedups or Speedups.default(device, config.epochs if epochs_ahead is None else epochs_ahead,
+                                                         config)
         else:
             self.rng, self.speedups = warm.rng.reseed(config.seed), warm.speedups
         if self.speedups.keep_freed_memory:
@@ -186,6 +187,8 @@ class Trainer:
             self.model = Net(config.dataset, config.norm, config.groups, config.dropout).to(device)
         if warm is None:
             use_triton_convs(self.model, self.speedups.triton_convs)
+            if self.speedups.channels_last:
+                self.model.to(memory_format=torch.channels_last)
         else:
             warm.model.load_state_dict(self.model.state_dict())
             self.model = warm.model

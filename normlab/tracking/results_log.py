@@ -170,7 +170,9 @@ def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model", arc
     loader's sys.path, so whoever can write to the store could run code as normlab there.
     ``architecture`` (normlab.engine.config.architecture_key) names the models whose exported
     graph is the same, to trace it once per process."""
-    model = copy.deepcopy(model).cpu().eval()  # a copy: the worker's next run may train this one (Trainer's warm)
+    # a copy: the worker's next run may train this one (Trainer's warm); channels first, the
+    # plain model's memory order, however it trained (Speedups.channels_last)
+    model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
     with _model_saving(architecture):
         info = mlflow.pytorch.log_model(
             model,

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from normlab.engine.config import TrainConfig
 from normlab.errors import ConfigError
 
 if TYPE_CHECKING:  # the package imports no torch: engine_process decides before torch is imported
@@ -45,21 +46,44 @@ class Speedups:
     triton_convs: bool = False
     # test images per forward pass: 2,000 instead of 1,000 took evaluation from 2.0 to 1.2 ms
     eval_batch_size: int = 500
+    # weights and activations in channels-last memory order on the CPU: oneDNN's convolutions
+    # run faster so, but some norms' CPU kernels run slower; on where it paid (CHANNELS_LAST_ON_CPU)
+    channels_last: bool = False
 
     @classmethod
-    def default(cls, device: torch.device, epochs_ahead: int = 0) -> "Speedups":
+    def default(cls, device: torch.device, epochs_ahead: int = 0, config: TrainConfig | None = None) -> "Speedups":
         """On a GPU: CUDA graphs of 8 steps each and a 0.5 ms switch interval, the Triton
         convolutions, evaluation in batches of 2000, and the step compiled when ``epochs_ahead``
         (the epochs this process will train of this variant and batch size) reach
         COMPILE_PAYS_FROM_EPOCHS. On the CPU:
         malloc keeps freed memory, evaluation in batches of 500 (under glibc's mmap limit), no
-        compiling (it made CPU steps slower)."""
+        compiling (it made CPU steps slower), and channels last for ``config``'s model where
+        CHANNELS_LAST_ON_CPU has it."""
         cuda = device.type == "cuda"
         compiled = {"always": True, "never": False}.get(compile_choice(), epochs_ahead >= COMPILE_PAYS_FROM_EPOCHS)
         return cls(cuda_graphs=cuda, chunk_steps=8 if cuda else 1, switch_interval=0.0005 if cuda else None,
                    keep_freed_memory=not cuda,
                    compile=cuda and compiled,
-                   triton_convs=cuda, eval_batch_size=2000 if cuda else 500)
+                   triton_convs=cuda, eval_batch_size=2000 if cuda else 500,
+                   channels_last=not cuda and config is not None and channels_last_pays_on_cpu(config))
+
+
+# Channels last against channels first, per CPU training step (batch 128, 2 cores,
+# benchmarks/cpu_channels_last.py; cpu-2core-2026-12-01-channels-last.txt): oneDNN's
+# convolutions gain everywhere, but BatchNorm's CPU kernels lose it all on MNIST's 10 and 20
+# channels (0.79-0.97x) and GroupNorm's with few channels a group lose more than that (IN 0.69-0.92x,
+# GN with 8 groups on CIFAR-10 0.86x). On for the models that gained in every measurement:
+# (dataset, norm, groups for gn) -> step speed-up measured.
+CHANNELS_LAST_ON_CPU = {
+    ("mnist", "ln", None): "1.22-1.36x", ("mnist", "gn", 1): "1.28x", ("mnist", "gn", 2): "1.17-1.28x",
+    ("mnist", "gn", 5): "1.23x", ("mnist", "none", None): "1.39-1.51x",
+    ("cifar10", "bn", None): "1.24-1.25x", ("cifar10", "ln", None): "1.08-1.12x",
+    ("cifar10", "gn", 2): "1.09-1.11x", ("cifar10", "none", None): "1.11-1.14x",
+}
+
+
+def channels_last_pays_on_cpu(config: TrainConfig) -> bool:
+    return (config.dataset, config.norm, config.groups if config.norm == "gn" else None) in CHANNELS_LAST_ON_CPU
 
 
 # Compiling the step saves about 0.11 s of a 60,000-image epoch on an H200 (0.14 instead of
