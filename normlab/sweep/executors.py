@@ -13,7 +13,6 @@ import collections
 import multiprocessing
 import multiprocessing.connection
 import os
-import queue
 import signal
 import threading
 import time
