@@ -48,7 +48,7 @@ class Speedups:
     eval_batch_size: int = 500
     # weights and activations in channels-last memory order on the CPU: oneDNN's convolutions
     # run faster so, but some norms' CPU kernels run slower; on where it paid (CHANNELS_LAST_ON_CPU).
-    # The study on the 2-core CPU, one 60,000-image epoch a run: LN and GN train 1.17-1.24x
+    # The study on the 2-core CPU, one 60,000-image epoch a run: LN and GN train 1.20x
     # faster, the classic sweep 1.11x and `normlab train --norm ln` 1.13x end to end
     channels_last: bool = False
 
