@@ -48,7 +48,7 @@ class Speedups:
     eval_batch_size: int = 500
     # weights and activations in channels-last memory order on the CPU: oneDNN's convolutions
     # run faster so, but some norms' CPU kernels run slower; on where it paid (CHANNELS_LAST_ON_CPU).
-    # The study on the 2-core CPU, one 60,000-image epoch a run: LN and GN train 1.20x
+    # The study on the 2-core CPU, one 60,000-image epoch a run: LN and GN train 1.19-1.21x
     # faster, the classic sweep 1.11x and `normlab train --norm ln` 1.13x end to end
     channels_last: bool = False
 
@@ -73,7 +73,7 @@ class Speedups:
 # Channels last against channels first, per CPU training step (batch 128, 2 cores,
 # benchmarks/cpu_channels_last.py, two runs: cpu-2core-2026-12-01-channels-last.txt): oneDNN's
 # convolutions gain everywhere, but BatchNorm's CPU kernels lose it all on MNIST's 10 and 20
-# channels (1.00x; 0.79-0.97x in earlier runs) and IN's lose more than that (0.65-0.78x);
+# channels (1.00x; 0.79-1.04x in earlier runs by hand) and IN's lose more than that (0.65-0.78x);
 # GN with 2 groups on CIFAR-10 went either way (0.96-1.07x). On for the models that gained in
 # both runs: (dataset, norm, groups for gn) -> the step's speed-up measured.
 CHANNELS_LAST_ON_CPU = {
