@@ -19,10 +19,9 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from processes import ROOT, isolated_store, train_benchmark_args
+from processes import ROOT, isolated_store, timed, train_benchmark_args
 
 RUNNING, SUCCEEDED = "=== Running command", ") succeeded ==="
 FROZEN_AT_EXIT = ("import gc, sys\nfrom mlflow.cli import cli\ntry:\n    cli(prog_name='mlflow')\n"
@@ -31,18 +30,15 @@ FROZEN_AT_EXIT = ("import gc, sys\nfrom mlflow.cli import cli\ntry:\n    cli(pro
 
 def stamped(command: list[str], env: dict[str, str], cwd: str) -> tuple[float, dict[str, float]]:
     """(wall seconds, seconds from the start to the first line containing each marker)."""
-    start = time.perf_counter()
     seen: dict[str, float] = {}
-    lines: list[str] = []
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        lines.append(line)
+
+    def note(line: str, seconds: float) -> None:
         for marker in (RUNNING, SUCCEEDED):
-            if marker in line and marker not in seen:
-                seen[marker] = time.perf_counter() - start
-    if process.wait() != 0:
-        sys.exit(f"{' '.join(command)} exited with {process.returncode}:\n{''.join(lines[-20:])}")
-    return time.perf_counter() - start, seen
+            if marker in line:
+                seen.setdefault(marker, seconds)
+
+    wall, _ = timed(command, env, cwd, on_line=note)
+    return wall, seen
 
 
 def main() -> None:

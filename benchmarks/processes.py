@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,9 +36,11 @@ def isolated_store(prefix: str) -> tuple[str, dict[str, str]]:
     return work, env
 
 
-def timed(command: list[str], env: dict[str, str], cwd: str, exit_status: int = 0) -> tuple[float, float]:
+def timed(command: list[str], env: dict[str, str], cwd: str, exit_status: int = 0,
+          on_line: Callable[[str, float], None] | None = None) -> tuple[float, float]:
     """(wall seconds, seconds from the last line of output to the exit); stops the benchmark,
-    with the command's last lines, when it does not exit with ``exit_status``."""
+    with the command's last lines, when it does not exit with ``exit_status``. ``on_line(line,
+    seconds since the start)`` sees each line of output as it comes."""
     start = time.perf_counter()
     last = start
     tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -45,6 +48,8 @@ def timed(command: list[str], env: dict[str, str], cwd: str, exit_status: int = 
     for line in process.stdout:
         last = time.perf_counter()
         tail.append(line)
+        if on_line is not None:
+            on_line(line, last - start)
     if process.wait() != exit_status:
         sys.exit(f"{' '.join(command)} exited with {process.returncode}, not {exit_status}:\n{''.join(tail)}")
     end = time.perf_counter()

@@ -21,6 +21,7 @@ import io
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,11 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from normlab.engine.config import TrainConfig  # noqa: E402
+from benchmarks.speed import STUDY  # noqa: E402
 from normlab.engine.data import DeviceData, load_raw  # noqa: E402
 from normlab.engine.train import Callbacks, Trainer, resolve_device  # noqa: E402
 
-VARIANTS = {"BN + L1": dict(norm="bn", l1=1e-5), "LN": dict(norm="ln"), "GN": dict(norm="gn", groups=2)}
 
 
 def synchronize() -> None:
@@ -114,11 +114,11 @@ def main() -> None:
     data = DeviceData(load_raw("mnist", args.data_dir, download=False), device)
     print(f"{data.device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, {data.train_size:,} "
           f"training and {data.test_size:,} test images, batch 128, the default switches, not compiled")
-    for label, fields in VARIANTS.items():
-        trainer = Trainer(TrainConfig(**fields, epochs=40), data)
+    for config in STUDY:
+        trainer = Trainer(replace(config, epochs=40), data)  # epochs enough for the schedule to last
         trainer.prepare()
         trainer.run_epoch(Callbacks())
-        print(f"\n{label}")
+        print(f"\n{config.label}")
         for part, seconds in epoch_parts(trainer).items():
             print(f"  {part:<32} {seconds * 1000:8.1f} ms")
         count, total_us, top = step_operations(trainer)

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from normlab.engine.config import TrainConfig
+from normlab.engine.config import TrainConfig, architecture_key
 from normlab.errors import ConfigError
 
 if TYPE_CHECKING:  # the package imports no torch: engine_process decides before torch is imported
@@ -84,7 +84,8 @@ CHANNELS_LAST_ON_CPU = {
 
 
 def channels_last_pays_on_cpu(config: TrainConfig) -> bool:
-    return (config.dataset, config.norm, config.groups if config.norm == "gn" else None) in CHANNELS_LAST_ON_CPU
+    dataset, norm, groups, _dropout = architecture_key(config)
+    return (dataset, norm, groups) in CHANNELS_LAST_ON_CPU
 
 
 # Compiling the step saves about 0.11 s of a 60,000-image epoch on an H200 (0.14 instead of
