@@ -41,6 +41,7 @@ from normlab.engine.config import TrainConfig  # noqa: E402
 from normlab.engine.data import DeviceData, load_raw  # noqa: E402
 from normlab.engine.fast import Speedups  # noqa: E402
 from normlab.engine.fast.cpu_dropout import Dropout  # noqa: E402
+from normlab.engine.fast.triton_norms import use_triton_norms
 from normlab.engine.fast.triton_conv import use_triton_convs
 from normlab.engine.models import Net
 from normlab.engine.train import Callbacks, Trainer, resolve_device  # noqa: E402
@@ -462,6 +463,7 @@ def ablation_variants(device: torch.device, compiled_cpu: bool) -> list[tuple[st
     if device.type == "cuda":
         return [("engine: defaults, one CUDA graph per step", replace(default, chunk_steps=1), False),
                 ("engine: defaults, cuDNN convolutions", replace(default, triton_convs=False), False),
+                ("engine: defaults, torch's norm kernels", replace(default, triton_norms=False), False),
                 ("engine: defaults, not compiled", replace(default, compile=False), False),
                 ("engine: no CUDA graphs, not compiled", replace(default, cuda_graphs=False, compile=False), False),
                 ("engine: no CUDA graphs, not compiled, cuDNN convolutions",
@@ -480,8 +482,9 @@ def with_torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def as_notebook_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model as the notebooks have it: torch's own nn.Dropout and convolutions (cuDNN)."""
+    """The model as the notebooks have it: torch's own nn.Dropout, convolutions (cuDNN) and norms."""
     use_triton_convs(with_torch_dropout(model), False)
+    use_triton_norms(model, False)
     return model
 
 

@@ -80,6 +80,7 @@ def step_operations(trainer: Trainer) -> tuple[int, float, list[tuple[str, int, 
     x = trainer.data.normalize(trainer.data.train_x[:trainer.config.batch_size])
     y = trainer.data.train_y[:trainer.config.batch_size]
     rates = torch.tensor([0.01, 0.9], device=x.device)
+    trainer.model.train()  # as run_epoch does: epoch_parts' evaluation left it in eval mode
     for _ in range(3):
         trainer.train_step(x, y, rates)
     synchronize()

@@ -6,6 +6,7 @@ from torch import nn
 
 from normlab.engine.fast.cpu_dropout import Dropout
 from normlab.engine.fast.triton_conv import Conv2d
+from normlab.engine.fast.triton_norms import BatchNorm2d, GroupNorm
 from normlab.engine.models import Net, count_parameters, summarize, summary_text
 from normlab.engine.registry import ARCHITECTURES, NORMS, check_norm, valid_groups, variant_label
 from normlab.errors import ConfigError
@@ -102,7 +103,8 @@ def test_reference_architecture_has_no_biases_and_the_notebook_layout():
         (1, 10, 3), (10, 20, 3), (20, 10, 1), (10, 20, 3), (20, 10, 3), (10, 10, 3), (10, 10, 3), (10, 10, 1)]
     assert convs[6].padding == (1, 1)
     block = list(model.conv1)
-    assert [type(m) for m in block] == [Conv2d, nn.ReLU, nn.BatchNorm2d, Dropout]
+    assert [type(m) for m in block] == [Conv2d, nn.ReLU, BatchNorm2d, Dropout]
+    assert type(Net("mnist", "ln").conv1[2]) is GroupNorm  # torch's layers, run as Triton kernels on a GPU
 
 
 def test_cpu_dropout_drops_p_of_the_elements_independently_and_keeps_the_mean():

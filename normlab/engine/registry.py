@@ -27,6 +27,13 @@ if TYPE_CHECKING:
     import torch
 
 
+def _norm(name: str, *args: int) -> "torch.nn.Module":
+    """torch's BatchNorm2d or GroupNorm, run as Triton kernels on CUDA (engine/fast/triton_norms.py)."""
+    from normlab.engine.fast import triton_norms
+
+    return getattr(triton_norms, name)(*args)
+
+
 def _layer(name: str, *args: int) -> "torch.nn.Module":
     from torch import nn  # only building a model needs torch
 
@@ -43,10 +50,10 @@ class Norm:
 
 
 NORMS: dict[str, Norm] = {
-    "bn": Norm("BN", "(N, H, W) per channel", lambda c, g: _layer("BatchNorm2d", c)),
-    "ln": Norm("LN", "(C, H, W) per sample", lambda c, g: _layer("GroupNorm", 1, c)),
-    "gn": Norm("GN", "(C/G, H, W) per sample and group", lambda c, g: _layer("GroupNorm", g, c)),
-    "in": Norm("IN", "(H, W) per sample and channel", lambda c, g: _layer("GroupNorm", c, c)),
+    "bn": Norm("BN", "(N, H, W) per channel", lambda c, g: _norm("BatchNorm2d", c)),
+    "ln": Norm("LN", "(C, H, W) per sample", lambda c, g: _norm("GroupNorm", 1, c)),
+    "gn": Norm("GN", "(C/G, H, W) per sample and group", lambda c, g: _norm("GroupNorm", g, c)),
+    "in": Norm("IN", "(H, W) per sample and channel", lambda c, g: _norm("GroupNorm", c, c)),
     "none": Norm("no norm", "nothing", lambda c, g: _layer("Identity")),
 }
 

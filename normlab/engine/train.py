@@ -20,6 +20,7 @@ from normlab.engine.data import DeviceData, batch_slices
 from normlab.engine.fast import Speedups
 from normlab.engine.fast.chunked_steps import EpochSteps
 from normlab.engine.fast.host_memory import keep_freed_memory
+from normlab.engine.fast.triton_norms import use_triton_norms
 from normlab.engine.fast.triton_conv import use_triton_convs
 from normlab.engine.models import Net
 from normlab.engine.rng import RunRNG
@@ -187,6 +188,7 @@ class Trainer:
             self.model = Net(config.dataset, config.norm, config.groups, config.dropout).to(device)
         if warm is None:
             use_triton_convs(self.model, self.speedups.triton_convs)
+            use_triton_norms(self.model, self.speedups.triton_norms)
             if self.speedups.channels_last:
                 self.model.to(memory_format=torch.channels_last)
         else:

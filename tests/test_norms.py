@@ -1,0 +1,192 @@
+"""normlab.engine.fast.triton_norms' BatchNorm2d and GroupNorm train what torch's train.
+
+As in test_conv.py, CI has no GPU, so there the kernels run in Triton's interpreter
+(TRITON_INTERPRET=1, in a subprocess: the switch is read when the kernels are defined), and
+the layer's training path runs on CPU tensors with its CUDA check lifted: the same kernel
+code, indexing and masking as on the GPU. On a GPU the tests run the layer itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from normlab.engine.config import TrainConfig
+from normlab.engine.data import DeviceData, load_raw
+from normlab.engine.fast import Speedups
+from normlab.engine.fast import triton_norms
+from normlab.engine.models import Net
+from normlab.engine.train import Callbacks, Trainer
+from tests.mnist_fixture import write_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# (layer, groups, batch, channels, height, width): the MNIST model's norm inputs at batch 128
+# (and a batch too small to give every BatchNorm program a sample), CIFAR-10's widest, maps
+# narrower and wider than one block of pixels, a 1x3 map; LN, GN and IN.
+CASES = [("BatchNorm2d", 0, 128, 10, 26, 26), ("BatchNorm2d", 0, 3, 20, 24, 24), ("BatchNorm2d", 0, 128, 10, 9, 9),
+         ("BatchNorm2d", 0, 7, 32, 32, 32), ("BatchNorm2d", 0, 5, 10, 33, 33), ("BatchNorm2d", 0, 2, 3, 1, 3),
+         ("GroupNorm", 1, 128, 10, 26, 26), ("GroupNorm", 2, 3, 20, 24, 24), ("GroupNorm", 1, 7, 32, 32, 32),
+         ("GroupNorm", 4, 5, 16, 33, 33), ("GroupNorm", 10, 4, 10, 9, 9), ("GroupNorm", 1, 2, 3, 1, 1)]
+INTERPRETED = [case for case in CASES if case[2:] != (128, 10, 26, 26)]  # numpy's pace: 6x faster without
+
+COMPARE = """
+import json, sys, torch
+from normlab.engine.fast import triton_norms
+torch.manual_seed(0)
+device = sys.argv[2]
+if device == "cpu":  # the interpreter runs the kernels on CPU tensors
+    triton_norms.usable = lambda x, layer: True
+errors = []
+for layer, groups, n, c, h, w in json.loads(sys.argv[1]):
+    # activations after a ReLU: positive means, where a one-pass variance would lose digits
+    x = torch.randn(n, c, h, w, dtype=torch.float64).relu() * 3 + 0.5
+    args = (c,) if layer == "BatchNorm2d" else (groups, c)
+    ref = getattr(torch.nn, layer)(*args).double()
+    ref.weight.data.uniform_(0.5, 1.5), ref.bias.data.uniform_(-0.5, 0.5)
+    ours = getattr(triton_norms, layer)(*args).to(device)
+    ours.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()})
+    xr = x.clone().requires_grad_()
+    want = ref(xr)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (xr, ref.weight, ref.bias), g)
+    xs = x.float().to(device).requires_grad_()
+    got = ours(xs)
+    got_grads = torch.autograd.grad(got, (xs, ours.weight, ours.bias), g.float().to(device))
+    scale = lambda t: t.abs().max().item()
+    row = [(a.double().cpu() - b).abs().max().item() / scale(b)
+           for a, b in zip((got, *got_grads), (want, *want_grads))]
+    if layer == "BatchNorm2d":
+        for name in ("running_mean", "running_var"):
+            a, b = getattr(ours, name).double().cpu(), getattr(ref, name)
+            row.append((a - b).abs().max().item() / scale(b))
+        row.append(int(ours.num_batches_tracked) - int(ref.num_batches_tracked))
+    errors.append(row)
+print(json.dumps(errors))
+"""
+
+
+def compare(cases: list[tuple], device: str, env: dict[str, str] | None = None) -> list[list[float]]:
+    """For each case, the layer's relative errors against torch's in float64: output,
+    d x, d weight, d bias; for BatchNorm also the running mean and variance, then the batch
+    count's difference."""
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", COMPARE, json.dumps(cases), device], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(errors) == len(cases)
+    return errors
+
+
+def assert_matches_float64(cases: list[tuple], errors: list[list[float]]) -> None:
+    for case, row in zip(cases, errors):
+        if case[0] == "BatchNorm2d":
+            *row, batches = row
+            assert batches == 0, (case, batches)
+        assert max(row) < 2e-5, (case, row)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the layer itself is compared")
+def test_the_layers_compute_torchs_norms_and_their_gradients_in_the_interpreter():
+    assert_matches_float64(INTERPRETED, compare(INTERPRETED, "cpu", {"TRITON_INTERPRET": "1"}))
+
+
+@needs_cuda
+def test_on_a_gpu_the_layers_compute_torchs_norms_and_their_gradients():
+    assert_matches_float64(CASES, compare(CASES, "cuda"))
+
+
+@pytest.mark.parametrize("layer, args", [("BatchNorm2d", (10,)), ("GroupNorm", (1, 10)), ("GroupNorm", (2, 10))])
+def test_on_the_cpu_the_layers_are_torchs(layer, args):
+    """Where the kernels cannot run, normlab's layers are torch's: same output and state,
+    bit for bit, in training and in evaluation."""
+    torch.manual_seed(0)
+    ours, theirs = getattr(triton_norms, layer)(*args), getattr(torch.nn, layer)(*args)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 10, 6, 6) * 2 + 1
+    assert not triton_norms.usable(x, ours)
+    assert torch.equal(ours(x), theirs(x))
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    ours.eval(), theirs.eval()
+    assert torch.equal(ours(x), theirs(x))
+
+
+def test_the_kernels_are_on_by_default_only_on_a_gpu_and_not_with_compiling(monkeypatch):
+    """Compiled, Inductor generates the norms' kernels itself."""
+    assert Speedups.default(torch.device("cuda")).triton_norms
+    assert not Speedups.default(torch.device("cpu")).triton_norms
+    monkeypatch.setenv("NORMLAB_COMPILE", "always")
+    assert not Speedups.default(torch.device("cuda")).triton_norms
+
+
+KERNELS = ("_moments", "_batch_normalize", "_group_normalize", "_grad_sums", "_batch_input_grad", "_group_input_grad")
+
+
+def kernel_launches(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """How many times a training forward and backward of the model launched each norm kernel."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        model(x).sum().backward()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    counts = {kernel: names.count(kernel) for kernel in KERNELS}
+    return {kernel: count for kernel, count in counts.items() if count}
+
+
+@needs_cuda
+def test_on_a_gpu_the_models_run_their_norms_as_the_kernels_unless_switched_off():
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 28, 28, device="cuda")
+    bn, ln = Net("mnist", "bn").cuda(), Net("mnist", "ln").cuda()
+    assert sum(isinstance(m, triton_norms.BatchNorm2d) for m in bn.modules()) == 6
+    assert kernel_launches(bn, x) == {"_moments": 6, "_batch_normalize": 6, "_grad_sums": 6, "_batch_input_grad": 6}
+    assert kernel_launches(ln, x) == {"_moments": 6, "_group_normalize": 6, "_grad_sums": 6, "_group_input_grad": 6}
+    for model in (bn, ln):
+        triton_norms.use_triton_norms(model, False)
+        assert kernel_launches(model, x) == {}
+
+
+@needs_cuda
+@pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
+def test_on_a_gpu_the_engine_trains_with_the_kernels_what_it_trains_with_torchs(tmp_path, norm):
+    """The engine's default (CUDA graphs, Triton convolutions and norms) against the same with
+    torch's norm kernels, the convolutions in full fp32 precision (3xTF32; with TF32 the two
+    round differently from the first step on): from the same weights one step's gradients
+    agree to float rounding, and two epochs of training as closely as training's chaos
+    allows (test_step.py's channels-last test)."""
+    data = DeviceData(load_raw("mnist", write_mnist(tmp_path, train=2000, test=500), download=False), "cuda")
+    config = TrainConfig(norm=norm, l1=1e-5 if norm == "bn" else 0.0, epochs=2, seed=3)
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        ours = Trainer(config, data)
+        theirs = Trainer(config, data, speedups=replace(ours.speedups, triton_norms=False))
+        assert ours.speedups.triton_norms and not theirs.speedups.triton_norms
+        x, y = data.normalize(data.train_x[:128]), data.train_y[:128]
+        ours_grads, theirs_grads = (step_gradients(trainer, x, y) for trainer in (ours, theirs))
+        for name, a, b in zip(dict(ours.model.named_parameters()), ours_grads, theirs_grads):
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max(), name
+        for _ in range(config.epochs):
+            a, b = ours.run_epoch(Callbacks()), theirs.run_epoch(Callbacks())
+            assert a.train_loss == pytest.approx(b.train_loss, rel=5e-3)  # measured: 1e-4 to 2e-3
+            assert a.test_loss == pytest.approx(b.test_loss, rel=5e-3)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
+def step_gradients(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """The gradients of one training step's loss (dropout drawn from a fixed seed)."""
+    trainer.model.train()
+    torch.manual_seed(0)
+    loss = F.nll_loss(trainer.model(x), y)
+    return list(torch.autograd.grad(loss, list(trainer.model.parameters())))
