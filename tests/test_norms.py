@@ -39,54 +39,45 @@ CASES = [("BatchNorm2d", 0, 128, 10, 26, 26), ("BatchNorm2d", 0, 3, 20, 24, 24),
          ("GroupNorm", 4, 5, 16, 33, 33), ("GroupNorm", 10, 4, 10, 9, 9), ("GroupNorm", 1, 2, 3, 1, 1)]
 INTERPRETED = [case for case in CASES if case[2:] != (128, 10, 26, 26)]  # numpy's pace: 6x faster without
 
-COMPARE = """
-import json, sys, torch
-from normlab.engine.fast import triton_norms
-torch.manual_seed(0)
-device = sys.argv[2]
-if device == "cpu":  # the interpreter runs the kernels on CPU tensors
-    triton_norms.usable = lambda x, layer: True
-errors = []
-for layer, groups, n, c, h, w in json.loads(sys.argv[1]):
-    # activations after a ReLU: positive means, where a one-pass variance would lose digits
-    x = torch.randn(n, c, h, w, dtype=torch.float64).relu() * 3 + 0.5
-    args = (c,) if layer == "BatchNorm2d" else (groups, c)
-    ref = getattr(torch.nn, layer)(*args).double()
-    ref.weight.data.uniform_(0.5, 1.5), ref.bias.data.uniform_(-0.5, 0.5)
-    ours = getattr(triton_norms, layer)(*args).to(device)
-    ours.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()})
-    xr = x.clone().requires_grad_()
-    want = ref(xr)
-    g = torch.randn_like(want)
-    want_grads = torch.autograd.grad(want, (xr, ref.weight, ref.bias), g)
-    xs = x.float().to(device).requires_grad_()
-    got = ours(xs)
-    got_grads = torch.autograd.grad(got, (xs, ours.weight, ours.bias), g.float().to(device))
-    scale = lambda t: t.abs().max().item()
-    row = [(a.double().cpu() - b).abs().max().item() / scale(b)
-           for a, b in zip((got, *got_grads), (want, *want_grads))]
-    if layer == "BatchNorm2d":
-        for name in ("running_mean", "running_var"):
-            a, b = getattr(ours, name).double().cpu(), getattr(ref, name)
-            row.append((a - b).abs().max().item() / scale(b))
-        row.append(int(ours.num_batches_tracked) - int(ref.num_batches_tracked))
-    errors.append(row)
-print(json.dumps(errors))
-"""
-
-
-def compare(cases: list[tuple], device: str, env: dict[str, str] | None = None) -> list[list[float]]:
-    """For each case, the layer's relative errors against torch's in float64: output,
+def layer_errors(cases: list[tuple], device: str) -> list[list[float]]:
+    """For each case, normlab's layer's relative errors against torch's in float64: output,
     d x, d weight, d bias; for BatchNorm also the running mean and variance, then the batch
     count's difference."""
-    env = {**os.environ, **(env or {}),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", COMPARE, json.dumps(cases), device], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(errors) == len(cases)
+    torch.manual_seed(0)
+    errors = []
+    for layer, groups, n, c, h, w in cases:
+        # activations after a ReLU: positive means, where a one-pass variance would lose digits
+        x = torch.randn(n, c, h, w, dtype=torch.float64).relu() * 3 + 0.5
+        args = (c,) if layer == "BatchNorm2d" else (groups, c)
+        ref = getattr(torch.nn, layer)(*args).double()
+        ref.weight.data.uniform_(0.5, 1.5), ref.bias.data.uniform_(-0.5, 0.5)
+        ours = getattr(triton_norms, layer)(*args).to(device)
+        ours.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()})
+        xr = x.clone().requires_grad_()
+        want = ref(xr)
+        g = torch.randn_like(want)
+        want_grads = torch.autograd.grad(want, (xr, ref.weight, ref.bias), g)
+        xs = x.float().to(device).requires_grad_()
+        got = ours(xs)
+        got_grads = torch.autograd.grad(got, (xs, ours.weight, ours.bias), g.float().to(device))
+        pairs = list(zip((got, *got_grads), (want, *want_grads)))
+        if layer == "BatchNorm2d":
+            pairs += [(getattr(ours, name), getattr(ref, name)) for name in ("running_mean", "running_var")]
+        row = [((a.double().cpu() - b).abs().max() / b.abs().max()).item() for a, b in pairs]
+        if layer == "BatchNorm2d":
+            row.append(int(ours.num_batches_tracked) - int(ref.num_batches_tracked))
+        errors.append(row)
     return errors
+
+
+# Triton reads TRITON_INTERPRET when the kernels are defined: a process of its own
+INTERPRET = """
+import json, sys
+from normlab.engine.fast import triton_norms
+from tests.test_norms import layer_errors
+triton_norms.usable = lambda x, layer: True  # the interpreter runs the kernels on CPU tensors
+print(json.dumps(layer_errors(json.loads(sys.argv[1]), "cpu")))
+"""
 
 
 def assert_matches_float64(cases: list[tuple], errors: list[list[float]]) -> None:
@@ -99,12 +90,19 @@ def assert_matches_float64(cases: list[tuple], errors: list[list[float]]) -> Non
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the layer itself is compared")
 def test_the_layers_compute_torchs_norms_and_their_gradients_in_the_interpreter():
-    assert_matches_float64(INTERPRETED, compare(INTERPRETED, "cpu", {"TRITON_INTERPRET": "1"}))
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", INTERPRET, json.dumps(INTERPRETED)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(errors) == len(INTERPRETED)
+    assert_matches_float64(INTERPRETED, errors)
 
 
 @needs_cuda
 def test_on_a_gpu_the_layers_compute_torchs_norms_and_their_gradients():
-    assert_matches_float64(CASES, compare(CASES, "cuda"))
+    assert_matches_float64(CASES, layer_errors(CASES, "cuda"))
 
 
 @pytest.mark.parametrize("layer, args", [("BatchNorm2d", (10,)), ("GroupNorm", (1, 10)), ("GroupNorm", (2, 10))])
