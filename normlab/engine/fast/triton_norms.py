@@ -27,7 +27,6 @@ dx = 1/std * (g * w - mean(g * w) - xhat * mean(g * w * xhat)); a channel's firs
 also adds up d weight and d bias over the samples.
 """
 
-
 from __future__ import annotations
 
 import torch
@@ -36,19 +35,20 @@ from torch import nn
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs without Triton use torch's BatchNorm
+except ImportError:  # CPU-only installs without Triton use torch's norms
     triton = None
 
 
 def usable(x: torch.Tensor, layer: nn.BatchNorm2d | nn.GroupNorm) -> bool:
     """Whether the kernels can normalize x here: CUDA, Triton, a contiguous NCHW fp32 input
-    with int32 offsets, and the layer's common form (affine; BatchNorm with running
+    with int32 offsets, and the layer's common form (affine; GroupNorm with at most 65,535
+    samples, CUDA's limit on the programs' second grid dimension; BatchNorm with running
     statistics of a fixed momentum and more than one value per channel)."""
     if not (triton is not None and x.is_cuda and x.dtype == torch.float32 and x.dim() == 4
             and x.is_contiguous() and x.numel() < 2**31 and layer.affine):
         return False
     if isinstance(layer, nn.GroupNorm):
-        return True
+        return x.shape[0] < 2**16
     return layer.track_running_stats and layer.momentum is not None and x.shape[0] * x.shape[2] * x.shape[3] > 1
 
 
