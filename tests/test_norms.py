@@ -30,14 +30,15 @@ from tests.mnist_fixture import write_mnist
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# (layer, groups, batch, channels, height, width): the MNIST model's norm inputs at batch 128
-# (and a batch too small to give every BatchNorm program a sample), CIFAR-10's widest, maps
-# narrower and wider than one block of pixels, a 1x3 map; LN, GN and IN.
-CASES = [("BatchNorm2d", 0, 128, 10, 26, 26), ("BatchNorm2d", 0, 3, 20, 24, 24), ("BatchNorm2d", 0, 128, 10, 9, 9),
-         ("BatchNorm2d", 0, 7, 32, 32, 32), ("BatchNorm2d", 0, 5, 10, 33, 33), ("BatchNorm2d", 0, 2, 3, 1, 3),
-         ("GroupNorm", 1, 128, 10, 26, 26), ("GroupNorm", 2, 3, 20, 24, 24), ("GroupNorm", 1, 7, 32, 32, 32),
+# (layer, groups, batch, channels, height, width): the MNIST model's norm inputs at batch 128;
+# 53 samples, which BatchNorm's 10-channel split gives two a program and one to the last;
+# CIFAR-10's widest layer; maps narrower and wider than one block of pixels, a 1x3 map; LN,
+# GN and IN.
+CASES = [("BatchNorm2d", 0, 128, 10, 26, 26), ("BatchNorm2d", 0, 3, 20, 24, 24), ("BatchNorm2d", 0, 53, 10, 9, 9),
+         ("BatchNorm2d", 0, 3, 32, 32, 32), ("BatchNorm2d", 0, 5, 10, 33, 33), ("BatchNorm2d", 0, 2, 3, 1, 3),
+         ("GroupNorm", 1, 128, 10, 26, 26), ("GroupNorm", 2, 3, 20, 24, 24), ("GroupNorm", 1, 3, 32, 32, 32),
          ("GroupNorm", 4, 5, 16, 33, 33), ("GroupNorm", 10, 4, 10, 9, 9), ("GroupNorm", 1, 2, 3, 1, 1)]
-INTERPRETED = [case for case in CASES if case[2:] != (128, 10, 26, 26)]  # numpy's pace: 6x faster without
+INTERPRETED = [case for case in CASES if case[2] != 128]  # the interpreter's pace: about 3x faster without
 
 def layer_errors(cases: list[tuple], device: str) -> list[list[float]]:
     """For each case, normlab's layer's relative errors against torch's in float64: output,
