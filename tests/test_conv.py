@@ -8,11 +8,6 @@ them with float64 in both precisions torch's TF32 switch selects.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +16,8 @@ import torch.nn.functional as F
 from normlab.engine.fast import triton_conv as conv
 from normlab.engine.fast.triton_conv import Conv2d, use_triton_convs
 from normlab.engine.models import Net
+from tests.triton_interpreter import interpreted
 
-ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # (batch, in, out, size, kernel, padding): the MNIST model's layers, the 1x1 head on a 1x1
@@ -57,13 +52,7 @@ print(json.dumps(errors))
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels themselves are compared with float64")
 def test_the_kernels_compute_torchs_convolution_and_its_gradients_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", COMPARE, json.dumps(SHAPES)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(errors) == len(SHAPES)
+    errors = interpreted(COMPARE, SHAPES)
     for shape, (forward, input_grad, weight_grad) in zip(SHAPES, errors):
         assert max(forward, input_grad, weight_grad) < 1e-5, (shape, forward, input_grad, weight_grad)
 

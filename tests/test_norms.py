@@ -1,19 +1,14 @@
 """normlab.engine.fast.triton_norms' BatchNorm2d and GroupNorm train what torch's train.
 
 As in test_conv.py, CI has no GPU, so there the kernels run in Triton's interpreter
-(TRITON_INTERPRET=1, in a subprocess: the switch is read when the kernels are defined), and
-the layer's training path runs on CPU tensors with its CUDA check lifted: the same kernel
-code, indexing and masking as on the GPU. On a GPU the tests run the layer itself.
+(tests/triton_interpreter.py), and the layer's training path runs on CPU tensors with its
+CUDA check lifted: the same kernel code, indexing and masking as on the GPU. On a GPU the
+tests run the layer itself.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,8 +21,8 @@ from normlab.engine.fast import triton_norms
 from normlab.engine.models import Net
 from normlab.engine.train import Callbacks, Trainer
 from tests.mnist_fixture import write_mnist
+from tests.triton_interpreter import interpreted
 
-ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # (layer, groups, batch, channels, height, width): the MNIST model's norm inputs at batch 128;
@@ -91,13 +86,7 @@ def assert_matches_float64(cases: list[tuple], errors: list[list[float]]) -> Non
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the layer itself is compared")
 def test_the_layers_compute_torchs_norms_and_their_gradients_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", INTERPRET, json.dumps(INTERPRETED)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(errors) == len(INTERPRETED)
+    errors = interpreted(INTERPRET, INTERPRETED)
     assert_matches_float64(INTERPRETED, errors)
 
 
