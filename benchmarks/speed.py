@@ -41,8 +41,8 @@ from normlab.engine.config import TrainConfig  # noqa: E402
 from normlab.engine.data import DeviceData, load_raw  # noqa: E402
 from normlab.engine.fast import Speedups  # noqa: E402
 from normlab.engine.fast.cpu_dropout import Dropout  # noqa: E402
-from normlab.engine.fast.triton_norms import use_triton_norms
 from normlab.engine.fast.triton_conv import use_triton_convs
+from normlab.engine.fast.triton_norms import use_triton_norms
 from normlab.engine.models import Net
 from normlab.engine.train import Callbacks, Trainer, resolve_device  # noqa: E402
 from normlab.tracking import results_log, run_log

@@ -8,7 +8,6 @@ them with float64 in both precisions torch's TF32 switch selects.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from normlab.engine.fast import triton_conv as conv
 from normlab.engine.fast.triton_conv import Conv2d, use_triton_convs
 from normlab.engine.models import Net
-from tests.triton_interpreter import interpreted
+from tests.triton_kernels import interpreted, kernel_launches
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -88,13 +87,7 @@ def test_on_a_gpu_the_kernels_match_float64(tf32, tolerance):
         torch.backends.cudnn.allow_tf32 = saved
 
 
-def kernel_launches(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """How many times a forward and backward of the model launched each Triton kernel."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        model(x).sum().backward()
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events()]
-    return {kernel: sum(kernel in name for name in names) for kernel in ("_gather_gemm", "_weight_grad_parts")}
+KERNELS = ("_gather_gemm", "_weight_grad_parts")
 
 
 @needs_cuda
@@ -104,8 +97,8 @@ def test_on_a_gpu_the_model_runs_its_convolutions_as_the_kernels_unless_switched
     x = torch.randn(64, 1, 28, 28, device="cuda")
     assert sum(isinstance(m, Conv2d) for m in model.modules()) == 8
     # forward of all 8, input gradients of all but conv1 (the image needs none), 8 weight gradients
-    assert kernel_launches(model, x) == {"_gather_gemm": 8 + 7, "_weight_grad_parts": 8}
+    assert kernel_launches(model, x, KERNELS) == {"_gather_gemm": 8 + 7, "_weight_grad_parts": 8}
     use_triton_convs(model, False)
-    assert kernel_launches(model, x) == {"_gather_gemm": 0, "_weight_grad_parts": 0}
+    assert kernel_launches(model, x, KERNELS) == {"_gather_gemm": 0, "_weight_grad_parts": 0}
     strided = Conv2d(10, 10, 3, stride=2, bias=False).cuda()
     assert not conv.usable(torch.randn(2, 10, 8, 8, device="cuda"), strided)

@@ -1,7 +1,7 @@
 """normlab.engine.fast.triton_norms' BatchNorm2d and GroupNorm train what torch's train.
 
 As in test_conv.py, CI has no GPU, so there the kernels run in Triton's interpreter
-(tests/triton_interpreter.py), and the layer's training path runs on CPU tensors with its
+(tests/triton_kernels.py), and the layer's training path runs on CPU tensors with its
 CUDA check lifted: the same kernel code, indexing and masking as on the GPU. On a GPU the
 tests run the layer itself.
 """
@@ -21,7 +21,7 @@ from normlab.engine.fast import triton_norms
 from normlab.engine.models import Net
 from normlab.engine.train import Callbacks, Trainer
 from tests.mnist_fixture import write_mnist
-from tests.triton_interpreter import interpreted
+from tests.triton_kernels import interpreted, kernel_launches
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -121,14 +121,9 @@ def test_the_kernels_are_on_by_default_only_on_a_gpu_and_not_with_compiling(monk
 KERNELS = ("_moments", "_batch_normalize", "_group_normalize", "_grad_sums", "_batch_input_grad", "_group_input_grad")
 
 
-def kernel_launches(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """How many times a training forward and backward of the model launched each norm kernel."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        model(x).sum().backward()
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events()]
-    counts = {kernel: names.count(kernel) for kernel in KERNELS}
-    return {kernel: count for kernel, count in counts.items() if count}
+def launched(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """The norm kernels a training forward and backward of the model launched, and how often."""
+    return {kernel: count for kernel, count in kernel_launches(model, x, KERNELS).items() if count}
 
 
 @needs_cuda
@@ -137,11 +132,11 @@ def test_on_a_gpu_the_models_run_their_norms_as_the_kernels_unless_switched_off(
     x = torch.randn(64, 1, 28, 28, device="cuda")
     bn, ln = Net("mnist", "bn").cuda(), Net("mnist", "ln").cuda()
     assert sum(isinstance(m, triton_norms.BatchNorm2d) for m in bn.modules()) == 6
-    assert kernel_launches(bn, x) == {"_moments": 6, "_batch_normalize": 6, "_grad_sums": 6, "_batch_input_grad": 6}
-    assert kernel_launches(ln, x) == {"_moments": 6, "_group_normalize": 6, "_grad_sums": 6, "_group_input_grad": 6}
+    assert launched(bn, x) == {"_moments": 6, "_batch_normalize": 6, "_grad_sums": 6, "_batch_input_grad": 6}
+    assert launched(ln, x) == {"_moments": 6, "_group_normalize": 6, "_grad_sums": 6, "_group_input_grad": 6}
     for model in (bn, ln):
         triton_norms.use_triton_norms(model, False)
-        assert kernel_launches(model, x) == {}
+        assert launched(model, x) == {}
 
 
 @needs_cuda

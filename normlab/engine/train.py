@@ -20,8 +20,8 @@ from normlab.engine.data import DeviceData, batch_slices
 from normlab.engine.fast import Speedups
 from normlab.engine.fast.chunked_steps import EpochSteps
 from normlab.engine.fast.host_memory import keep_freed_memory
-from normlab.engine.fast.triton_norms import use_triton_norms
 from normlab.engine.fast.triton_conv import use_triton_convs
+from normlab.engine.fast.triton_norms import use_triton_norms
 from normlab.engine.models import Net
 from normlab.engine.rng import RunRNG
 from normlab.engine.step import TrainStep
