@@ -1,13 +1,13 @@
 """How much more training one GPU does with several runs at once, engine alone.
 
-The sweep's worker trains up to three runs at once, each in a thread with its own CUDA
-stream. In the 10-seed study (benchmarks/e2e.py) three compiled runs at once gave only 1.33x
-the training of one, while three bare step graphs replayed on three streams give about 2x
-(benchmarks/stacked_seeds.py). This times whole epochs of ordinary Trainers (shuffle and
-augmentation, 64-step graphs, evaluation, the per-epoch reads) without MLflow, one after
-another against N threads at once, for each set of speed switches, to find where it is lost.
+The sweep's engine trains up to RUNS_PER_GPU runs at once on a GPU, each in a thread with its
+own CUDA stream. This times whole epochs of ordinary Trainers (shuffle and augmentation,
+graphed steps, evaluation, the per-epoch reads) without MLflow, one run alone against N
+threads at once, for each set of speed switches (SWITCH_SETS), to show what one GPU can give
+the sweep's runs at most.
 
     python benchmarks/concurrency.py --data-dir DATA --epochs 5 --runs 1,3,6
+    python benchmarks/concurrency.py --data-dir DATA --runs 1,6,10 --sets compiled
 """
 
 from __future__ import annotations
@@ -29,6 +29,18 @@ from normlab.engine.data import DeviceData, load_raw  # noqa: E402
 from normlab.engine.fast import Speedups  # noqa: E402
 from normlab.engine.config import TrainConfig
 from normlab.engine.train import Callbacks, Trainer  # noqa: E402
+
+
+# name -> (what it is, its changes to the default switches on a GPU)
+SWITCH_SETS = {
+    "default": ("graphs + Triton convs and norms (the default for a short study)", {}),
+    "cudnn": ("graphs + cuDNN convs, torch's norms", {"triton_convs": False, "triton_norms": False}),
+    "compiled": ("graphs + Triton convs, compiled (the default for 10 seeds)",
+                 {"compile": True, "triton_norms": False}),
+    "compiled-cudnn": ("graphs + cuDNN convs, compiled",
+                       {"compile": True, "triton_convs": False, "triton_norms": False}),
+    "compiled-triton-norms": ("graphs + Triton convs and norms, compiled", {"compile": True, "triton_norms": True}),
+}
 
 
 def train_at_once(trainers: list[Trainer], epochs: int, streams: list[torch.cuda.Stream]) -> float:
@@ -55,29 +67,27 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--runs", default="1,3,6")
     parser.add_argument("--norm", default="ln")
+    parser.add_argument("--sets", default=",".join(SWITCH_SETS), help=f"comma list from {', '.join(SWITCH_SETS)}")
     args = parser.parse_args()
     device = torch.device("cuda")
     data = DeviceData(load_raw("mnist", args.data_dir, download=False), device)
     base = Speedups.default(device)
-    switch_sets = {
-        "graphs + Triton convs (default)": base,
-        "graphs + cuDNN convs": replace(base, triton_convs=False),
-        "graphs + Triton convs, compiled": replace(base, compile=True),
-        "graphs + cuDNN convs, compiled": replace(base, compile=True, triton_convs=False),
-    }
     counts = [int(n) for n in args.runs.split(",")]
     print(f"{torch.cuda.get_device_name()}  {data.train_size:,} training images  {args.norm}  "
           f"{args.epochs} epochs per run (after one to warm up)")
-    for name, speedups in switch_sets.items():
+    for name in args.sets.split(","):
+        description, changes = SWITCH_SETS[name]
+        speedups = replace(base, **changes)
         trainers = []
         for seed in range(1, max(counts) + 1):
-            trainer = Trainer(TrainConfig(norm=args.norm, seed=seed, epochs=args.epochs * len(counts) + 5), data, speedups=speedups)
+            config = TrainConfig(norm=args.norm, seed=seed, epochs=args.epochs * len(counts) + 5)
+            trainer = Trainer(config, data, speedups=speedups)
             trainer.prepare()
             trainer.run_epoch(Callbacks())
             trainers.append(trainer)
         streams = [torch.cuda.Stream() for _ in trainers]
         alone = statistics.median(train_at_once(trainers[:1], 1, streams) for _ in range(3))
-        print(f"\n{name}: one epoch alone {alone:.3f} s")
+        print(f"\n{description}: one epoch alone {alone:.3f} s")
         for n in counts:
             wall = train_at_once(trainers[:n], args.epochs, streams)
             per_epoch = wall / args.epochs

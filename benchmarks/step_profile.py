@@ -11,6 +11,10 @@ prints, for each variant of the classic study, on the default device (a GPU wher
   those that take most of it; on the CPU its operators' own time.
 
     python benchmarks/step_profile.py --data-dir DATA
+    python benchmarks/step_profile.py --data-dir DATA --switches compile=1,triton_norms=0  # as ten seeds run
+
+--switches changes the default switches of a short run (Speedups.default) as written: compile=1
+alone keeps the Triton norms, which a compiled step by default does not use.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.speed import STUDY  # noqa: E402
 from normlab.engine.data import DeviceData, load_raw  # noqa: E402
+from normlab.engine.fast import Speedups  # noqa: E402
 from normlab.engine.train import Callbacks, Trainer, resolve_device  # noqa: E402
 
 
@@ -110,13 +115,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--switches", default="", help="NAME=0|1,... changes to the default Speedups")
     args = parser.parse_args()
     device = resolve_device("auto")
     data = DeviceData(load_raw("mnist", args.data_dir, download=False), device)
+    changes = {name: bool(int(value)) for name, _, value in
+               (pair.partition("=") for pair in filter(None, args.switches.split(",")))}
+    speedups = replace(Speedups.default(device), **changes)
     print(f"{data.device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, {data.train_size:,} "
-          f"training and {data.test_size:,} test images, batch 128, the default switches, not compiled")
+          f"training and {data.test_size:,} test images, batch 128, the default switches"
+          f"{' with ' + args.switches if changes else ''}: {speedups}")
     for config in STUDY:
-        trainer = Trainer(replace(config, epochs=40), data)  # epochs enough for the schedule to last
+        trainer = Trainer(replace(config, epochs=40), data, speedups=speedups)  # epochs enough for the schedule
         trainer.prepare()
         trainer.run_epoch(Callbacks())
         print(f"\n{config.label}")
