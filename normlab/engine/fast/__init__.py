@@ -38,8 +38,9 @@ class Speedups:
     switch_interval: float | None = None  # seconds; None leaves the process's as it is
     # glibc keeps freed activations for the next step (host_memory.py): 1.25x per CPU step
     keep_freed_memory: bool = False
-    # torch.compile of the step's forward, loss and update: 0.25 s -> 0.14 s an epoch, but
-    # 22-29 s per variant on cold caches, 1.7-2.9 s on warm ones: see COMPILE_PAYS_FROM_EPOCHS
+    # torch.compile of the step's forward, loss and update: 0.20 s -> 0.15 s an epoch (BN, against
+    # the Triton norms), but 22-29 s per variant on cold caches, 1.7-2.9 s on warm ones: see
+    # COMPILE_PAYS_FROM_EPOCHS
     compile: bool = False
     # the convolutions as Triton kernels (triton_conv.py) instead of cuDNN: 0.36 s -> 0.26 s an
     # epoch with graphs; 12.8 s once on a cold Triton cache
@@ -47,8 +48,9 @@ class Speedups:
     # the norms (BN, GN, LN, IN) as Triton kernels (triton_norms.py) instead of torch's, which
     # give a channel's reduction to one thread block or a few: an epoch with graphs, BN 0.280 ->
     # 0.200 s, LN 0.257 -> 0.187 s, GN 0.254 -> 0.189 s; end to end, `normlab train --norm ln`
-    # 1.10x, `mlflow run` 1.06x, the classic sweep 1.04x. Not when compiled: Inductor generates
-    # the norms' kernels itself
+    # 1.10x, `mlflow run` 1.06x, the classic sweep 1.04x. Not when compiled: Inductor's own norm
+    # kernels, fused with their neighbours, are faster (BN epochs 0.148 s; these kernels traced
+    # into a compiled step 0.200 s: h200-2026-12-01b-concurrency-bn.txt)
     triton_norms: bool = False
     # test images per forward pass: 2,000 instead of 1,000 took evaluation from 2.0 to 1.2 ms
     eval_batch_size: int = 500
@@ -94,11 +96,15 @@ def channels_last_pays_on_cpu(config: TrainConfig) -> bool:
     return (dataset, norm, groups) in CHANNELS_LAST_ON_CPU
 
 
-# Compiling the step saves about 0.11 s of a 60,000-image epoch on an H200 (0.14 instead of
-# 0.25 s) and costs 22-29 s per variant on a machine whose compile caches are empty, 1.7-2.9 s
-# once they hold it (benchmarks/results/h200-2026-11-29-compile-rule.txt). A process cannot
-# tell which it will get, so it compiles when even the cold cost is paid back: from 200
-# epochs of one variant and batch size (ten 20-epoch runs, a 10-seed study's share).
+# Compiling the step costs 22-29 s per variant on a machine whose compile caches are empty,
+# 1.7-2.9 s once they hold it (benchmarks/results/h200-2026-11-29-compile-rule.txt). Against
+# the uncompiled step with the Triton norms it saves 0.05 s of a 60,000-image epoch on an H200
+# (0.15 instead of 0.20 s, BN), and 0.018 s a run-epoch with six runs at once (0.076 instead of
+# 0.094 s): the 10-seed study, warm, took 65.4 s instead of 71.4 s (1.09x,
+# h200-2026-12-01b-e2e-10seeds-compiled-vs-not.txt). At 200 epochs of one variant and batch
+# size (ten 20-epoch runs, a 10-seed study's share) that pays on warm caches, not on empty
+# ones: a first study on a fresh machine pays for the later ones (NORMLAB_COMPILE=never skips
+# it). Shorter studies never compile.
 COMPILE_PAYS_FROM_EPOCHS = 200
 COMPILE_CHOICES = ("auto", "always", "never")  # NORMLAB_COMPILE overrides the rule on a GPU
 
