@@ -112,3 +112,36 @@ def test_end_to_end_benchmark_times_a_command_from_this_checkout_a_baseline_and_
         theirs, ratio = re.search(rf"^ +{other} +([\d.]+) s +([\d.]+)x$", proc.stdout, re.M).groups()
         assert float(theirs) == rows[row]["wall_s"]
         assert float(ratio) == pytest.approx(float(theirs) / ours, abs=0.01)
+
+
+def test_stamped_benchmark_puts_the_engines_and_the_commands_events_on_one_time_line(small_mnist_dir, tmp_path):
+    """benchmarks/stamped.py: `normlab train` (with its engine in a process of its own, as on a
+    GPU) and `mlflow run .` run from a stamped copy of this checkout; every event stamped once,
+    in order, on the output's own clock, and this checkout left as it was."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from stamped import EVENTS
+
+    commands = {
+        "train": ["normlab", "train", "--norm", "ln", "--epochs", "1", "--data-dir", str(small_mnist_dir)],
+        "mlflow run": ["mlflow", "run", ".", "--env-manager", "local", "-P", "norm=ln", "-P", "epochs=1",
+                       "-P", f"data_dir={small_mnist_dir}"],
+    }
+    env = cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", NORMLAB_ENGINE_PROCESS="always")
+    for name, command in commands.items():
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stamped.py"), *command], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        lines = [re.match(r"^ *([\d.]+) (.*)$", line).groups() for line in proc.stdout.splitlines()]
+        assert lines[-1][1] == "exit 0" and any(text.startswith("done: test accuracy") for _, text in lines)
+        events = {}
+        for seconds, text in lines:
+            stamp = re.match(r"^\[ *([\d.]+)\] (.*)$", text)
+            if stamp:
+                assert stamp.group(2) not in events, f"{name}: {stamp.group(2)} twice"
+                assert float(stamp.group(1)) <= float(seconds) + 0.05  # one clock: stamped, then printed
+                events[stamp.group(2)] = float(stamp.group(1))
+        for side in ("engine", "tracking"):  # each side's events, all there and in their order
+            expected = [event for _, _, event in EVENTS if event.startswith(side)]
+            assert [event for event in events if event.startswith(side)] == expected, (name, events)
+            assert [events[event] for event in expected] == sorted(events[event] for event in expected)
+    assert "NORMLAB_T0" not in (ROOT / "normlab" / "cli.py").read_text()
