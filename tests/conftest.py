@@ -64,6 +64,19 @@ def small_mnist_dir(tmp_path_factory) -> Path:
     return write_mnist(tmp_path_factory.mktemp("mnist-small"), train=1000, test=500)
 
 
+@pytest.fixture
+def one_thread():
+    """In-process training on one intra-op thread, as the subprocesses train (cli_env): CPU
+    kernels then add up in one order, whatever the machine's cores or what set the process's
+    thread count before."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def restore_environ():
     """In-process commands set MLflow's retry settings in os.environ; put it back so later

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
@@ -27,13 +26,7 @@ from tests.process_output import Lines
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process training with one thread, like the subprocesses (same float results)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process training: the same float results as the subprocesses
 
 
 def signal_after_first_epoch(cmd: list[str], cwd: Path, sig: int, **env) -> tuple[subprocess.CompletedProcess, float]:

@@ -64,16 +64,6 @@ def plain_epochs(config: TrainConfig, data: DeviceData,
     return history, model
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for the test: CPU kernels then add up in an order that does not
-    depend on the machine's cores or on what set the process's thread count before."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("norm,l1", [("bn", 1e-4), ("gn", 0.0)])
 def test_engine_trains_what_the_plain_loop_trains(data, norm, l1, one_thread):
     config = TrainConfig(norm=norm, l1=l1, epochs=2, batch_size=48, seed=4)  # 200 = 4 x 48 + 8: a short last batch
