@@ -116,19 +116,19 @@ def test_end_to_end_benchmark_times_a_command_from_this_checkout_a_baseline_and_
 
 def test_stamped_benchmark_puts_the_engines_and_the_commands_events_on_one_time_line(small_mnist_dir, tmp_path):
     """benchmarks/stamped.py: `normlab train` (with its engine in a process of its own, as on a
-    GPU) and `mlflow run .` run from a stamped copy of this checkout; every event stamped once,
+    GPU) and `mlflow run` of this project run from a stamped copy of it; every event stamped once,
     in order, on the output's own clock, and this checkout left as it was."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from stamped import EVENTS
 
     commands = {
         "train": ["normlab", "train", "--norm", "ln", "--epochs", "1", "--data-dir", str(small_mnist_dir)],
-        "mlflow run": ["mlflow", "run", ".", "--env-manager", "local", "-P", "norm=ln", "-P", "epochs=1",
+        "mlflow run": ["mlflow", "run", str(ROOT), "--env-manager", "local", "-P", "norm=ln", "-P", "epochs=1",
                        "-P", f"data_dir={small_mnist_dir}"],
     }
     env = cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", NORMLAB_ENGINE_PROCESS="always")
-    for name, command in commands.items():
-        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stamped.py"), *command], cwd=ROOT,
+    for name, command in commands.items():  # from a folder of their own: the store's artifacts land there
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stamped.py"), *command], cwd=tmp_path,
                               env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         lines = [re.match(r"^ *([\d.]+) (.*)$", line).groups() for line in proc.stdout.splitlines()]
