@@ -71,7 +71,7 @@ SKIPPED = [
      "a benchmark of fresh processes (a run's engine and tracking sides four ways, repeated): a minute or "
      "more on CI's 2 cores; the training tests run the same engine and tracking calls"),
     (r"benchmarks/model_logging\.py", "tests/test_benchmark.py runs it with --repeats 1"),
-    (r"benchmarks/stamped\.py", "tests/test_benchmark.py runs it over `normlab train` and `mlflow run` of this project"),
+    (r"benchmarks/stamped\.py", "tests/test_benchmark.py runs it over `normlab train` and `mlflow run`"),
     (r"benchmarks/step_profile\.py",
      "a profile of whole epochs and steps, each variant in turn: it reports, and checks nothing a test "
      "does not (tests/test_step.py and tests/test_train.py train the same steps)"),
