@@ -103,8 +103,8 @@ def channels_last_pays_on_cpu(config: TrainConfig) -> bool:
 # 0.094 s): the 10-seed study, warm, took 65.4 s instead of 71.4 s (1.09x,
 # h200-2026-12-01b-e2e-10seeds-compiled-vs-not.txt). At 200 epochs of one variant and batch
 # size (ten 20-epoch runs, a 10-seed study's share) that pays on warm caches, not on empty
-# ones: a first study on a fresh machine pays for the later ones (NORMLAB_COMPILE=never skips
-# it). Shorter studies never compile.
+# ones: a first study on a fresh machine (142 s there) pays for the later ones
+# (NORMLAB_COMPILE=never skips it). Shorter studies never compile.
 COMPILE_PAYS_FROM_EPOCHS = 200
 COMPILE_CHOICES = ("auto", "always", "never")  # NORMLAB_COMPILE overrides the rule on a GPU
 
