@@ -266,3 +266,36 @@ def test_on_a_gpu_train_has_an_engine_process_by_default_and_logs_what_one_proce
     ours_state, theirs_state = final_state(ours.info.run_id), final_state(theirs.info.run_id)
     for name, weights in theirs_state["model"].items():
         assert torch.equal(ours_state["model"][name], weights), name
+
+
+LOCK_THEN_EXIT = """
+import multiprocessing, os, sys
+
+def engine(prepared):
+    from normlab.engine.fast import engine_process
+    if prepared:
+        engine_process._no_semaphore_left_at_exit()
+    import tqdm
+    tqdm.tqdm(total=1, disable=True)  # as Inductor's compile progress bar: tqdm makes its lock
+    os._exit(0)  # as the engine process ends
+
+if __name__ == "__main__":
+    child = multiprocessing.get_context("spawn").Process(target=engine, args=(sys.argv[1] == "1",))
+    child.start()
+    child.join()
+"""
+
+
+def test_an_engine_process_that_compiled_leaves_no_semaphore_for_the_tracker_to_warn_about(tmp_path):
+    """The engine process ends with os._exit, past multiprocessing's exit handlers: a semaphore
+    it made (tqdm's lock, for Inductor's progress bars when it compiles) was reported leaked at
+    the end of every compiled sweep. The engine's start makes tqdm's lock a thread lock."""
+    script = tmp_path / "lock_then_exit.py"
+    script.write_text(LOCK_THEN_EXIT)
+    warned = {}
+    for prepared in ("0", "1"):
+        proc = subprocess.run([sys.executable, str(script), prepared], env=cli_env(), capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        warned[prepared] = "leaked semaphore" in proc.stderr
+    assert warned == {"0": True, "1": False}

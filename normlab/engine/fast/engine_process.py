@@ -423,6 +423,7 @@ def _serve(conn, data_dir: str, device: str, concurrent: int | None, ahead) -> N
     it, each reported on the one pipe under its key, until told to close (or the pipe ends)."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # the command passes a stop on (module docstring)
         signal.signal(signum, signal.SIG_IGN)
+    _no_semaphore_left_at_exit()
     sending = threading.Lock()
 
     def send(*message) -> None:
@@ -448,6 +449,18 @@ def _serve(conn, data_dir: str, device: str, concurrent: int | None, ahead) -> N
         pass  # the command has gone; nobody to tell
     finally:
         os._exit(0)  # at once: the runs' daemon threads and CUDA's teardown are not waited for
+
+
+def _no_semaphore_left_at_exit() -> None:
+    """This process ends with os._exit, so multiprocessing's exit handlers, which remove the
+    semaphores it made, never run, and its resource tracker reports them leaked: a warning
+    at the end of every compiled sweep. The one made is tqdm's lock, for Inductor's compile
+    progress bars, where a thread lock serves one process."""
+    try:
+        import tqdm
+    except ImportError:  # Inductor then draws no progress bars
+        return
+    tqdm.tqdm.set_lock(threading.RLock())
 
 
 class _Refusals:
