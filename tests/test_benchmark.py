@@ -118,8 +118,7 @@ def test_stamped_benchmark_puts_the_engines_and_the_commands_events_on_one_time_
     """benchmarks/stamped.py: `normlab train` (with its engine in a process of its own, as on a
     GPU) and `mlflow run` of this project run from a stamped copy of it; every event stamped once,
     in order, on the output's own clock, and this checkout left as it was."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from stamped import EVENTS
+    from benchmarks.stamped import EVENTS
 
     commands = {
         "train": ["normlab", "train", "--norm", "ln", "--epochs", "1", "--data-dir", str(small_mnist_dir)],
