@@ -1,10 +1,10 @@
 """A command's events on one time line: where a short run's wall time goes, and what waits.
 
 Runs a normlab command, or `mlflow run` of this project, as a process from a temporary copy
-of this checkout in which the engine's and the tracking side's main events (EVENTS) print
-`[seconds] event` to stderr, and prints every line of the command's output stamped with the
-seconds since it started. On one GPU the engine runs in a process of its own, so its events
-and the command's interleave, and the line that waits for the other shows which side is the
+of this checkout in which the engine's, the tracking side's and the results process's main
+events (EVENTS) print `[seconds] event` to stderr, and prints every line of the command's
+output stamped with the seconds since it started. On one GPU the engine and the results run
+in processes of their own, so their events and the command's interleave, and the line that waits for the other shows which side is the
 critical path (docs/speed.md, twelfth session). The copy is made per call and thrown away;
 this checkout is not changed.
 
@@ -44,6 +44,10 @@ EVENTS = [
      "tracking: run set up, training followed from here"),
     ("normlab/tracking/lifecycle.py", "results_log.log_results(config, data, result)",
      "tracking: training done, logging the results"),
+    ("normlab/tracking/lifecycle.py", 'phases["artifacts and model"] = time.perf_counter() - started',
+     "tracking: results logged"),
+    ("normlab/tracking/results_process.py", "from normlab.tracking import results_log", "results: started"),
+    ("normlab/tracking/results_process.py", "gc.freeze()", "results: warmed up"),
 ]
 
 STAMP = ('__import__("sys").stderr.write("[%%7.2f] %%s\\n" %% (__import__("time").time() - '

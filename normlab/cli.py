@@ -17,7 +17,7 @@ from normlab.engine.fast import engine_process
 from normlab.engine.registry import DATASETS, NORMS
 from normlab.errors import ConfigError, DataError, ResumeError, TrackingUnreachable
 from normlab.sweep.driver import LR_SCALINGS, REFERENCE_BATCH, Grid, epochs_per_worker, run_sweep, training_order
-from normlab.tracking import EXPERIMENT
+from normlab.tracking import EXPERIMENT, results_process
 
 # Torch and MLflow (2-5 s to import) are imported by the commands that use them, so that
 # `--help` and a mistyped option answer at once; tests/test_project.py checks it.
@@ -76,11 +76,14 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
     with _reported():
         config.validate()  # before torch and MLflow are even imported
         own_process = not resume_run and engine_process.wanted(device)
-    if own_process:  # its torch, CUDA, data and trainer start now, beside our MLflow
-        with engine_process.EngineProcess(data_dir, device, concurrent=1) as engine:
-            _train(ctx, config, engine.trainer(config), data_dir, device, experiment, resume_run, checkpoint_dir)
-    else:
-        _train(ctx, config, None, data_dir, device, experiment, resume_run, checkpoint_dir)
+        results_elsewhere = results_process.wanted(own_process)
+    with contextlib.ExitStack() as stack:
+        # its torch, CUDA, data and trainer start now, beside our MLflow; then the results process
+        engine = (stack.enter_context(engine_process.EngineProcess(data_dir, device, concurrent=1))
+                  if own_process else None)
+        stack.enter_context(results_process.started(results_elsewhere))
+        _train(ctx, config, engine.trainer(config) if engine else None, data_dir, device, experiment, resume_run,
+               checkpoint_dir)
 
 
 def _train(ctx, config: TrainConfig, remote: engine_process.RemoteTrainer | None, data_dir: str, device: str,
@@ -326,10 +329,12 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
     with _reported():
         configs = grid.validate()  # before torch and MLflow are even imported
         one_engine = not address and engine_process.wanted_for_sweep(device, workers)
+        results_elsewhere = results_process.wanted(one_engine)
     with contextlib.ExitStack() as stack:
         # its torch, CUDA, the data on the GPU and the runs' steps start now, beside our MLflow
         engine = stack.enter_context(engine_process.EngineProcess(
             data_dir, device, ahead=(training_order(configs), epochs_per_worker(configs, 1)))) if one_engine else None
+        stack.enter_context(results_process.started(results_elsewhere))
         outcome = _sweep(grid, experiment, data_dir, device, checkpoint_dir, address, workers, out, engine)
     click.echo(f"sweep: {len(outcome.done)} of {len(configs)} children finished; parent run {outcome.parent_id}")
     if outcome.interrupted:

@@ -115,8 +115,8 @@ def test_end_to_end_benchmark_times_a_command_from_this_checkout_a_baseline_and_
 
 
 def test_stamped_benchmark_puts_the_engines_and_the_commands_events_on_one_time_line(small_mnist_dir, tmp_path):
-    """benchmarks/stamped.py: `normlab train` (with its engine in a process of its own, as on a
-    GPU) and `mlflow run` of this project run from a stamped copy of it; every event stamped once,
+    """benchmarks/stamped.py: `normlab train` (with its engine and results in processes of their
+    own, as on a GPU) and `mlflow run` of this project run from a stamped copy of it; every event stamped once,
     in order, on the output's own clock, and this checkout left as it was."""
     from benchmarks.stamped import EVENTS
 
@@ -139,7 +139,7 @@ def test_stamped_benchmark_puts_the_engines_and_the_commands_events_on_one_time_
                 assert stamp.group(2) not in events, f"{name}: {stamp.group(2)} twice"
                 assert float(stamp.group(1)) <= float(seconds) + 0.05  # one clock: stamped, then printed
                 events[stamp.group(2)] = float(stamp.group(1))
-        for side in ("engine", "tracking"):  # each side's events, all there and in their order
+        for side in ("engine", "tracking", "results"):  # each side's events, all there and in their order
             expected = [event for _, _, event in EVENTS if event.startswith(side)]
             assert [event for event in events if event.startswith(side)] == expected, (name, events)
             assert [events[event] for event in expected] == sorted(events[event] for event in expected)

@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 
 from normlab.engine.checkpoint import load
 from normlab.engine.fast import engine_process
+from normlab.tracking import results_process
 from tests.conftest import cli_env, run_cli
 from tests.process_output import Lines
 from tests.test_sweep import sweep_runs
@@ -41,9 +42,19 @@ def start(cwd: Path, *args: str, command: str = "train", **env) -> tuple[subproc
 
 
 def engine_of(proc: subprocess.Popen) -> psutil.Process:
-    """The command's engine process (not multiprocessing's resource tracker beside it)."""
-    [engine] = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    """The command's engine process (not multiprocessing's resource tracker beside it, nor its
+    results process)."""
+    [engine] = [c for c in spawned(proc) if c.name() != results_process.PROCESS_NAME]
     return engine
+
+
+def results_process_of(proc: subprocess.Popen) -> psutil.Process:
+    [helper] = [c for c in spawned(proc) if c.name() == results_process.PROCESS_NAME]
+    return helper
+
+
+def spawned(proc: subprocess.Popen) -> list[psutil.Process]:
+    return [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
 
 
 def only_run(client: MlflowClient, experiment: str):
@@ -82,10 +93,61 @@ def test_a_run_trained_in_an_engine_process_logs_what_one_trained_in_one_process
     assert mistakes[0] == mistakes[1] and len(mistakes[0]) == 10
     image = mlflow.artifacts.load_image(f"runs:/{ours.info.run_id}/misclassified.png")
     assert image.size[0] > 400  # the 5x2 grid of real digits drawn on this side
+    # drawn and saved in the command's results process (split) or in the command (alone): the same files
+    assert artifact_bytes(ours, "misclassified.png") == artifact_bytes(theirs, "misclassified.png")
+    ours_model, theirs_model = model_files(ours), model_files(theirs)
+    assert sorted(ours_model) == sorted(theirs_model) and "data/model.pt2" in ours_model
+    assert ours_model == theirs_model  # MLmodel without its ids and time; the program byte for byte
     model = mlflow.pytorch.load_model(ours.data.tags["model_uri"])
     x = torch.zeros(2, 1, 28, 28)
     reference = mlflow.pytorch.load_model(theirs.data.tags["model_uri"])
     assert torch.equal(model(x), reference(x))
+
+
+def artifact_bytes(run, path: str) -> bytes:
+    return Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=path)).read_bytes()
+
+
+MLMODEL_OWN = ("artifact_path:", "model_id:", "model_uuid:", "run_id:", "utc_time_created:")  # differ run to run
+
+
+def model_files(run) -> dict[str, bytes]:
+    """The run's logged model folder, file by file; MLmodel without the lines naming this run and model."""
+    folder = Path(mlflow.artifacts.download_artifacts(run.data.tags["model_uri"]))
+    files = {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+    files["MLmodel"] = b"".join(line for line in files["MLmodel"].splitlines(keepends=True)
+                                if not line.startswith(tuple(m.encode() for m in MLMODEL_OWN)))
+    return files
+
+
+def test_a_results_process_that_dies_leaves_its_work_to_the_command_and_the_run_logs_everything(
+        small_mnist_dir, tmp_path, tracking_uri):
+    proc, out = start(tmp_path, "--norm", "ln", "--epochs", "2", "--data-dir", str(small_mnist_dir),
+                      "--checkpoint-dir", str(tmp_path / "ck"), **SPLIT)
+    run_id = out.wait_for(r"^MLflow run (\w+) ", timeout=300).group(1)
+    results_process_of(proc).kill()
+    proc.wait(timeout=300)
+    out.thread.join(timeout=10)
+    assert proc.returncode == 0, out.text
+    assert ("normlab: the results process ended (exit code -9); this process saves the models and draws the "
+            "figures from now") in out.text
+    run = MlflowClient().get_run(run_id)
+    assert (run.info.status, run.data.tags["normlab.status"]) == ("FINISHED", "finished")
+    assert mlflow.artifacts.load_image(f"runs:/{run_id}/misclassified.png").size[0] > 400
+    model = mlflow.pytorch.load_model(run.data.tags["model_uri"])
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_the_results_switch_follows_the_engine_process_and_names_its_choices(monkeypatch, tmp_path):
+    assert results_process.wanted(True) and not results_process.wanted(False)  # auto
+    monkeypatch.setenv("NORMLAB_RESULTS_PROCESS", "never")
+    assert not results_process.wanted(True)
+    monkeypatch.setenv("NORMLAB_RESULTS_PROCESS", "always")
+    assert results_process.wanted(False)
+    result = run_cli("train", "--epochs", "1", NORMLAB_RESULTS_PROCESS="sometimes", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "NORMLAB_RESULTS_PROCESS='sometimes'; valid choices: auto, always, never" in result.stderr
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 def test_ctrl_c_reaches_the_engine_process_once_and_the_run_resumes_from_its_checkpoint(
@@ -94,14 +156,16 @@ def test_ctrl_c_reaches_the_engine_process_once_and_the_run_resumes_from_its_che
     proc, out = start(tmp_path, "--epochs", "20", "--data-dir", str(small_mnist_dir), "--checkpoint-dir",
                       str(checkpoints), **SPLIT)
     run_id = out.wait_for(r"^MLflow run (\w+) ", timeout=300).group(1)
-    engine = engine_of(proc)
+    engine, helper = engine_of(proc), results_process_of(proc)
     out.wait_for(r"^epoch   1/20", timeout=300)
-    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the command and its engine process
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the command, its engine and results processes
     proc.wait(timeout=120)
     out.thread.join(timeout=10)
     assert proc.returncode == 130, out.text
     assert out.text.count("Ctrl-C again to abort now") == 1 and "aborted" not in out.text, out.text  # one stop
-    assert not psutil.pid_exists(engine.pid) or engine.status() == psutil.STATUS_ZOMBIE
+    assert "results process ended" not in out.text and "Traceback" not in out.text, out.text
+    for child in (engine, helper):
+        assert not psutil.pid_exists(child.pid) or child.status() == psutil.STATUS_ZOMBIE
     client = MlflowClient()
     run = client.get_run(run_id)
     assert (run.info.status, run.data.tags["normlab.status"]) == ("KILLED", "interrupted")
@@ -220,6 +284,7 @@ def test_a_sweep_in_an_engine_process_logs_what_a_sweep_in_one_process_logs(smal
         assert run.data.params == reference.data.params
         mistakes = [mlflow.artifacts.load_dict(f"runs:/{r.info.run_id}/misclassified.json") for r in (run, reference)]
         assert mistakes[0] == mistakes[1] and len(mistakes[0]) == 10
+        assert model_files(run) == model_files(reference), name  # saved in the results process, or not
 
 
 def test_a_sweeps_engine_process_killed_mid_run_is_replaced_and_every_child_finishes_once(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 from mlflow.entities import Metric
@@ -78,8 +79,8 @@ def test_the_results_warm_up_is_paid_once_and_a_run_ending_meanwhile_waits_for_i
     monkeypatch.setattr(requirements_utils, "warn_dependency_requirement_mismatches", slow_scan)
     monkeypatch.setattr(results_log, "_results_logging_warmed", False)
     exported = threading.Event()
-    monkeypatch.setattr(results_log, "export_ahead", lambda config, data: exported.set())
-    results_log.warm_up_results_logging_in_background(TrainConfig(norm="ln"), None)
+    monkeypatch.setattr(results_log, "export_ahead", lambda config, example: exported.set())
+    results_log.warm_up_results_logging_in_background(TrainConfig(norm="ln"), SimpleNamespace(example_input=list))
     assert scanning.wait(30)
     results_log.warm_up_results_logging()  # what log_results calls first
     assert scans == [results_log.model_requirements()]  # done, and only once
@@ -107,8 +108,8 @@ def test_a_model_exported_ahead_is_logged_with_its_own_weights_and_traced_no_mor
     traces, export = [], torch.export.export
     monkeypatch.setattr(torch.export, "export", lambda *args, **kwargs: traces.append(1) or export(*args, **kwargs))
     monkeypatch.setattr(results_log, "_EXPORTED", {})
-    results_log.export_ahead(config, data)
-    results_log.export_ahead(config, data)
+    results_log.export_ahead(config, data.example_input())
+    results_log.export_ahead(config, data.example_input())
     assert len(traces) == 1  # once per architecture
 
     torch.manual_seed(7)

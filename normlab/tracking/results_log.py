@@ -1,7 +1,8 @@
 """What a run logs at its end: the misclassified grid and list, the model's summary, the
 model itself (a torch.export program, traced once per architecture and process, ahead while
 a GPU run trains), and its final metrics linked to that model; with the warm-up that pays a
-process's first-time costs of all this while its first GPU run trains."""
+process's first-time costs of all this while its first GPU run trains. The grid is drawn and
+the model saved in the command's results process when it has one (results_process.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from normlab.engine.data import DeviceData
 from normlab.engine.models import Net, summary_text
 from normlab.engine.rng import RunRNG
 from normlab.engine.train import TRACING_LOCK, FitResult
+from normlab.tracking import results_process
 from normlab.tracking.connection import _environment
 
 
@@ -53,12 +55,14 @@ def warm_up_results_logging() -> None:
 
 
 def warm_up_results_logging_in_background(config: TrainConfig, data: DeviceData) -> None:
-    """warm_up_results_logging and export_ahead(config, data) on a daemon thread; an error
-    there is met again, and reported, by the run's own log_results."""
+    """warm_up_results_logging and export_ahead(config, ...) on a daemon thread, in the results
+    process if there is one (which warms itself up); an error there is met again, and reported,
+    by the run's own log_results."""
     def warm_up() -> None:
         try:
-            warm_up_results_logging()
-            export_ahead(config, data)
+            if results_process.current() is None:
+                warm_up_results_logging()
+            results_process.call(export_ahead, config, data.example_input())
         except Exception:
             pass
 
@@ -66,24 +70,34 @@ def warm_up_results_logging_in_background(config: TrainConfig, data: DeviceData)
 
 
 def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> None:
-    """Artifacts at the end of a run: misclassified grid and list, summary, the model."""
-    warm_up_results_logging()  # done already, unless the run was shorter than the warm-up
+    """Artifacts at the end of a run: misclassified grid and list, summary, the model. The
+    grid is drawn, and the model saved, in the results process if there is one."""
+    if results_process.current() is None:
+        warm_up_results_logging()  # done already, unless the run was shorter than the warm-up
     mistakes = result.mistakes
     title = f"{config.label}: most confident mistakes on {config.dataset} test ({len(mistakes)})"
     images = data.test_images_of([m.index for m in mistakes])
-    from normlab.analysis import plots  # matplotlib: imported by the warm-up above, needed only here
-
-    import matplotlib.pyplot as plt
-
-    with plots.FIGURE_LOCK:
-        figure = plots.misclassified_grid(images, [m.true for m in mistakes], [m.pred for m in mistakes],
-                                          data.spec.classes, title)
-        mlflow.log_figure(figure, "misclassified.png")
-        plt.close(figure)
+    with tempfile.TemporaryDirectory(prefix="normlab-figure-") as folder:
+        figure = Path(folder) / "misclassified.png"
+        results_process.call(draw_misclassified, figure, images, [m.true for m in mistakes],
+                             [m.pred for m in mistakes], data.spec.classes, title)
+        mlflow.log_artifact(str(figure))
     mlflow.log_dict([asdict(m) for m in mistakes], "misclassified.json")
     mlflow.log_text(summary_text(result.model, config.dataset), "model_summary.txt")
     model_id = log_model(result.model, data, name=model_name(config.run_name), architecture=architecture_key(config))
     link_final_metrics(mlflow.active_run().info.run_id, model_id)
+
+
+def draw_misclassified(path: Path, images, true: list[int], pred: list[int], classes, title: str) -> None:
+    """The 5x2 grid of mistakes into ``path`` as mlflow.log_figure saves a figure."""
+    from normlab.analysis import plots  # matplotlib: imported by the warm-up, needed only here
+
+    import matplotlib.pyplot as plt
+
+    with plots.FIGURE_LOCK:
+        figure = plots.misclassified_grid(images, true, pred, classes, title)
+        figure.savefig(path)
+        plt.close(figure)
 
 
 MODEL_METRICS = ("test_acc", "test_loss")  # the columns of MLflow's models table
@@ -169,21 +183,49 @@ def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model", arc
     it. Returns its model id. No code_paths: MLflow would put the artifact's code/ first on the
     loader's sys.path, so whoever can write to the store could run code as normlab there.
     ``architecture`` (normlab.engine.config.architecture_key) names the models whose exported
-    graph is the same, to trace it once per process."""
+    graph is the same, to trace it once per process.
+
+    It is what mlflow.pytorch.log_model logs, through MLflow's Model.log with mlflow.pytorch's
+    save_model run where results_process.call runs it."""
+    from mlflow.models import Model
+
     # a copy: the worker's next run may train this one (Trainer's warm); channels first, the
     # plain model's memory order, however it trained (Speedups.channels_last)
     model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
-    with _model_saving(architecture):
-        info = mlflow.pytorch.log_model(
-            model,
-            name=name,
-            **_save_options(data),
-            # MLflow would load the saved program again and predict the example (~0.5 s a run);
-            # tests/test_bad_input.py loads and predicts with it in a process without normlab
-            validate_serving_input=False,
-        )
+    info = Model.log(
+        artifact_path=None,
+        name=name,
+        flavor=_PyTorchSaving(architecture),
+        flavor_name="mlflow.pytorch",  # as mlflow.pytorch.log_model names it
+        pytorch_model=model,
+        # MLflow would load the saved program again and predict the example (~0.5 s a run);
+        # tests/test_bad_input.py loads and predicts with it in a process without normlab
+        validate_serving_input=False,
+        **_save_options(data.example_input()),
+    )
     mlflow.set_tag("model_uri", info.model_uri)
     return info.model_id
+
+
+class _PyTorchSaving:
+    """mlflow.pytorch as the flavor Model.log saves with, its save_model called through
+    results_process.call (Model.log passes the model and the options it was given)."""
+
+    def __init__(self, architecture: tuple | None):
+        self.architecture = architecture
+
+    def save_model(self, path: str, mlflow_model, pytorch_model: torch.nn.Module, **options) -> None:
+        saved = results_process.call(save_pytorch_model, path, mlflow_model, pytorch_model, self.architecture,
+                                     options)
+        vars(mlflow_model).update(vars(saved))  # as filled there: flavors, signature, input example
+
+
+def save_pytorch_model(path: str, mlflow_model, model: torch.nn.Module, architecture: tuple | None,
+                       options: dict):
+    """mlflow.pytorch.save_model into ``path``, filling ``mlflow_model``, which it returns."""
+    with _model_saving(architecture):
+        mlflow.pytorch.save_model(model, path, mlflow_model=mlflow_model, **options)
+    return mlflow_model
 
 
 @contextmanager
@@ -195,17 +237,17 @@ def _model_saving(architecture: tuple | None) -> Iterator[None]:
         yield
 
 
-def _save_options(data: DeviceData) -> dict:
+def _save_options(example) -> dict:
     """What log_model and export_ahead both pass MLflow's saving: the same export call, so
     that the program export_ahead keeps is the one log_model's export asks for."""
-    return {"input_example": data.example_input(),
+    return {"input_example": example,
             "serialization_format": "pt2",  # not pickle (MLflow's default on Databricks), which needs the code
             "pip_requirements": model_requirements()}
 
 
-def export_ahead(config: TrainConfig, data: DeviceData) -> None:
+def export_ahead(config: TrainConfig, example) -> None:
     """Export the model of ``config``'s architecture now, as log_model will (into a folder
-    thrown away), so that the run's log_model only copies its trained weights into the kept
+    thrown away; ``example`` is the data's example_input()), so that the run's log_model only copies its trained weights into the kept
     program: tracing the model then happens while the run trains, not after it, where the
     classic sweep's three models, finishing together, traced one after another (TRACING_LOCK).
     The trace was 0.86 s of a 1.09 s log_model on the 2-core CPU; on an H200 the classic sweep
@@ -216,4 +258,4 @@ def export_ahead(config: TrainConfig, data: DeviceData) -> None:
     with RunRNG(0, torch.device("cpu")).active():  # its initial weights draw nothing from other runs' streams
         model = Net(config.dataset, config.norm, config.groups, config.dropout).eval()
     with _model_saving(architecture), tempfile.TemporaryDirectory(prefix="normlab-export-ahead-") as folder:
-        mlflow.pytorch.save_model(model, Path(folder) / "model", **_save_options(data))
+        mlflow.pytorch.save_model(model, Path(folder) / "model", **_save_options(example))

@@ -1,0 +1,159 @@
+"""A process beside the command's that saves each run's model and draws its misclassified
+grid, so that the command's one interpreter is left to tracking.
+
+Beside an engine process (a GPU run: engine/fast/engine_process.py) the command's process
+trains nothing, yet it was what a short run waited for: the results' first-time costs
+(torch.export's tracer, MLflow's scan of the installed packages, matplotlib: about 4.5 s on
+an H200), paid on a thread while the run trained, took its interpreter from the epochs'
+logging, and `normlab train` printed `done` 0.9-2.8 s after the GPU had trained
+(docs/speed.md, twelfth session). This helper pays them in a process of its own from the
+command's start, traces each run's architecture ahead, and at a run's end saves the model
+where MLflow's ``Model.log`` asks its flavor to, and draws the grid, into the command's
+temporary folders: the command logs them, and a run's model and artifacts are what they
+are without it (results_log runs the same functions in the command's process then).
+
+Used where the engine has a process of its own (``NORMLAB_RESULTS_PROCESS``: auto, always,
+never); on a CPU the cores are the training's. A helper that dies leaves the rest of the
+work to the command's process, which says so.
+
+Measured end to end on an H200 against the code before it, alternately in one invocation
+(benchmarks/results/h200-2026-12-01c-*): `normlab train` 1.09x (9.8 s against 10.7 s),
+`mlflow run` 1.11x (13.5 s against 15.1 s), the classic sweep 1.14x (15.7 s against 17.9 s),
+ten seeds 1.00x (their GPU is the bound). A short run's results are now logged 0.3-0.4 s
+after its engine has trained it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Callable, Iterator
+
+from normlab.errors import ConfigError
+
+CHOICES = ("auto", "always", "never")
+PROCESS_NAME = "normlab-results"
+
+
+def wanted(engine_in_own_process: bool) -> bool:
+    """Whether the command starts a results process: beside an engine process (auto), or as
+    NORMLAB_RESULTS_PROCESS says."""
+    choice = os.environ.get("NORMLAB_RESULTS_PROCESS", "auto")
+    if choice not in CHOICES:
+        raise ConfigError(f"NORMLAB_RESULTS_PROCESS={choice!r}; valid choices: {', '.join(CHOICES)}")
+    return engine_in_own_process if choice == "auto" else choice == "always"
+
+
+class ResultsProcessDied(RuntimeError):
+    """The results process ended (killed, out of memory): its work is the command's now."""
+
+
+class ResultsProcess:
+    """The helper: ``run(function, *args)`` calls a module-level function there and returns
+    its result (or raises its error), one call at a time."""
+
+    def __init__(self):
+        context = multiprocessing.get_context("spawn")
+        self._conn, theirs = context.Pipe()
+        self._process = context.Process(target=_serve, args=(theirs,), name="normlab-results", daemon=True)
+        self._process.start()
+        theirs.close()
+        self._lock = threading.Lock()
+        self.died: str | None = None
+        self.closed = False
+
+    def run(self, function: Callable, *args):
+        # plain pickle: tensors travel as bytes, not through multiprocessing's shared-memory handles
+        with self._lock:
+            if self.died is None:
+                try:
+                    self._conn.send_bytes(pickle.dumps((function, args)))
+                    ok, value = pickle.loads(self._conn.recv_bytes())
+                except (EOFError, OSError):
+                    self._process.join(timeout=1)
+                    self.died = f"exit code {self._process.exitcode}"
+            if self.died is not None:
+                raise ResultsProcessDied(f"the results process ended ({self.died})")
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        """End it at once: nothing it holds outlives a call (each writes where its caller reads);
+        a call still waiting (an export ahead) raises ResultsProcessDied, for nobody to take over."""
+        self.closed = True
+        self._process.kill()
+        self._process.join()
+        self._conn.close()
+
+
+_current: ResultsProcess | None = None
+
+
+@contextlib.contextmanager
+def started(wanted_here: bool) -> Iterator[None]:
+    """The command's results process, from now (its warm-up under way) to the block's end,
+    if ``wanted_here``."""
+    global _current
+    if not wanted_here:
+        yield
+        return
+    _current = ResultsProcess()
+    try:
+        yield
+    finally:
+        helper, _current = _current, None
+        helper.close()
+
+
+def current() -> ResultsProcess | None:
+    """This process's results process, while there is one alive."""
+    helper = _current
+    return helper if helper is not None and helper.died is None else None
+
+
+def _serve(conn) -> None:
+    """The results process: the warm-up, then each call in turn until the command has gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the command's to handle
+    with contextlib.suppress(OSError):  # its name in ps and top, on Linux
+        Path("/proc/self/comm").write_text(PROCESS_NAME)
+    from normlab.tracking import results_log
+
+    results_log.warm_up_results_logging()
+    gc.freeze()  # torch's and MLflow's objects, left out of the collector's walks (as cli.entry does)
+    while True:
+        try:
+            function, args = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            os._exit(0)
+        try:
+            reply = pickle.dumps((True, function(*args)))
+        except BaseException as exc:
+            try:
+                reply = pickle.dumps((False, exc))
+            except Exception:  # an error that does not pickle: its traceback
+                reply = pickle.dumps((False, RuntimeError(traceback.format_exc())))
+        conn.send_bytes(reply)
+
+
+def call(function: Callable, *args):
+    """``function(*args)`` in the results process while there is one, otherwise (or once it
+    has died, which is said) in this process."""
+    helper = current()
+    if helper is not None:
+        try:
+            return helper.run(function, *args)
+        except ResultsProcessDied as exc:
+            if helper.closed:
+                raise
+            print(f"normlab: {exc}; this process saves the models and draws the figures from now",
+                  file=sys.stderr, flush=True)
+    return function(*args)
