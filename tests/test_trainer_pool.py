@@ -53,3 +53,20 @@ def test_a_stop_reaches_the_active_runs_and_every_later_one(small_mnist_dir):
     pool.request_stop("SIGINT received")
     assert running.stop_reason == "SIGINT received"
     assert pool.trainer(TrainConfig(norm="bn", epochs=1, seed=2)).stop_reason == "SIGINT received"
+
+
+def test_tritons_build_hash_is_computed_on_a_thread_and_kept_for_the_first_kernel():
+    """A GPU pool starts Triton's hash of its build on a thread (hash_tritons_build_ahead); the
+    process's first kernel then finds it computed, the same key Triton computes itself."""
+    cache = pytest.importorskip("triton.runtime.cache")
+    from normlab.engine.fast.trainer_pool import hash_tritons_build_ahead
+
+    cache.triton_key.cache_clear()
+    expected = cache.triton_key()
+    cache.triton_key.cache_clear()
+    thread = hash_tritons_build_ahead()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and cache.triton_key.cache_info().currsize == 1
+    hits = cache.triton_key.cache_info().hits
+    assert cache.triton_key() == expected  # as a kernel's cache lookup asks for it
+    assert cache.triton_key.cache_info().hits == hits + 1

@@ -64,6 +64,27 @@ def runs_per_gpu() -> int:
     return int(value)
 
 
+def hash_tritons_build_ahead() -> threading.Thread | None:
+    """Start Triton's hash of its own build (libtriton.so's 500 MB among it), which keys its
+    kernel cache and which a process computes once, at its first kernel: 0.3-0.4 s of an H200
+    engine's start, on its way to the first step (h200-2026-12-01c-engine-start-profile.txt).
+    hashlib lets go of the interpreter's lock, so on a thread it runs beside the trainer's
+    build, which is Python's work (Dynamo's import). Returns the thread, or None without Triton."""
+    try:
+        from triton.runtime.cache import triton_key  # imported here: the thread then only reads and hashes
+    except ImportError:  # no Triton, or one that keeps its key elsewhere: the first kernel pays it
+        return None
+    def hash_build() -> None:
+        try:
+            triton_key()  # kept by its lru_cache for the process's first kernel
+        except Exception:  # that kernel meets it again, and reports it
+            pass
+
+    thread = threading.Thread(target=hash_build, name="normlab-triton-key", daemon=True)
+    thread.start()
+    return thread
+
+
 class TrainerPool:
     """Trainers on one device for run after run, keeping data and compiled steps warm."""
 
@@ -87,6 +108,8 @@ class TrainerPool:
         self.kept = threading.Condition(self.lock)  # notified when a trainer becomes idle, or a warm-up fails
         self.streams: list[torch.cuda.Stream] = []  # on a GPU: every stream this pool took
         self.idle_streams: list[torch.cuda.Stream] = []  # ...and those no thread holds now
+        if self.device.type == "cuda":  # its kernels are Triton's, compiled or not
+            hash_tritons_build_ahead()
 
     @property
     def device_name(self) -> str:
