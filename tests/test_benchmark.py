@@ -144,3 +144,23 @@ def test_stamped_benchmark_puts_the_engines_and_the_commands_events_on_one_time_
             assert [event for event in events if event.startswith(side)] == expected, (name, events)
             assert [events[event] for event in expected] == sorted(events[event] for event in expected)
     assert "NORMLAB_T0" not in (ROOT / "normlab" / "cli.py").read_text()
+
+
+def test_engine_start_benchmark_times_each_phase_against_a_baseline_checkout(small_mnist_dir, tmp_path):
+    """benchmarks/engine_start.py: an engine's start phase by phase, in fresh processes, this
+    checkout against another's folder alternately, and their ratio."""
+    baseline = tmp_path / "baseline"
+    shutil.copytree(ROOT / "normlab", baseline / "normlab", ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run([sys.executable, "benchmarks/engine_start.py", "--data-dir", str(small_mnist_dir),
+                           "--device", "cpu", "--repeats", "1", "--baseline", str(baseline)],
+                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {m.group(1): (float(m.group(2)), float(m.group(3)))
+            for m in re.finditer(r"^(import torch|data|trainer|prepare|after torch) +([\d.]+) +([\d.]+)$",
+                                 proc.stdout, re.M)}
+    assert set(rows) == {"import torch", "data", "trainer", "prepare", "after torch"}, proc.stdout
+    for column in (0, 1):
+        parts = sum(rows[p][column] for p in ("data", "trainer", "prepare"))
+        assert rows["after torch"][column] == pytest.approx(parts, abs=0.02) and rows["trainer"][column] > 0
+    ratio = float(re.search(r"this checkout ([\d.]+)x the baseline's speed", proc.stdout).group(1))
+    assert ratio == pytest.approx(rows["after torch"][1] / rows["after torch"][0], abs=0.01)

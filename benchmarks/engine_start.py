@@ -1,0 +1,108 @@
+"""An engine's start, phase by phase, from torch's import to a run ready to train: CUDA's
+start, the data on the device, the run's trainer (on the H200 mostly Dynamo's import, which
+the Triton convolutions' custom ops and torch's SGD make), and its prepare (the first Triton
+kernels, the CUDA graphs' capture). Each measurement is a fresh process; with --baseline,
+another checkout's (a folder holding its normlab/, e.g. from `git archive`), alternately.
+
+    python benchmarks/engine_start.py --data-dir DATA --repeats 4 --baseline DIR
+    python benchmarks/engine_start.py --data-dir DATA --profile     # cProfile of each phase
+
+Prints each phase's median seconds per checkout, and the ratio of their starts after torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("import torch", "cuda", "data", "trainer", "prepare")
+
+
+def measure(root: Path, data_dir: str, device: str, norm: str, profile: bool) -> dict[str, float]:
+    """In this process: the phases' wall seconds with ``root``'s normlab (cProfile printed if asked)."""
+    sys.path.insert(0, str(root))
+    seconds = {}
+    started = time.perf_counter()
+    import torch
+
+    seconds["import torch"] = time.perf_counter() - started
+    from normlab.engine.config import TrainConfig
+    from normlab.engine.fast.trainer_pool import TrainerPool
+
+    pool = TrainerPool(device, data_dir, 1)
+    on_gpu = pool.device.type == "cuda"
+
+    def phase(name, work):
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile() if profile else None
+        start = time.perf_counter()
+        result = profiler.runcall(work) if profiler else work()
+        if on_gpu:
+            torch.cuda.synchronize()
+        seconds[name] = time.perf_counter() - start
+        if profiler:
+            print(f"== {name}: {seconds[name]:.2f} s")
+            pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(28)
+        return result
+
+    if on_gpu:
+        phase("cuda", lambda: torch.zeros(1, device=pool.device))
+    phase("data", lambda: pool.data("mnist"))
+    trainer = phase("trainer", lambda: pool.trainer(TrainConfig(norm=norm)))
+    phase("prepare", trainer.prepare)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--norm", default="ln")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline", type=Path, help="another checkout's folder, timed alternately")
+    parser.add_argument("--profile", action="store_true", help="one start, each phase under cProfile")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # a measurement's process: its checkout
+    args = parser.parse_args()
+    if args.child or args.profile:
+        seconds = measure(args.child or ROOT, args.data_dir, args.device, args.norm, args.profile)
+        print(json.dumps(seconds))
+        return
+    checkouts = {"this checkout": ROOT}
+    if args.baseline:
+        if not (args.baseline / "normlab").is_dir():
+            sys.exit(f"error: --baseline {args.baseline}: no normlab/ there")
+        checkouts["baseline"] = args.baseline.resolve()
+    times: dict[str, list[dict[str, float]]] = {name: [] for name in checkouts}
+    for _ in range(args.repeats):
+        for name, root in checkouts.items():
+            command = [sys.executable, __file__, "--child", str(root), "--data-dir", args.data_dir,
+                       "--device", args.device, "--norm", args.norm]
+            proc = subprocess.run(command, capture_output=True, text=True, check=True,
+                                  env=dict(os.environ, PYTHONPATH=str(root)))
+            times[name].append(json.loads(proc.stdout.splitlines()[-1]))
+    print(f"{'phase (median s)':<18}" + "".join(f"{name:>16}" for name in checkouts))
+    medians = {}
+    for phase in [p for p in PHASES if p in times["this checkout"][0]] + ["after torch"]:
+        row = []
+        for name in checkouts:
+            values = [sum(v for k, v in t.items() if k != "import torch") if phase == "after torch" else t[phase]
+                      for t in times[name]]
+            medians[name, phase] = statistics.median(values)
+            row.append(f"{medians[name, phase]:16.2f}")
+        print(f"{phase:<18}" + "".join(row))
+    if args.baseline:
+        ratio = medians["baseline", "after torch"] / medians["this checkout", "after torch"]
+        print(f"start after torch: this checkout {ratio:.2f}x the baseline's speed (medians of {args.repeats})")
+
+
+if __name__ == "__main__":
+    main()
