@@ -57,6 +57,13 @@ def spawned(proc: subprocess.Popen) -> list[psutil.Process]:
     return [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
 
 
+def kill_then_wait(child: psutil.Process, proc: subprocess.Popen, out: Lines) -> None:
+    """Kill one of the command's processes, as the OOM killer would, and wait for the command's end."""
+    child.kill()
+    proc.wait(timeout=300)
+    out.thread.join(timeout=10)
+
+
 def only_run(client: MlflowClient, experiment: str):
     [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     return run
@@ -125,9 +132,7 @@ def test_a_results_process_that_dies_leaves_its_work_to_the_command_and_the_run_
     proc, out = start(tmp_path, "--norm", "ln", "--epochs", "2", "--data-dir", str(small_mnist_dir),
                       "--checkpoint-dir", str(tmp_path / "ck"), **SPLIT)
     run_id = out.wait_for(r"^MLflow run (\w+) ", timeout=300).group(1)
-    results_process_of(proc).kill()
-    proc.wait(timeout=300)
-    out.thread.join(timeout=10)
+    kill_then_wait(results_process_of(proc), proc, out)
     assert proc.returncode == 0, out.text
     assert ("normlab: the results process ended (exit code -9); this process saves the models and draws the "
             "figures from now") in out.text
@@ -186,10 +191,7 @@ def test_an_engine_process_that_dies_fails_the_run_and_says_so(small_mnist_dir, 
                       str(tmp_path / "ck"), **SPLIT)
     run_id = out.wait_for(r"^MLflow run (\w+) ", timeout=300).group(1)
     out.wait_for(r"^epoch   1/20", timeout=300)
-    engine = engine_of(proc)
-    engine.kill()
-    proc.wait(timeout=120)
-    out.thread.join(timeout=10)
+    kill_then_wait(engine_of(proc), proc, out)
     assert proc.returncode == 1, out.text
     assert "the engine process ended without a word (exit code -9)" in out.text
     run = MlflowClient().get_run(run_id)
@@ -293,9 +295,7 @@ def test_a_sweeps_engine_process_killed_mid_run_is_replaced_and_every_child_fini
                       command="sweep", **SPLIT)
     run_id = out.wait_for(r"^\[bn-l1_1e-05-s1\] MLflow run (\w+) ", timeout=300).group(1)
     out.wait_for(r"^\[bn-l1_1e-05-s1\] epoch   1/2", timeout=300)
-    engine_of(proc).kill()
-    proc.wait(timeout=300)
-    out.thread.join(timeout=10)
+    kill_then_wait(engine_of(proc), proc, out)
     assert proc.returncode == 0, out.text
     assert ("[bn-l1_1e-05-s1] the engine process ended without a word (exit code -9) under this run; "
             "trying it again (resuming)") in out.text

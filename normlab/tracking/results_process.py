@@ -63,7 +63,7 @@ class ResultsProcess:
     def __init__(self):
         context = multiprocessing.get_context("spawn")
         self._conn, theirs = context.Pipe()
-        self._process = context.Process(target=_serve, args=(theirs,), name="normlab-results", daemon=True)
+        self._process = context.Process(target=_serve, args=(theirs,), name=PROCESS_NAME, daemon=True)
         self._process.start()
         theirs.close()
         self._lock = threading.Lock()
