@@ -74,6 +74,7 @@ def hash_tritons_build_ahead() -> threading.Thread | None:
         from triton.runtime.cache import triton_key  # imported here: the thread then only reads and hashes
     except ImportError:  # no Triton, or one that keeps its key elsewhere: the first kernel pays it
         return None
+
     def hash_build() -> None:
         try:
             triton_key()  # kept by its lru_cache for the process's first kernel
