@@ -13,8 +13,10 @@ Prints each phase's median seconds per checkout, and the ratio of their starts a
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -40,9 +42,6 @@ def measure(root: Path, data_dir: str, device: str, norm: str, profile: bool) ->
     on_gpu = pool.device.type == "cuda"
 
     def phase(name, work):
-        import cProfile
-        import pstats
-
         profiler = cProfile.Profile() if profile else None
         start = time.perf_counter()
         result = profiler.runcall(work) if profiler else work()

@@ -4,9 +4,9 @@ Runs a normlab command, or `mlflow run` of this project, as a process from a tem
 of this checkout in which the engine's, the tracking side's and the results process's main
 events (EVENTS) print `[seconds] event` to stderr, and prints every line of the command's
 output stamped with the seconds since it started. On one GPU the engine and the results run
-in processes of their own, so their events and the command's interleave, and the line that waits for the other shows which side is the
-critical path (docs/speed.md, twelfth session). The copy is made per call and thrown away;
-this checkout is not changed.
+in processes of their own, so their events and the command's interleave, and the line that
+waits for the other shows which side is the critical path (docs/speed.md, twelfth session).
+The copy is made per call and thrown away; this checkout is not changed.
 
     python benchmarks/stamped.py normlab train --norm ln --data-dir DATA
     python benchmarks/stamped.py mlflow run . --env-manager local -P norm=ln -P data_dir=DATA

@@ -247,11 +247,12 @@ def _save_options(example) -> dict:
 
 def export_ahead(config: TrainConfig, example) -> None:
     """Export the model of ``config``'s architecture now, as log_model will (into a folder
-    thrown away; ``example`` is the data's example_input()), so that the run's log_model only copies its trained weights into the kept
-    program: tracing the model then happens while the run trains, not after it, where the
-    classic sweep's three models, finishing together, traced one after another (TRACING_LOCK).
-    The trace was 0.86 s of a 1.09 s log_model on the 2-core CPU; on an H200 the classic sweep
-    ran 1.10x faster end to end (docs/speed.md). Once per architecture and process."""
+    thrown away; ``example`` is the data's example_input()), so that the run's log_model only
+    copies its trained weights into the kept program: tracing the model then happens while the
+    run trains, not after it, where the classic sweep's three models, finishing together,
+    traced one after another (TRACING_LOCK). The trace was 0.86 s of a 1.09 s log_model on the
+    2-core CPU; on an H200 the classic sweep ran 1.10x faster end to end (docs/speed.md). Once
+    per architecture and process."""
     architecture = architecture_key(config)
     if architecture in _EXPORTED:
         return
