@@ -3,10 +3,12 @@ keeps from run to run, and those it prepares ahead while a sweep starts."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
-from normlab.engine.config import TrainConfig
+from normlab.engine.config import TrainConfig, steps_key
 from normlab.engine.fast.trainer_pool import TrainerPool
 from normlab.engine.train import Trainer, fit
 from normlab.errors import ConfigError
@@ -36,6 +38,31 @@ def test_the_first_runs_take_over_the_trainers_prepared_ahead_and_train_what_new
     third = pool.trainer(configs[2])
     assert third.took_over == "ln-s1" and third.model is first.model
     assert_same_outcome(outcome(fit(third)), outcome(fit(Trainer(configs[2], pool.data("mnist")))))
+
+
+def test_a_run_waits_for_every_warm_up_not_only_its_own(small_mnist_dir, monkeypatch):
+    """Runs training in the engine's process would slow the warm-ups still being prepared
+    beside them, so the first run starts only once the last warm-up is ready."""
+    gate = threading.Event()
+    prepare = Trainer.prepare
+
+    def held_prepare(trainer):  # gn2-s1's warm-up waits for the test's word
+        if trainer.config.norm == "gn":
+            assert gate.wait(60)
+        return prepare(trainer)
+
+    monkeypatch.setattr(Trainer, "prepare", held_prepare)
+    pool = TrainerPool("cpu", str(small_mnist_dir), concurrent=2)
+    configs = [TrainConfig(norm="ln", epochs=1), TrainConfig(norm="gn", epochs=1)]
+    pool.prepare_ahead(configs, {})
+    given = []
+    asking = threading.Thread(target=lambda: given.append(pool.trainer(configs[0])))
+    asking.start()
+    asking.join(timeout=3)
+    assert not given and pool.preparing[steps_key(configs[1])] == 1  # ln-s1's warm-up is ready, gn2-s1's held
+    gate.set()
+    asking.join(timeout=60)
+    assert given[0].took_over == "the warm-up of ln-s1" and sum(pool.preparing.values()) == 0
 
 
 def test_a_warm_up_that_fails_leaves_its_run_to_fail_or_prepare_on_its_own(small_mnist_dir):

@@ -142,8 +142,13 @@ class TrainerPool:
         data = self.data(config.dataset)
         key = steps_key(config)
         ahead = float("inf") if key in self.compiled else max(epochs_ahead, config.epochs)
-        with self.lock:  # a warm-up of this key on its way is as good as an idle trainer
-            self.kept.wait_for(lambda: self.idle.get(key) or not self.preparing[key])
+        # The warm-ups on their way first, rather than each run as soon as its own is ready: a run
+        # training in this process takes the interpreter's lock from the warm-ups still compiling
+        # and capturing beside it (a second seed's capture took 1.1-1.6 s beside training runs,
+        # 0.2 s alone), so six runs trained at once only from 17.3 s of the ten-seed sweep
+        # (h200-2026-12-01c-sweep10-stamped.txt).
+        with self.lock:
+            self.kept.wait_for(lambda: not sum(self.preparing.values()))
             idle = self.idle.get(key)
             warm = idle.pop() if idle else None
         trainer = self._built(config, data, ahead, warm)
@@ -162,8 +167,8 @@ class TrainerPool:
         ``configs`` (the runs to come, in their order) in a thread, returned started, and keep
         each for a run of its steps_key to take over: an engine process does this while its
         command starts the runs' tracking. ``epochs_ahead``: per steps_key, as ``trainer``
-        takes it. From this call on, a run waits for a warm-up of its key on its way rather
-        than prepare its own; a warm-up that fails leaves that run to prepare its own."""
+        takes it. From this call on, a run waits until every warm-up is ready (``trainer``
+        says why); a warm-up that fails leaves its run to prepare its own."""
         firsts = configs[:self.concurrent]
         with self.lock:
             self.preparing.update(steps_key(c) for c in firsts)
