@@ -7,6 +7,8 @@ and momentum buffers that stay the optimizer's own state.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from dataclasses import replace
 
@@ -22,6 +24,7 @@ from normlab.engine.rng import RunRNG
 from normlab.engine.step import TrainStep, run_and_undo
 from normlab.engine.config import TrainConfig
 from normlab.engine.train import Callbacks, Trainer, TrainingStopped, evaluate
+from tests.conftest import ROOT
 from tests.mnist_fixture import write_mnist
 
 
@@ -296,6 +299,35 @@ def test_compiled_step_trains_what_the_eager_step_trains(data):
     assert compiled.train_loss == pytest.approx(eager.train_loss, rel=1e-5)
     assert compiled.test_loss == pytest.approx(eager.test_loss, rel=1e-5)
     assert compiled.test_acc == eager.test_acc
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_compiled_run_trains_the_same_numbers_whatever_its_compile_cache(small_mnist_dir, tmp_path):
+    """Inductor would time a reduction kernel's candidate tiles at its first call and keep the
+    fastest, whose order of addition then depends on the machine's load; in its deterministic
+    mode (COMPILE_OPTIONS) two processes compiling at once, each on an empty cache of its
+    own, train the same epochs, bit for bit."""
+    script = (
+        "import sys, torch\n"
+        "from dataclasses import replace\n"
+        "from normlab.engine.config import TrainConfig\n"
+        "from normlab.engine.data import DeviceData, load_raw\n"
+        "from normlab.engine.fast import Speedups\n"
+        "from normlab.engine.train import Callbacks, Trainer\n"
+        "device = torch.device('cuda')\n"
+        "data = DeviceData(load_raw('mnist', sys.argv[1], download=False), device)\n"
+        "speedups = replace(Speedups.default(device), compile=True, triton_norms=False)\n"
+        "trainer = Trainer(TrainConfig(norm='ln', epochs=3), data, speedups=speedups)\n"
+        "for _ in range(3):\n"
+        "    print(trainer.run_epoch(Callbacks()).metrics())\n")
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(small_mnist_dir)], stdout=subprocess.PIPE,
+                                  text=True, env={**os.environ, "PYTHONPATH": path,
+                                                  "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / cache)})
+                 for cache in ("a", "b")]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    assert outputs[0].count("test_loss") == 3 and outputs[0] == outputs[1]
 
 
 def test_a_step_that_cannot_compile_warns_and_trains_the_model_itself(data, monkeypatch):
