@@ -53,7 +53,7 @@ SKIPPED = [
      "needs a tracking server at that address (tests/test_tracking_server.py runs sweeps against a real "
      "`mlflow server`)"),
     (r"--address|SLURM|JOB_COMPLETION_INDEX|\bray\b", "needs a cluster (Ray, SLURM or Kubernetes)"),
-    (r"benchmarks/(conv_tiles|compile_rule|stacked_seeds|concurrency|chunk_steps)\.py|--device cuda",
+    (r"benchmarks/(conv_tiles|compile_rule|stacked_seeds|concurrency|chunk_steps|first_compile)\.py|--device cuda",
      "needs a CUDA GPU"),
     (r"benchmarks/e2e\.py",
      "times the study's commands as processes at full size (60,000 images, 20 epochs, 10 seeds): an "
