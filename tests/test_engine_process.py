@@ -90,7 +90,7 @@ def test_a_run_trained_in_an_engine_process_logs_what_one_trained_in_one_process
     assert [s for s, _ in histories(client, ours.info.run_id)["test_acc"]] == [1, 2]
     assert ours.data.params == theirs.data.params
     assert ours.data.params["device"] == "cpu" and int(ours.data.params["parameters"]) > 7000
-    same_tags = ("device", "normlab.device", "config_hash", "torch_version", "normlab.status")
+    same_tags = ("device", "normlab.device", "config_hash", "torch_version", "normlab.status", "normlab.speedups")
     assert {t: ours.data.tags[t] for t in same_tags} == {t: theirs.data.tags[t] for t in same_tags}
     assert ours.inputs.dataset_inputs[0].dataset.digest == theirs.inputs.dataset_inputs[0].dataset.digest
     ours_state, theirs_state = final_state(ours.info.run_id), final_state(theirs.info.run_id)

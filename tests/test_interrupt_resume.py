@@ -154,6 +154,28 @@ def models_of(client: MlflowClient, run) -> list:
             if m.source_run_id == run.info.run_id and str(m.status).endswith("READY")]
 
 
+def test_a_run_resumed_with_other_techniques_keeps_each_with_its_epochs_in_its_tag(tracking_uri):
+    """A compiled sweep's child resumed by `normlab train` (uncompiled) adds its later epochs
+    in another order: the run's normlab.speedups tag says which techniques trained which epochs."""
+    from normlab.tracking.run_log import SPEEDUPS_TAG, tag_speedups
+
+    with mlflow.start_run() as run:
+        pass
+    run_id = run.info.run_id
+
+    def tag() -> str:
+        return MlflowClient().get_run(run_id).data.tags[SPEEDUPS_TAG]
+
+    tag_speedups(run_id, "compile=True", 1)
+    tag_speedups(run_id, "compile=True", 4)  # resumed as it trained: nothing to add
+    assert tag() == "compile=True"
+    tag_speedups(run_id, "triton_norms=True", 4)
+    tag_speedups(run_id, "triton_norms=True", 6)
+    assert tag() == "compile=True; from epoch 4: triton_norms=True"
+    tag_speedups(run_id, "compile=True", 9)
+    assert tag() == "compile=True; from epoch 4: triton_norms=True; from epoch 9: compile=True"
+
+
 def test_ctrl_c_before_the_first_epoch_ends_says_there_is_nothing_to_resume(small_mnist_dir, tmp_path, tracking_uri):
     proc, out = start_training(tmp_path, "--data-dir", str(small_mnist_dir), "--epochs", "2",
                                "--checkpoint-dir", str(tmp_path / "ck"))

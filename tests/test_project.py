@@ -144,6 +144,8 @@ def test_mlflow_run_as_typed_then_ctrl_c_then_the_printed_resume_then_compare(tr
     assert params["resume"] == "''"  # MLflow logs an empty default as the shell's quoted ''
     assert tags["normlab.data_dir"] == str(Path(small_mnist_dir).resolve())
     assert tags["mlflow.runName"] == "ln-l1_1e-05-s3" and tags["normlab.status"] == "finished"
+    # the CPU's techniques for LN, the same before and after the resume
+    assert tags["normlab.speedups"] == "keep_freed_memory=True, channels_last=True"
     for metric in METRICS:
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2], metric
     [model] = client.search_logged_models([run.info.experiment_id])

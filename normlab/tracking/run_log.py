@@ -163,6 +163,26 @@ def _log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module
         mlflow.log_input(dataset_input(data), context="training")
 
 
+SPEEDUPS_TAG = "normlab.speedups"  # the engine's techniques a run trained with (Speedups.described)
+
+
+def tag_speedups(run_id: str, described: str, from_epoch: int) -> None:
+    """Tag the techniques the run trains with from ``from_epoch`` on: some change the order
+    its sums add in, so its numbers come with them. A run resumed with other techniques (a
+    compiled sweep's child resumed by `normlab train`, say) keeps both, with the epoch the new
+    ones took over."""
+    client = MlflowClient()
+    before = client.get_run(run_id).data.tags.get(SPEEDUPS_TAG) if from_epoch > 1 else None
+    if before is None:
+        value = described
+    else:
+        *earlier, last = before.split("; from epoch ")
+        if (last.split(": ", 1)[-1] if earlier else last) == described:
+            return
+        value = f"{before}; from epoch {from_epoch}: {described}"
+    client.set_tag(run_id, SPEEDUPS_TAG, value)
+
+
 def dataset_input(data: DeviceData) -> MetaDataset:
     """Name, torchvision's download address as source, and the content digest."""
     source = HTTPDatasetSource(url=data.spec.source)

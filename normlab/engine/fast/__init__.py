@@ -6,7 +6,7 @@ the plain forward, loss, gradients and SGD update, one batch at a time."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from normlab.engine.config import TrainConfig, architecture_key
@@ -76,6 +76,15 @@ class Speedups:
                    compile=cuda and compiled,
                    triton_convs=cuda, triton_norms=cuda and not compiled, eval_batch_size=2000 if cuda else 500,
                    channels_last=not cuda and config is not None and channels_last_pays_on_cpu(config))
+
+    def described(self) -> str:
+        """The switches not at the plain engine's values, as name=value: a run's tag, since
+        some change the order its sums add in (a compiled step rounds otherwise than an
+        uncompiled one), and so the run's numbers past the first digits."""
+        plain = Speedups()
+        changed = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                   if getattr(self, f.name) != getattr(plain, f.name)]
+        return ", ".join(changed) or "none (the plain engine)"
 
 
 # Channels last against channels first, per CPU training step (batch 128, 2 cores,

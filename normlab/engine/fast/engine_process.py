@@ -283,6 +283,7 @@ class RemoteTrainer:
         self.config = config
         self.epoch = 0
         self.took_over: str | None = None  # the run whose model and steps the engine reused
+        self._speedups = None  # the engine trainer's Speedups
         self._channel, self._key = channel, key
         self._inbox = channel.inbox(key)
         self._data: EngineData | None = None
@@ -299,6 +300,13 @@ class RemoteTrainer:
         while self._data is None:
             self._handle(self._receive())
         return self._data
+
+    @property
+    def speedups(self):
+        """The engine trainer's techniques (Speedups), once the engine has built it."""
+        while self._speedups is None:
+            self._handle(self._receive())
+        return self._speedups
 
     @property
     def model(self):
@@ -359,7 +367,7 @@ class RemoteTrainer:
         kind, *body = message
         self._ended = kind not in ("built", "prepared", "started", "steps", "epoch")
         if kind == "built":
-            self._data, self.epoch, self.took_over = body
+            self._data, self.epoch, self.took_over, self._speedups = body
         elif kind == "prepared":
             self._prepare_seconds = body[0]
         elif kind == "started" and callbacks is not None:
@@ -532,7 +540,7 @@ class _Runs:
             data = trainer.data
             self.send(key, "built", EngineData(data.spec, data.device, data.device_name, data.train_size,
                                                data.test_size, data.digest, data.example_input()),
-                      trainer.epoch, trainer.took_over)
+                      trainer.epoch, trainer.took_over, trainer.speedups)
             self.send(key, "prepared", trainer.prepare() if trainer.epoch < config.epochs else 0.0)
             try:
                 result = fit(trainer, _Reporter(self.send, key, trainer))
