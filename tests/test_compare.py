@@ -455,6 +455,9 @@ def test_run_comparison_writes_stable_files_and_logs_them(tmp_path, store):
     assert pair["ci_low"] < pair["difference"] < pair["ci_high"] and pair["p_holm"] == pair["p"]
     assert pair["verdict"] == "n is too small for a verdict (2 and 2 seeds; at least 5 per variant are needed)"
     assert (out / "findings.md").read_text() == results.findings(done.table, done.runs_metrics)
+    techniques = pd.read_csv(out / "runs.csv").groupby("variant")["speedups"].agg(list).to_dict()
+    assert techniques == {"BN + L1 (1e-05)": ["keep_freed_memory=True"] * 2,  # each run's, from its tag
+                          "LN": ["keep_freed_memory=True, channels_last=True"] * 2}
 
     logged = client.get_run(done.logged_to_run_id)
     assert logged.info.run_id not in store.children | {store.parent_id}

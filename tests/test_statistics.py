@@ -135,7 +135,7 @@ def hand_made(finals: dict[str, list[float]], epochs: dict[str, int] | None = No
         for seed, final in enumerate(values, 1):
             run_id = f"{variant}-{seed}"
             runs.append(dict(dict(run_id=run_id, variant=variant, seed=seed, status="FINISHED", duration_s=10.0,
-                                  norm="ln", groups=None, l1=0.0, batch_size=128, dataset="mnist", epochs=budget,
+                                  speedups="keep_freed_memory=True", norm="ln", groups=None, l1=0.0, batch_size=128, dataset="mnist", epochs=budget,
                                   train_size=8000, test_size=2000, parameters=7750),
                              **(settings or {}).get(variant, {})))
             for epoch in range(1, budget + 1):

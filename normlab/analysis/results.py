@@ -43,7 +43,7 @@ def per_run(history: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
             "final_gap": curves["train_acc"].loc[last] - test_acc.loc[last],
         })
     metrics = pd.DataFrame(rows)
-    columns = ["run_id", "variant", "seed", "status", "duration_s", *SETTINGS]
+    columns = ["run_id", "variant", "seed", "status", "duration_s", "speedups", *SETTINGS]
     return runs[columns].merge(metrics, on="run_id").sort_values(["variant", "seed"]).reset_index(drop=True)
 
 

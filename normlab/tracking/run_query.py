@@ -155,6 +155,7 @@ def runs_frame(runs: list):
             "start_time": pd.to_datetime(start, unit="ms", utc=True),
             "end_time": pd.to_datetime(end, unit="ms", utc=True) if end else pd.NaT,
             "duration_s": (end - start) / 1000 if end else float("nan"),
+            "speedups": run.data.tags.get("normlab.speedups"),  # how it computed: compiled or not, say
             "base_label": _base_label(norm, p, run.data.tags),
         })
     frame = pd.DataFrame(rows)
