@@ -36,6 +36,7 @@ from normlab.tracking.connection import (
     run_id_from_env,
 )
 from normlab.tracking.redaction import redact
+from normlab.tracking.run_query import SPEEDUPS_TAG
 
 
 def start_training_run(config: TrainConfig, experiment: str = EXPERIMENT, run_id: str | None = None) -> mlflow.ActiveRun:
@@ -161,9 +162,6 @@ def _log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module
             raise
         # another process (a sweep's job) inserted the same dataset a moment ago; it exists now
         mlflow.log_input(dataset_input(data), context="training")
-
-
-SPEEDUPS_TAG = "normlab.speedups"  # the engine's techniques a run trained with (Speedups.described)
 
 
 def tag_speedups(run_id: str, described: str, from_epoch: int) -> None:

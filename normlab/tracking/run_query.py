@@ -17,6 +17,7 @@ from normlab.tracking.connection import hide_credentialed_links, run_id_from_env
 from normlab.tracking.redaction import redact
 
 TRAINING_RUN_TAG = "variant"  # set by log_run_setup; sweep parents and comparison runs lack it
+SPEEDUPS_TAG = "normlab.speedups"  # the engine's techniques a run trained with (run_log.tag_speedups)
 
 COMPARISON_ARTIFACT_DIR = "comparison"
 
@@ -155,7 +156,7 @@ def runs_frame(runs: list):
             "start_time": pd.to_datetime(start, unit="ms", utc=True),
             "end_time": pd.to_datetime(end, unit="ms", utc=True) if end else pd.NaT,
             "duration_s": (end - start) / 1000 if end else float("nan"),
-            "speedups": run.data.tags.get("normlab.speedups"),  # how it computed: compiled or not, say
+            "speedups": run.data.tags.get(SPEEDUPS_TAG),  # how it computed: compiled or not, say
             "base_label": _base_label(norm, p, run.data.tags),
         })
     frame = pd.DataFrame(rows)
