@@ -2,9 +2,10 @@
 start, the data on the device, the run's trainer (on the H200 mostly Dynamo's import, which
 the Triton convolutions' custom ops and torch's SGD make), and its prepare (the first Triton
 kernels, the CUDA graphs' capture). Each measurement is a fresh process; with --baseline,
-another checkout's (a folder holding its normlab/, e.g. from `git archive`), alternately.
+another checkout's (a folder holding its normlab/, e.g. from `git archive`, or a commit,
+checked out beside this one as e2e.py does), alternately.
 
-    python benchmarks/engine_start.py --data-dir DATA --repeats 4 --baseline DIR
+    python benchmarks/engine_start.py --data-dir DATA --repeats 4 --baseline DIR_OR_REV
     python benchmarks/engine_start.py --data-dir DATA --profile     # cProfile of each phase
 
 Prints each phase's median seconds per checkout, and the ratio of their starts after torch.
@@ -20,6 +21,7 @@ import pstats
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,13 +63,22 @@ def measure(root: Path, data_dir: str, device: str, norm: str, profile: bool) ->
     return seconds
 
 
+def time_start(root: Path, args: argparse.Namespace) -> dict[str, float]:
+    """One fresh process's phases with ``root``'s normlab."""
+    command = [sys.executable, __file__, "--child", str(root), "--data-dir", args.data_dir,
+               "--device", args.device, "--norm", args.norm]
+    proc = subprocess.run(command, capture_output=True, text=True, check=True,
+                          env=dict(os.environ, PYTHONPATH=str(root)))
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--norm", default="ln")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--baseline", type=Path, help="another checkout's folder, timed alternately")
+    parser.add_argument("--baseline", help="another checkout's folder, or a commit, timed alternately")
     parser.add_argument("--profile", action="store_true", help="one start, each phase under cProfile")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # a measurement's process: its checkout
     args = parser.parse_args()
@@ -76,18 +87,28 @@ def main() -> None:
         print(json.dumps(seconds))
         return
     checkouts = {"this checkout": ROOT}
+    worktree = None
     if args.baseline:
-        if not (args.baseline / "normlab").is_dir():
-            sys.exit(f"error: --baseline {args.baseline}: no normlab/ there")
-        checkouts["baseline"] = args.baseline.resolve()
+        baseline = Path(args.baseline)
+        if not (baseline / "normlab").is_dir():  # a commit: checked out beside this checkout
+            sys.path.insert(0, str(ROOT))
+            from benchmarks.processes import git_worktree
+
+            try:
+                baseline = worktree = git_worktree(args.baseline, Path(tempfile.mkdtemp()) / "baseline")
+            except subprocess.CalledProcessError:
+                sys.exit(f"error: --baseline {args.baseline}: neither a folder holding normlab/ nor a commit")
+        checkouts["baseline"] = baseline.resolve()
     times: dict[str, list[dict[str, float]]] = {name: [] for name in checkouts}
-    for _ in range(args.repeats):
-        for name, root in checkouts.items():
-            command = [sys.executable, __file__, "--child", str(root), "--data-dir", args.data_dir,
-                       "--device", args.device, "--norm", args.norm]
-            proc = subprocess.run(command, capture_output=True, text=True, check=True,
-                                  env=dict(os.environ, PYTHONPATH=str(root)))
-            times[name].append(json.loads(proc.stdout.splitlines()[-1]))
+    try:
+        for _ in range(args.repeats):  # alternately
+            for name, root in checkouts.items():
+                times[name].append(time_start(root, args))
+    finally:
+        if worktree:
+            from benchmarks.processes import remove_worktree
+
+            remove_worktree(worktree)
     print(f"{'phase (median s)':<18}" + "".join(f"{name:>16}" for name in checkouts))
     medians = {}
     for phase in [p for p in PHASES if p in times["this checkout"][0]] + ["after torch"]:

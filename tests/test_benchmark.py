@@ -146,15 +146,20 @@ def test_stamped_benchmark_puts_the_engines_and_the_commands_events_on_one_time_
     assert "NORMLAB_T0" not in (ROOT / "normlab" / "cli.py").read_text()
 
 
-def test_engine_start_benchmark_times_each_phase_against_a_baseline_checkout(small_mnist_dir, tmp_path):
+@pytest.mark.parametrize("given", ["folder", "commit"])
+def test_engine_start_benchmark_times_each_phase_against_a_baseline_checkout(small_mnist_dir, tmp_path, given):
     """benchmarks/engine_start.py: an engine's start phase by phase, in fresh processes, this
-    checkout against another's folder alternately, and their ratio."""
+    checkout against another's folder, or a commit checked out for the while, alternately, and
+    their ratio."""
     baseline = tmp_path / "baseline"
     shutil.copytree(ROOT / "normlab", baseline / "normlab", ignore=shutil.ignore_patterns("__pycache__"))
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
     proc = subprocess.run([sys.executable, "benchmarks/engine_start.py", "--data-dir", str(small_mnist_dir),
-                           "--device", "cpu", "--repeats", "1", "--baseline", str(baseline)],
+                           "--device", "cpu", "--repeats", "1",
+                           "--baseline", str(baseline) if given == "folder" else "HEAD"],
                           cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout == worktrees
     rows = {m.group(1): (float(m.group(2)), float(m.group(3)))
             for m in re.finditer(r"^(import torch|data|trainer|prepare|after torch) +([\d.]+) +([\d.]+)$",
                                  proc.stdout, re.M)}
