@@ -14,6 +14,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -141,6 +143,19 @@ def test_a_results_process_that_dies_leaves_its_work_to_the_command_and_the_run_
     assert mlflow.artifacts.load_image(f"runs:/{run_id}/misclassified.png").size[0] > 400
     model = mlflow.pytorch.load_model(run.data.tags["model_uri"])
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_calls_waiting_together_on_a_dead_results_process_do_their_work_here_and_say_so_once(capfd):
+    """A sweep's runs that finish together wait in turn on the results process: when it has
+    died, each does its work in this process, and the death is told once, not once per run."""
+    with results_process.started(True), ThreadPoolExecutor(4) as pool:
+        helper = results_process.current()
+        calls = [pool.submit(results_process.call, os.getpid) for _ in range(4)]
+        time.sleep(0.5)  # one call sent to the helper, still warming up (seconds); three wait their turn
+        helper._process.kill()
+        pids = [call.result(timeout=60) for call in calls]
+    assert pids == [os.getpid()] * 4  # each done in this process
+    assert capfd.readouterr().err.count("normlab: the results process ended (exit code -9)") == 1
 
 
 def test_the_results_switch_follows_the_engine_process_and_names_its_choices(monkeypatch, tmp_path):

@@ -69,6 +69,7 @@ class ResultsProcess:
         self._lock = threading.Lock()
         self.died: str | None = None
         self.closed = False
+        self._death_told = False
 
     def run(self, function: Callable, *args):
         # plain pickle: tensors travel as bytes, not through multiprocessing's shared-memory handles
@@ -85,6 +86,13 @@ class ResultsProcess:
         if not ok:
             raise value
         return value
+
+    def tell_death_once(self) -> bool:
+        """True for the first caller only: one message, however many calls (a sweep's runs
+        finishing together) met the death."""
+        with self._lock:
+            first, self._death_told = not self._death_told, True
+        return first
 
     def close(self) -> None:
         """End it at once: nothing it holds outlives a call (each writes where its caller reads);
@@ -154,6 +162,7 @@ def call(function: Callable, *args):
         except ResultsProcessDied as exc:
             if helper.closed:
                 raise
-            print(f"normlab: {exc}; this process saves the models and draws the figures from now",
-                  file=sys.stderr, flush=True)
+            if helper.tell_death_once():
+                print(f"normlab: {exc}; this process saves the models and draws the figures from now",
+                      file=sys.stderr, flush=True)
     return function(*args)
