@@ -157,7 +157,7 @@ def models_of(client: MlflowClient, run) -> list:
 def test_a_run_resumed_with_other_techniques_keeps_each_with_its_epochs_in_its_tag(tracking_uri):
     """A compiled sweep's child resumed by `normlab train` (uncompiled) adds its later epochs
     in another order: the run's normlab.speedups tag says which techniques trained which epochs."""
-    from normlab.tracking.run_log import SPEEDUPS_TAG, tag_speedups
+    from normlab.tracking.run_log import SPEEDUPS_TAG, tag_resumed_speedups
 
     with mlflow.start_run() as run:
         pass
@@ -166,13 +166,13 @@ def test_a_run_resumed_with_other_techniques_keeps_each_with_its_epochs_in_its_t
     def tag() -> str:
         return MlflowClient().get_run(run_id).data.tags[SPEEDUPS_TAG]
 
-    tag_speedups(run_id, "compile=True", 1)
-    tag_speedups(run_id, "compile=True", 4)  # resumed as it trained: nothing to add
+    MlflowClient().set_tag(run_id, SPEEDUPS_TAG, "compile=True")  # as log_run_setup tagged it
+    tag_resumed_speedups(run_id, "compile=True", 4)  # resumed as it trained: nothing to add
     assert tag() == "compile=True"
-    tag_speedups(run_id, "triton_norms=True", 4)
-    tag_speedups(run_id, "triton_norms=True", 6)
+    tag_resumed_speedups(run_id, "triton_norms=True", 4)
+    tag_resumed_speedups(run_id, "triton_norms=True", 6)
     assert tag() == "compile=True; from epoch 4: triton_norms=True"
-    tag_speedups(run_id, "compile=True", 9)
+    tag_resumed_speedups(run_id, "compile=True", 9)
     assert tag() == "compile=True; from epoch 4: triton_norms=True; from epoch 9: compile=True"
 
 

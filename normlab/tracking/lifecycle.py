@@ -108,15 +108,15 @@ def _train_in_run(trainer, point, run_id: str, data_dir: str, checkpoint_dir: st
              f"{run_log.CHECKPOINT_ARTIFACT}")
         if point is None:
             run_log.mark_running()
-            run_log.log_run_setup(config, data, trainer.model, data_dir)
+            run_log.log_run_setup(config, data, trainer.model, data_dir, trainer.speedups.described())
         else:
             relogged = run_log.log_missing_epochs(run_id, point.records)
             if relogged:
                 echo(f"logged the metrics of epochs {relogged} from the checkpoint")
             if point.source_is_local:  # the artifact may lag behind: bring it up to date
                 uploads.submit(run_log.upload_checkpoint, run_id, local)
-        if trainer.epoch < config.epochs:
-            run_log.tag_speedups(run_id, trainer.speedups.described(), trainer.epoch + 1)
+            if trainer.epoch < config.epochs:
+                run_log.tag_resumed_speedups(run_id, trainer.speedups.described(), trainer.epoch + 1)
         checkpointer = run_log.Checkpointer(trainer, uploads, local, point.records if point else [])
         phases["setup"] = time.perf_counter() - started
         phases["compile and capture"] = trainer.prepare() if trainer.epoch < config.epochs else 0.0

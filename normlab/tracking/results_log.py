@@ -39,8 +39,11 @@ def warm_up_results_logging() -> None:
     call) 2.3 s, MLflow's scan of every installed package before it writes the model's
     requirements 1.2 s (then cached in the process), matplotlib 0.8 s. Each is paid once per
     process; a later caller waits for a warm-up in progress rather than paying it again.
-    (The host is idle only on a GPU: lifecycle warms up there.)"""
+    (The host is idle only on a GPU: lifecycle warms up there.) Nothing here in a command
+    whose results process does this work: that process warms itself up."""
     global _results_logging_warmed
+    if results_process.current() is not None:
+        return
     with _RESULTS_LOGGING_WARM:
         if _results_logging_warmed:
             return
@@ -60,8 +63,7 @@ def warm_up_results_logging_in_background(config: TrainConfig, data: DeviceData)
     by the run's own log_results."""
     def warm_up() -> None:
         try:
-            if results_process.current() is None:
-                warm_up_results_logging()
+            warm_up_results_logging()
             results_process.call(export_ahead, config, data.example_input())
         except Exception:
             pass
@@ -72,8 +74,7 @@ def warm_up_results_logging_in_background(config: TrainConfig, data: DeviceData)
 def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> None:
     """Artifacts at the end of a run: misclassified grid and list, summary, the model. The
     grid is drawn, and the model saved, in the results process if there is one."""
-    if results_process.current() is None:
-        warm_up_results_logging()  # done already, unless the run was shorter than the warm-up
+    warm_up_results_logging()  # done already, unless the run was shorter than the warm-up
     mistakes = result.mistakes
     title = f"{config.label}: most confident mistakes on {config.dataset} test ({len(mistakes)})"
     images = data.test_images_of([m.index for m in mistakes])

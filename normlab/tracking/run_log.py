@@ -117,13 +117,16 @@ def log_params(params: dict[str, object]) -> None:
 _SETUP_LOCK = threading.Lock()
 
 
-def log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module, data_dir: str) -> None:
-    """Params, tags and the dataset input: everything needed to reproduce the run."""
+def log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module, data_dir: str,
+                  speedups: str) -> None:
+    """Params, tags and the dataset input: everything needed to reproduce the run, among it the
+    techniques it trains with (``speedups``: Speedups.described())."""
     with _SETUP_LOCK:
-        _log_run_setup(config, data, model, data_dir)
+        _log_run_setup(config, data, model, data_dir, speedups)
 
 
-def _log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module, data_dir: str) -> None:
+def _log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module, data_dir: str,
+                   speedups: str) -> None:
     from normlab.engine.models import count_parameters, summarize
 
     params: dict[str, object] = dict(asdict(config))
@@ -145,6 +148,7 @@ def _log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module
         "device": data.device_name,
         "normlab.device": str(data.device),  # what --device auto resolved to
         "normlab.data_dir": str(Path(data_dir).resolve()),  # where a resume finds the data
+        SPEEDUPS_TAG: speedups,  # compiled steps, say, add in another order than uncompiled ones
         "config_hash": config.config_hash(),
         "normlab_version": normlab.__version__,
         "torch_version": torch.__version__,
@@ -164,14 +168,13 @@ def _log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module
         mlflow.log_input(dataset_input(data), context="training")
 
 
-def tag_speedups(run_id: str, described: str, from_epoch: int) -> None:
-    """Tag the techniques the run trains with from ``from_epoch`` on: some change the order
-    its sums add in, so its numbers come with them. A run resumed with other techniques (a
-    compiled sweep's child resumed by `normlab train`, say) keeps both, with the epoch the new
-    ones took over."""
+def tag_resumed_speedups(run_id: str, described: str, from_epoch: int) -> None:
+    """A resumed run's techniques from ``from_epoch`` on, beside those log_run_setup tagged: a
+    run resumed with other ones (a compiled sweep's child resumed by `normlab train`, say)
+    keeps both, with the epoch the new ones took over."""
     client = MlflowClient()
-    before = client.get_run(run_id).data.tags.get(SPEEDUPS_TAG) if from_epoch > 1 else None
-    if before is None:
+    before = client.get_run(run_id).data.tags.get(SPEEDUPS_TAG)
+    if before is None:  # a run from before the tag
         value = described
     else:
         *earlier, last = before.split("; from epoch ")

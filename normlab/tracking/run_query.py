@@ -17,7 +17,7 @@ from normlab.tracking.connection import hide_credentialed_links, run_id_from_env
 from normlab.tracking.redaction import redact
 
 TRAINING_RUN_TAG = "variant"  # set by log_run_setup; sweep parents and comparison runs lack it
-SPEEDUPS_TAG = "normlab.speedups"  # the engine's techniques a run trained with (run_log.tag_speedups)
+SPEEDUPS_TAG = "normlab.speedups"  # the engine's techniques a run trained with (run_log.log_run_setup)
 
 COMPARISON_ARTIFACT_DIR = "comparison"
 

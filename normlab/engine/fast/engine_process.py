@@ -303,9 +303,8 @@ class RemoteTrainer:
 
     @property
     def speedups(self):
-        """The engine trainer's techniques (Speedups), once the engine has built it."""
-        while self._speedups is None:
-            self._handle(self._receive())
+        """The engine trainer's techniques (Speedups): they come with its data."""
+        _ = self.data  # waits for the engine's "built" message, which brings both
         return self._speedups
 
     @property
