@@ -133,33 +133,92 @@ if triton is not None:
         tl.store(out, acc, mask=(o[:, None] < O) & r_ok[None, :])
 
 
-# Tiles (rows, reduction columns, warps), chosen from 18 configurations (24 for the weight
-# gradient) timed on the H200 for every convolution of both models (docs/speed.md). A program
-# runs its reduction loop serially, so a small layer, with few rows to share out, is fastest
-# with short tiles of many columns (fewer iterations) and a large one with long tiles. These
-# two rules give convolutions within 4% of the best per-layer choice, 1.2x faster than one
-# tile for all (MNIST: 138 instead of 170 us per training step).
-def _gemm_tiles(rows: int) -> tuple[int, int, int]:
-    return (128, 16, 2) if rows >= 32768 else (32, 32, 4)
+    @triton.jit
+    def _tap_rows(i, j, m_ok, kh, kw, H, W, padding, PADDED: tl.constexpr):
+        """Which rows (n, i, j) read inside the image at tap (kh, kw)."""
+        if PADDED:  # unsigned compares catch both negative and too-large coordinates
+            hi = (i + kh - padding).to(tl.uint32)
+            wi = (j + kw - padding).to(tl.uint32)
+            return m_ok & (hi < H) & (wi < W)
+        return m_ok
+
+    @triton.jit
+    def _tap_gemm(x_ptr, w_ptr, out_ptr, N, C, H, W, O, HO, WO,
+                  sxn, sxc, sxh, sxw, swo, swc, swh, sww, padding,
+                  K: tl.constexpr, FLIP: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
+        """_gather_gemm's sum, tap by tap: the K x K taps are unrolled at compile time and the
+        loop runs over channels, so an element's address is a row vector plus a channel vector
+        and the image-edge mask is one per row and tap, not one per element."""
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < N * HO * WO
+        n, i, j = _pixels(m, HO, WO)
+        o = tl.arange(0, BLOCK_O)
+        o_ok = o < O
+        corner = n * sxn + (i - padding) * sxh + (j - padding) * sxw
+        acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+        for kh in tl.static_range(K):
+            for kw in tl.static_range(K):
+                row_ok = _tap_rows(i, j, m_ok, kh, kw, H, W, padding, PADDED)
+                row = corner + kh * sxh + kw * sxw
+                if FLIP:
+                    tap = (K - 1 - kh) * swh + (K - 1 - kw) * sww
+                else:
+                    tap = kh * swh + kw * sww
+                for c0 in range(0, C, BLOCK_R):
+                    c = c0 + tl.arange(0, BLOCK_R)
+                    c_ok = c < C
+                    a = tl.load(x_ptr + row[:, None] + (c * sxc)[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                                other=0.0)
+                    b = tl.load(w_ptr + o[None, :] * swo + (c * swc + tap)[:, None], mask=c_ok[:, None] & o_ok[None, :],
+                                other=0.0)
+                    acc += tl.dot(a, b, input_precision=PRECISION)
+        out = out_ptr + n[:, None] * (O * HO * WO) + o[None, :] * (HO * WO) + (i * WO + j)[:, None]
+        tl.store(out, acc, mask=m_ok[:, None] & o_ok[None, :])
 
 
-_WEIGHT_GRAD_TILES = (64, 32, 4)
+# Tiles (rows, reduction columns, warps, pipeline stages), chosen from 18 configurations (24
+# for the weight gradient) timed on the H200 for every convolution of both models
+# (docs/speed.md). A program runs its reduction loop serially, so a small layer, with few rows
+# to share out, is fastest with short tiles of many columns (fewer iterations) and a large one
+# with long tiles. These two rules give convolutions within 4% of the best per-layer choice,
+# 1.2x faster than one tile for all (MNIST: 138 instead of 170 us per training step).
+# Pipelining the loop's loads (2 or 3 stages) gained nothing (h200-2026-12-01e-conv-tiles-stages.txt).
+#
+# Tap by tap (_tap_gemm) pays where a 3x3 input gradient sums over 16 channels or more (the
+# forward's outputs): MNIST's 10 -> 20 layers' input gradients took 25.2 and 7.2 us with six
+# copies at once (as a sweep's runs share the GPU), 17.1 and 4.9 us tap by tap; alone 27.4 and
+# 9.2 us against 20.0 and 9.6 us. Over 1 to 10 channels, or as a forward, it was no faster or
+# slower (conv1's forward 2.5x), and so was a weight gradient tap by tap (2-6x slower):
+# h200-2026-12-01e-conv-tiles-by-tap.txt.
+def _gemm_tiles(rows: int, channels: int, k: int, transposed: bool) -> tuple[tuple[int, int, int, int], bool]:
+    """(tiles, tap by tap) for a gather-GEMM over ``rows`` output pixels that sums ``channels``
+    channels of a k x k window; ``transposed`` for an input gradient."""
+    if transposed and k > 1 and channels >= 16:
+        return (128, 16, 4, 1), True
+    return ((128, 16, 2, 1) if rows >= 32768 else (32, 32, 4, 1)), False
+
+
+_WEIGHT_GRAD_TILES = (64, 32, 4, 1)
 _WEIGHT_GRAD_PROGRAMS = 512  # ~4 per SM
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, out_channels: int, padding: int, flip: bool,
-          tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """Launch the gather-GEMM; ``weight`` is indexed [o, c, kh, kw] through its strides.
-    ``tiles`` (rows, reduction columns, warps) default to the rule for the layer's size."""
+          tiles: tuple[int, int, int, int] | None = None, by_tap: bool | None = None) -> torch.Tensor:
+    """Launch the gather-GEMM; ``weight`` is indexed [o, c, kh, kw] through its strides (the
+    input gradient's are flipped). ``tiles`` (rows, reduction columns, warps, stages) and
+    ``by_tap`` default to the rule for the layer."""
     n, c, h, w = x.shape
     k = weight.shape[-1]
     ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
     out = torch.empty((n, out_channels, ho, wo), device=x.device, dtype=x.dtype)
-    block_m, block_r, warps = tiles or _gemm_tiles(n * ho * wo)
-    _gather_gemm[(triton.cdiv(n * ho * wo, block_m),)](
+    rule_tiles, rule_by_tap = _gemm_tiles(n * ho * wo, c, k, flip)
+    block_m, block_r, warps, stages = tiles or rule_tiles
+    by_tap = rule_by_tap if by_tap is None else by_tap
+    (_tap_gemm if by_tap else _gather_gemm)[(triton.cdiv(n * ho * wo, block_m),)](
         x, weight, out, n, c, h, w, out_channels, ho, wo, *x.stride(), *weight.stride(), padding,
         K=k, FLIP=flip, PADDED=padding > 0, PRECISION=_precision(), BLOCK_M=block_m,
-        BLOCK_O=_power_of_two_at_least(out_channels), BLOCK_R=block_r, num_warps=warps, num_stages=1)
+        BLOCK_O=_power_of_two_at_least(out_channels), BLOCK_R=block_r, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -176,18 +235,18 @@ def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, padding: int) ->
     return _conv(grad, weight.transpose(0, 1), weight.shape[1], k - 1 - padding, flip=True)
 
 
-def _weight_grad_split(rows: int, reduction: int, tiles: tuple[int, int, int] = _WEIGHT_GRAD_TILES,
+def _weight_grad_split(rows: int, reduction: int, tiles: tuple[int, int, int, int] = _WEIGHT_GRAD_TILES,
                        target: int = _WEIGHT_GRAD_PROGRAMS) -> tuple[int, int]:
     """(programs, rows per program) of the weight gradient's split reduction: about
     ``target`` programs in all, each over a whole number of row tiles."""
-    block_m, block_r, _ = tiles
+    block_m, block_r, *_ = tiles
     programs = max(1, min(triton.cdiv(rows, block_m), target // triton.cdiv(reduction, block_r)))
     rows_per_program = triton.cdiv(triton.cdiv(rows, programs), block_m) * block_m
     return triton.cdiv(rows, rows_per_program), rows_per_program
 
 
 def _weight_grad_partials(grad: torch.Tensor, x: torch.Tensor, weight_shape: list[int], padding: int,
-                          tiles: tuple[int, int, int] = _WEIGHT_GRAD_TILES,
+                          tiles: tuple[int, int, int, int] = _WEIGHT_GRAD_TILES,
                           target: int = _WEIGHT_GRAD_PROGRAMS) -> torch.Tensor:
     """Launch the weight gradient's split reduction; returns its (programs, o, c*k*k) parts."""
     o, c, k, _ = weight_shape
@@ -195,11 +254,11 @@ def _weight_grad_partials(grad: torch.Tensor, x: torch.Tensor, weight_shape: lis
     ho, wo = grad.shape[2:]
     programs, rows_per_program = _weight_grad_split(n * ho * wo, c * k * k, tiles, target)
     parts = torch.empty((programs, o, c * k * k), device=x.device, dtype=torch.float32)
-    block_m, block_r, warps = tiles
+    block_m, block_r, warps, stages = tiles
     _weight_grad_parts[(programs, triton.cdiv(c * k * k, block_r))](
         x, grad, parts, n, c, h, w, o, ho, wo, *x.stride(), *grad.stride(), padding, rows_per_program,
         K=k, PADDED=padding > 0, PRECISION=_precision(), BLOCK_M=block_m, BLOCK_O=_power_of_two_at_least(o),
-        BLOCK_R=block_r, num_warps=warps, num_stages=1)
+        BLOCK_R=block_r, num_warps=warps, num_stages=stages)
     return parts
 
 
