@@ -9,7 +9,8 @@ its C x K x K input window straight from the NCHW tensor (nothing unfolded in me
 
 - forward: rows (n, h_out, w_out), columns o, reduction (c, kh, kw);
 - input gradient: the same kernel over the output gradient, with the weights transposed
-  (o <-> c) and flipped (kh, kw -> K-1-kh, K-1-kw), and padding K-1-P;
+  (o <-> c) and flipped (kh, kw -> K-1-kh, K-1-kw), and padding K-1-P; over 16 channels or
+  more, summed tap by tap (_tap_gemm: the K x K taps unrolled, a channel loop inside);
 - weight gradient: rows o, columns (c, kh, kw), reduction over every (n, h_out, w_out),
   split across programs whose partial sums are then added in a fixed order (deterministic;
   in a compiled step Inductor fuses that sum).
@@ -186,11 +187,14 @@ if triton is not None:
 # Pipelining the loop's loads (2 or 3 stages) gained nothing (h200-2026-12-01e-conv-tiles-stages.txt).
 #
 # Tap by tap (_tap_gemm) pays where a 3x3 input gradient sums over 16 channels or more (the
-# forward's outputs): MNIST's 10 -> 20 layers' input gradients took 25.2 and 7.2 us with six
-# copies at once (as a sweep's runs share the GPU), 17.1 and 4.9 us tap by tap; alone 27.4 and
-# 9.2 us against 20.0 and 9.6 us. Over 1 to 10 channels, or as a forward, it was no faster or
-# slower (conv1's forward 2.5x), and so was a weight gradient tap by tap (2-6x slower):
-# h200-2026-12-01e-conv-tiles-by-tap.txt.
+# forward's outputs). MNIST's two 10 -> 20 layers' input gradients took 25.2 and 7.2 us with six
+# copies at once (as a sweep's runs share the GPU), 17.1 and 4.9 us tap by tap (alone 27.4 and
+# 9.2 us, 20.0 and 9.6 us); CIFAR-10's five took 78 us at once, 59 us tap by tap (alone 95 ->
+# 77 us, its 8x8 layer's 9.3 -> 10.5 us). Over 1 to 10 channels, or as a forward, it was no
+# faster or slower (MNIST's conv1 2.5x slower), and a weight gradient tap by tap was 2-6x slower
+# (h200-2026-12-01e-conv-tiles-by-tap.txt, -cifar-input-gradients.txt). End to end, ten seeds
+# 1.04x: 60.9 and 59.7 s against 63.2 and 62.2 s, alternately
+# (h200-2026-12-01e-e2e-10seeds-tap-input-gradients.txt).
 def _gemm_tiles(rows: int, channels: int, k: int, transposed: bool) -> tuple[tuple[int, int, int, int], bool]:
     """(tiles, tap by tap) for a gather-GEMM over ``rows`` output pixels that sums ``channels``
     channels of a k x k window; ``transposed`` for an input gradient."""
