@@ -103,8 +103,9 @@ def microseconds(launch, copies: int = 1) -> float | None:
 
 
 def time_kernel(name: str, makers: list, configs: list[tuple], chosen: tuple) -> dict:
-    """Each configuration alone (the first maker's tensors) and, with several makers, all at once."""
-    times = {config: microseconds(makers[0](config)) for config in configs}
+    """Each configuration, and normlab's choice, alone (the first maker's tensors) and, with
+    several makers, all at once."""
+    times = {config: microseconds(makers[0](config)) for config in dict.fromkeys([*configs, chosen])}
     ran = {config: t for config, t in times.items() if t is not None}
     best = min(ran, key=ran.get)
     row = {"kernel": name, "normlab": ran[chosen], "normlab_tiles": list(chosen), "best": ran[best],
@@ -118,38 +119,59 @@ def time_kernel(name: str, makers: list, configs: list[tuple], chosen: tuple) ->
     return row
 
 
+def integers(valid: range):
+    """An argparse type: comma-separated integers, each in ``valid``."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+        wrong = [v for v in values if v not in valid]
+        if wrong:
+            raise argparse.ArgumentTypeError(f"{wrong} out of range; valid: {valid.start} to {valid.stop - 1}")
+        return values
+    return parse
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default="mnist,cifar10", help="comma-separated: mnist, cifar10")
-    p.add_argument("--layers", help="comma-separated convolution indices (forward order); default: all")
-    p.add_argument("--stages", default="1", help="comma-separated software-pipeline stages to try (Triton num_stages)")
-    p.add_argument("--by-tap", default="0,1", help="the gather-GEMM's forms to try: 0 one flat reduction, 1 tap by tap")
+    p.add_argument("--layers", type=integers(range(0, 64)),
+                   help="comma-separated convolution indices (forward order); default: all")
+    p.add_argument("--stages", type=integers(range(1, 9)), default=[1],
+                   help="comma-separated software-pipeline stages to try (Triton num_stages)")
+    p.add_argument("--by-tap", type=integers(range(0, 2)), default=[0, 1],
+                   help="the gather-GEMM's forms to try: 0 one flat reduction, 1 tap by tap")
     p.add_argument("--concurrent", type=int, default=1, help="also time this many copies at once, per copy")
     p.add_argument("--json", type=Path, help="write every timing here")
     args = p.parse_args(argv)
+    if args.concurrent < 1:
+        p.error(f"argument --concurrent: {args.concurrent}; it counts copies, at least 1")
     if conv.triton is None or not torch.cuda.is_available():
         sys.exit("error: conv_tiles.py times Triton kernels on a CUDA GPU; none is available here")
     datasets = args.datasets.split(",")
     unknown = sorted(set(datasets) - set(ARCHITECTURES))
     if unknown:
         sys.exit(f"error: unknown dataset(s) {', '.join(unknown)}; valid choices: {', '.join(ARCHITECTURES)}")
-    stages = [int(s) for s in args.stages.split(",")]
-    forms = [int(f) for f in args.by_tap.split(",")]
-    gemm_tiles = [(*t, s, f) for t in GEMM_TILES for s in stages for f in forms]
-    weight_grad_tiles = [(*t, s) for t in WEIGHT_GRAD_TILES for s in stages]
+    concurrent = args.concurrent
+    gemm_tiles = [(*t, s, f) for t in GEMM_TILES for s in args.stages for f in args.by_tap]
+    weight_grad_tiles = [(*t, s) for t in WEIGHT_GRAD_TILES for s in args.stages]
     torch.backends.cudnn.allow_tf32 = True  # normlab's default precision: TF32
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; batch {BATCH}; us per kernel"
-          + (f"; 'at once': per copy with {args.concurrent} copies at once" if args.concurrent > 1 else ""))
+          + (f"; 'at once': per copy with {concurrent} copies at once" if concurrent > 1 else ""))
     results = []
     for dataset in datasets:
         layers = list(enumerate(convolutions(dataset)))
         if args.layers:
-            layers = [layers[int(i)] for i in args.layers.split(",")]
+            if max(args.layers) >= len(layers):
+                sys.exit(f"error: --layers {max(args.layers)}: the {dataset} model's convolutions are 0 to "
+                         f"{len(layers) - 1}")
+            layers = [layers[i] for i in args.layers]
         for index, (shape, o, k, padding) in layers:
             n, c, h, w = shape
             ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
             copies = [(torch.randn(shape, device="cuda"), torch.randn(o, c, k, k, device="cuda"),
-                       torch.randn(n, o, ho, wo, device="cuda")) for _ in range(args.concurrent)]
+                       torch.randn(n, o, ho, wo, device="cuda")) for _ in range(concurrent)]
             kernels = [("forward", [lambda t, x=x, weight=weight: gather_gemm(x, weight, o, padding, False, t)
                                     for x, weight, _ in copies], gemm_tiles, rule(n * ho * wo, c, k, False))]
             if index > 0:  # the first layer's input needs no gradient

@@ -73,6 +73,19 @@ def test_the_tile_benchmark_says_it_needs_a_gpu_and_times_nothing_without_one(tm
     assert not out.exists()
 
 
+@pytest.mark.parametrize("option, message", [
+    (["--by-tap", "2"], "argument --by-tap: [2] out of range; valid: 0 to 1"),
+    (["--stages", "1,two"], "argument --stages: '1,two' is not a comma-separated list of integers"),
+    (["--concurrent", "0"], "argument --concurrent: 0; it counts copies, at least 1"),
+])
+def test_the_tile_benchmark_refuses_a_wrong_option_before_timing_anything(tmp_path, option, message):
+    out = tmp_path / "tiles.json"
+    proc = subprocess.run([sys.executable, "benchmarks/conv_tiles.py", *option, "--json", str(out)],
+                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
 def test_model_logging_benchmark_times_both_ways_and_prints_their_ratio(small_mnist_dir):
     """benchmarks/model_logging.py: log_model with the kept graph and traced anew, alternately."""
     proc = subprocess.run([sys.executable, "benchmarks/model_logging.py", "--data-dir", str(small_mnist_dir),
