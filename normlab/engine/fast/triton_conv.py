@@ -69,16 +69,23 @@ if triton is not None:
         return r // (K * K), (r // K) % K, r % K
 
     @triton.jit
+    def _inside(i, j, ok, kh, kw, H, W, padding, PADDED: tl.constexpr):
+        """``ok`` where pixel (i, j) at tap (kh, kw) reads inside the image; the arguments
+        broadcast (a tile's rows by its columns, or a row vector at one tap). Only a PADDED
+        convolution can read outside the image."""
+        if PADDED:  # unsigned compares catch both negative and too-large coordinates
+            hi = (i + kh - padding).to(tl.uint32)
+            wi = (j + kw - padding).to(tl.uint32)
+            return ok & (hi < H) & (wi < W)
+        return ok
+
+    @triton.jit
     def _windows(x_ptr, n, i, j, m_ok, c, kh, kw, r_ok, H, W, sxn, sxc, sxh, sxw, padding,
                  PADDED: tl.constexpr):
         """x[n, c, i+kh-P, j+kw-P] for rows (n, i, j) x columns (c, kh, kw), 0 outside the image.
-        An element's address is a row part plus a column part, and only a PADDED convolution
-        can read outside the image."""
-        mask = m_ok[:, None] & r_ok[None, :]
-        if PADDED:  # unsigned compares catch both negative and too-large coordinates
-            hi = (i[:, None] + kh[None, :] - padding).to(tl.uint32)
-            wi = (j[:, None] + kw[None, :] - padding).to(tl.uint32)
-            mask = mask & (hi < H) & (wi < W)
+        An element's address is a row part plus a column part."""
+        mask = _inside(i[:, None], j[:, None], m_ok[:, None], kh[None, :], kw[None, :], H, W, padding,
+                       PADDED) & r_ok[None, :]
         row = n * sxn + (i - padding) * sxh + (j - padding) * sxw
         col = c * sxc + kh * sxh + kw * sxw
         return tl.load(x_ptr + row[:, None] + col[None, :], mask=mask, other=0.0)
@@ -135,15 +142,6 @@ if triton is not None:
 
 
     @triton.jit
-    def _tap_rows(i, j, m_ok, kh, kw, H, W, padding, PADDED: tl.constexpr):
-        """Which rows (n, i, j) read inside the image at tap (kh, kw)."""
-        if PADDED:  # unsigned compares catch both negative and too-large coordinates
-            hi = (i + kh - padding).to(tl.uint32)
-            wi = (j + kw - padding).to(tl.uint32)
-            return m_ok & (hi < H) & (wi < W)
-        return m_ok
-
-    @triton.jit
     def _tap_gemm(x_ptr, w_ptr, out_ptr, N, C, H, W, O, HO, WO,
                   sxn, sxc, sxh, sxw, swo, swc, swh, sww, padding,
                   K: tl.constexpr, FLIP: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
@@ -160,7 +158,7 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
         for kh in tl.static_range(K):
             for kw in tl.static_range(K):
-                row_ok = _tap_rows(i, j, m_ok, kh, kw, H, W, padding, PADDED)
+                row_ok = _inside(i, j, m_ok, kh, kw, H, W, padding, PADDED)
                 row = corner + kh * sxh + kw * sxw
                 if FLIP:
                     tap = (K - 1 - kh) * swh + (K - 1 - kw) * sww
