@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.processes import git_worktree, remove_worktree  # noqa: E402
+from benchmarks.processes import baseline_checkout, remove_worktree  # noqa: E402
 from benchmarks.speed import STUDY, prepare_mnist  # noqa: E402
 from normlab.engine.fast.trainer_pool import RUNS_PER_GPU  # noqa: E402
 import torch  # noqa: E402
@@ -201,11 +201,10 @@ def main() -> None:
                    env=dict(base, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}"))  # the shared store
     checkouts, worktrees = {"": ROOT}, []  # row suffix -> the normlab it runs; the worktrees made for them
     for baseline in filter(None, args.baseline.split(",")):
-        if (Path(baseline) / "normlab").is_dir():
-            checkouts[f"@{Path(baseline).name}"] = Path(baseline).resolve()
-        else:
-            worktrees.append(git_worktree(baseline, work / f"worktree-{baseline}"))
-            checkouts[f"@{baseline}"] = worktrees[-1]
+        checkout, made = baseline_checkout(baseline, work / f"worktree-{baseline}")
+        checkouts[f"@{baseline}" if made else f"@{Path(baseline).name}"] = checkout
+        if made:
+            worktrees.append(checkout)
     # A GPU's Triton kernels are built by the first command that needs them (9.3 s of an
     # `mlflow run` row that came first: h200-2026-11-30i-e2e-mlflow-run.txt), so any warm row
     # on a GPU, not only the sweep's, has the warm-up before it.

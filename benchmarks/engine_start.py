@@ -89,16 +89,12 @@ def main() -> None:
     checkouts = {"this checkout": ROOT}
     worktree = None
     if args.baseline:
-        baseline = Path(args.baseline)
-        if not (baseline / "normlab").is_dir():  # a commit: checked out beside this checkout
-            sys.path.insert(0, str(ROOT))
-            from benchmarks.processes import git_worktree
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.processes import baseline_checkout
 
-            try:
-                baseline = worktree = git_worktree(args.baseline, Path(tempfile.mkdtemp()) / "baseline")
-            except subprocess.CalledProcessError:
-                sys.exit(f"error: --baseline {args.baseline}: neither a folder holding normlab/ nor a commit")
-        checkouts["baseline"] = baseline.resolve()
+        baseline, made = baseline_checkout(args.baseline, Path(tempfile.mkdtemp()) / "baseline")
+        checkouts["baseline"] = baseline
+        worktree = baseline if made else None
     times: dict[str, list[dict[str, float]]] = {name: [] for name in checkouts}
     try:
         for _ in range(args.repeats):  # alternately

@@ -1,7 +1,7 @@
 """Timing normlab's commands as processes, as users run them: a fresh tracking store of the
 benchmark's own, each command's wall time and the time from its last line to its exit, and
 another commit checked out to time against. Shared by exit_cost.py, data_cache.py,
-commands.py and e2e.py."""
+commands.py, engine_start.py and e2e.py."""
 
 from __future__ import annotations
 
@@ -62,6 +62,17 @@ def git_worktree(commit: str, folder: Path) -> Path:
     subprocess.run(["git", "worktree", "add", "--detach", str(folder), commit], cwd=ROOT, check=True,
                    capture_output=True)
     return folder
+
+
+def baseline_checkout(baseline: str, folder: Path) -> tuple[Path, bool]:
+    """The normlab a --baseline names: a folder holding normlab/ (used as it is), or a commit,
+    checked out at ``folder`` (then True: a worktree for remove_worktree to take away)."""
+    if (Path(baseline) / "normlab").is_dir():
+        return Path(baseline).resolve(), False
+    try:
+        return git_worktree(baseline, folder), True
+    except subprocess.CalledProcessError:
+        sys.exit(f"error: --baseline {baseline}: neither a folder holding normlab/ nor a commit")
 
 
 def remove_worktree(folder: Path) -> None:
