@@ -54,8 +54,8 @@ print(json.dumps(errors))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels themselves are compared with float64")
-def test_the_kernels_compute_torchs_convolution_and_its_gradients_in_the_interpreter():
-    errors = interpreted(COMPARE, SHAPES)
+def test_the_kernels_compute_torchs_convolution_and_its_gradients_in_the_interpreter(tmp_path):
+    errors = interpreted(COMPARE, SHAPES, tmp_path / "launches.json")
     for shape, shape_errors in zip(SHAPES, errors):  # forward, gradients, and both in the other form
         assert len(shape_errors) == 5 and max(shape_errors) < 1e-5, (shape, shape_errors)
 

@@ -85,8 +85,8 @@ def assert_matches_float64(cases: list[tuple], errors: list[list[float]]) -> Non
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the layer itself is compared")
-def test_the_layers_compute_torchs_norms_and_their_gradients_in_the_interpreter():
-    errors = interpreted(INTERPRET, INTERPRETED)
+def test_the_layers_compute_torchs_norms_and_their_gradients_in_the_interpreter(tmp_path):
+    errors = interpreted(INTERPRET, INTERPRETED, tmp_path / "launches.json")
     assert_matches_float64(INTERPRETED, errors)
 
 

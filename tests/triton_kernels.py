@@ -1,7 +1,11 @@
 """Testing normlab's Triton kernels. On CI's CPU, Triton's interpreter (TRITON_INTERPRET=1,
 numpy on the CPU) runs the same kernel code, indexing and masking as a GPU; Triton reads the
-switch when the kernels are defined, so that code runs in a process of its own. On a GPU,
-the profiler counts which kernels a model launches."""
+switch when the kernels are defined, so that code runs in a process of its own. The
+interpreter runs a kernel as Python, which lets through code that Triton's compiler refuses
+(a helper whose two returns had different shapes landed so, in 3472648, and every GPU run
+failed), so each kernel the interpreter ran is also compiled by Triton's front end, as for
+an H100/H200, to Triton's IR: that needs no GPU. On a GPU, the profiler counts which kernels
+a model launches."""
 
 from __future__ import annotations
 
@@ -16,16 +20,80 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def interpreted(code: str, cases: list) -> list:
-    """The last line ``code`` prints, read as JSON: one result per case. The code runs in
-    Triton's interpreter with the cases, as JSON, in sys.argv[1]."""
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(cases)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+# Run before a test's code in the interpreter: notes each kernel launch's kernel, argument
+# types and compile-time constants (what Triton compiles a kernel for), in the file LAUNCHES names.
+RECORD_LAUNCHES = """
+import atexit, inspect, json, os, torch
+from triton.runtime.interpreter import InterpretedFunction
+launches = set()
+run = InterpretedFunction.run
+
+def recorded(self, *args, grid, warmup, **kwargs):
+    params = inspect.signature(self.fn).parameters
+    bound = dict(zip(params, args), **kwargs)
+    constants, types = {}, {}
+    for name, param in params.items():
+        value = bound.get(name, param.default)
+        if "constexpr" in str(param.annotation):
+            constants[name] = value
+        elif isinstance(value, torch.Tensor):
+            types[name] = "*" + {torch.float32: "fp32", torch.float64: "fp64", torch.int64: "i64"}[value.dtype]
+        else:
+            types[name] = "fp32" if isinstance(value, float) else "i32"
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    launches.add(json.dumps([self.fn.__module__, self.fn.__name__, types, constants, options], sort_keys=True))
+    return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+InterpretedFunction.run = recorded
+atexit.register(lambda: open(os.environ["LAUNCHES"], "w").write(json.dumps(sorted(launches))))
+"""
+
+# Compiles each noted launch with Triton's front end (Python to Triton IR) for an sm_90 GPU.
+COMPILE_FOR_THE_GPU = """
+import importlib, json, sys
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.compiler import ASTSource
+
+target = GPUTarget("cuda", 90, 32)
+backend = CUDABackend(target)
+failures = []
+for module, name, types, constants, options in map(json.loads, json.loads(open(sys.argv[1]).read())):
+    fn = getattr(importlib.import_module(module), name)
+    signature = {arg: "constexpr" if arg in constants else types[arg] for arg in fn.arg_names}
+    source = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constants.items()})
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    opts = backend.parse_options(options)
+    try:
+        source.make_ir(target, opts, backend.get_codegen_implementation(opts), backend.get_module_map(), context)
+    except Exception as exc:
+        failures.append(f"{name} {constants}: {exc}")
+print(json.dumps(failures))
+"""
+
+
+def _python(code: str, *args: str, **env: str) -> str:
+    """What ``code`` prints, run with normlab importable and ``env`` set; it must succeed."""
+    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    return done.stdout
+
+
+def interpreted(code: str, cases: list, launches: Path) -> list:
+    """The last line ``code`` prints, read as JSON: one result per case. The code runs in
+    Triton's interpreter with the cases, as JSON, in sys.argv[1]; every kernel it launched
+    must then also compile for the GPU (``launches``: a file for the list of them)."""
+    out = _python(RECORD_LAUNCHES + code, json.dumps(cases), TRITON_INTERPRET="1", LAUNCHES=str(launches))
+    results = json.loads(out.strip().splitlines()[-1])
     assert len(results) == len(cases)
+    assert len(json.loads(launches.read_text())) > 0
+    failures = json.loads(_python(COMPILE_FOR_THE_GPU, str(launches)).strip().splitlines()[-1])
+    assert not failures, failures
     return results
 
 

@@ -76,8 +76,8 @@ if triton is not None:
         if PADDED:  # unsigned compares catch both negative and too-large coordinates
             hi = (i + kh - padding).to(tl.uint32)
             wi = (j + kw - padding).to(tl.uint32)
-            return ok & (hi < H) & (wi < W)
-        return ok
+            ok = ok & (hi < H) & (wi < W)
+        return ok  # one return: Triton's compiler types every return of a function alike
 
     @triton.jit
     def _windows(x_ptr, n, i, j, m_ok, c, kh, kw, r_ok, H, W, sxn, sxc, sxh, sxw, padding,
