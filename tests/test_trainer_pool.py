@@ -4,13 +4,11 @@ keeps from run to run, and those it prepares ahead while a sweep starts."""
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 
 import pytest
 import torch
 
 from normlab.engine.config import TrainConfig, steps_key
-from normlab.engine.fast import COMPILE_PAYS_FROM_EPOCHS, Speedups
 from normlab.engine.fast.trainer_pool import TrainerPool
 from normlab.engine.train import Trainer, fit
 from normlab.errors import ConfigError
@@ -99,94 +97,3 @@ def test_tritons_build_hash_is_computed_on_a_thread_and_kept_for_the_first_kerne
     hits = cache.triton_key.cache_info().hits
     assert cache.triton_key() == expected  # as a kernel's cache lookup asks for it
     assert cache.triton_key.cache_info().hits == hits + 1
-
-
-def _compiling_stand_in(monkeypatch) -> None:
-    """Speedups.default as on a GPU, where runs of a steps_key with COMPILE_PAYS_FROM_EPOCHS
-    epochs ahead compile and shorter ones do not; here, on the CPU, the switch that tells them
-    apart is the evaluation's batch size (cheap), standing in for compile's."""
-    default = Speedups.default.__func__
-
-    def rule(cls, device, epochs_ahead=0, config=None):
-        plain = default(cls, device, epochs_ahead, config)
-        return replace(plain, eval_batch_size=1000) if epochs_ahead >= COMPILE_PAYS_FROM_EPOCHS else plain
-
-    monkeypatch.setattr(Speedups, "default", classmethod(rule))
-
-
-def test_the_first_wave_trains_on_its_own_steps_while_the_later_runs_steps_are_prepared(small_mnist_dir,
-                                                                                         monkeypatch):
-    """Where later runs of a variant pay for steps that take long to prepare (compiled on a
-    GPU), the first runs train on the steps that pay for them alone, without waiting for the
-    later runs' warm-ups, which are prepared meanwhile; each later run takes over one of those,
-    never a first run's trainer, and every run trains what a new trainer of its steps trains."""
-    _compiling_stand_in(monkeypatch)
-    gate = threading.Event()
-    prepare = Trainer.prepare
-
-    def held_prepare(trainer):  # the later runs' warm-ups wait for the test's word
-        if trainer.config.seed == 2:
-            assert gate.wait(60)
-        return prepare(trainer)
-
-    monkeypatch.setattr(Trainer, "prepare", held_prepare)
-    pool = TrainerPool("cpu", str(small_mnist_dir), concurrent=2)
-    configs = training_order([TrainConfig(norm=norm, epochs=1, seed=seed) for norm in ("ln", "gn") for seed in (1, 2, 3)])
-    ahead = {steps_key(c): COMPILE_PAYS_FROM_EPOCHS for c in configs}
-    pool.prepare_ahead(configs, ahead)
-    first = pool.trainer(configs[0], ahead[steps_key(configs[0])])
-    assert first.config.run_name == "ln-s1" and first.took_over == "the warm-up of ln-s1"
-    assert first.speedups.eval_batch_size == 500 and pool.preparing_later[steps_key(first.config)] == 1
-    alone = Trainer(configs[0], pool.data("mnist"))
-    assert alone.speedups == first.speedups
-    assert_same_outcome(outcome(fit(first)), outcome(fit(alone)))
-    pool.release(first, finished=True)
-
-    given = []
-    asking = threading.Thread(target=lambda: given.append(pool.trainer(configs[2], ahead[steps_key(configs[2])])))
-    asking.start()
-    asking.join(timeout=3)
-    assert not given  # ln-s2 waits for the later warm-ups, not for ln-s1's trainer
-    gate.set()
-    asking.join(timeout=60)
-    second = given[0]
-    assert second.config.run_name == "ln-s2" and second.took_over == "the warm-up of ln-s2"
-    assert second.speedups.eval_batch_size == 1000
-    assert_same_outcome(outcome(fit(second)),
-                        outcome(fit(Trainer(configs[2], pool.data("mnist"), epochs_ahead=COMPILE_PAYS_FROM_EPOCHS))))
-    third = pool.trainer(configs[4], ahead[steps_key(configs[4])])  # ln-s3: ln-s1's trainer is not its kind
-    assert third.config.run_name == "ln-s3" and third.took_over is None and third.speedups.eval_batch_size == 1000
-    pool.release(second, finished=True)
-    again = pool.trainer(configs[0], ahead[steps_key(configs[0])])  # ln-s1 once more (a retry): its own kind
-    assert again.took_over == "ln-s1" and again.speedups.eval_batch_size == 500
-
-
-def test_runs_without_later_runs_of_their_variant_train_on_the_steps_their_epochs_pay_for(small_mnist_dir,
-                                                                                         monkeypatch):
-    """A long run alone (or the last of its variant) has no later run to prepare for: it trains
-    on the steps its own epochs pay for, as before."""
-    _compiling_stand_in(monkeypatch)
-    pool = TrainerPool("cpu", str(small_mnist_dir), concurrent=2)
-    long_run = TrainConfig(norm="ln", epochs=COMPILE_PAYS_FROM_EPOCHS)
-    pool.prepare_ahead([long_run], {steps_key(long_run): COMPILE_PAYS_FROM_EPOCHS}).join(timeout=120)
-    assert not pool.first_wave
-    trainer = pool.trainer(long_run, COMPILE_PAYS_FROM_EPOCHS)
-    assert trainer.took_over == "the warm-up of ln-s1" and trainer.speedups.eval_batch_size == 1000
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_a_gpu_the_first_wave_trains_uncompiled_while_the_compiled_steps_are_prepared(small_mnist_dir):
-    """The rule above with the GPU's own switch: of a variant with COMPILE_PAYS_FROM_EPOCHS
-    epochs ahead, the first runs train uncompiled (with the Triton norms), the later ones on
-    the compiled steps prepared meanwhile; each trains what a new trainer of its steps trains."""
-    pool = TrainerPool("cuda", str(small_mnist_dir), concurrent=2)
-    configs = [TrainConfig(norm="ln", epochs=1, seed=seed) for seed in (1, 2, 3, 4)]
-    key = steps_key(configs[0])
-    pool.prepare_ahead(configs, {key: COMPILE_PAYS_FROM_EPOCHS})
-    firsts = [pool.trainer(c, COMPILE_PAYS_FROM_EPOCHS) for c in configs[:2]]
-    assert [t.speedups.compile for t in firsts] == [False, False] and firsts[0].speedups.triton_norms
-    assert_same_outcome(outcome(fit(firsts[0])), outcome(fit(Trainer(configs[0], pool.data("mnist")))))
-    later = pool.trainer(configs[2], COMPILE_PAYS_FROM_EPOCHS)
-    assert later.took_over == "the warm-up of ln-s3" and later.speedups.compile
-    assert_same_outcome(outcome(fit(later)), outcome(fit(Trainer(configs[2], pool.data("mnist"),
-                                                                 epochs_ahead=COMPILE_PAYS_FROM_EPOCHS))))

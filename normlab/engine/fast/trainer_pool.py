@@ -4,10 +4,8 @@ On a GPU a run's training takes seconds, while loading the data and compiling an
 its step take longer. A pool pays those once per process: it keeps each dataset on its
 device, and a run that finishes leaves its model, compiled step and captured CUDA graphs to
 the pool's next run of that variant and batch size (Trainer's ``warm``); an engine process
-prepares trainers for the first runs while its command starts (``prepare_ahead``), and where
-the later runs' steps take long to prepare (compiling), the first runs train with the steps
-that pay for them alone while those are prepared beside them. Several runs may train at once,
-each in a thread of its own holding a CUDA stream of its own (``stream``).
+prepares trainers for the first runs while its command starts (``prepare_ahead``). Several
+runs may train at once, each in a thread of its own holding a CUDA stream of its own (``stream``).
 The pool knows nothing of MLflow: a sweep's worker (normlab.sweep.worker) or an engine
 process (engine_process.py) asks it for trainers and trains them.
 """
@@ -25,7 +23,6 @@ import torch
 
 from normlab.engine.config import TrainConfig, steps_key
 from normlab.engine.data import DeviceData, load_raw
-from normlab.engine.fast import Speedups
 from normlab.engine.train import Trainer, resolve_device
 from normlab.errors import ConfigError
 
@@ -105,8 +102,6 @@ class TrainerPool:
         self.reuse_steps = reuse_steps()
         self.idle: collections.OrderedDict[tuple, list[Trainer]] = collections.OrderedDict()  # steps_key -> finished
         self.preparing: collections.Counter[tuple] = collections.Counter()  # steps_key -> warm-ups not yet ready
-        self.preparing_later: collections.Counter[tuple] = collections.Counter()  # ...for the runs after the first
-        self.first_wave: set[str] = set()  # config hashes of the first runs, which train on their own steps
         self.warm_ups: weakref.WeakSet[Trainer] = weakref.WeakSet()  # prepared ahead, trained nothing
         self.active: list[Trainer] = []
         self.stop_reason: str | None = None
@@ -146,31 +141,17 @@ class TrainerPool:
         earlier run here compiled it. A stop request reaches it until ``release``."""
         data = self.data(config.dataset)
         key = steps_key(config)
-        first = config.config_hash() in self.first_wave
+        ahead = float("inf") if key in self.compiled else max(epochs_ahead, config.epochs)
         # The warm-ups on their way first, rather than each run as soon as its own is ready: a run
         # training in this process takes the interpreter's lock from the warm-ups still compiling
         # and capturing beside it (a second seed's capture took 1.1-1.6 s beside training runs,
         # 0.2 s alone), so six runs trained at once only from 17.3 s of the ten-seed sweep
-        # (h200-2026-12-01c-sweep10-stamped.txt). The first wave's runs do not wait for the
-        # later runs' warm-ups, which are prepared while they train; a later run waits for one
-        # of its kind (or for its variant's to end) rather than preparing its own beside them.
-        def ahead() -> float:
-            if first:
-                return config.epochs
-            return float("inf") if key in self.compiled else max(epochs_ahead, config.epochs)
-
-        def ready() -> bool:
-            return not sum(self.preparing.values()) and (
-                first or not self.preparing_later[key] or self._kept(key, self._speedups(config, ahead())) is not None)
-
+        # (h200-2026-12-01c-sweep10-stamped.txt).
         with self.lock:
-            self.kept.wait_for(ready)
-            warm = self._kept(key, self._speedups(config, ahead()))
-            if warm is not None:
-                self.idle[key].remove(warm)
-                if not self.idle[key]:  # the oldest key's list is the first to give one up
-                    del self.idle[key]
-        trainer = self._built(config, data, ahead(), warm)
+            self.kept.wait_for(lambda: not sum(self.preparing.values()))
+            idle = self.idle.get(key)
+            warm = idle.pop() if idle else None
+        trainer = self._built(config, data, ahead, warm)
         if warm in self.warm_ups:
             trainer.took_over = f"the warm-up of {warm.config.run_name}"
         if state is not None:
@@ -187,59 +168,31 @@ class TrainerPool:
         each for a run of its steps_key to take over: an engine process does this while its
         command starts the runs' tracking. ``epochs_ahead``: per steps_key, as ``trainer``
         takes it. From this call on, a run waits until every warm-up is ready (``trainer``
-        says why); a warm-up that fails leaves its run to prepare its own.
-
-        Where a first run's steps_key has later runs whose steps differ from those that pay
-        for the run alone (on a GPU: compiled, which takes seconds on warm caches and half a
-        minute on cold ones, against uncompiled), the first wave trains on its own steps: it
-        starts once those are captured, and the next ``concurrent`` runs' trainers are
-        prepared in the same thread while it trains. Which runs those are is fixed by the
-        order, not by timing, so a run's steps are the same whenever the sweep is run
-        (its ``speedups`` tag names them)."""
-        firsts, nexts = configs[:self.concurrent], configs[self.concurrent:2 * self.concurrent]
-        later_keys = {steps_key(c) for c in configs[self.concurrent:]}
-
-        def ahead(config: TrainConfig) -> int:
-            return max(epochs_ahead.get(steps_key(config), 0), config.epochs)
-
-        alone = {c.config_hash() for c in firsts
-                 if steps_key(c) in later_keys and self._speedups(c, c.epochs) != self._speedups(c, ahead(c))}
-        firsts_ahead = [(c, c.epochs if c.config_hash() in alone else ahead(c)) for c in firsts]
-        alone_keys = {steps_key(c) for c in firsts if c.config_hash() in alone}
-        nexts_ahead = [(c, ahead(c)) for c in nexts if steps_key(c) in alone_keys]
+        says why); a warm-up that fails leaves its run to prepare its own."""
+        firsts = configs[:self.concurrent]
         with self.lock:
-            self.first_wave |= alone
-            self.preparing.update(steps_key(c) for c, _ in firsts_ahead)
-            self.preparing_later.update(steps_key(c) for c, _ in nexts_ahead)
-        thread = threading.Thread(target=self._prepare, args=(firsts_ahead, nexts_ahead),
-                                  name="normlab-prepare-ahead", daemon=True)
+            self.preparing.update(steps_key(c) for c in firsts)
+        thread = threading.Thread(target=self._prepare, args=(firsts, epochs_ahead), name="normlab-prepare-ahead",
+                                  daemon=True)
         thread.start()
         return thread
 
-    def _prepare(self, firsts: list[tuple[TrainConfig, float]], nexts: list[tuple[TrainConfig, float]]) -> None:
+    def _prepare(self, configs: list[TrainConfig], epochs_ahead: dict[tuple, int]) -> None:
         with self.stream():
-            for warm_ups, counter in ((firsts, self.preparing), (nexts, self.preparing_later)):
-                for config, ahead in warm_ups:
-                    key = steps_key(config)
-                    try:
-                        trainer = self._built(config, self.data(config.dataset), ahead)
-                        trainer.prepare()
-                        self.warm_ups.add(trainer)
-                        self.release(trainer, finished=True)
-                    except Exception:  # met again, and reported, by the run that needs it
-                        pass
-                    finally:
-                        with self.lock:
-                            counter[key] -= 1
-                            self.kept.notify_all()
-
-    def _speedups(self, config: TrainConfig, epochs_ahead: float) -> Speedups:
-        return Speedups.default(self.device, epochs_ahead, config)
-
-    def _kept(self, key: tuple, speedups: Speedups) -> Trainer | None:
-        """The latest kept trainer of ``key`` with these speedups (a first run's uncompiled one
-        serves no compiled run); call with the lock held."""
-        return next((t for t in reversed(self.idle.get(key, [])) if t.speedups == speedups), None)
+            for config in configs:
+                key = steps_key(config)
+                try:
+                    trainer = self._built(config, self.data(config.dataset),
+                                          max(epochs_ahead.get(key, 0), config.epochs))
+                    trainer.prepare()
+                    self.warm_ups.add(trainer)
+                    self.release(trainer, finished=True)
+                except Exception:  # met again, and reported, by the run that needs it
+                    pass
+                finally:
+                    with self.lock:
+                        self.preparing[key] -= 1
+                        self.kept.notify_all()
 
     def _built(self, config: TrainConfig, data: DeviceData, epochs_ahead: float,
                warm: Trainer | None = None) -> Trainer:
