@@ -19,18 +19,20 @@ from tests.triton_kernels import interpreted, kernel_launches
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# (batch, in, out, size, kernel, padding): the MNIST model's layers, the 1x1 head on a 1x1
-# map, a padded RGB layer, a map narrower than the row tile, and a batch with enough output
-# pixels (49 x 26 x 26) for the large layers' tiles.
-SHAPES = [(3, 1, 10, 28, 3, 0), (2, 10, 20, 26, 3, 0), (2, 20, 10, 24, 1, 0), (3, 10, 10, 6, 3, 1),
-          (5, 10, 10, 1, 1, 0), (2, 3, 16, 9, 3, 1), (2, 4, 3, 5, 3, 2), (49, 1, 2, 28, 3, 0)]
+# (batch, in, out, size, kernel, padding, as a large layer): the MNIST model's layers, the 1x1
+# head on a 1x1 map, a padded RGB layer, a map narrower than the row tile, and a layer run as
+# the rule runs one of 32768 output pixels or more (its tiles; a weight gradient whose programs
+# each sum several row tiles), which at that size would take the interpreter three times as
+# long as all the others.
+SHAPES = [(3, 1, 10, 28, 3, 0, 0), (2, 10, 20, 26, 3, 0, 0), (2, 20, 10, 24, 1, 0, 0), (3, 10, 10, 6, 3, 1, 0),
+          (5, 10, 10, 1, 1, 0, 0), (2, 3, 16, 9, 3, 1, 0), (2, 4, 3, 5, 3, 2, 0), (2, 1, 2, 28, 3, 0, 1)]
 
 COMPARE = """
 import json, sys, torch, torch.nn.functional as F
 from normlab.engine.fast import triton_conv as conv
 torch.manual_seed(0)
 errors = []
-for n, c, o, size, k, p in json.loads(sys.argv[1]):
+for n, c, o, size, k, p, large in json.loads(sys.argv[1]):
     x = torch.randn(n, c, size, size, dtype=torch.float64)
     w = torch.randn(o, c, k, k, dtype=torch.float64)
     ref_x, ref_w = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -42,6 +44,14 @@ for n, c, o, size, k, p in json.loads(sys.argv[1]):
     ws = w.float().requires_grad_()
     out = conv.conv2d(xs, ws, p)
     grads = torch.autograd.grad(out, (xs, ws), g.float())
+    if large:
+        tiles, _ = conv._gemm_tiles(32768, c, k, False)
+        assert conv._gemm_tiles(32768, o, k, True) == (tiles, False)
+        out = conv._conv(xs.detach(), ws.detach(), o, p, False, tiles=tiles)
+        parts = conv._weight_grad_partials(g.float(), xs.detach(), [o, c, k, k], p, target=4)
+        assert parts.shape[0] == 4 and n * (size - k + 1) ** 2 > 4 * 2 * conv._WEIGHT_GRAD_TILES[0]
+        grads = (conv._conv(g.float(), ws.detach().transpose(0, 1), c, k - 1 - p, True, tiles=tiles),
+                 parts.sum(0).view(o, c, k, k))
     # each gather-GEMM in the form the rule does not pick for it: tap by tap, or one flat sum
     other_forms = [conv._conv(xs.detach(), ws.detach(), o, p, False, by_tap=True),
                    conv._conv(g.float(), ws.detach().transpose(0, 1), c, k - 1 - p, True,
