@@ -86,7 +86,7 @@ def test_on_a_gpu_the_kernels_match_float64(tf32, tolerance):
     torch.backends.cudnn.allow_tf32 = tf32
     try:
         torch.manual_seed(0)
-        for n, c, o, size, k, p in [(128, *shape[1:]) for shape in SHAPES] + [(1000, 10, 20, 26, 3, 0)]:
+        for n, c, o, size, k, p in [(128, *shape[1:6]) for shape in SHAPES] + [(1000, 10, 20, 26, 3, 0)]:
             x = torch.randn(n, c, size, size, device="cuda", requires_grad=True)
             w = torch.randn(o, c, k, k, device="cuda", requires_grad=True)
             out = conv.conv2d(x, w, p)
