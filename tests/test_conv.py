@@ -42,9 +42,10 @@ for n, c, o, size, k, p, large in json.loads(sys.argv[1]):
     # fp32 operands; channels_last input to exercise the strides
     xs = x.float().contiguous(memory_format=torch.channels_last).requires_grad_()
     ws = w.float().requires_grad_()
-    out = conv.conv2d(xs, ws, p)
-    grads = torch.autograd.grad(out, (xs, ws), g.float())
-    if large:
+    if not large:
+        out = conv.conv2d(xs, ws, p)
+        grads = torch.autograd.grad(out, (xs, ws), g.float())
+    else:
         tiles, _ = conv._gemm_tiles(32768, c, k, False)
         assert conv._gemm_tiles(32768, o, k, True) == (tiles, False)
         out = conv._conv(xs.detach(), ws.detach(), o, p, False, tiles=tiles)
