@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import replace
+import json
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -29,10 +30,14 @@ from tests.mnist_fixture import write_mnist
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> DeviceData:
+def tiny_mnist_dir(tmp_path_factory):
     """200 real training digits, 100 test: a few steps per epoch keep these tests fast."""
-    folder = write_mnist(tmp_path_factory.mktemp("mnist-tiny"), train=200, test=100)
-    return DeviceData(load_raw("mnist", folder, download=False), "cpu")
+    return write_mnist(tmp_path_factory.mktemp("mnist-tiny"), train=200, test=100)
+
+
+@pytest.fixture(scope="module")
+def data(tiny_mnist_dir) -> DeviceData:
+    return DeviceData(load_raw("mnist", tiny_mnist_dir, download=False), "cpu")
 
 
 def plain_epochs(config: TrainConfig, data: DeviceData,
@@ -286,10 +291,26 @@ def test_graphs_refuse_a_cpu_model_and_unsupported_sgd_settings():
                   RunRNG(0, torch.device("cpu")))
 
 
-def test_compiled_step_trains_what_the_eager_step_trains(data):
+COMPILED_EPOCH = """
+import json, sys, torch
+from normlab.engine.config import TrainConfig
+from normlab.engine.data import DeviceData, load_raw
+from normlab.engine.fast import Speedups
+from normlab.engine.train import Callbacks, Trainer
+data = DeviceData(load_raw("mnist", sys.argv[1], download=False), torch.device("cpu"))
+trainer = Trainer(TrainConfig(**json.loads(sys.argv[2])), data, speedups=Speedups(compile=True))
+record = trainer.run_epoch(Callbacks())
+files = {f.__name__: [c.loads, c.saves] for f, c in trainer.train_step.compiled_versions.items()}
+print(json.dumps({"metrics": record.metrics(), "files": files}))
+"""
+
+
+def test_compiled_step_trains_what_the_eager_step_trains_and_a_later_process_loads_it(data, tiny_mnist_dir):
     """The GPU default compiles the step; the same logic on the CPU trains the same epoch
-    (no dropout: Inductor draws its own random numbers for it). prepare() compiles it before
-    the epoch with a warm-up step that it undoes."""
+    (no dropout: Inductor draws its own random numbers for it, and the CPU's own dropout
+    breaks Dynamo's graph). prepare() compiles it before the epoch with a warm-up step that it
+    undoes, and keeps both functions on disk whole (engine/fast/precompiled.py): a new process
+    loads them instead of compiling, and trains the same epoch bit for bit."""
     config = TrainConfig(norm="ln", epochs=1, batch_size=50, seed=2, dropout=0.0)
     eager = Trainer(config, data, speedups=Speedups()).run_epoch(Callbacks())
     trainer = Trainer(config, data, speedups=Speedups(compile=True))
@@ -299,6 +320,16 @@ def test_compiled_step_trains_what_the_eager_step_trains(data):
     assert compiled.train_loss == pytest.approx(eager.train_loss, rel=1e-5)
     assert compiled.test_loss == pytest.approx(eager.test_loss, rel=1e-5)
     assert compiled.test_acc == eager.test_acc
+    # one batch shape (4 batches of 50): one file per function, compiled here or by an earlier session
+    assert all(c.loads + c.saves == 1 and c.fallback is None for c in trainer.train_step.compiled_versions.values())
+
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    later = subprocess.run([sys.executable, "-c", COMPILED_EPOCH, str(tiny_mnist_dir), json.dumps(asdict(config))],
+                           env=dict(os.environ, PYTHONPATH=path), capture_output=True, text=True, timeout=600)
+    assert later.returncode == 0, later.stderr[-3000:]
+    loaded = json.loads(later.stdout.strip().splitlines()[-1])
+    assert loaded["files"] == {"loss_and_correct": [1, 0], "sgd_update": [1, 0]}
+    assert loaded["metrics"] == compiled.metrics()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -306,7 +337,8 @@ def test_a_compiled_run_trains_the_same_numbers_whatever_its_compile_cache(small
     """Inductor would time a reduction kernel's candidate tiles at its first call and keep the
     fastest, whose order of addition then depends on the machine's load; in its deterministic
     mode (COMPILE_OPTIONS) two processes compiling at once, each on an empty cache of its
-    own, train the same epochs, bit for bit."""
+    own, train the same epochs, bit for bit; and a third process, on the first one's cache,
+    loads the step that one kept (engine/fast/precompiled.py) and trains them too."""
     script = (
         "import sys, torch\n"
         "from dataclasses import replace\n"
@@ -319,15 +351,24 @@ def test_a_compiled_run_trains_the_same_numbers_whatever_its_compile_cache(small
         "speedups = replace(Speedups.default(device), compile=True, triton_norms=False)\n"
         "trainer = Trainer(TrainConfig(norm='ln', epochs=3), data, speedups=speedups)\n"
         "for _ in range(3):\n"
-        "    print(trainer.run_epoch(Callbacks()).metrics())\n")
+        "    print(trainer.run_epoch(Callbacks()).metrics())\n"
+        "print({f.__name__: c.loads for f, c in trainer.train_step.compiled_versions.items()})\n")
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    processes = [subprocess.Popen([sys.executable, "-c", script, str(small_mnist_dir)], stdout=subprocess.PIPE,
-                                  text=True, env={**os.environ, "PYTHONPATH": path,
-                                                  "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / cache)})
-                 for cache in ("a", "b")]
+
+    def started(cache: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", script, str(small_mnist_dir)], stdout=subprocess.PIPE,
+                                text=True, env={**os.environ, "PYTHONPATH": path,
+                                                "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / cache)})
+
+    processes = [started("a"), started("b")]
     outputs = [process.communicate(timeout=600)[0] for process in processes]
-    assert [process.returncode for process in processes] == [0, 0]
-    assert outputs[0].count("test_loss") == 3 and outputs[0] == outputs[1]
+    later = started("a")
+    outputs.append(later.communicate(timeout=600)[0])
+    assert [process.returncode for process in [*processes, later]] == [0, 0, 0]
+    epochs = [output.splitlines()[:3] for output in outputs]
+    assert outputs[0].count("test_loss") == 3 and epochs[0] == epochs[1] == epochs[2]
+    assert outputs[0].splitlines()[3] == "{'loss_and_correct': 0, 'sgd_update': 0}"
+    assert outputs[2].splitlines()[3] == "{'loss_and_correct': 2, 'sgd_update': 2}"  # two batch shapes
 
 
 def test_a_step_that_cannot_compile_warns_and_trains_the_model_itself(data, monkeypatch):

@@ -55,11 +55,9 @@ class TrainStep:
         self.rng = rng
         self.compiled_shapes: set[tuple[int, ...]] = set()  # batch shapes prepare() compiled
         self.compiled_versions: dict[Callable, Callable] = {}  # plain function -> compiled
-        if compiled:
-            # Every run, variant and batch shape is a recompile of the same two functions: allow them all.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-            self.compiled_versions = {f: torch.compile(f, dynamic=False, options=COMPILE_OPTIONS)
-                                      for f in (loss_and_correct, sgd_update)}
+        if compiled:  # kept on disk whole, so that a later process loads rather than compiles them
+            from normlab.engine.fast.precompiled import Precompiled
+            self.compiled_versions = {f: Precompiled(f, COMPILE_OPTIONS) for f in (loss_and_correct, sgd_update)}
         device = self.params[0].device
         self.loss_sum = torch.zeros((), device=device)  # sum of per-sample NLL this epoch
         self.correct = torch.zeros((), device=device, dtype=torch.int64)
