@@ -39,7 +39,8 @@ class Speedups:
     # glibc keeps freed activations for the next step (host_memory.py): 1.25x per CPU step
     keep_freed_memory: bool = False
     # torch.compile of the step's forward, loss and update: 0.20 s -> 0.15 s an epoch (BN, against
-    # the Triton norms), but 22-29 s per variant on cold caches, 1.7-2.9 s on warm ones: see
+    # the Triton norms), but 15-22 s per variant on cold caches, 0.5-2.6 s on warm ones, where a
+    # process loads the compiled functions an earlier one kept (precompiled.py): see
     # COMPILE_PAYS_FROM_EPOCHS
     compile: bool = False
     # the convolutions as Triton kernels (triton_conv.py) instead of cuDNN: 0.36 s -> 0.26 s an
@@ -106,7 +107,9 @@ def channels_last_pays_on_cpu(config: TrainConfig) -> bool:
 
 
 # Compiling the step costs 22-29 s per variant on a machine whose compile caches are empty,
-# 1.7-2.9 s once they hold it (benchmarks/results/h200-2026-11-29-compile-rule.txt). Against
+# 1.7-2.9 s once they hold it (benchmarks/results/h200-2026-11-29-compile-rule.txt); loading the
+# functions an earlier process kept (precompiled.py), 0.5-0.7 s, and 2.6 s for the process's first
+# (h200-2026-12-01g-first-compile-precompiled.txt). Against
 # the uncompiled step with the Triton norms it saves 0.05 s of a 60,000-image epoch on an H200
 # (0.15 instead of 0.20 s, BN), and 0.018 s a run-epoch with six runs at once (0.076 instead of
 # 0.094 s): the 10-seed study, warm, took 65.4 s instead of 71.4 s (1.09x,

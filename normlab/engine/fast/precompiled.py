@@ -2,12 +2,14 @@
 compiling them again.
 
 On warm caches ``torch.compile`` still traces the step with Dynamo, builds its guards and
-loads Inductor's cached kernels at every process's first call: 1.2-2.9 s a variant, and
-3.2 s more of imports at the first (h200-2026-12-01d-first-compile.txt), so the ten-seed
-sweep's GPU idled about 10 s before its first six runs trained. ``aot_compile`` (fullgraph)
-keeps all of that in one file, which a new process loads in about 1.1 s for its first
-function and 0.05 s for each after it (probe on an H200, torch 2.11: a loaded LN step trains
-the same numbers in two fresh processes; .devrun/aot_probe.py).
+loads Inductor's cached kernels in every process: the ten-seed sweep's engine prepared its
+first three variants and a second seed in 6.9-7.2 s (warm caches), and its GPU idled
+meanwhile. ``aot_compile`` (fullgraph) keeps all of that in one file per function and
+argument shape, which a new process loads: a loaded step trains the same numbers as a
+compiled one, and the same four were prepared in 4.0-4.1 s (on empty caches, compiling and
+saving took 55.5 s against 54.9 s for compiling). Ten seeds 1.07x end to end: 56.6 and
+57.7 s against 60.3 and 61.8 s, alternately (h200-2026-12-01g-first-compile-precompiled.txt,
+h200-2026-12-01g-e2e-10seeds-precompiled.txt).
 
 A file is keyed by everything its compiled code depends on: the function, what its arguments
 are (shapes, strides, dtypes, the model's layers), torch's and Triton's versions, the
