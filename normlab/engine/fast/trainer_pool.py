@@ -23,6 +23,9 @@ import torch
 
 from normlab.engine.config import TrainConfig, steps_key
 from normlab.engine.data import DeviceData, load_raw
+from normlab.engine.fast import Speedups
+from normlab.engine.fast.kernel_warmup import KernelSpec, compile_side_by_side, write_mark
+from normlab.engine.fast.kernel_warmup import spec as kernel_spec
 from normlab.engine.train import Trainer, resolve_device
 from normlab.errors import ConfigError
 
@@ -178,21 +181,39 @@ class TrainerPool:
         return thread
 
     def _prepare(self, configs: list[TrainConfig], epochs_ahead: dict[tuple, int]) -> None:
+        ahead = {id(config): max(epochs_ahead.get(steps_key(config), 0), config.epochs) for config in configs}
+        kernels = self._kernel_specs(configs, ahead)
+        if kernels:  # on a fresh machine, their Triton kernels compiled side by side first
+            compile_side_by_side(kernels, self.device)
+        ready = 0
         with self.stream():
             for config in configs:
                 key = steps_key(config)
                 try:
-                    trainer = self._built(config, self.data(config.dataset),
-                                          max(epochs_ahead.get(key, 0), config.epochs))
+                    trainer = self._built(config, self.data(config.dataset), ahead[id(config)])
                     trainer.prepare()
                     self.warm_ups.add(trainer)
                     self.release(trainer, finished=True)
+                    ready += 1
                 except Exception:  # met again, and reported, by the run that needs it
                     pass
                 finally:
                     with self.lock:
                         self.preparing[key] -= 1
                         self.kept.notify_all()
+        if kernels and ready == len(configs):
+            write_mark(kernels, self.device)
+
+    def _kernel_specs(self, configs: list[TrainConfig], ahead: dict[int, float]) -> list[KernelSpec]:
+        """What the Triton kernels of these runs depend on, where they launch any (a GPU)."""
+        specs = []
+        for config in configs:
+            speedups = Speedups.default(self.device, ahead[id(config)], config)
+            if speedups.triton_convs:
+                data = self.data(config.dataset)
+                specs.append(kernel_spec(config, data.train_size, data.test_size, speedups.eval_batch_size,
+                                         speedups.triton_norms))
+        return specs
 
     def _built(self, config: TrainConfig, data: DeviceData, epochs_ahead: float,
                warm: Trainer | None = None) -> Trainer:
