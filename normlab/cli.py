@@ -13,7 +13,7 @@ import click
 from click.core import ParameterSource
 
 from normlab.engine.config import TrainConfig
-from normlab.engine.fast import engine_process
+from normlab.engine.fast import compile_choice, engine_process, kernel_helpers
 from normlab.engine.registry import DATASETS, NORMS
 from normlab.errors import ConfigError, DataError, ResumeError, TrackingUnreachable
 from normlab.sweep.driver import LR_SCALINGS, REFERENCE_BATCH, Grid, epochs_per_worker, run_sweep, training_order
@@ -75,6 +75,7 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
                          batch_size=batch_size, lr=lr, seed=seed)
     with _reported():
         config.validate()  # before torch and MLflow are even imported
+        compile_choice(), kernel_helpers()  # the speed settings the engine reads
         own_process = not resume_run and engine_process.wanted(device)
         results_elsewhere = results_process.wanted(own_process)
     with contextlib.ExitStack() as stack:

@@ -289,10 +289,20 @@ def _artifact_files(folder) -> list[str]:
     return [str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file()]
 
 
+def test_bad_speed_setting_is_refused_before_normlab_train_starts_anything(monkeypatch, small_mnist_dir,
+                                                                         tracking_uri):
+    monkeypatch.setenv("NORMLAB_KERNEL_HELPERS", "many")
+    result = CliRunner().invoke(main, ["train", "--data-dir", str(small_mnist_dir), "--epochs", "1"])
+    assert result.exit_code == 2, result.output
+    assert "NORMLAB_KERNEL_HELPERS='many'; valid: a whole number from 0 (none) to 64" in result.output
+    assert no_runs_logged(tracking_uri)
+
+
 @pytest.mark.parametrize("name, value, expected", [
     ("NORMLAB_RUNS_PER_GPU", "0", "NORMLAB_RUNS_PER_GPU='0'; valid: a whole number from 1 to 32"),
     ("NORMLAB_RUNS_PER_GPU", "three", "NORMLAB_RUNS_PER_GPU='three'; valid: a whole number from 1 to 32"),
     ("NORMLAB_COMPILE", "sometimes", "NORMLAB_COMPILE='sometimes'; valid choices: auto, always, never"),
+    ("NORMLAB_KERNEL_HELPERS", "-1", "NORMLAB_KERNEL_HELPERS='-1'; valid: a whole number from 0 (none) to 64"),
 ])
 def test_bad_speed_setting_is_refused_before_a_sweep_makes_any_run(name, value, expected, monkeypatch,
                                                                     small_mnist_dir, tracking_uri):

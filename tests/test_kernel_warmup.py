@@ -80,3 +80,9 @@ def test_on_a_gpu_a_process_after_the_helpers_finds_every_kernel_compiled(tmp_pa
     assert len(compiled) > 20
     helper(CLASSIC, 0, 1, TRITON_CACHE_DIR=str(cache))  # one share: every layer
     assert {p.name for p in cache.iterdir()} == compiled
+
+
+def test_no_helper_starts_where_they_are_switched_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    monkeypatch.setenv("NORMLAB_KERNEL_HELPERS", "0")
+    assert not compile_side_by_side(CLASSIC, torch.device("cuda" if torch.cuda.is_available() else "cpu"))

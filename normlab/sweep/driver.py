@@ -124,12 +124,13 @@ def check_resources(configs: list[TrainConfig], data_dir: str, device: str) -> N
     downloaded here, not by N children racing into one folder, and too-large batch sizes
     and bad NORMLAB_* settings fail now, not in every child."""
     from normlab.engine.data import load_raw
-    from normlab.engine.fast import compile_choice
+    from normlab.engine.fast import compile_choice, kernel_helpers
     from normlab.engine.train import resolve_device
     from normlab.engine.fast.trainer_pool import runs_per_gpu
 
     resolve_device(device)
     compile_choice()
+    kernel_helpers()
     runs_per_gpu()
     raw = load_raw(configs[0].dataset, data_dir)
     for config in configs:

@@ -121,6 +121,23 @@ COMPILE_PAYS_FROM_EPOCHS = 200
 COMPILE_CHOICES = ("auto", "always", "never")  # NORMLAB_COMPILE overrides the rule on a GPU
 
 
+# On a fresh machine, a GPU engine's first runs' Triton kernels compiled side by side in this many
+# helper processes (kernel_warmup.py; at most the cores but one; 0: none): the classic sweep on
+# empty caches took 25.4 and 26.2 s against 40.4 and 43.8 s, alternately, 1.63x
+# (h200-2026-12-01g-e2e-sweep1-cold-kernels-side-by-side.txt).
+KERNEL_HELPERS = 8
+
+
+def kernel_helpers() -> int:
+    """NORMLAB_KERNEL_HELPERS, checked: how many helper processes compile a fresh machine's kernels."""
+    value = os.environ.get("NORMLAB_KERNEL_HELPERS")
+    if value is None:
+        return max(1, min(KERNEL_HELPERS, (os.cpu_count() or 2) - 1))
+    if not value.isdigit() or int(value) > 64:
+        raise ConfigError(f"NORMLAB_KERNEL_HELPERS={value!r}; valid: a whole number from 0 (none) to 64")
+    return int(value)
+
+
 def compile_choice() -> str:
     """NORMLAB_COMPILE, checked: auto (the rule above), always or never."""
     choice = os.environ.get("NORMLAB_COMPILE", "auto")

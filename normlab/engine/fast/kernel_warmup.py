@@ -5,12 +5,15 @@ Triton compiles a kernel for each new specialization at its first launch, on the
 thread, one after another, and much of it holds the interpreter's lock (eight compiles in
 eight threads took 3.9 s against 4.6 s in one). On empty caches that is most of what
 separates the classic sweep's 37 s from its 15 s on warm ones. Here, when the Triton cache
-holds no mark of these runs' kernels, the engine starts ``helpers`` processes before its
-first warm-up: helper k builds each variant's model with the Triton kernels on only for
-layers k, k + helpers, ... (torch's own for the rest), and runs a training forward and
+holds no mark of these runs' kernels, the engine starts helper processes (NORMLAB_KERNEL_HELPERS)
+before its first warm-up: helper k builds each variant's model with the Triton kernels on only for
+layers k, k + H, ... of H helpers (torch's own for the rest), and runs a training forward and
 backward and an evaluation at the runs' batch shapes on random images. That compiles exactly
 the kernels the runs launch into Triton's cache, side by side, and the engine's warm-ups then
-load them. The mark is written once the engine's warm-ups are ready.
+load them. The mark is written once the engine's warm-ups are ready. The classic sweep on
+empty caches took 25.4 and 26.2 s instead of 40.4 and 43.8 s, alternately on one H200 (1.63x;
+h200-2026-12-01g-e2e-sweep1-cold-kernels-side-by-side.txt), where a process started after
+the helpers added no kernel to Triton's cache (tests/test_kernel_warmup.py).
 
     python -m normlab.engine.fast.kernel_warmup SPECS_JSON SHARE HELPERS   # one helper
 """
@@ -28,9 +31,9 @@ from pathlib import Path
 import torch
 
 from normlab.engine.config import TrainConfig
+from normlab.engine.fast import kernel_helpers
 from normlab.engine.registry import ARCHITECTURES
 
-HELPERS = 8  # at most; fewer on a machine of fewer cores
 HELPER_TIMEOUT_S = 300
 
 
@@ -79,10 +82,10 @@ def compile_side_by_side(specs: list[KernelSpec], device: torch.device) -> bool:
     """Where the Triton cache has no mark of ``specs``' kernels, compile them in helper
     processes side by side, and wait for them; returns whether it did. A helper that fails
     leaves its kernels to the runs, which compile what they do not find."""
+    helpers = kernel_helpers()
     marked = mark(specs, device)
-    if marked is None or marked.exists():
+    if not helpers or marked is None or marked.exists():
         return False
-    helpers = max(1, min(HELPERS, (os.cpu_count() or 2) - 1))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[3]),
                                                                     os.environ.get("PYTHONPATH")])))
     if device.index is not None:

@@ -182,9 +182,12 @@ class TrainerPool:
 
     def _prepare(self, configs: list[TrainConfig], epochs_ahead: dict[tuple, int]) -> None:
         ahead = {id(config): max(epochs_ahead.get(steps_key(config), 0), config.epochs) for config in configs}
-        kernels = self._kernel_specs(configs, ahead)
-        if kernels:  # on a fresh machine, their Triton kernels compiled side by side first
-            compile_side_by_side(kernels, self.device)
+        try:  # on a fresh machine, their Triton kernels compiled side by side first
+            kernels = self._kernel_specs(configs, ahead)
+            if kernels:
+                compile_side_by_side(kernels, self.device)
+        except Exception:  # the warm-ups compile what they need themselves
+            kernels = []
         ready = 0
         with self.stream():
             for config in configs:
