@@ -76,3 +76,14 @@ def test_the_key_tells_the_models_switches_apart(new_process):
     assert step._key((model,)) != before
     use_triton_convs(model, True)
     assert step._key((model,)) == before
+
+
+def test_the_key_tells_inductors_settings_in_the_environment_apart(new_process, monkeypatch):
+    """TORCHINDUCTOR_MAX_AUTOTUNE=1, say, compiles other kernels; the cache's own folder is no setting."""
+    x = torch.ones(2)
+    step = Precompiled(weighted_sum, {})
+    before = step._key((x, x))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    assert step._key((x, x)) == before
+    monkeypatch.setenv("TORCHINDUCTOR_MAX_AUTOTUNE", "1")
+    assert step._key((x, x)) != before

@@ -13,10 +13,10 @@ h200-2026-12-01g-e2e-10seeds-precompiled.txt).
 
 A file is keyed by everything its compiled code depends on: the function, what its arguments
 are (shapes, strides, dtypes, the model's layers), torch's and Triton's versions, the
-device, Inductor's options and the source of the engine. It lives in Inductor's cache folder
-(``TORCHINDUCTOR_CACHE_DIR``), so emptying the compile caches empties it too. Where Dynamo
-cannot compile a function whole (a graph break: the CPU's own dropout draws with
-``random_``), the function is compiled by ``torch.compile`` as before.
+device, Inductor's options (and its settings in the environment) and the engine's source.
+It lives in Inductor's cache folder (``TORCHINDUCTOR_CACHE_DIR``), so emptying the compile
+caches empties it too. Where Dynamo cannot compile a function whole (a graph break: the CPU's
+own dropout draws with ``random_``), the function is compiled by ``torch.compile`` as before.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def _source_hash() -> str:
 
 
 def _environment(device: torch.device, options: dict) -> tuple:
-    """The process's side of the key: versions, device, precision switches, Inductor's options, source."""
+    """The process's side of the key: versions, device, precision switches, Inductor's options
+    (ours, and those set in the environment), source."""
     try:
         import triton
         triton_version = triton.__version__
@@ -72,8 +73,10 @@ def _environment(device: torch.device, options: dict) -> tuple:
         where = (torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
     else:
         where = (platform.machine(), torch.backends.cpu.get_cpu_capability())
+    settings = sorted((k, v) for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"
+                      and k.startswith(("TORCHINDUCTOR_", "TORCHDYNAMO_", "TORCH_COMPILE_")))
     return (torch.__version__, triton_version, where, torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32, sorted(options.items()), _source_hash())
+            torch.backends.cudnn.allow_tf32, sorted(options.items()), settings, _source_hash())
 
 
 def folder() -> Path:
