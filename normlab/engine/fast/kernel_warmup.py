@@ -4,16 +4,16 @@ helper processes, each for a share of the model's layers.
 Triton compiles a kernel for each new specialization at its first launch, on the launching
 thread, one after another, and much of it holds the interpreter's lock (eight compiles in
 eight threads took 3.9 s against 4.6 s in one). On empty caches that is most of what
-separates the classic sweep's 37 s from its 15 s on warm ones. Here, when the Triton cache
-holds no mark of these runs' kernels, the engine starts helper processes (NORMLAB_KERNEL_HELPERS)
-before its first warm-up: helper k builds each variant's model with the Triton kernels on only for
-layers k, k + H, ... of H helpers (torch's own for the rest), and runs a training forward and
-backward and an evaluation at the runs' batch shapes on random images. That compiles exactly
-the kernels the runs launch into Triton's cache, side by side, and the engine's warm-ups then
-load them. The mark is written once the engine's warm-ups are ready. The classic sweep on
-empty caches took 25.4 and 26.2 s instead of 40.4 and 43.8 s, alternately on one H200 (1.63x;
-h200-2026-12-01g-e2e-sweep1-cold-kernels-side-by-side.txt), where a process started after
-the helpers added no kernel to Triton's cache (tests/test_kernel_warmup.py).
+separates the classic sweep's 37-44 s from its 15 s on warm ones. Here, when the Triton
+cache holds no mark of these runs' kernels, the engine starts helper processes
+(NORMLAB_KERNEL_HELPERS) before its first warm-up: of H helpers, helper k builds each
+variant's model with the Triton kernels on only for layers k, k + H, ... (torch's own for
+the rest), and runs a training forward and backward and an evaluation at the runs' batch
+shapes on random images. That compiles exactly the kernels the runs launch into Triton's
+cache, side by side; the engine's warm-ups load them, then write the mark. The classic
+sweep on empty caches took 25.4 and 26.2 s instead of 40.4 and 43.8 s, alternately on one
+H200 (1.63x; h200-2026-12-01g-e2e-sweep1-cold-kernels-side-by-side.txt), where a process
+started after the helpers added no kernel to Triton's cache (tests/test_kernel_warmup.py).
 
     python -m normlab.engine.fast.kernel_warmup SPECS_JSON SHARE HELPERS   # one helper
 """
@@ -58,6 +58,7 @@ def spec(config: TrainConfig, train_size: int, test_size: int, eval_batch_size: 
 
 
 def _triton_cache() -> Path | None:
+    """Triton's cache folder (TRITON_CACHE_DIR or its default), as Triton 3.4 and later say it."""
     try:
         from triton import knobs
         return Path(knobs.cache.dir)
@@ -67,14 +68,14 @@ def _triton_cache() -> Path | None:
 
 def mark(specs: list[KernelSpec], device: torch.device) -> Path | None:
     """The file in Triton's cache that says these runs' kernels are in it (None without Triton)."""
-    from normlab.engine.fast.precompiled import _source_hash  # the engine's source, which the kernels are
+    from normlab.engine.fast.precompiled import source_hash
 
     cache = _triton_cache()
     if cache is None:
         return None
     import triton
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    described = (sorted(map(repr, set(specs))), torch.__version__, triton.__version__, where, _source_hash())
+    described = (sorted(map(repr, set(specs))), torch.__version__, triton.__version__, where, source_hash())
     return cache / f"normlab-kernels-{hashlib.sha256(repr(described).encode()).hexdigest()[:24]}"
 
 

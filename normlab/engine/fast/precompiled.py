@@ -53,7 +53,8 @@ def _describe(value: Any) -> Any:
 
 
 @functools.cache
-def _source_hash() -> str:
+def source_hash() -> str:
+    """The engine's source (normlab/engine), which compiled steps and kernels are built from."""
     digest = hashlib.sha256()
     for path in sorted(ENGINE_SOURCE.rglob("*.py")):
         digest.update(str(path.relative_to(ENGINE_SOURCE)).encode())
@@ -76,7 +77,7 @@ def _environment(device: torch.device, options: dict) -> tuple:
     settings = sorted((k, v) for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"
                       and k.startswith(("TORCHINDUCTOR_", "TORCHDYNAMO_", "TORCH_COMPILE_")))
     return (torch.__version__, triton_version, where, torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32, sorted(options.items()), settings, _source_hash())
+            torch.backends.cudnn.allow_tf32, sorted(options.items()), settings, source_hash())
 
 
 def folder() -> Path:
