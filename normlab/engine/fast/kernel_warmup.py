@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from normlab.engine.config import TrainConfig
+from normlab.engine.data import batch_slices
 from normlab.engine.fast import kernel_helpers
 from normlab.engine.registry import ARCHITECTURES
 
@@ -51,8 +52,8 @@ class KernelSpec:
 
 def spec(config: TrainConfig, train_size: int, test_size: int, eval_batch_size: int,
          triton_norms: bool) -> KernelSpec:
-    def sizes(total: int, batch: int) -> tuple[int, ...]:
-        return tuple(sorted({min(batch, total), total % batch or min(batch, total)}))
+    def sizes(total: int, batch: int) -> tuple[int, ...]:  # as training and evaluation slice their data
+        return tuple(sorted({s.stop - s.start for s in batch_slices(total, batch)}))
     return KernelSpec(config.dataset, config.norm, config.groups, config.dropout,
                       sizes(train_size, config.batch_size), sizes(test_size, eval_batch_size), triton_norms)
 
@@ -114,7 +115,7 @@ def share_of_layers(model: torch.nn.Module, share: int, helpers: int) -> list[to
     layers = [m for m in model.modules() if hasattr(m, "triton_kernels")]
     for i, layer in enumerate(layers):
         layer.triton_kernels = i % helpers == share
-    return [layer for i, layer in enumerate(layers) if i % helpers == share]
+    return [layer for layer in layers if layer.triton_kernels]
 
 
 def run_share(specs: list[KernelSpec], share: int, helpers: int, device: torch.device) -> None:

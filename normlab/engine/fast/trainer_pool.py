@@ -181,19 +181,19 @@ class TrainerPool:
         return thread
 
     def _prepare(self, configs: list[TrainConfig], epochs_ahead: dict[tuple, int]) -> None:
-        ahead = {id(config): max(epochs_ahead.get(steps_key(config), 0), config.epochs) for config in configs}
+        planned = [(config, max(epochs_ahead.get(steps_key(config), 0), config.epochs)) for config in configs]
         try:  # on a fresh machine, their Triton kernels compiled side by side first
-            kernels = self._kernel_specs(configs, ahead)
+            kernels = self._kernel_specs(planned)
             if kernels:
                 compile_side_by_side(kernels, self.device)
         except Exception:  # the warm-ups compile what they need themselves
             kernels = []
         ready = 0
         with self.stream():
-            for config in configs:
+            for config, ahead in planned:
                 key = steps_key(config)
                 try:
-                    trainer = self._built(config, self.data(config.dataset), ahead[id(config)])
+                    trainer = self._built(config, self.data(config.dataset), ahead)
                     trainer.prepare()
                     self.warm_ups.add(trainer)
                     self.release(trainer, finished=True)
@@ -207,11 +207,12 @@ class TrainerPool:
         if kernels and ready == len(configs):
             write_mark(kernels, self.device)
 
-    def _kernel_specs(self, configs: list[TrainConfig], ahead: dict[int, float]) -> list[KernelSpec]:
-        """What the Triton kernels of these runs depend on, where they launch any (a GPU)."""
+    def _kernel_specs(self, planned: list[tuple[TrainConfig, float]]) -> list[KernelSpec]:
+        """What the Triton kernels of these runs (each with its epochs ahead) depend on, where
+        they launch any (a GPU)."""
         specs = []
-        for config in configs:
-            speedups = Speedups.default(self.device, ahead[id(config)], config)
+        for config, ahead in planned:
+            speedups = Speedups.default(self.device, ahead, config)
             if speedups.triton_convs:
                 data = self.data(config.dataset)
                 specs.append(kernel_spec(config, data.train_size, data.test_size, speedups.eval_batch_size,
