@@ -87,3 +87,13 @@ def test_the_key_tells_inductors_settings_in_the_environment_apart(new_process, 
     assert step._key((x, x)) == before
     monkeypatch.setenv("TORCHINDUCTOR_MAX_AUTOTUNE", "1")
     assert step._key((x, x)) != before
+
+
+def test_on_the_cpu_the_key_tells_thread_counts_apart(new_process, one_thread):
+    """Inductor builds CPU code for the process's thread count (a load in a process of another
+    count would fail Dynamo's guards): one file per count, rather than each overwriting the other."""
+    x = torch.ones(2)
+    step = Precompiled(weighted_sum, {})
+    one = step._key((x, x))
+    torch.set_num_threads(2)
+    assert step._key((x, x)) != one

@@ -305,7 +305,8 @@ print(json.dumps({"metrics": record.metrics(), "files": files}))
 """
 
 
-def test_compiled_step_trains_what_the_eager_step_trains_and_a_later_process_loads_it(data, tiny_mnist_dir):
+def test_compiled_step_trains_what_the_eager_step_trains_and_a_later_process_loads_it(data, tiny_mnist_dir,
+                                                                                      one_thread):
     """The GPU default compiles the step; the same logic on the CPU trains the same epoch
     (no dropout: Inductor draws its own random numbers for it, and the CPU's own dropout
     breaks Dynamo's graph). prepare() compiles it before the epoch with a warm-up step that it
@@ -325,7 +326,8 @@ def test_compiled_step_trains_what_the_eager_step_trains_and_a_later_process_loa
 
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     later = subprocess.run([sys.executable, "-c", COMPILED_EPOCH, str(tiny_mnist_dir), json.dumps(asdict(config))],
-                           env=dict(os.environ, PYTHONPATH=path), capture_output=True, text=True, timeout=600)
+                           env=dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1"),  # as this one: one_thread
+                           capture_output=True, text=True, timeout=600)
     assert later.returncode == 0, later.stderr[-3000:]
     loaded = json.loads(later.stdout.strip().splitlines()[-1])
     assert loaded["files"] == {"loss_and_correct": [1, 0], "sgd_update": [1, 0]}

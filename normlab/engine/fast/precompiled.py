@@ -13,7 +13,7 @@ h200-2026-12-01g-e2e-10seeds-precompiled.txt).
 
 A file is keyed by everything its compiled code depends on: the function, what its arguments
 are (shapes, strides, dtypes, the model's layers), torch's and Triton's versions, the
-device, Inductor's options (and its settings in the environment) and the engine's source.
+device (on a CPU, the thread count), Inductor's options (and its settings in the environment) and the engine's source.
 It lives in Inductor's cache folder (``TORCHINDUCTOR_CACHE_DIR``), so emptying the compile
 caches empties it too. Where Dynamo cannot compile a function whole (a graph break: the CPU's
 own dropout draws with ``random_``), the function is compiled by ``torch.compile`` as before.
@@ -72,8 +72,8 @@ def _environment(device: torch.device, options: dict) -> tuple:
         triton_version = None
     if device.type == "cuda":
         where = (torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
-    else:
-        where = (platform.machine(), torch.backends.cpu.get_cpu_capability())
+    else:  # Inductor's CPU code is built for the process's thread count, which Dynamo guards
+        where = (platform.machine(), torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
     settings = sorted((k, v) for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"
                       and k.startswith(("TORCHINDUCTOR_", "TORCHDYNAMO_", "TORCH_COMPILE_")))
     return (torch.__version__, triton_version, where, torch.backends.cuda.matmul.allow_tf32,
