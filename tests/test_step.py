@@ -373,16 +373,16 @@ def test_a_compiled_run_trains_the_same_numbers_whatever_its_compile_cache(small
     assert outputs[2].splitlines()[3] == "{'loss_and_correct': 2, 'sgd_update': 2}"  # two batch shapes
 
 
-def test_a_step_that_cannot_compile_warns_and_trains_the_model_itself(data, monkeypatch):
+def test_a_step_that_cannot_compile_warns_and_trains_the_model_itself(data):
     """Where Inductor cannot build its kernels (here: no C++ compiler), the run goes on
     without compiling, training exactly what the uncompiled step trains."""
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/g++",))
-    monkeypatch.setattr(inductor, "fx_graph_cache", False)  # no kernels built earlier
     config = TrainConfig(norm="gn", epochs=1, batch_size=50, seed=4)
     trainer = Trainer(config, data, speedups=Speedups(compile=True))
-    with pytest.warns(RuntimeWarning, match=r"torch.compile failed, so this run trains without it .*C\+\+ compiler"):
-        record = trainer.run_epoch(Callbacks())
+    # torch's own patch: pytest's monkeypatch, undoing, deletes what Inductor's config had not set
+    with inductor.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}):  # no kernels built earlier
+        with pytest.warns(RuntimeWarning, match=r"torch.compile failed, so this run trains without it .*C\+\+ compiler"):
+            record = trainer.run_epoch(Callbacks())
     assert not trainer.train_step.compiled
     assert record.metrics() == Trainer(config, data, speedups=Speedups()).run_epoch(Callbacks()).metrics()

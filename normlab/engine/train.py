@@ -20,6 +20,7 @@ from normlab.engine.data import DeviceData, batch_slices
 from normlab.engine.fast import Speedups
 from normlab.engine.fast.chunked_steps import EpochSteps
 from normlab.engine.fast.host_memory import keep_freed_memory
+from normlab.engine.fast.deferred_dynamo import defer_dynamo_imports
 from normlab.engine.fast.triton_conv import use_triton_convs
 from normlab.engine.fast.triton_norms import use_triton_norms
 from normlab.engine.models import Net
@@ -180,6 +181,7 @@ class Trainer:
                                                          config)
         else:
             self.rng, self.speedups = warm.rng.reseed(config.seed), warm.speedups
+        defer_dynamo_imports()  # for the whole process, as malloc's settings below: Dynamo only if compiling
         if self.speedups.keep_freed_memory:
             keep_freed_memory()
         if self.speedups.switch_interval:  # for the whole process, as malloc's settings above
@@ -203,10 +205,10 @@ class Trainer:
             steps_per_epoch=self.steps_per_epoch, pct_start=0.2,
         )
         # TrainStep updates the weights itself, so the scheduler would warn that it steps
-        # before the optimizer ever did. A step with no gradients yet changes nothing and
-        # tells it the optimizer has stepped (no process-wide warning filter, which threads
-        # side by side would race on).
-        self.optimizer.step()
+        # before the optimizer ever did. The mark optimizer.step() leaves for the scheduler says
+        # it has (no process-wide warning filter, which threads side by side would race on; no
+        # empty step, whose first call imports Dynamo: 1.1 s, deferred_dynamo.py).
+        self.optimizer._opt_called = True
         if warm is None:
             self.train_step = TrainStep(self.model, self.optimizer, config.l1, self.rng, self.speedups.compile)
             self.steps = EpochSteps(self.train_step, list(batch_slices(data.train_size, config.batch_size)),

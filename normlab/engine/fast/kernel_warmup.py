@@ -121,9 +121,11 @@ def share_of_layers(model: torch.nn.Module, share: int, helpers: int) -> list[to
 def run_share(specs: list[KernelSpec], share: int, helpers: int, device: torch.device) -> None:
     """Launch this helper's share of each spec's kernels: a training forward and backward at
     each batch size and an evaluation forward at each evaluation batch size."""
+    from normlab.engine.fast.deferred_dynamo import defer_dynamo_imports
     from normlab.engine.fast.triton_norms import use_triton_norms
     from normlab.engine.models import Net
 
+    defer_dynamo_imports()  # the helper compiles Triton's kernels, never the step
     for s in specs:
         arch = ARCHITECTURES[s.dataset]
         model = Net(s.dataset, s.norm, s.groups, s.dropout).to(device)

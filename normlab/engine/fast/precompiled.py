@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import torch
 
+from normlab.engine.fast import deferred_dynamo
+
 _LOCK = threading.Lock()  # one process loads or compiles one file at a time
 _LOADED: dict[str, Callable] = {}  # file key -> its compiled function, for every TrainStep of the process
 ENGINE_SOURCE = Path(__file__).resolve().parents[1]  # normlab/engine: the code a compiled step is traced from
@@ -93,6 +95,7 @@ class Precompiled:
     ``loads`` and ``saves`` count this object's files read and written."""
 
     def __init__(self, function: Callable, options: dict):
+        deferred_dynamo.restore()  # torch's own Dynamo markers, as Dynamo compiles in this process
         self.function = function
         self.options = options
         self.by_shape: dict[str, Callable] = {}
