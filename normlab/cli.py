@@ -334,7 +334,8 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
     with contextlib.ExitStack() as stack:
         # its torch, CUDA, the data on the GPU and the runs' steps start now, beside our MLflow
         engine = stack.enter_context(engine_process.EngineProcess(
-            data_dir, device, ahead=(training_order(configs), epochs_per_worker(configs, 1)))) if one_engine else None
+            data_dir, device, ahead=(training_order(configs), epochs_per_worker(configs, 1)), early=True)
+        ) if one_engine else None
         stack.enter_context(results_process.started(results_elsewhere))
         outcome = _sweep(grid, experiment, data_dir, device, checkpoint_dir, address, workers, out, engine)
     click.echo(f"sweep: {len(outcome.done)} of {len(configs)} children finished; parent run {outcome.parent_id}")

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +26,9 @@ import torch
 from mlflow import MlflowClient
 
 from normlab.engine.checkpoint import load
+from normlab.engine.config import TrainConfig
 from normlab.engine.fast import engine_process
+from normlab.engine.train import Trainer, fit
 from normlab.tracking import results_process
 from tests.conftest import cli_env, run_cli
 from tests.process_output import Lines
@@ -280,9 +283,9 @@ SWEEP = ("--norms", "bn,ln", "--seeds", "2", "--epochs", "2")
 def test_a_sweep_in_an_engine_process_logs_what_a_sweep_in_one_process_logs(small_mnist_dir, tmp_path,
                                                                               tracking_uri):
     """Four runs handed to one engine process two at a time (it trains one at a time on the
-    CPU), the first of each variant taking over the model it prepared while the sweep started,
-    later ones earlier runs' models: each child logs what the one-process sweep's child of
-    that config logs, bit for bit."""
+    CPU), the first of each variant taking over the model it prepared while the sweep started
+    (the very first trained early, before it was handed over), later ones earlier runs'
+    models: each child logs what the one-process sweep's child of that config logs, bit for bit."""
     common = (*SWEEP, "--data-dir", str(small_mnist_dir), "--checkpoint-dir", str(tmp_path / "ck"))
     split = run_cli("sweep", *common, "--experiment", "split", **SPLIT, cwd=tmp_path)
     assert split.returncode == 0, split.stdout + split.stderr
@@ -306,22 +309,24 @@ def test_a_sweep_in_an_engine_process_logs_what_a_sweep_in_one_process_logs(smal
 
 def test_a_sweeps_engine_process_killed_mid_run_is_replaced_and_every_child_finishes_once(
         small_mnist_dir, tmp_path, tracking_uri):
+    """Killed under ln-s1, the second run: the first, bn-l1_1e-05-s1, the engine started early
+    (before the command handed it over) and has trained by then on these 1,000 digits."""
     proc, out = start(tmp_path, *SWEEP, "--data-dir", str(small_mnist_dir), "--checkpoint-dir", str(tmp_path / "ck"),
                       command="sweep", **SPLIT)
-    run_id = out.wait_for(r"^\[bn-l1_1e-05-s1\] MLflow run (\w+) ", timeout=300).group(1)
-    out.wait_for(r"^\[bn-l1_1e-05-s1\] epoch   1/2", timeout=300)
+    run_id = out.wait_for(r"^\[ln-s1\] MLflow run (\w+) ", timeout=300).group(1)
+    out.wait_for(r"^\[ln-s1\] epoch   1/2", timeout=300)
     kill_then_wait(engine_of(proc), proc, out)
     assert proc.returncode == 0, out.text
-    assert ("[bn-l1_1e-05-s1] the engine process ended without a word (exit code -9) under this run; "
+    assert ("[ln-s1] the engine process ended without a word (exit code -9) under this run; "
             "trying it again (resuming)") in out.text
-    assert f"[bn-l1_1e-05-s1] resuming run {run_id} after epoch 1" in out.text
+    assert f"[ln-s1] resuming run {run_id} after epoch 1" in out.text
     client = MlflowClient()
     children = sweep_children(client, "normlab")
     assert sorted(children) == ["bn-l1_1e-05-s1", "bn-l1_1e-05-s2", "ln-s1", "ln-s2"]
     for name, runs in children.items():
         assert [r.info.status for r in runs] == ["FINISHED"], name  # one run each, finished
         assert [s for s, _ in histories(client, runs[0].info.run_id)["test_acc"]] == [1, 2], name
-    assert children["bn-l1_1e-05-s1"][0].info.run_id == run_id
+    assert children["ln-s1"][0].info.run_id == run_id
     assert "sweep: 4 of 4 children finished" in out.text
 
 
@@ -379,3 +384,46 @@ def test_an_engine_process_that_compiled_leaves_no_semaphore_for_the_tracker_to_
         assert proc.returncode == 0, proc.stderr[-2000:]
         warned[prepared] = "leaked semaphore" in proc.stderr
     assert warned == {"0": True, "1": False}
+
+
+def test_runs_started_early_are_claimed_by_their_configs_and_those_not_wanted_are_dropped(small_mnist_dir):
+    """The engine process of a sweep starts training its first runs before the command hands
+    them over (EngineProcess's ``early``): a handed-over run of the same config and epochs
+    ahead receives everything its early run reported, in order, and trains what a run handed
+    over normally trains; an early run the command does not want (trained already, say) is
+    stopped and nothing of it is ever sent; a run of that config handed over anyway trains anew."""
+    from normlab.engine.config import steps_key
+    from normlab.engine.fast.trainer_pool import TrainerPool
+
+    messages: list[tuple] = []
+    all_sent = threading.Condition()
+
+    def send(*message) -> None:
+        with all_sent:
+            messages.append(message)
+            all_sent.notify_all()
+
+    def ended(key: int) -> bool:
+        return any(m[0] == key and m[1] not in ("built", "prepared", "started", "steps", "epoch") for m in messages)
+
+    first, second = (TrainConfig(norm=norm, epochs=2, batch_size=100, seed=3) for norm in ("ln", "gn"))
+    ahead = {steps_key(first): 2, steps_key(second): 2}
+    pool = TrainerPool("cpu", str(small_mnist_dir), concurrent=2)
+    runs = engine_process._Runs(pool, send)
+    runs.start_early([first, second], ahead)
+    runs.act("keep early", [(first, 2)])  # the second is not wanted: stopped, never sent
+    runs.act("train", 7, first, 2, None)  # claims the first's early run
+    with all_sent:
+        assert all_sent.wait_for(lambda: ended(7), timeout=300)
+    runs.act("train", 8, second, 2, None)  # its early run was dropped: trains anew
+    with all_sent:
+        assert all_sent.wait_for(lambda: ended(8), timeout=300)
+    assert {m[0] for m in messages} == {7, 8}  # nothing under an early run's own key
+    claimed = [m[1:] for m in messages if m[0] == 7]
+    anew = [m[1:] for m in messages if m[0] == 8]
+    assert [m[0] for m in claimed] == [m[0] for m in anew]  # built, prepared, started/steps/epoch..., finished
+    assert [kind for kind, *_ in claimed if kind == "epoch"] == ["epoch", "epoch"]
+    assert claimed[-1][0] == anew[-1][0] == "finished"
+    for config, sent in ((first, claimed), (second, anew)):
+        alone = fit(Trainer(config, pool.data("mnist")))  # a run of its own, with the same default speedups
+        assert [body[0].metrics() for kind, *body in sent if kind == "epoch"] == [r.metrics() for r in alone.records]

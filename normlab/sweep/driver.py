@@ -189,6 +189,8 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
         return RunRequest(config, records.child_tags(config, commit), records.experiment_id,
                           epochs_ahead=ahead[steps_key(config)], **resume)
 
+    if engine is not None:  # it started the first runs early: these it will be handed, fresh
+        engine.keep_early([(c, ahead[steps_key(c)]) for c in plan.start])
     by_config = {c.config_hash(): request(c) for c in plan.start}
     by_config.update({h: request(by_hash[h], run_id=run_id, resume=True) for h, run_id in plan.resume.items()})
     todo_in_grid_order = [c for c in configs if c.config_hash() in by_config]

@@ -130,11 +130,13 @@ class EngineProcess:
     child."""
 
     def __init__(self, data_dir: str, device: str, concurrent: int | None = None,
-                 ahead: tuple[list[TrainConfig], dict[tuple, int]] | None = None):
+                 ahead: tuple[list[TrainConfig], dict[tuple, int]] | None = None, early: bool = False):
         """``concurrent``: runs the child trains at once (default: TrainerPool's); ``ahead``:
         the configs (and epochs per steps_key) of the runs to come, whose data the child puts
-        on its device and whose steps it prepares at once (TrainerPool.prepare_ahead)."""
-        self.data_dir, self.device, self.ahead = str(data_dir), device, ahead
+        on its device and whose steps it prepares at once (TrainerPool.prepare_ahead); with
+        ``early``, the child also starts training the first ``concurrent`` of them before they
+        are handed over (``keep_early`` says which are wanted; ``trainer`` claims one)."""
+        self.data_dir, self.device, self.ahead, self.early = str(data_dir), device, ahead, early
         self._concurrent = concurrent
         self._lock = threading.Lock()
         self._keys = itertools.count()
@@ -174,6 +176,12 @@ class EngineProcess:
         channel.send(("train", key, config, epochs_ahead, saved))
         return trainer
 
+    def keep_early(self, wanted: list[tuple[TrainConfig, int]]) -> None:
+        """Of the runs the child started early, keep those of these (config, epochs ahead)
+        pairs, the fresh runs the command will hand over; the others (trained already, to be
+        resumed, or elsewhere) are stopped and forgotten."""
+        self._channel.send(("keep early", wanted))
+
     def release(self, trainer: "RemoteTrainer", finished: bool) -> None:
         """The tracking side is done with the run (the child keeps a finished run's trainer itself)."""
         trainer.close()
@@ -202,7 +210,7 @@ class _Channel:
         self.conn, child_end = context.Pipe()
         self.process = context.Process(target=_serve, name="normlab-engine", daemon=True,
                                        args=(child_end, engine.data_dir, engine.device, engine._concurrent,
-                                             engine.ahead))
+                                             engine.ahead, engine.early))
         self.process.start()
         child_end.close()
         self.inboxes: dict[int, queue.SimpleQueue] = {}
@@ -425,7 +433,7 @@ class _Reporter:
         self.send(self.key, "epoch", record, state.getvalue())
 
 
-def _serve(conn, data_dir: str, device: str, concurrent: int | None, ahead) -> None:
+def _serve(conn, data_dir: str, device: str, concurrent: int | None, ahead, early: bool = False) -> None:
     """The engine process: a TrainerPool whose threads train the runs the tracking side hands
     it, each reported on the one pipe under its key, until told to close (or the pipe ends)."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # the command passes a stop on (module docstring)
@@ -450,6 +458,8 @@ def _serve(conn, data_dir: str, device: str, concurrent: int | None, ahead) -> N
                 pool.prepare_ahead(*ahead)
             send(None, "hello", pool.device_name, pool.concurrent)
             runs = _Runs(pool, send)
+            if ahead and early:
+                runs.start_early(ahead[0][:pool.concurrent], ahead[1])
         while (message := conn.recv())[0] != "close":
             runs.act(*message)
     except (EOFError, OSError):
@@ -481,6 +491,18 @@ class _Refusals:
             self.send(body[0], "config", self.reason)
 
 
+@dataclass
+class _EarlyRun:
+    """A run the engine started before the command handed it over (EngineProcess's ``early``):
+    its messages wait here until a handed-over run of the same config claims it."""
+
+    config: TrainConfig
+    epochs_ahead: int
+    handed_to: int | None = None  # the key of the run that claimed it
+    dropped: bool = False  # the command will not hand it over: stopped, its messages forgotten
+    messages: list[tuple] = field(default_factory=list)
+
+
 class _Runs:
     """In the engine process: the runs handed over, trained by ``pool.concurrent`` threads in
     the order they came, and the stops the tracking side asks for."""
@@ -490,21 +512,74 @@ class _Runs:
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
         self.stopped: dict[int, str] = {}  # run key -> why the tracking side stopped it, until its run ends
         self.training: dict[int, object] = {}  # run key -> its Trainer
+        self.early: dict[int, _EarlyRun] = {}  # its own key (negative) -> a run started early
+        self.claimed: dict[int, int] = {}  # a handed-over run's key -> the key of the early run it claimed
         self.lock = threading.Lock()
         for index in range(pool.concurrent):
             threading.Thread(target=self._serve_runs, name=f"normlab-engine-{index}", daemon=True).start()
 
+    def start_early(self, configs: list[TrainConfig], epochs_ahead: dict[tuple, int]) -> None:
+        """Train these runs from now on, before the command hands them over: it first opens
+        the sweep's records and finds what is left (seconds of MLflow), while the GPU would idle."""
+        from normlab.engine.config import steps_key
+
+        for number, config in enumerate(configs, 1):
+            ahead = epochs_ahead.get(steps_key(config), 0)
+            self.early[-number] = _EarlyRun(config, ahead)
+            self.waiting.put((-number, config, ahead, None))
+
     def act(self, kind: str, *body) -> None:
         if kind == "train":
-            self.waiting.put(body)
+            key, config, epochs_ahead, saved = body
+            if saved is not None or not self._claim(key, config, epochs_ahead):
+                self.waiting.put(body)
+        elif kind == "keep early":
+            self._keep_early(body[0])
         elif kind == "stop":
             key, reason = body
             with self.lock:
+                key = self.claimed.get(key, key)
                 self.stopped[key] = reason
                 if key in self.training:
                     self.training[key].request_stop(reason)
         elif kind == "stop all":
             self.pool.request_stop(body[0])
+
+    def _claim(self, key: int, config: TrainConfig, epochs_ahead: int) -> bool:
+        """Give a handed-over run the early run of its config, if there is one: what that has
+        reported so far goes out now under the run's key, the rest as it comes."""
+        with self.lock:
+            for early_key, run in self.early.items():
+                if (run.handed_to is None and not run.dropped and run.config == config
+                        and run.epochs_ahead == epochs_ahead):
+                    run.handed_to, self.claimed[key] = key, early_key
+                    for message in run.messages:
+                        self.send(key, *message)
+                    run.messages.clear()
+                    return True
+        return False
+
+    def _keep_early(self, wanted: list[tuple[TrainConfig, int]]) -> None:
+        with self.lock:
+            for early_key, run in self.early.items():
+                if run.handed_to is None and (run.config, run.epochs_ahead) not in wanted:
+                    run.dropped = True
+                    run.messages.clear()
+                    self.stopped[early_key] = "the command does not train it now"
+                    if early_key in self.training:
+                        self.training[early_key].request_stop(self.stopped[early_key])
+
+    def _send_run(self, key: int, *message) -> None:
+        """Send one of a run's messages; an early run's wait until it is claimed."""
+        if key in self.early:
+            with self.lock:
+                run = self.early[key]
+                if run.handed_to is None:
+                    if not run.dropped:
+                        run.messages.append(message)
+                    return
+                key = run.handed_to
+        self.send(key, *message)
 
     def _serve_runs(self) -> None:
         with self.pool.stream():
@@ -520,16 +595,16 @@ class _Runs:
         with self.lock:
             reason = self.stopped.pop(key, self.pool.stop_reason)
         if reason is not None:
-            return self.send(key, "stopped", f"not started: {reason}")
+            return self._send_run(key, "stopped", f"not started: {reason}")
         try:
             state = None if saved is None else torch.load(io.BytesIO(saved), map_location="cpu", weights_only=True)
             trainer = self.pool.trainer(config, epochs_ahead, state)
         except ConfigError as exc:
-            return self.send(key, "config", str(exc))
+            return self._send_run(key, "config", str(exc))
         except DataError as exc:
-            return self.send(key, "data", str(exc))
+            return self._send_run(key, "data", str(exc))
         except BaseException:
-            return self.send(key, "crashed", traceback.format_exc())
+            return self._send_run(key, "crashed", traceback.format_exc())
         finished = False
         try:
             with self.lock:
@@ -537,21 +612,21 @@ class _Runs:
                 if key in self.stopped:
                     trainer.request_stop(self.stopped[key])
             data = trainer.data
-            self.send(key, "built", EngineData(data.spec, data.device, data.device_name, data.train_size,
-                                               data.test_size, data.digest, data.example_input()),
-                      trainer.epoch, trainer.took_over, trainer.speedups)
-            self.send(key, "prepared", trainer.prepare() if trainer.epoch < config.epochs else 0.0)
+            self._send_run(key, "built", EngineData(data.spec, data.device, data.device_name, data.train_size,
+                                                    data.test_size, data.digest, data.example_input()),
+                           trainer.epoch, trainer.took_over, trainer.speedups)
+            self._send_run(key, "prepared", trainer.prepare() if trainer.epoch < config.epochs else 0.0)
             try:
-                result = fit(trainer, _Reporter(self.send, key, trainer))
+                result = fit(trainer, _Reporter(self._send_run, key, trainer))
             except TrainingStopped as exc:
-                return self.send(key, "stopped", str(exc))
+                return self._send_run(key, "stopped", str(exc))
             except NonFiniteLoss as exc:
-                return self.send(key, "diverged", str(exc))
+                return self._send_run(key, "diverged", str(exc))
             indices = [m.index for m in result.mistakes]
-            self.send(key, "finished", result.mistakes, dict(zip(indices, data.test_images_of(indices))))
+            self._send_run(key, "finished", result.mistakes, dict(zip(indices, data.test_images_of(indices))))
             finished = True
         except BaseException:
-            self.send(key, "crashed", traceback.format_exc())
+            self._send_run(key, "crashed", traceback.format_exc())
         finally:
             with self.lock:
                 self.training.pop(key, None)
