@@ -22,8 +22,9 @@ if TYPE_CHECKING:  # the package imports no torch: engine_process decides before
 class Speedups:
     """Which speed techniques are on; ``default`` picks what measured faster on each device.
     Always on, and no switch: the data lives on the device as tensors with one batched
-    augmentation per epoch (2.7x the notebook's DataLoader epoch), and on the CPU the model's
-    dropout draws a quarter of torch's random numbers (cpu_dropout.py: 1.38x per CPU step)."""
+    augmentation per epoch (2.7x the notebook's DataLoader epoch), on the CPU the model's
+    dropout draws a quarter of torch's random numbers (cpu_dropout.py: 1.38x per CPU step), and
+    Dynamo is imported only where something compiles (deferred_dynamo.py: `normlab train` 1.05x)."""
 
     # CUDA graphs of chunk_steps steps: 1.07 s -> 0.28 s an epoch against none (not compiled).
     # 8 steps rather than 64 capture 13 steps instead of 85 before the first epoch (0.65 -> 0.17 s
