@@ -28,6 +28,10 @@ again = Trainer(TrainConfig(norm="ln", epochs=2, batch_size=25), data)
 again.load_state_dict(state)
 uncompiled = "torch._dynamo" in sys.modules
 
+from normlab.engine.fast import deferred_dynamo
+deferred_dynamo.restore()  # as a compiled trainer's step does before it compiles
+built_meanwhile = defer_dynamo_imports()  # a trainer built meanwhile, before Dynamo is imported
+
 optimizer = again.optimizer  # now a compile in the same process: torch's markers, as without normlab
 for p in again.params:
     p.grad = torch.ones_like(p)
@@ -39,6 +43,7 @@ def zero_grad_and_add_one(x):
 
 total = zero_grad_and_add_one(torch.ones(2)).sum().item()
 print(json.dumps({"deferred": deferred, "dynamo_after_uncompiled_run": uncompiled, "train_acc": record.train_acc,
+                  "deferred_once_compiling": built_meanwhile,
                   "compiled_total": total, "grads_cleared": all(p.grad is None for p in again.params)}))
 """
 
@@ -46,10 +51,10 @@ print(json.dumps({"deferred": deferred, "dynamo_after_uncompiled_run": uncompile
 def test_an_uncompiled_run_imports_no_dynamo_and_a_compile_later_finds_torchs_markers(small_mnist_dir):
     """torch's optimizer and custom ops import Dynamo (1.1 s on an H200) at their first call;
     deferred, a CPU run trains, checkpoints and resumes without it (and without the scheduler's
-    warning of a step before the optimizer's), and a function compiled afterwards in the same
-    process still skips the optimizer's zero_grad as torch has Dynamo do, and runs it. (The
-    data's parse is kept first, as after a first run: parsing imports torchvision, which
-    imports Dynamo.)"""
+    warning of a step before the optimizer's); once the process compiles nothing is deferred
+    again, and a function compiled afterwards in the same process still skips the optimizer's
+    zero_grad as torch has Dynamo do, and runs it. (The data's parse is kept first, as after a
+    first run: parsing imports torchvision, which imports Dynamo.)"""
     load_raw("mnist", small_mnist_dir, download=False)
     out = subprocess.run([sys.executable, "-c", UNCOMPILED_RUN, str(small_mnist_dir)], env=cli_env(),
                          capture_output=True, text=True, timeout=600)
@@ -61,5 +66,6 @@ def test_an_uncompiled_run_imports_no_dynamo_and_a_compile_later_finds_torchs_ma
                                 "normlab::conv2d_weight_grad_parts"]
     assert seen["dynamo_after_uncompiled_run"] is False
     assert seen["train_acc"] > 20  # it learned (chance: 10%): 1,000 digits, one epoch of 40 steps
+    assert seen["deferred_once_compiling"] == []  # once the process compiles, torch's own markers throughout
     assert seen["compiled_total"] == 4.0
     assert seen["grads_cleared"] is True

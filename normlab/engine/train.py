@@ -19,8 +19,8 @@ from normlab.engine.config import METRICS, TrainConfig, steps_key
 from normlab.engine.data import DeviceData, batch_slices
 from normlab.engine.fast import Speedups
 from normlab.engine.fast.chunked_steps import EpochSteps
-from normlab.engine.fast.host_memory import keep_freed_memory
 from normlab.engine.fast.deferred_dynamo import defer_dynamo_imports
+from normlab.engine.fast.host_memory import keep_freed_memory
 from normlab.engine.fast.triton_conv import use_triton_convs
 from normlab.engine.fast.triton_norms import use_triton_norms
 from normlab.engine.models import Net

@@ -20,6 +20,7 @@ import torch
 
 _MARKER_CODE = torch._disable_dynamo(lambda: None).__code__  # the wrapper torch's marker puts around a function
 _deferred: list[tuple[object, object]] = []  # (function inside a marker, what it calls until Dynamo is imported)
+_compiling = False  # set by restore(): this process compiles, so nothing is deferred any more
 
 
 def _inside_marker(function: object) -> object | None:
@@ -32,10 +33,11 @@ def _inside_marker(function: object) -> object | None:
 
 def defer(function: object) -> bool:
     """Make torch's marker around ``function`` call it as it is until Dynamo is imported.
-    Returns whether it did: not when ``function`` has no marker, nor once Dynamo is imported
-    or the marker has its skipping version."""
+    Returns whether it did: not when ``function`` has no marker, nor once Dynamo is imported,
+    the process compiles or the marker has its skipping version."""
     inner = _inside_marker(function)
-    if inner is None or "torch._dynamo" in sys.modules or getattr(inner, "__dynamo_disable", None) is not None:
+    if (inner is None or _compiling or "torch._dynamo" in sys.modules
+            or getattr(inner, "__dynamo_disable", None) is not None):
         return False
 
     def inner_until_dynamo_is_imported(*args, **kwargs):
@@ -51,7 +53,10 @@ def defer(function: object) -> bool:
 
 def restore() -> None:
     """Give every deferred marker back to torch, which builds its skipping version at the next
-    call: done before normlab compiles (precompiled.py), so that Dynamo never meets ``defer``'s."""
+    call, and defer none from now on: done before normlab compiles (precompiled.py), so that
+    Dynamo never meets ``defer``'s, even from a trainer built while another one compiles."""
+    global _compiling
+    _compiling = True
     while _deferred:
         inner, deferred = _deferred.pop()
         if getattr(inner, "__dynamo_disable", None) is deferred:
