@@ -427,3 +427,26 @@ def test_runs_started_early_are_claimed_by_their_configs_and_those_not_wanted_ar
     for config, sent in ((first, claimed), (second, anew)):
         alone = fit(Trainer(config, pool.data("mnist")))  # a run of its own, with the same default speedups
         assert [body[0].metrics() for kind, *body in sent if kind == "epoch"] == [r.metrics() for r in alone.records]
+
+
+def test_an_engine_process_started_in_place_of_a_dead_one_starts_no_run_early(monkeypatch):
+    """Its runs were handed over already (and come back resumed): a new child that started the
+    sweep's first runs early again would train them to no one, in the places of those runs."""
+    started: list[bool] = []
+
+    class Child:  # the child process each _Channel starts, recorded instead
+        def __init__(self, engine, early=False):
+            started.append(early)
+            self.died = "killed" if len(started) == 1 else None
+
+        def send(self, message) -> None:
+            pass
+
+        def inbox(self, key):
+            return None
+
+    monkeypatch.setattr(engine_process, "_Channel", Child)
+    config = TrainConfig(norm="ln", epochs=1)
+    engine = engine_process.EngineProcess("data", "cpu", ahead=([config], {}), early=True)
+    engine.trainer(config)  # the first child has died: a second takes its place
+    assert started == [True, False]

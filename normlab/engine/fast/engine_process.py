@@ -139,11 +139,11 @@ class EngineProcess:
         sweep's command opens MLflow and its records first, seconds while the GPU would idle.
         On an H200 the classic sweep took 14.5 s against 16.0 s, alternately (1.10x;
         h200-2026-12-01h-e2e-sweep1-early-runs-2.txt)."""
-        self.data_dir, self.device, self.ahead, self.early = str(data_dir), device, ahead, early
+        self.data_dir, self.device, self.ahead = str(data_dir), device, ahead
         self._concurrent = concurrent
         self._lock = threading.Lock()
         self._keys = itertools.count()
-        self._channel = _Channel(self)
+        self._channel = _Channel(self, early)
 
     def __enter__(self) -> "EngineProcess":
         return self
@@ -172,7 +172,7 @@ class EngineProcess:
             torch.save(state, buffer)
             saved = buffer.getvalue()
         with self._lock:
-            if self._channel.died is not None:
+            if self._channel.died is not None:  # a new child: the runs it replaces were handed over, none early
                 self._channel = _Channel(self)
             channel, key = self._channel, next(self._keys)
         trainer = RemoteTrainer(channel, key, config, saved)
@@ -208,12 +208,12 @@ class _Channel:
     """One child process and its pipe: a thread sends what the tracking side asks (through a
     queue, so a signal handler may ask too) and a thread hands each message to its run."""
 
-    def __init__(self, engine: EngineProcess):
+    def __init__(self, engine: EngineProcess, early: bool = False):
         context = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA or threads
         self.conn, child_end = context.Pipe()
         self.process = context.Process(target=_serve, name="normlab-engine", daemon=True,
                                        args=(child_end, engine.data_dir, engine.device, engine._concurrent,
-                                             engine.ahead, engine.early))
+                                             engine.ahead, early))
         self.process.start()
         child_end.close()
         self.inboxes: dict[int, queue.SimpleQueue] = {}
