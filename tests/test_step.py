@@ -7,10 +7,10 @@ and momentum buffers that stay the optimizer's own state.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-import json
 from dataclasses import asdict, replace
 
 import pytest
