@@ -1,7 +1,6 @@
 """An engine's start, phase by phase, from torch's import to a run ready to train: CUDA's
-start, the data on the device, the run's trainer (on the H200 mostly Dynamo's import, which
-the Triton convolutions' custom ops and torch's SGD make), and its prepare (the first Triton
-kernels, the CUDA graphs' capture). Each measurement is a fresh process; with --baseline,
+start, the data on the device, the run's trainer (model, optimizer and its steps' choice), and
+its prepare (the first Triton kernels, the CUDA graphs' capture). Each measurement is a fresh process; with --baseline,
 another checkout's (a folder holding its normlab/, e.g. from `git archive`, or a commit,
 checked out beside this one as e2e.py does), alternately.
 
@@ -113,7 +112,7 @@ def main() -> None:
             values = [sum(v for k, v in t.items() if k != "import torch") if phase == "after torch" else t[phase]
                       for t in times[name]]
             medians[name, phase] = statistics.median(values)
-            row.append(f"{medians[name, phase]:16.2f}")
+            row.append(f"{medians[name, phase]:16.3f}")  # ms: a CPU trainer takes a few
         print(f"{phase:<18}" + "".join(row))
     if args.baseline:
         ratio = medians["baseline", "after torch"] / medians["this checkout", "after torch"]
