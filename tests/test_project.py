@@ -110,7 +110,11 @@ def test_mlflow_run_as_typed_then_ctrl_c_then_the_printed_resume_then_compare(tr
     cache = tmp_path / "cache"  # the default --checkpoint-dir lives under XDG_CACHE_HOME
     args = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-P", "norm=ln",
             "-P", "epochs=2", "-P", "lr=.05", "-P", "l1=1e-5", "-P", "seed=3", "-P", f"data_dir={small_mnist_dir}"]
-    env = cli_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], XDG_CACHE_HOME=str(cache))
+    # MLflow's system metrics sampled each second, as a run of minutes is sampled each 10 s: their
+    # first sample (step 0) is in the store before the model is logged
+    sampled = dict(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1", MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING="1")
+    env = cli_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], XDG_CACHE_HOME=str(cache),
+                  **sampled)
     env.pop("PYTHONPATH")
     proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -129,7 +133,7 @@ def test_mlflow_run_as_typed_then_ctrl_c_then_the_printed_resume_then_compare(tr
     assert hint.split()[-1] == run.info.run_id
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    resumed = subprocess.run(shlex.split(hint), cwd=elsewhere, env=cli_env(XDG_CACHE_HOME=str(cache)),
+    resumed = subprocess.run(shlex.split(hint), cwd=elsewhere, env=cli_env(XDG_CACHE_HOME=str(cache), **sampled),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming run {run.info.run_id} after epoch 1" in resumed.stdout
@@ -150,6 +154,7 @@ def test_mlflow_run_as_typed_then_ctrl_c_then_the_printed_resume_then_compare(tr
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2], metric
     [model] = client.search_logged_models([run.info.experiment_id])
     assert model.name == "ln-l1_1e-05-s3" and model.source_run_id == run.info.run_id
+    assert any(key.startswith("system/") for key in run.data.metrics)  # sampled, and not the model's:
     final = {m.key: m.value for m in model.metrics}
     assert final == {k: run.data.metrics[k] for k in ("test_acc", "test_loss")}
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

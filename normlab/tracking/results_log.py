@@ -102,6 +102,11 @@ def draw_misclassified(path: Path, images, true: list[int], pred: list[int], cla
 
 
 MODEL_METRICS = ("test_acc", "test_loss")  # the columns of MLflow's models table
+# The step Model.log records the model at: it also links to the model every metric the run
+# has at that step. No metric has step -1 (epochs count from 1, MLflow's system-metric samples
+# from 0, which at its default step 0 made the first sample the model's metrics): the model
+# has only what link_final_metrics links.
+MODEL_STEP = -1
 
 
 def link_final_metrics(run_id: str, model_id: str) -> None:
@@ -202,6 +207,7 @@ def log_model(model: torch.nn.Module, data: DeviceData, name: str = "model", arc
         # MLflow would load the saved program again and predict the example (~0.5 s a run);
         # tests/test_bad_input.py loads and predicts with it in a process without normlab
         validate_serving_input=False,
+        step=MODEL_STEP,
         **_save_options(data.example_input()),
     )
     mlflow.set_tag("model_uri", info.model_uri)
