@@ -375,6 +375,9 @@ print(json.dumps({key: [r.status, r.run_id] for key, r in results.items()}))
 """
 
 
+# against the one-process sweep only: the engine process's sweep logs what that one does
+# (tests/test_engine_process.py), and this script starts no engine process of its own
+@pytest.mark.parametrize("sweep_twice", ["as typed"], indirect=True)
 def test_runs_side_by_side_in_one_worker_log_exactly_what_each_logs_alone(sweep_twice, small_mnist_dir):
     """The logic a GPU worker runs several at once with (NORMLAB_RUNS_PER_GPU), on the CPU:
     the sweep's four configs trained by one worker in four threads at the same time, in a
