@@ -112,6 +112,16 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     mlflow.set_tracking_uri(None)
 
 
+def no_runs_logged(tracking_uri: str) -> bool:
+    """True when the store holds no run (or was never even created)."""
+    from mlflow import MlflowClient
+
+    if not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        return True
+    client = MlflowClient()
+    return not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment for a normlab subprocess: this checkout importable, quiet, CPU."""
     env = dict(os.environ)

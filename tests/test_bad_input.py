@@ -18,20 +18,12 @@ from mlflow import MlflowClient
 
 from normlab.cli import main
 from normlab.tracking import run_query
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import ROOT, cli_env, no_runs_logged, run_cli
 from tests.mlflow_server import free_port
 
 
 def train(*args: str, data_dir: Path):
     return CliRunner().invoke(main, ["train", "--device", "cpu", "--data-dir", str(data_dir), *args])
-
-
-def no_runs_logged(tracking_uri: str) -> bool:
-    """True when the store holds no run (or was never even created)."""
-    if not Path(tracking_uri.removeprefix("sqlite:///")).exists():
-        return True
-    client = MlflowClient()
-    return not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 BAD_OPTIONS = [

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from mlflow import MlflowClient
 from torchvision.datasets import MNIST
 
 from normlab.cli import main
 from normlab.engine.data import DeviceData, batch_slices, load_raw, parsed_cache_path, random_crop_flip, random_rotation
 from normlab.engine.registry import DATASETS
 from normlab.errors import DataError
+from tests.conftest import no_runs_logged
 from tests.mlflow_server import free_port
 from tests.mnist_fixture import FILES, REPO_MNIST, mnist_t10k, official_md5s, write_idx, write_mnist
 
@@ -128,15 +128,7 @@ def test_offline_train_says_what_failed_which_urls_it_tried_and_where_the_files_
     assert f"Expected files in {folder}: train-images-idx3-ubyte, train-labels-idx1-ubyte, " in message
     assert "point --data-dir at a folder that already holds MNIST/raw/" in message
     assert ":)" not in message and "()" not in message
-    assert no_runs(tracking_uri)
-
-
-def no_runs(tracking_uri: str) -> bool:
-    """True when the store holds no run (or was never even created)."""
-    if not Path(tracking_uri.removeprefix("sqlite:///")).exists():
-        return True
-    client = MlflowClient()
-    return not client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert no_runs_logged(tracking_uri)
 
 
 def _relabel(raw_folder, split, labels):
@@ -176,7 +168,7 @@ def test_a_bad_label_stops_train_before_any_run_is_created(tmp_path, tracking_ur
     result = CliRunner().invoke(main, ["train", "--device", "cpu", "--epochs", "1", "--data-dir", str(root)])
     assert result.exit_code == 1
     assert f"{folder / 'train-labels-idx1-ubyte'} holds label 12 (image 0 of the train split" in result.output
-    assert no_runs(tracking_uri)
+    assert no_runs_logged(tracking_uri)
 
 
 def test_a_later_load_takes_torchvisions_parse_from_the_cache_until_a_file_changes(tmp_path):
