@@ -118,7 +118,10 @@ def test_end_to_end_benchmark_times_a_command_from_this_checkout_a_baseline_and_
     assert rows["train"]["checkout"] == str(ROOT) and rows["train@base"]["checkout"] == str(baseline)
     assert rows[setting]["setting"] == {"NORMLAB_ENGINE_PROCESS": "always"} and rows["train"]["setting"] == {}
     for row in rows.values():
-        assert (row["exit"], row["runs_finished"]) == (0, 1) and row["phases_s"]["training and evaluation"] > 0
+        assert (row["exit"], row["runs_finished"]) == (0, 1) and row["phases_s"]["training and evaluation"] >= 0
+    # trained in the command's process; with an engine process the command only waits for what
+    # the engine trained meanwhile (0.02-0.03 s here, which a faster machine prints as 0.00)
+    assert rows["train"]["phases_s"]["training and evaluation"] > 0
     ours = float(re.search(r"^  train +this checkout +([\d.]+) s \(of 1\)$", proc.stdout, re.M).group(1))
     assert ours == rows["train"]["wall_s"]
     for other, row in (("base", "train@base"), ("ENGINE_PROCESS=always", setting)):
