@@ -1,8 +1,8 @@
 """An engine's start, phase by phase, from torch's import to a run ready to train: CUDA's
 start, the data on the device, the run's trainer (model, optimizer and its steps' choice), and
-its prepare (the first Triton kernels, the CUDA graphs' capture). Each measurement is a fresh process; with --baseline,
-another checkout's (a folder holding its normlab/, e.g. from `git archive`, or a commit,
-checked out beside this one as e2e.py does), alternately.
+its prepare (the first Triton kernels, the CUDA graphs' capture). Each measurement is a fresh
+process; with --baseline, another checkout's (a folder holding its normlab/, e.g. from `git
+archive`, or a commit, checked out beside this one as e2e.py does), alternately.
 
     python benchmarks/engine_start.py --data-dir DATA --repeats 4 --baseline DIR_OR_REV
     python benchmarks/engine_start.py --data-dir DATA --profile     # cProfile of each phase

@@ -404,7 +404,7 @@ def test_runs_started_early_are_claimed_by_their_configs_and_those_not_wanted_ar
             all_sent.notify_all()
 
     def ended(key: int) -> bool:
-        return any(m[0] == key and m[1] not in ("built", "prepared", "started", "steps", "epoch") for m in messages)
+        return any(m[0] == key and m[1] not in engine_process.UNDER_WAY for m in messages)
 
     first, second = (TrainConfig(norm=norm, epochs=2, batch_size=100, seed=3) for norm in ("ln", "gn"))
     ahead = {steps_key(first): 2, steps_key(second): 2}

@@ -382,7 +382,8 @@ def test_a_step_that_cannot_compile_warns_and_trains_the_model_itself(data):
     trainer = Trainer(config, data, speedups=Speedups(compile=True))
     # torch's own patch: pytest's monkeypatch, undoing, deletes what Inductor's config had not set
     with inductor.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}):  # no kernels built earlier
-        with pytest.warns(RuntimeWarning, match=r"torch.compile failed, so this run trains without it .*C\+\+ compiler"):
+        failed = r"torch.compile failed, so this run trains without it .*C\+\+ compiler"
+        with pytest.warns(RuntimeWarning, match=failed):
             record = trainer.run_epoch(Callbacks())
     assert not trainer.train_step.compiled
     assert record.metrics() == Trainer(config, data, speedups=Speedups()).run_epoch(Callbacks()).metrics()

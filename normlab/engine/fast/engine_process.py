@@ -286,6 +286,10 @@ class _Channel:
         self.conn.close()
 
 
+# The kinds of a run's messages that more of its messages follow; any other kind is its last.
+UNDER_WAY = ("built", "prepared", "started", "steps", "epoch")
+
+
 class RemoteTrainer:
     """A run in the engine process, as the tracking side uses a Trainer: it reads the run's
     messages as they come (an epoch's record, with the state a checkpoint needs)."""
@@ -375,7 +379,7 @@ class RemoteTrainer:
     def _handle(self, message: tuple, callbacks=None):
         """Act on one message; an epoch's record is returned, errors are raised here."""
         kind, *body = message
-        self._ended = kind not in ("built", "prepared", "started", "steps", "epoch")
+        self._ended = kind not in UNDER_WAY
         if kind == "built":
             self._data, self.epoch, self.took_over, self._speedups = body
         elif kind == "prepared":
