@@ -1,6 +1,8 @@
 """What a command's exit costs: `normlab train` as users run it (`python -m normlab`, whose
-entry freezes the garbage collector on the way out) against the same command through click's
-plain main (Python's full collection at exit), alternately, in one invocation.
+entry freezes the garbage collector and leaves the memory to the OS, skipping Python's
+teardown of its objects) against the same command through click's plain main (Python's full
+exit) and through it with the collector frozen (the entry before the teardown was skipped),
+alternately, in one invocation.
 
     python benchmarks/exit_cost.py --data-dir /tmp/mnist1k --repeats 5            # the 2-core CPU
     python benchmarks/exit_cost.py --data-dir /root/split --epochs 20 --repeats 3  # a GPU
@@ -17,10 +19,12 @@ from pathlib import Path
 
 from processes import isolated_store, timed, train_benchmark_args
 
+CLICK_MAIN = ("import gc, sys\nfrom normlab.cli import main\n"
+              "try:\n    code = main(standalone_mode=False) or 0\nfinally:\n")
 WAYS = {
-    "normlab (frozen at exit)": [sys.executable, "-m", "normlab"],
-    "click main (full collection)": [sys.executable, "-c",
-                                     "import sys; from normlab.cli import main; sys.exit(main(standalone_mode=False) or 0)"],
+    "normlab (no teardown)": [sys.executable, "-m", "normlab"],
+    "click main, frozen": [sys.executable, "-c", CLICK_MAIN + "    gc.freeze()\nsys.exit(code)"],
+    "click main (full exit)": [sys.executable, "-c", CLICK_MAIN + "    pass\nsys.exit(code)"],
 }
 
 
@@ -28,7 +32,8 @@ def main() -> None:
     args = train_benchmark_args(__doc__)
     work, env = isolated_store("normlab-exit-")
     train = ["train", "--norm", "ln", "--data-dir", str(Path(args.data_dir).resolve()), "--epochs", str(args.epochs)]
-    subprocess.run(WAYS["normlab (frozen at exit)"] + train, env=env, cwd=work, capture_output=True, check=True)  # the store
+    # the store, created first
+    subprocess.run(WAYS["normlab (no teardown)"] + train, env=env, cwd=work, capture_output=True, check=True)
     times: dict[str, list[tuple[float, float]]] = {way: [] for way in WAYS}
     for _ in range(args.repeats):
         for way, command in WAYS.items():

@@ -182,6 +182,38 @@ def test_help_and_mistyped_options_answer_without_importing_torch_or_mlflow(args
     assert shown in done.stdout + done.stderr
 
 
+EXIT_PROBE = """import atexit, sys, threading, time
+from pathlib import Path
+from normlab.cli import entry
+out = Path(sys.argv[1])
+sys.argv[1:] = sys.argv[2:]
+atexit.register(lambda: print("atexit handler ran"))  # stdout piped: held in its buffer until flushed
+def late():
+    time.sleep(0.5)
+    (out / "thread").write_text("joined")
+threading.Thread(target=late).start()
+entry()
+"""
+
+
+@pytest.mark.parametrize("args, status, stream, shown", [
+    (["--help"], 0, "stdout", "  train    Train one variant as one MLflow run: params, per-epoch..."),
+    (["train", "--norm", "xx"], 2, "stderr",
+     "Error: Invalid value for '--norm': 'xx' is not one of 'bn', 'ln', 'gn', 'in', 'none'."),
+])
+def test_the_entry_ends_the_process_as_python_would(tmp_path, args, status, stream, shown):
+    """The entry leaves the memory to the OS (cli._exit_leaving_memory_to_the_os): the exit
+    status, atexit handlers, a running thread joined, and output piped (so block-buffered, as
+    with `| tee`) all as Python's own exit has them."""
+    env = cli_env()
+    del env["PYTHONUNBUFFERED"]
+    done = subprocess.run([sys.executable, "-c", EXIT_PROBE, str(tmp_path), *args],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == status
+    assert shown in getattr(done, stream).splitlines()
+    assert done.stdout.splitlines()[-1] == "atexit handler ran" and (tmp_path / "thread").read_text() == "joined"
+
+
 def test_normlab_train_creates_its_own_named_run(tracking_uri, small_mnist_dir):
     proc = run_cli("train", "--norm", "bn", "--epochs", "1", "--seed", "4", "--data-dir", str(small_mnist_dir),
                    "--device", "cpu", "--experiment", "direct")
