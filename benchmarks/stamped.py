@@ -1,7 +1,7 @@
 """A command's events on one time line: where a short run's wall time goes, and what waits.
 
 Runs a normlab command, or `mlflow run` of this project, as a process from a temporary copy
-of this checkout in which the engine's, the tracking side's and the results process's main
+of this checkout in which the engine's, the tracking side's and the results processes' main
 events (EVENTS) print `[seconds] event` to stderr, and prints every line of the command's
 output stamped with the seconds since it started. On one GPU the engine and the results run
 in processes of their own, so their events and the command's interleave, and the line that
@@ -46,8 +46,10 @@ EVENTS = [
      "tracking: training done, logging the results"),
     ("normlab/tracking/lifecycle.py", 'phases["artifacts and model"] = time.perf_counter() - started',
      "tracking: results logged"),
-    ("normlab/tracking/results_process.py", "from normlab.tracking import results_log", "results: started"),
-    ("normlab/tracking/results_process.py", "gc.freeze()", "results: warmed up"),
+    ("normlab/tracking/results_process.py", "from normlab.tracking import results_log", "models: started"),
+    ("normlab/tracking/results_process.py", "gc.freeze()  # torch's", "models: warmed up"),
+    ("normlab/tracking/results_process.py", "plots.warm_up()", "figures: matplotlib imported"),
+    ("normlab/tracking/results_process.py", "gc.freeze()  # matplotlib's", "figures: warmed up"),
 ]
 
 STAMP = ('__import__("sys").stderr.write("[%%7.2f] %%s\\n" %% (__import__("time").time() - '

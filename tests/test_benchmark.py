@@ -155,7 +155,7 @@ def test_stamped_benchmark_puts_the_engines_and_the_commands_events_on_one_time_
                 assert stamp.group(2) not in events, f"{name}: {stamp.group(2)} twice"
                 assert float(stamp.group(1)) <= float(seconds) + 0.05  # one clock: stamped, then printed
                 events[stamp.group(2)] = float(stamp.group(1))
-        for side in ("engine", "tracking", "results"):  # each side's events, all there and in their order
+        for side in ("engine", "tracking", "models", "figures"):  # each side's events, all there and in order
             expected = [event for _, _, event in EVENTS if event.startswith(side)]
             assert [event for event in events if event.startswith(side)] == expected, (name, events)
             assert [events[event] for event in expected] == sorted(events[event] for event in expected)

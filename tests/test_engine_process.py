@@ -48,14 +48,17 @@ def start(cwd: Path, *args: str, command: str = "train", **env) -> tuple[subproc
 
 def engine_of(proc: subprocess.Popen) -> psutil.Process:
     """The command's engine process (not multiprocessing's resource tracker beside it, nor its
-    results process)."""
-    [engine] = [c for c in spawned(proc) if c.name() != results_process.PROCESS_NAME]
+    results processes)."""
+    [engine] = [c for c in spawned(proc) if c.name() not in results_process.PROCESS_NAMES.values()]
     return engine
 
 
-def results_process_of(proc: subprocess.Popen) -> psutil.Process:
-    [helper] = [c for c in spawned(proc) if c.name() == results_process.PROCESS_NAME]
-    return helper
+def results_processes_of(proc: subprocess.Popen) -> dict[str, psutil.Process]:
+    """The command's results processes, by role."""
+    names = {name: role for role, name in results_process.PROCESS_NAMES.items()}
+    helpers = {names[c.name()]: c for c in spawned(proc) if c.name() in names}
+    assert sorted(helpers) == sorted(results_process.ROLES)
+    return helpers
 
 
 def spawned(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -132,15 +135,18 @@ def model_files(run) -> dict[str, bytes]:
     return files
 
 
-def test_a_results_process_that_dies_leaves_its_work_to_the_command_and_the_run_logs_everything(
+def test_results_processes_that_die_leave_their_work_to_the_command_and_the_run_logs_everything(
         small_mnist_dir, tmp_path, tracking_uri):
     proc, out = start(tmp_path, "--norm", "ln", "--epochs", "2", "--data-dir", str(small_mnist_dir),
                       "--checkpoint-dir", str(tmp_path / "ck"), **SPLIT)
     run_id = out.wait_for(r"^MLflow run (\w+) ", timeout=300).group(1)
-    kill_then_wait(results_process_of(proc), proc, out)
+    helpers = results_processes_of(proc)
+    helpers["figures"].kill()
+    kill_then_wait(helpers["models"], proc, out)
     assert proc.returncode == 0, out.text
-    assert ("normlab: the results process ended (exit code -9); this process saves the models and draws the "
-            "figures from now") in out.text
+    for work in ("the models", "the misclassified grids"):
+        assert (f"normlab: the results process for {work} ended (exit code -9); this process does that work "
+                "from now") in out.text
     run = MlflowClient().get_run(run_id)
     assert (run.info.status, run.data.tags["normlab.status"]) == ("FINISHED", "finished")
     assert mlflow.artifacts.load_image(f"runs:/{run_id}/misclassified.png").size[0] > 400
@@ -158,7 +164,7 @@ def test_calls_waiting_together_on_a_dead_results_process_do_their_work_here_and
         helper._process.kill()
         pids = [call.result(timeout=60) for call in calls]
     assert pids == [os.getpid()] * 4  # each done in this process
-    assert capfd.readouterr().err.count("normlab: the results process ended (exit code -9)") == 1
+    assert capfd.readouterr().err.count("normlab: the results process for the models ended (exit code -9)") == 1
 
 
 def test_the_results_switch_follows_the_engine_process_and_names_its_choices(monkeypatch, tmp_path):
@@ -179,7 +185,7 @@ def test_ctrl_c_reaches_the_engine_process_once_and_the_run_resumes_from_its_che
     proc, out = start(tmp_path, "--epochs", "20", "--data-dir", str(small_mnist_dir), "--checkpoint-dir",
                       str(checkpoints), **SPLIT)
     run_id = out.wait_for(r"^MLflow run (\w+) ", timeout=300).group(1)
-    engine, helper = engine_of(proc), results_process_of(proc)
+    engine, helpers = engine_of(proc), results_processes_of(proc)
     out.wait_for(r"^epoch   1/20", timeout=300)
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the command, its engine and results processes
     proc.wait(timeout=120)
@@ -187,7 +193,7 @@ def test_ctrl_c_reaches_the_engine_process_once_and_the_run_resumes_from_its_che
     assert proc.returncode == 130, out.text
     assert out.text.count("Ctrl-C again to abort now") == 1 and "aborted" not in out.text, out.text  # one stop
     assert "results process ended" not in out.text and "Traceback" not in out.text, out.text
-    for child in (engine, helper):
+    for child in (engine, *helpers.values()):
         assert not psutil.pid_exists(child.pid) or child.status() == psutil.STATUS_ZOMBIE
     client = MlflowClient()
     run = client.get_run(run_id)

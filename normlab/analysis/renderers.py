@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import io
 import multiprocessing
 import os
 import signal
@@ -40,18 +39,13 @@ def figure_renderers(processes: int = PROCESSES) -> Iterator[ProcessPoolExecutor
 def _ready() -> None:
     """A renderer's start: Ctrl-C is the command's to handle (a terminal sends it to the whole
     process group). The figures' modules, scipy's statistics among them, are imported and a
-    first figure drawn (fonts loaded) before the first job: on the 2-core CPU a process's first
-    curves figure took 0.5 s more than later ones without. Then they are left out of garbage
-    collection, whose last walk over them took the pool's shutdown from 0.04 to 0.19 s there
-    (as cli.entry does for the command)."""
+    first figure drawn (plots.warm_up) before the first job. Then they are left out of garbage
+    collection, whose last walk over them took the pool's shutdown from 0.04 to 0.19 s on the
+    2-core CPU (as cli.entry does for the command)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import pandas  # noqa: F401  (the jobs' frames)
 
     from normlab.analysis import plots, statistics  # noqa: F401  (statistics: scipy's, for the bands)
 
-    figure = plots.plt.figure(figsize=(2, 1))
-    figure.suptitle("warm-up")
-    figure.text(0.5, 0.5, "0.1 %", fontsize=7)
-    figure.savefig(io.BytesIO(), format="png", dpi=110, bbox_inches="tight")
-    plots.plt.close(figure)
+    plots.warm_up()
     gc.freeze()

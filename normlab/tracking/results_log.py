@@ -40,21 +40,26 @@ def warm_up_results_logging() -> None:
     requirements 1.2 s (then cached in the process), matplotlib 0.8 s. Each is paid once per
     process; a later caller waits for a warm-up in progress rather than paying it again.
     (The host is idle only on a GPU: lifecycle warms up there.) Nothing here in a command
-    whose results process does this work: that process warms itself up."""
+    whose results processes do this work: they warm themselves up."""
     global _results_logging_warmed
     if results_process.current() is not None:
         return
     with _RESULTS_LOGGING_WARM:
         if _results_logging_warmed:
             return
-        with TRACING_LOCK:  # imports torch's tracing modules: not while another thread traces
-            import torch.export._trace  # noqa: F401
-        from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
-
+        warm_up_model_saving()
         from normlab.analysis import plots  # noqa: F401
 
-        warn_dependency_requirement_mismatches(model_requirements())
         _results_logging_warmed = True
+
+
+def warm_up_model_saving() -> None:
+    """log_model's first-time costs: torch.export's tracer imported, MLflow's package scan done."""
+    with TRACING_LOCK:  # imports torch's tracing modules: not while another thread traces
+        import torch.export._trace  # noqa: F401
+    from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
+
+    warn_dependency_requirement_mismatches(model_requirements())
 
 
 def warm_up_results_logging_in_background(config: TrainConfig, data: DeviceData) -> None:
@@ -73,32 +78,20 @@ def warm_up_results_logging_in_background(config: TrainConfig, data: DeviceData)
 
 def log_results(config: TrainConfig, data: DeviceData, result: FitResult) -> None:
     """Artifacts at the end of a run: misclassified grid and list, summary, the model. The
-    grid is drawn, and the model saved, in the results process if there is one."""
+    grid is drawn, and the model saved, in the results processes if there are."""
     warm_up_results_logging()  # done already, unless the run was shorter than the warm-up
     mistakes = result.mistakes
     title = f"{config.label}: most confident mistakes on {config.dataset} test ({len(mistakes)})"
     images = data.test_images_of([m.index for m in mistakes])
     with tempfile.TemporaryDirectory(prefix="normlab-figure-") as folder:
         figure = Path(folder) / "misclassified.png"
-        results_process.call(draw_misclassified, figure, images, [m.true for m in mistakes],
-                             [m.pred for m in mistakes], data.spec.classes, title)
+        results_process.call(results_process.draw_misclassified, figure, images, [m.true for m in mistakes],
+                             [m.pred for m in mistakes], data.spec.classes, title, role="figures")
         mlflow.log_artifact(str(figure))
     mlflow.log_dict([asdict(m) for m in mistakes], "misclassified.json")
     mlflow.log_text(summary_text(result.model, config.dataset), "model_summary.txt")
     model_id = log_model(result.model, data, name=model_name(config.run_name), architecture=architecture_key(config))
     link_final_metrics(mlflow.active_run().info.run_id, model_id)
-
-
-def draw_misclassified(path: Path, images, true: list[int], pred: list[int], classes, title: str) -> None:
-    """The 5x2 grid of mistakes into ``path`` as mlflow.log_figure saves a figure."""
-    from normlab.analysis import plots  # matplotlib: imported by the warm-up, needed only here
-
-    import matplotlib.pyplot as plt
-
-    with plots.FIGURE_LOCK:
-        figure = plots.misclassified_grid(images, true, pred, classes, title)
-        figure.savefig(path)
-        plt.close(figure)
 
 
 MODEL_METRICS = ("test_acc", "test_loss")  # the columns of MLflow's models table

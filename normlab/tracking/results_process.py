@@ -21,6 +21,11 @@ Measured end to end on an H200 against the code before it, alternately in one in
 `mlflow run` 1.11x (13.5 s against 15.1 s), the classic sweep 1.14x (15.7 s against 17.9 s),
 ten seeds 1.00x (their GPU is the bound). A short run's results are now logged 0.3-0.4 s
 after its engine has trained it.
+
+Two such processes, one per kind of work (ROLES), warm up side by side: the models' (torch,
+MLflow, torch.export's tracer, MLflow's package scan, then the export ahead: 6.8 s and more
+on a slow H200 host) would otherwise pay matplotlib's import and first figure after them,
+and a short run's engine, trained 7.3 s after the command's start there, waited for it.
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ from typing import Callable, Iterator
 from normlab.errors import ConfigError
 
 CHOICES = ("auto", "always", "never")
-PROCESS_NAME = "normlab-results"
+# Each helper's role: the work it does, as its messages name it.
+ROLES = {"models": "the models", "figures": "the misclassified grids"}
+PROCESS_NAMES = {role: f"normlab-{role}" for role in ROLES}  # as ps and top show them
 
 
 def wanted(engine_in_own_process: bool) -> bool:
@@ -60,10 +67,11 @@ class ResultsProcess:
     """The helper: ``run(function, *args)`` calls a module-level function there and returns
     its result (or raises its error), one call at a time."""
 
-    def __init__(self):
+    def __init__(self, role: str):
+        self.role = role
         context = multiprocessing.get_context("spawn")
         self._conn, theirs = context.Pipe()
-        self._process = context.Process(target=_serve, args=(theirs,), name=PROCESS_NAME, daemon=True)
+        self._process = context.Process(target=_serve, args=(theirs, role), name=PROCESS_NAMES[role], daemon=True)
         self._process.start()
         theirs.close()
         self._lock = threading.Lock()
@@ -82,7 +90,7 @@ class ResultsProcess:
                     self._process.join(timeout=1)
                     self.died = f"exit code {self._process.exitcode}"
             if self.died is not None:
-                raise ResultsProcessDied(f"the results process ended ({self.died})")
+                raise ResultsProcessDied(f"the results process for {ROLES[self.role]} ended ({self.died})")
         if not ok:
             raise value
         return value
@@ -103,40 +111,37 @@ class ResultsProcess:
         self._conn.close()
 
 
-_current: ResultsProcess | None = None
+_current: dict[str, ResultsProcess] = {}  # role -> this command's helper
 
 
 @contextlib.contextmanager
 def started(wanted_here: bool) -> Iterator[None]:
-    """The command's results process, from now (its warm-up under way) to the block's end,
-    if ``wanted_here``."""
-    global _current
+    """The command's results processes, one per role, from now (their warm-ups under way) to
+    the block's end, if ``wanted_here``."""
     if not wanted_here:
         yield
         return
-    _current = ResultsProcess()
+    for role in ROLES:
+        _current[role] = ResultsProcess(role)
     try:
         yield
     finally:
-        helper, _current = _current, None
-        helper.close()
+        while _current:
+            _current.popitem()[1].close()
 
 
-def current() -> ResultsProcess | None:
-    """This process's results process, while there is one alive."""
-    helper = _current
+def current(role: str = "models") -> ResultsProcess | None:
+    """This process's results process for ``role``, while there is one alive."""
+    helper = _current.get(role)
     return helper if helper is not None and helper.died is None else None
 
 
-def _serve(conn) -> None:
-    """The results process: the warm-up, then each call in turn until the command has gone."""
+def _serve(conn, role: str) -> None:
+    """A results process: its role's warm-up, then each call in turn until the command has gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the command's to handle
     with contextlib.suppress(OSError):  # its name in ps and top, on Linux
-        Path("/proc/self/comm").write_text(PROCESS_NAME)
-    from normlab.tracking import results_log
-
-    results_log.warm_up_results_logging()
-    gc.freeze()  # torch's and MLflow's objects, left out of the collector's walks (as cli.entry does)
+        Path("/proc/self/comm").write_text(PROCESS_NAMES[role])
+    _warm_up_models() if role == "models" else _warm_up_figures()
     while True:
         try:
             function, args = pickle.loads(conn.recv_bytes())
@@ -152,10 +157,32 @@ def _serve(conn) -> None:
         conn.send_bytes(reply)
 
 
-def call(function: Callable, *args):
-    """``function(*args)`` in the results process while there is one, otherwise (or once it
-    has died, which is said) in this process."""
-    helper = current()
+def _warm_up_models() -> None:
+    from normlab.tracking import results_log
+
+    results_log.warm_up_model_saving()
+    gc.freeze()  # torch's and MLflow's objects, left out of the collector's walks (as cli.entry does)
+
+
+def _warm_up_figures() -> None:
+    from normlab.analysis import plots
+
+    plots.warm_up()
+    gc.freeze()  # matplotlib's objects, likewise
+
+
+def draw_misclassified(path: Path, *grid) -> None:
+    """plots.save_misclassified_grid(path, *grid), for call(..., role="figures"): defined here
+    so that naming it does not import matplotlib (0.6-0.8 s) into the command."""
+    from normlab.analysis import plots
+
+    plots.save_misclassified_grid(path, *grid)
+
+
+def call(function: Callable, *args, role: str = "models"):
+    """``function(*args)`` in the results process for ``role`` while there is one, otherwise
+    (or once it has died, which is said) in this process."""
+    helper = current(role)
     if helper is not None:
         try:
             return helper.run(function, *args)
@@ -163,6 +190,5 @@ def call(function: Callable, *args):
             if helper.closed:
                 raise
             if helper.tell_death_once():
-                print(f"normlab: {exc}; this process saves the models and draws the figures from now",
-                      file=sys.stderr, flush=True)
+                print(f"normlab: {exc}; this process does that work from now", file=sys.stderr, flush=True)
     return function(*args)
