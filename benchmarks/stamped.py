@@ -6,7 +6,10 @@ events (EVENTS) print `[seconds] event` to stderr, and prints every line of the 
 output stamped with the seconds since it started. On one GPU the engine and the results run
 in processes of their own, so their events and the command's interleave, and the line that
 waits for the other shows which side is the critical path (docs/speed.md, twelfth session).
-The copy is made per call and thrown away; this checkout is not changed.
+The copy is made per call and thrown away; this checkout is not changed. A compiled step kept
+on disk (precompiled.py) is keyed by the engine's source, which the stamps change: a sweep that
+compiles (ten seeds) loads its steps only after a stamped warm-up, say
+`NORMLAB_COMPILE=always python benchmarks/stamped.py normlab sweep --epochs 1 --data-dir DATA`.
 
     python benchmarks/stamped.py normlab train --norm ln --data-dir DATA
     python benchmarks/stamped.py mlflow run . --env-manager local -P norm=ln -P data_dir=DATA
