@@ -159,7 +159,7 @@ def entry() -> None:
         _main_failing_launched_run()
     except SystemExit as ending:
         _exit_leaving_memory_to_the_os(ending.code)
-    finally:  # a bug's traceback: Python's own exit, the collector frozen as above
+    finally:  # an uncaught error (a traceback): Python's own exit, the collector's walks skipped
         gc.freeze()
 
 

@@ -1,4 +1,4 @@
-"""A process beside the command's that saves each run's model and draws its misclassified
+"""Processes beside the command's that save each run's model and draw its misclassified
 grid, so that the command's one interpreter is left to tracking.
 
 Beside an engine process (a GPU run: engine/fast/engine_process.py) the command's process
@@ -22,10 +22,14 @@ Measured end to end on an H200 against the code before it, alternately in one in
 ten seeds 1.00x (their GPU is the bound). A short run's results are now logged 0.3-0.4 s
 after its engine has trained it.
 
-Two such processes, one per kind of work (ROLES), warm up side by side: the models' (torch,
-MLflow, torch.export's tracer, MLflow's package scan, then the export ahead: 6.8 s and more
-on a slow H200 host) would otherwise pay matplotlib's import and first figure after them,
-and a short run's engine, trained 7.3 s after the command's start there, waited for it.
+Two such processes, one per kind of work (ROLES), warm up side by side. With one, the models'
+warm-up (torch, MLflow, torch.export's tracer, MLflow's package scan; 6.75 s on a slow H200
+host) paid matplotlib's import and first figure after it, then the export ahead, and a short
+run's engine, trained 7.3 s after the command's start there, waited for it: the results were
+logged 1.26 s later. With two, on another H200, the figures' process was warm at 1.1 s, the
+models' at 5.8 s, and the results were logged 0.26 s after the engine had trained; with the
+command's faster exit, `normlab train` 1.35x and `mlflow run` 1.05x against the one process,
+alternately (docs/speed.md, nineteenth session).
 """
 
 from __future__ import annotations
@@ -141,7 +145,10 @@ def _serve(conn, role: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the command's to handle
     with contextlib.suppress(OSError):  # its name in ps and top, on Linux
         Path("/proc/self/comm").write_text(PROCESS_NAMES[role])
-    _warm_up_models() if role == "models" else _warm_up_figures()
+    if role == "models":
+        _warm_up_models()
+    else:
+        _warm_up_figures()
     while True:
         try:
             function, args = pickle.loads(conn.recv_bytes())
