@@ -40,6 +40,21 @@ def test_the_first_runs_take_over_the_trainers_prepared_ahead_and_train_what_new
     assert_same_outcome(outcome(fit(third)), outcome(fit(Trainer(configs[2], pool.data("mnist")))))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_first_epochs_warm_up_leaves_every_runs_numbers_as_they_were(small_mnist_dir, device):
+    """A GPU pool augments one epoch on a thread once its data is loaded (_warm_up_first_epoch),
+    with a generator of its own: torch's global generator is not drawn from, and a run trains
+    what it trains without it, bit for bit (here the warm-up runs as a GPU pool runs it, and on
+    the CPU by hand)."""
+    pool = TrainerPool(device, str(small_mnist_dir))
+    config = TrainConfig(norm="bn", epochs=1)
+    without = outcome(fit(Trainer(config, pool.data("mnist"))))
+    global_state = torch.get_rng_state()
+    pool._warm_up_first_epoch(pool.data("mnist"))
+    assert torch.equal(torch.get_rng_state(), global_state)
+    assert_same_outcome(outcome(fit(pool.trainer(config))), without)
+
+
 def test_a_run_waits_for_every_warm_up_not_only_its_own(small_mnist_dir, monkeypatch):
     """Runs training in the engine's process would slow the warm-ups still being prepared
     beside them, so the first run starts only once the last warm-up is ready."""
@@ -82,18 +97,24 @@ def test_a_stop_reaches_the_active_runs_and_every_later_one(small_mnist_dir):
     assert pool.trainer(TrainConfig(norm="bn", epochs=1, seed=2)).stop_reason == "SIGINT received"
 
 
-def test_tritons_build_hash_is_computed_on_a_thread_and_kept_for_the_first_kernel():
-    """A GPU pool starts Triton's hash of its build on a thread (hash_tritons_build_ahead); the
-    process's first kernel then finds it computed, the same key Triton computes itself."""
+def test_tritons_build_is_hashed_once_on_a_thread_which_the_first_kernel_waits_for():
+    """A GPU engine starts Triton's hash of its build on a thread (triton_build_hash.start, beside
+    torch's import), and its pool waits for it before the first kernel: Triton's lru_cache would
+    not wait for a call under way, and the kernel would hash the 500 MB again beside it. Here the
+    wait comes at once after the start, as in a pool built before the thread is done: the build
+    is hashed once, the same key Triton computes itself."""
     cache = pytest.importorskip("triton.runtime.cache")
-    from normlab.engine.fast.trainer_pool import hash_tritons_build_ahead
+    from normlab.engine.fast import triton_build_hash
 
     cache.triton_key.cache_clear()
     expected = cache.triton_key()
     cache.triton_key.cache_clear()
-    thread = hash_tritons_build_ahead()
-    thread.join(timeout=60)
-    assert not thread.is_alive() and cache.triton_key.cache_info().currsize == 1
-    hits = cache.triton_key.cache_info().hits
+    triton_build_hash._thread = None  # as in a new process
+    triton_build_hash.start()
+    thread = triton_build_hash._thread
+    triton_build_hash.start()
+    assert triton_build_hash._thread is thread  # once per process
+    triton_build_hash.wait()
+    assert not thread.is_alive()
     assert cache.triton_key() == expected  # as a kernel's cache lookup asks for it
-    assert cache.triton_key.cache_info().hits == hits + 1
+    assert cache.triton_key.cache_info().misses == 1  # hashed once: on the thread

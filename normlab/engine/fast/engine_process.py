@@ -56,6 +56,11 @@ def wanted(device: str) -> bool:
         raise ConfigError(f"NORMLAB_ENGINE_PROCESS={choice!r}; valid choices: {', '.join(CHOICES)}")
     if choice != "auto":
         return choice == "always"
+    return trains_on_gpu(device)
+
+
+def trains_on_gpu(device: str) -> bool:
+    """Whether ``--device DEVICE`` trains on a GPU here, decided without importing torch."""
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         return True
     return device == "auto" and _torch_has_cuda() and _cuda_devices() > 0
@@ -90,6 +95,22 @@ def _cuda_devices() -> int:
         return count.value
     except (OSError, AttributeError):
         return 0
+
+
+def _make_cuda_context(device: str) -> None:
+    """Make the GPU's primary context, the one torch's first CUDA call then takes, through the
+    driver library (which lets go of the interpreter's lock), while torch imports: CUDA's
+    start after torch's import took 0.02 s instead of 0.25-0.34 s on an H200, the thread 0.5 s
+    beside an import of 1.2-1.4 s (h200-2026-12-02b-cuda-context.txt). A failure here is met
+    again, and reported, by torch."""
+    index = int(device[5:]) if device.startswith("cuda:") and device[5:].isdigit() else 0  # auto, cuda: torch's 0
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+        handle, context = ctypes.c_int(0), ctypes.c_void_p()
+        if driver.cuInit(0) == 0 and driver.cuDeviceGet(ctypes.byref(handle), index) == 0:
+            driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), handle)
+    except (OSError, AttributeError):
+        pass
 
 
 class EngineCrashed(RuntimeError):
@@ -213,7 +234,7 @@ class _Channel:
         self.conn, child_end = context.Pipe()
         self.process = context.Process(target=_serve, name="normlab-engine", daemon=True,
                                        args=(child_end, engine.data_dir, engine.device, engine._concurrent,
-                                             engine.ahead, early))
+                                             engine.ahead, early, trains_on_gpu(engine.device)))
         self.process.start()
         child_end.close()
         self.inboxes: dict[int, queue.SimpleQueue] = {}
@@ -440,9 +461,12 @@ class _Reporter:
         self.send(self.key, "epoch", record, state.getvalue())
 
 
-def _serve(conn, data_dir: str, device: str, concurrent: int | None, ahead, early: bool = False) -> None:
+def _serve(conn, data_dir: str, device: str, concurrent: int | None, ahead, early: bool = False,
+           on_gpu: bool = False) -> None:
     """The engine process: a TrainerPool whose threads train the runs the tracking side hands
-    it, each reported on the one pipe under its key, until told to close (or the pipe ends)."""
+    it, each reported on the one pipe under its key, until told to close (or the pipe ends).
+    ``on_gpu``: the command found it trains on a GPU, so what CUDA and Triton first need starts
+    on threads beside torch's import."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # the command passes a stop on (module docstring)
         signal.signal(signum, signal.SIG_IGN)
     _no_semaphore_left_at_exit()
@@ -453,6 +477,12 @@ def _serve(conn, data_dir: str, device: str, concurrent: int | None, ahead, earl
             conn.send(message)
 
     try:
+        if on_gpu:
+            from normlab.engine.fast import triton_build_hash
+
+            triton_build_hash.start()
+            threading.Thread(target=_make_cuda_context, args=(device,), name="normlab-cuda-context",
+                             daemon=True).start()
         from normlab.engine.fast.trainer_pool import TrainerPool
 
         try:

@@ -23,7 +23,7 @@ import torch
 
 from normlab.engine.config import TrainConfig, steps_key
 from normlab.engine.data import DeviceData, load_raw
-from normlab.engine.fast import Speedups
+from normlab.engine.fast import Speedups, triton_build_hash
 from normlab.engine.fast.kernel_warmup import KernelSpec, compile_side_by_side, write_mark
 from normlab.engine.fast.kernel_warmup import spec as kernel_spec
 from normlab.engine.train import Trainer, resolve_device
@@ -67,28 +67,6 @@ def runs_per_gpu() -> int:
     return int(value)
 
 
-def hash_tritons_build_ahead() -> threading.Thread | None:
-    """Start Triton's hash of its own build (libtriton.so's 500 MB among it), which keys its
-    kernel cache and which a process computes once, at its first kernel: 0.3-0.4 s of an H200
-    engine's start, on its way to the first step (h200-2026-12-01c-engine-start-profile.txt).
-    hashlib lets go of the interpreter's lock, so on a thread it runs beside the trainer's
-    build, which is Python's work (Dynamo's import). Returns the thread, or None without Triton."""
-    try:
-        from triton.runtime.cache import triton_key  # imported here: the thread then only reads and hashes
-    except ImportError:  # no Triton, or one that keeps its key elsewhere: the first kernel pays it
-        return None
-
-    def hash_build() -> None:
-        try:
-            triton_key()  # kept by its lru_cache for the process's first kernel
-        except Exception:  # that kernel meets it again, and reports it
-            pass
-
-    thread = threading.Thread(target=hash_build, name="normlab-triton-key", daemon=True)
-    thread.start()
-    return thread
-
-
 class TrainerPool:
     """Trainers on one device for run after run, keeping data and compiled steps warm."""
 
@@ -113,7 +91,7 @@ class TrainerPool:
         self.streams: list[torch.cuda.Stream] = []  # on a GPU: every stream this pool took
         self.idle_streams: list[torch.cuda.Stream] = []  # ...and those no thread holds now
         if self.device.type == "cuda":  # its kernels are Triton's, compiled or not
-            hash_tritons_build_ahead()
+            triton_build_hash.start()
 
     @property
     def device_name(self) -> str:
@@ -135,7 +113,22 @@ class TrainerPool:
                 self.datasets[dataset] = DeviceData(load_raw(dataset, self.data_dir), self.device)
                 if self.device.type == "cuda":  # copied on this thread's stream; others read it next
                     torch.cuda.synchronize(self.device)
+                    threading.Thread(target=self._warm_up_first_epoch, args=(self.datasets[dataset],),
+                                     name="normlab-first-epoch-warm-up", daemon=True).start()
             return self.datasets[dataset]
+
+    def _warm_up_first_epoch(self, data: DeviceData) -> None:
+        """Shuffle and augment one epoch of ``data`` on a stream of this pool's and a generator
+        of its own (on a thread, once the data is on the GPU): what those launches first set up
+        (cuBLAS, for affine_grid's batched product; randperm's and grid_sample's kernels, which
+        CUDA loads at their first launch) is then ready for a run's first epoch, which took 0.40 s
+        instead of 0.19 s on an H200. The 0.2 s pass beside the trainer's build and prepare,
+        which took as long as before (h200-2026-12-02b-first-epoch.txt): torch's calls let go of
+        the interpreter's lock. No run's generator is touched."""
+        with self.stream():
+            data.training_epoch(torch.Generator(data.device).manual_seed(0))
+            if data.device.type == "cuda":
+                torch.cuda.current_stream().synchronize()
 
     def trainer(self, config: TrainConfig, epochs_ahead: int = 0, state: dict | None = None) -> Trainer:
         """A trainer for ``config``, taking over an idle one of its steps_key where there is
@@ -222,6 +215,8 @@ class TrainerPool:
     def _built(self, config: TrainConfig, data: DeviceData, epochs_ahead: float,
                warm: Trainer | None = None) -> Trainer:
         """A new Trainer; a compiled one's steps_key is noted, so later runs of it compile too."""
+        if self.device.type == "cuda":
+            triton_build_hash.wait()  # before its first kernel
         trainer = Trainer(config, data, epochs_ahead=epochs_ahead, warm=warm)
         if trainer.speedups.compile:
             self.compiled.add(steps_key(config))
