@@ -44,12 +44,12 @@ def test_the_first_runs_take_over_the_trainers_prepared_ahead_and_train_what_new
 def test_the_first_epochs_warm_up_leaves_every_runs_numbers_as_they_were(small_mnist_dir, device):
     """A GPU pool augments one epoch on a thread once its data is loaded (_warm_up_first_epoch),
     with a generator of its own: torch's global generators (the CPU's, and the GPU's there) are
-    not drawn from, and a run trains
-    what it trains without it, bit for bit (here the warm-up runs as a GPU pool runs it, and on
-    the CPU by hand)."""
+    not drawn from, and a run trains what it trains without it, bit for bit (here the warm-up
+    runs as a GPU pool runs it, and on the CPU by hand)."""
     pool = TrainerPool(device, str(small_mnist_dir))
     config = TrainConfig(norm="bn", epochs=1)
     without = outcome(fit(Trainer(config, pool.data("mnist"))))
+
     def global_generators():
         return [torch.get_rng_state(), *([torch.cuda.get_rng_state()] if device == "cuda" else [])]
 
