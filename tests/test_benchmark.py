@@ -166,20 +166,21 @@ def test_stamped_benchmark_puts_the_engines_and_the_commands_events_on_one_time_
 def test_engine_start_benchmark_times_each_phase_against_a_baseline_checkout(small_mnist_dir, tmp_path, given):
     """benchmarks/engine_start.py: an engine's start phase by phase, in fresh processes, this
     checkout against another's folder, or a commit checked out for the while, alternately, and
-    their ratio."""
+    their ratio; the first epoch after, outside the start's sum."""
     baseline = tmp_path / "baseline"
     shutil.copytree(ROOT / "normlab", baseline / "normlab", ignore=shutil.ignore_patterns("__pycache__"))
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
     proc = subprocess.run([sys.executable, "benchmarks/engine_start.py", "--data-dir", str(small_mnist_dir),
-                           "--device", "cpu", "--repeats", "1",
+                           "--device", "cpu", "--repeats", "1", "--epochs", "1",
                            "--baseline", str(baseline) if given == "folder" else "HEAD"],
                           cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout == worktrees
     rows = {m.group(1): (float(m.group(2)), float(m.group(3)))
-            for m in re.finditer(r"^(import torch|data|trainer|prepare|after torch) +([\d.]+) +([\d.]+)$",
+            for m in re.finditer(r"^(import torch|data|trainer|prepare|after torch|epoch 1) +([\d.]+) +([\d.]+)$",
                                  proc.stdout, re.M)}
-    assert set(rows) == {"import torch", "data", "trainer", "prepare", "after torch"}, proc.stdout
+    assert set(rows) == {"import torch", "data", "trainer", "prepare", "after torch", "epoch 1"}, proc.stdout
+    assert rows["epoch 1"][0] > 0 and rows["epoch 1"][1] > 0
     for column in (0, 1):
         parts = sum(rows[p][column] for p in ("data", "trainer", "prepare"))
         assert rows["after torch"][column] == pytest.approx(parts, abs=0.002) and rows["trainer"][column] > 0

@@ -97,6 +97,16 @@ def _cuda_devices() -> int:
         return 0
 
 
+def start_beside_torch_import(device: str) -> None:
+    """What a GPU engine process starts on threads before it imports torch: Triton's build
+    hash, which its pool waits for at the first kernel (triton_build_hash), and the GPU's
+    context. Imports no torch."""
+    from normlab.engine.fast import triton_build_hash
+
+    triton_build_hash.start()
+    threading.Thread(target=_make_cuda_context, args=(device,), name="normlab-cuda-context", daemon=True).start()
+
+
 def _make_cuda_context(device: str) -> None:
     """Make the GPU's primary context, the one torch's first CUDA call then takes, through the
     driver library (which lets go of the interpreter's lock), while torch imports: CUDA's
@@ -478,11 +488,7 @@ def _serve(conn, data_dir: str, device: str, concurrent: int | None, ahead, earl
 
     try:
         if on_gpu:
-            from normlab.engine.fast import triton_build_hash
-
-            triton_build_hash.start()
-            threading.Thread(target=_make_cuda_context, args=(device,), name="normlab-cuda-context",
-                             daemon=True).start()
+            start_beside_torch_import(device)
         from normlab.engine.fast.trainer_pool import TrainerPool
 
         try:
