@@ -167,6 +167,21 @@ def test_calls_waiting_together_on_a_dead_results_process_do_their_work_here_and
     assert capfd.readouterr().err.count("normlab: the results process for the models ended (exit code -9)") == 1
 
 
+def test_what_a_gpu_engine_starts_before_torchs_import_imports_no_torch_and_ends_quietly_without_a_gpu():
+    """start_beside_torch_import, a GPU engine process's first step: in a fresh process it
+    imports no torch (its point is to run beside torch's import), and its threads (Triton's
+    build hash, the GPU's context) end without a word where there is no CUDA driver: torch
+    reports a missing GPU itself, later."""
+    code = ("import sys, threading\n"
+            "from normlab.engine.fast import engine_process\n"
+            "engine_process.start_beside_torch_import('cuda:0')\n"
+            "for t in threading.enumerate():\n"
+            "    if t.name.startswith('normlab-'): t.join(60)\n"
+            "print('torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "False\n", ""), proc.stderr  # no thread raised
+
+
 def test_the_results_switch_follows_the_engine_process_and_names_its_choices(monkeypatch, tmp_path):
     assert results_process.wanted(True) and not results_process.wanted(False)  # auto
     monkeypatch.setenv("NORMLAB_RESULTS_PROCESS", "never")
