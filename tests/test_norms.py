@@ -95,6 +95,87 @@ def test_on_a_gpu_the_layers_compute_torchs_norms_and_their_gradients():
     assert_matches_float64(CASES, layer_errors(CASES, "cuda"))
 
 
+# (layer, groups, batch, channels, height, width, dropout): blocks of the MNIST model's shape
+# and odd ones; a dropout of 0 (none fused) and one that drops half
+BLOCK_CASES = [("BatchNorm2d", 0, 53, 10, 9, 9, 0.05), ("BatchNorm2d", 0, 5, 10, 33, 33, 0.5),
+               ("BatchNorm2d", 0, 3, 20, 24, 24, 0.0), ("GroupNorm", 1, 3, 20, 24, 24, 0.05),
+               ("GroupNorm", 2, 5, 16, 33, 33, 0.5), ("GroupNorm", 4, 4, 16, 9, 9, 0.0)]
+
+
+def block_errors(cases: list[tuple], device: str) -> list[list[float]]:
+    """For each case, a ConvBlock's (ReLU, norm and dropout in the norm's kernels) relative
+    errors against the same layers one by one (torch's ReLU, norm and dropout, the dropout's
+    masks drawn from the same seed): output, d x, d weight, d bias; for BatchNorm also the
+    running mean and variance. The input has negative values, so the ReLU has work. Last, 0 if
+    an input with a NaN gives NaNs in the same places of the output and d x both ways (torch's
+    ReLU keeps a NaN), else infinity."""
+    torch.manual_seed(0)
+    errors = []
+    for layer, groups, n, c, h, w, p in cases:
+        args = (c,) if layer == "BatchNorm2d" else (groups, c)
+        ours = getattr(triton_norms, layer)(*args).to(device)
+        ref = getattr(torch.nn, layer)(*args).to(device)
+        ref.weight.data.uniform_(0.5, 1.5), ref.bias.data.uniform_(-0.5, 0.5)
+        ours.load_state_dict(ref.state_dict())
+        block = triton_norms.ConvBlock(torch.nn.Identity(), torch.nn.ReLU(), ours, torch.nn.Dropout(p))
+        one_by_one = torch.nn.Sequential(torch.nn.ReLU(), ref)
+        x = torch.randn(n, c, h, w, device=device) * 2 + 0.3
+        g = torch.randn_like(x)
+
+        def run(model: torch.nn.Module, norm: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+            x = x.clone().requires_grad_()
+            torch.manual_seed(1)
+            out = model(x)
+            if model is one_by_one and p:
+                out = torch.native_dropout(out, p, True)[0]  # what nn.Dropout draws on a GPU
+            return [out, *torch.autograd.grad(out, (x, norm.weight, norm.bias), g)]
+
+        pairs = zip(run(block, ours, x), run(one_by_one, ref, x))
+        row = [((a - b).abs().max() / b.abs().max()).item() for a, b in pairs]
+        if layer == "BatchNorm2d":
+            row += [((getattr(ours, k) - getattr(ref, k)).abs().max() / getattr(ref, k).abs().max()).item()
+                    for k in ("running_mean", "running_var")]
+        x[0, 0, 0, 0] = float("nan")
+        with_nan = [result[:2] for result in (run(block, ours, x), run(one_by_one, ref, x))]
+        same = all(torch.equal(a.isnan(), b.isnan()) for a, b in zip(*with_nan)) and with_nan[0][0].isnan().any()
+        errors.append(row + [0.0 if same else float("inf")])
+    return errors
+
+
+INTERPRET_BLOCKS = """
+import json, sys
+from normlab.engine.fast import triton_norms
+from tests.test_norms import block_errors
+triton_norms.usable = lambda x, layer: True  # the interpreter runs the kernels on CPU tensors
+print(json.dumps(block_errors(json.loads(sys.argv[1]), "cpu")))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the block itself is compared")
+def test_a_block_runs_its_relu_and_dropout_in_the_norms_kernels_as_the_layers_one_by_one_in_the_interpreter(
+        tmp_path):
+    errors = interpreted(INTERPRET_BLOCKS, BLOCK_CASES, tmp_path / "launches.json")
+    assert all(max(row) < 2e-5 for row in errors), list(zip(BLOCK_CASES, errors))
+
+
+@needs_cuda
+def test_on_a_gpu_a_block_runs_its_relu_and_dropout_in_the_norms_kernels_as_the_layers_one_by_one():
+    errors = block_errors(BLOCK_CASES, "cuda")
+    assert all(max(row) < 2e-5 for row in errors), list(zip(BLOCK_CASES, errors))
+
+
+def test_on_the_cpu_a_block_is_its_layers_one_by_one():
+    """Where the kernels cannot run, a ConvBlock is nn.Sequential of its layers, bit for bit."""
+    torch.manual_seed(0)
+    layers = (torch.nn.Conv2d(3, 10, 3, bias=False), torch.nn.ReLU(), triton_norms.BatchNorm2d(10),
+              torch.nn.Dropout(0.1))
+    x = torch.randn(4, 3, 8, 8)
+    torch.manual_seed(1)
+    ours = triton_norms.ConvBlock(*layers)(x)
+    torch.manual_seed(1)
+    assert torch.equal(ours, torch.nn.Sequential(*layers)(x))
+
+
 @pytest.mark.parametrize("layer, args", [("BatchNorm2d", (10,)), ("GroupNorm", (1, 10)), ("GroupNorm", (2, 10))])
 def test_on_the_cpu_the_layers_are_torchs(layer, args):
     """Where the kernels cannot run, normlab's layers are torch's: same output and state,
@@ -137,6 +218,27 @@ def test_on_a_gpu_the_models_run_their_norms_as_the_kernels_unless_switched_off(
     for model in (bn, ln):
         triton_norms.use_triton_norms(model, False)
         assert launched(model, x) == {}
+
+
+def gpu_kernels(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    """The GPU kernels a training forward and backward of the model launched, in order."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        model(x).sum().backward()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@needs_cuda
+@pytest.mark.parametrize("norm", ["bn", "ln"])
+def test_on_a_gpu_a_blocks_relu_and_dropouts_backward_launch_no_kernels_of_their_own(monkeypatch, norm):
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 28, 28, device="cuda")
+    model = Net("mnist", norm).cuda().train()
+    fused = gpu_kernels(model, x)
+    monkeypatch.setattr(triton_norms.ConvBlock, "forward", torch.nn.Sequential.forward)
+    one_by_one = gpu_kernels(model, x)
+    assert len(one_by_one) - len(fused) == 6 * 3  # each block: the ReLU, its backward, the dropout's backward
+    assert [sum("masked_scale" in k for k in kernels) for kernels in (fused, one_by_one)] == [0, 6]
 
 
 @needs_cuda

@@ -37,7 +37,8 @@ def recorded(self, *args, grid, warmup, **kwargs):
         if "constexpr" in str(param.annotation):
             constants[name] = value
         elif isinstance(value, torch.Tensor):
-            types[name] = "*" + {torch.float32: "fp32", torch.float64: "fp64", torch.int64: "i64"}[value.dtype]
+            pointee = {torch.float32: "fp32", torch.float64: "fp64", torch.int64: "i64", torch.uint8: "u8"}
+            types[name] = "*" + pointee[value.dtype]
         else:
             types[name] = "fp32" if isinstance(value, float) else "i32"
     options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}

@@ -9,6 +9,7 @@ from torch import nn
 
 from normlab.engine.fast.cpu_dropout import Dropout
 from normlab.engine.fast.triton_conv import Conv2d
+from normlab.engine.fast.triton_norms import ConvBlock
 from normlab.engine.registry import ARCHITECTURES, NORMS, check_norm
 
 
@@ -26,7 +27,7 @@ def _conv_block(c_in: int, c_out: int, norm: str, groups: int, dropout: float, p
     layer = NORMS[norm].make(c_out, groups)
     if before_pooling and normalizes_each_channel_alone(layer):
         layer = nn.Identity()
-    return nn.Sequential(
+    return ConvBlock(  # nn.Sequential; on a GPU the ReLU runs in the norm's kernels (triton_norms.py)
         Conv2d(c_in, c_out, 3, padding=padding, bias=False),
         nn.ReLU(),
         layer,

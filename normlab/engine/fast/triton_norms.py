@@ -25,6 +25,11 @@ few thousand: the first of each pass is BatchNorm's with one sample per program;
 merges the parts of the program's group of channels in that sample instead, and writes
 dx = 1/std * (g * w - mean(g * w) - xhat * mean(g * w * xhat)); a channel's first program
 also adds up d weight and d bias over the samples.
+
+The model's blocks are conv, ReLU, norm, dropout (ConvBlock). Each kernel takes the ReLU
+in as it reads x (RELU), and the backward's kernels read the output's gradient through the
+dropout's mask (DROPOUT) and write the ReLU's input gradient: a block's ReLU, its backward
+and the dropout's backward are no kernels of their own.
 """
 
 from __future__ import annotations
@@ -60,48 +65,80 @@ if triton is not None:
         return p * samples_per_program, tl.minimum((p + 1) * samples_per_program, N)
 
     @triton.jit
-    def _run_total(x_ptr, start, length, BLOCK: tl.constexpr):
-        """The sum of x[start : start + length]."""
+    def _relu_if(x, RELU: tl.constexpr):
+        """The norm's input: x, or ReLU(x) where the block's ReLU runs in the norm's kernels
+        (NaN kept, as torch's ReLU keeps it)."""
+        if RELU:
+            x = tl.where(x < 0.0, 0.0, x)
+        return x
+
+    @triton.jit
+    def _output_grad(g_ptr, keep_ptr, offsets, inside, scale, DROPOUT: tl.constexpr):
+        """The gradient of the norm's output at these offsets: g, or, where the block's dropout
+        follows the norm, g where the dropout kept the element, times 1 / (1 - p)."""
+        g = tl.load(g_ptr + offsets, mask=inside, other=0.0)
+        if DROPOUT:
+            g = tl.where(tl.load(keep_ptr + offsets, mask=inside, other=0) != 0, g * scale, 0.0)
+        return g
+
+    @triton.jit
+    def _run_total(x_ptr, start, length, BLOCK: tl.constexpr, RELU: tl.constexpr):
+        """The sum of the input over [start, start + length)."""
         total = tl.zeros((BLOCK,), dtype=tl.float32)
         for i0 in range(0, length, BLOCK):
             i = i0 + tl.arange(0, BLOCK)
-            total += tl.load(x_ptr + start + i, mask=i < length, other=0.0)
+            total += _relu_if(tl.load(x_ptr + start + i, mask=i < length, other=0.0), RELU)
         return tl.sum(total, axis=0)
 
     @triton.jit
-    def _run_squares(x_ptr, start, length, centre, BLOCK: tl.constexpr):
-        """The sum of (x - centre)^2 over x[start : start + length]."""
+    def _run_squares(x_ptr, start, length, centre, BLOCK: tl.constexpr, RELU: tl.constexpr):
+        """The sum of (input - centre)^2 over [start, start + length)."""
         total = tl.zeros((BLOCK,), dtype=tl.float32)
         for i0 in range(0, length, BLOCK):
             i = i0 + tl.arange(0, BLOCK)
-            d = tl.load(x_ptr + start + i, mask=i < length, other=0.0) - centre
+            d = _relu_if(tl.load(x_ptr + start + i, mask=i < length, other=0.0), RELU) - centre
             total += tl.where(i < length, d * d, 0.0)
         return tl.sum(total, axis=0)
 
     @triton.jit
-    def _run_grad_sums(g_ptr, x_ptr, start, length, centre, BLOCK: tl.constexpr):
-        """The sums of g and of g * (x - centre) over [start, start + length)."""
+    def _run_grad_sums(g_ptr, x_ptr, keep_ptr, start, length, centre, scale, BLOCK: tl.constexpr,
+                       RELU: tl.constexpr, DROPOUT: tl.constexpr):
+        """The sums of the output's gradient g and of g * (input - centre) over [start, start + length)."""
         sum_g = tl.zeros((BLOCK,), dtype=tl.float32)
         sum_gx = tl.zeros((BLOCK,), dtype=tl.float32)
         for i0 in range(0, length, BLOCK):
             i = i0 + tl.arange(0, BLOCK)
-            g = tl.load(g_ptr + start + i, mask=i < length, other=0.0)
-            x = tl.load(x_ptr + start + i, mask=i < length, other=0.0)
+            g = _output_grad(g_ptr, keep_ptr, start + i, i < length, scale, DROPOUT)
             sum_g += g
+            x = _relu_if(tl.load(x_ptr + start + i, mask=i < length, other=0.0), RELU)
             sum_gx += g * (x - centre)  # 0 where masked: g is
         return tl.sum(sum_g, axis=0), tl.sum(sum_gx, axis=0)
 
     @triton.jit
-    def _run_write(g_ptr, x_ptr, out_ptr, start, length, centre, a, b, c, BLOCK: tl.constexpr):
-        """out = a * g + b * (x - centre) + c over [start, start + length); the forward passes x as g."""
+    def _run_normalize(x_ptr, out_ptr, start, length, centre, scale, shift, BLOCK: tl.constexpr,
+                       RELU: tl.constexpr):
+        """out = scale * (input - centre) + shift over [start, start + length)."""
         for i0 in range(0, length, BLOCK):
             i = i0 + tl.arange(0, BLOCK)
-            g = tl.load(g_ptr + start + i, mask=i < length, other=0.0)
-            x = tl.load(x_ptr + start + i, mask=i < length, other=0.0)
-            tl.store(out_ptr + start + i, a * g + b * (x - centre) + c, mask=i < length)
+            x = _relu_if(tl.load(x_ptr + start + i, mask=i < length, other=0.0), RELU)
+            tl.store(out_ptr + start + i, scale * (x - centre) + shift, mask=i < length)
 
     @triton.jit
-    def _moments(x_ptr, part_ptr, N, C, HW, samples_per_program, BLOCK: tl.constexpr):
+    def _run_input_grad(g_ptr, x_ptr, keep_ptr, out_ptr, start, length, centre, a, b, c, scale, BLOCK: tl.constexpr,
+                        RELU: tl.constexpr, DROPOUT: tl.constexpr):
+        """out = a * g + b * (input - centre) + c over [start, start + length), g the output's
+        gradient; where the ReLU runs in the kernels, 0 where x <= 0 (its gradient)."""
+        for i0 in range(0, length, BLOCK):
+            i = i0 + tl.arange(0, BLOCK)
+            g = _output_grad(g_ptr, keep_ptr, start + i, i < length, scale, DROPOUT)
+            x = tl.load(x_ptr + start + i, mask=i < length, other=0.0)
+            dx = a * g + b * (_relu_if(x, RELU) - centre) + c
+            if RELU:
+                dx = tl.where(x <= 0.0, 0.0, dx)  # torch's ReLU's gradient, NaN kept
+            tl.store(out_ptr + start + i, dx, mask=i < length)
+
+    @triton.jit
+    def _moments(x_ptr, part_ptr, N, C, HW, samples_per_program, BLOCK: tl.constexpr, RELU: tl.constexpr):
         """part[p, 0|1, c]: the mean of x over program p's samples and all pixels of channel c,
         and the sum of squared deviations from it (a second pass: no cancellation)."""
         c = tl.program_id(0)
@@ -109,17 +146,17 @@ if triton is not None:
         first, last = _slice(p, samples_per_program, N)
         total = 0.0
         for n in range(first, last):
-            total += _run_total(x_ptr, (n * C + c) * HW, HW, BLOCK)
+            total += _run_total(x_ptr, (n * C + c) * HW, HW, BLOCK, RELU)
         mean = total / ((last - first) * HW).to(tl.float32)
         squares = 0.0
         for n in range(first, last):
-            squares += _run_squares(x_ptr, (n * C + c) * HW, HW, mean, BLOCK)
+            squares += _run_squares(x_ptr, (n * C + c) * HW, HW, mean, BLOCK, RELU)
         tl.store(part_ptr + p * 2 * C + c, mean)
         tl.store(part_ptr + p * 2 * C + C + c, squares)
 
     @triton.jit
-    def _grad_sums(g_ptr, x_ptr, mean_ptr, part_ptr, N, C, HW, samples_per_program, mean_stride, channels_per_mean,
-                   BLOCK: tl.constexpr):
+    def _grad_sums(g_ptr, x_ptr, keep_ptr, mean_ptr, part_ptr, N, C, HW, samples_per_program, mean_stride,
+                   channels_per_mean, scale, BLOCK: tl.constexpr, RELU: tl.constexpr, DROPOUT: tl.constexpr):
         """part[p, 0|1, c]: the sums over program p's samples and all pixels of channel c of g
         and of g * (x - mean), mean[p * mean_stride + c // channels_per_mean] (BatchNorm's per
         channel, GroupNorm's per sample and group)."""
@@ -130,7 +167,8 @@ if triton is not None:
         sum_g = 0.0
         sum_gx = 0.0
         for n in range(first, last):
-            run_g, run_gx = _run_grad_sums(g_ptr, x_ptr, (n * C + c) * HW, HW, centre, BLOCK)
+            run_g, run_gx = _run_grad_sums(g_ptr, x_ptr, keep_ptr, (n * C + c) * HW, HW, centre, scale, BLOCK,
+                                           RELU, DROPOUT)
             sum_g += run_g
             sum_gx += run_gx
         tl.store(part_ptr + p * 2 * C + c, sum_g)
@@ -139,7 +177,7 @@ if triton is not None:
     @triton.jit
     def _batch_normalize(x_ptr, w_ptr, b_ptr, part_ptr, y_ptr, mean_ptr, invstd_ptr, running_mean_ptr,
                          running_var_ptr, N, C, HW, samples_per_program, programs, momentum, eps,
-                         BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+                         BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, RELU: tl.constexpr):
         """y for program p's samples of channel c, from its channel's moments merged in order."""
         c = tl.program_id(0)
         p = tl.program_id(1)
@@ -162,11 +200,12 @@ if triton is not None:
         bias = tl.load(b_ptr + c)
         first, last = _slice(p, samples_per_program, N)
         for n in range(first, last):
-            _run_write(x_ptr, x_ptr, y_ptr, (n * C + c) * HW, HW, mean, 0.0, scale, bias, BLOCK)
+            _run_normalize(x_ptr, y_ptr, (n * C + c) * HW, HW, mean, scale, bias, BLOCK, RELU)
 
     @triton.jit
-    def _batch_input_grad(g_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, part_ptr, dx_ptr, dw_ptr, db_ptr,
-                          N, C, HW, samples_per_program, programs, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    def _batch_input_grad(g_ptr, x_ptr, keep_ptr, mean_ptr, invstd_ptr, w_ptr, part_ptr, dx_ptr, dw_ptr, db_ptr,
+                          N, C, HW, samples_per_program, programs, dropout_scale, BLOCK: tl.constexpr,
+                          BLOCK_P: tl.constexpr, RELU: tl.constexpr, DROPOUT: tl.constexpr):
         """dx for program p's samples of channel c, from its channel's sums."""
         c = tl.program_id(0)
         p = tl.program_id(1)
@@ -185,11 +224,12 @@ if triton is not None:
         a, b, shift = scale, -scale * invstd * invstd * sum_gx / count, -scale * sum_g / count
         first, last = _slice(p, samples_per_program, N)
         for n in range(first, last):
-            _run_write(g_ptr, x_ptr, dx_ptr, (n * C + c) * HW, HW, mean, a, b, shift, BLOCK)
+            _run_input_grad(g_ptr, x_ptr, keep_ptr, dx_ptr, (n * C + c) * HW, HW, mean, a, b, shift, dropout_scale,
+                            BLOCK, RELU, DROPOUT)
 
     @triton.jit
     def _group_normalize(x_ptr, w_ptr, b_ptr, part_ptr, y_ptr, mean_ptr, invstd_ptr, C, HW, groups, eps,
-                         BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
+                         BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, RELU: tl.constexpr):
         """y for sample n's channel c, from the moments of the channels of its group in that sample."""
         c = tl.program_id(0)
         n = tl.program_id(1)
@@ -205,12 +245,13 @@ if triton is not None:
         if c == c0:
             tl.store(mean_ptr + n * groups + c // per_group, mean)
             tl.store(invstd_ptr + n * groups + c // per_group, invstd)
-        _run_write(x_ptr, x_ptr, y_ptr, (n * C + c) * HW, HW, mean, 0.0, tl.load(w_ptr + c) * invstd,
-                   tl.load(b_ptr + c), BLOCK)
+        _run_normalize(x_ptr, y_ptr, (n * C + c) * HW, HW, mean, tl.load(w_ptr + c) * invstd, tl.load(b_ptr + c),
+                       BLOCK, RELU)
 
     @triton.jit
-    def _group_input_grad(g_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, part_ptr, dx_ptr, dw_ptr, db_ptr,
-                          N, C, HW, groups, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _group_input_grad(g_ptr, x_ptr, keep_ptr, w_ptr, mean_ptr, invstd_ptr, part_ptr, dx_ptr, dw_ptr, db_ptr,
+                          N, C, HW, groups, dropout_scale, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr,
+                          BLOCK_N: tl.constexpr, RELU: tl.constexpr, DROPOUT: tl.constexpr):
         """dx for sample n's channel c, from the sums of the channels of its group in that
         sample; channel c's first program also adds up d weight and d bias over the samples."""
         c = tl.program_id(0)
@@ -228,8 +269,9 @@ if triton is not None:
         # dx = invstd * (g * w - mean(g * w) - xhat * mean(g * w * xhat)), with
         # mean(g * w * xhat) = invstd * sum_gwx / count
         a = invstd * tl.load(w_ptr + c)
-        _run_write(g_ptr, x_ptr, dx_ptr, (n * C + c) * HW, HW, mean, a, -invstd * invstd * invstd * sum_gwx / count,
-                   -invstd * sum_gw / count, BLOCK)
+        _run_input_grad(g_ptr, x_ptr, keep_ptr, dx_ptr, (n * C + c) * HW, HW, mean, a,
+                        -invstd * invstd * invstd * sum_gwx / count, -invstd * sum_gw / count, dropout_scale, BLOCK,
+                        RELU, DROPOUT)
         if n == 0:
             sum_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
             sum_gxhat = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -258,33 +300,45 @@ def _batch_launch(x: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def batch_norm_training(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
-                        running_var: torch.Tensor, momentum: float, eps: float
+                        running_var: torch.Tensor, momentum: float, eps: float, relu: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, batch mean, batch 1/std) of a training BatchNorm; updates the running statistics."""
+    """(y, batch mean, batch 1/std) of a training BatchNorm of x (of ReLU(x) with ``relu``);
+    updates the running statistics."""
     c, hw, programs, samples_per_program = _batch_launch(x)
     parts = torch.empty((programs, 2, c), device=x.device, dtype=torch.float32)
     y = torch.empty_like(x)
     mean, invstd = torch.empty_like(weight), torch.empty_like(weight)
-    _moments[(c, programs)](x, parts, x.shape[0], c, hw, samples_per_program, BLOCK=_pixel_block(hw))
+    _moments[(c, programs)](x, parts, x.shape[0], c, hw, samples_per_program, BLOCK=_pixel_block(hw), RELU=relu)
     _batch_normalize[(c, programs)](x, weight, bias, parts, y, mean, invstd, running_mean, running_var, x.shape[0],
                                     c, hw, samples_per_program, programs, momentum, eps,
-                                    BLOCK=_pixel_block(hw), BLOCK_P=triton.next_power_of_2(programs))
+                                    BLOCK=_pixel_block(hw), BLOCK_P=triton.next_power_of_2(programs), RELU=relu)
     return y, mean, invstd
 
 
+def _dropout_args(grad: torch.Tensor, kept: torch.Tensor | None, p: float) -> tuple[torch.Tensor, float]:
+    """(the dropout's mask as bytes, 1 / (1 - p)) for the kernels; where no dropout follows,
+    any tensor (never read) and 1."""
+    return (grad, 1.0) if kept is None else (kept.view(torch.uint8), 1.0 / (1.0 - p))
+
+
 def batch_norm_grads(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
-                     weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d x, d weight, d bias) of a training BatchNorm with batch statistics ``mean``, ``invstd``."""
+                     weight: torch.Tensor, relu: bool = False, kept: torch.Tensor | None = None, p: float = 0.0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d x, d weight, d bias) of a training BatchNorm with batch statistics ``mean``, ``invstd``;
+    with ``relu``, of ReLU then the norm; with ``kept`` (a dropout's mask, of rate ``p``), of
+    the norm then that dropout."""
     grad = grad.contiguous()
     c, hw, programs, samples_per_program = _batch_launch(x)
+    keep, scale = _dropout_args(grad, kept, p)
     parts = torch.empty((programs, 2, c), device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x)
     dw, db = torch.empty_like(weight), torch.empty_like(weight)
-    _grad_sums[(c, programs)](grad, x, mean, parts, x.shape[0], c, hw, samples_per_program, 0, 1,
-                              BLOCK=_pixel_block(hw))
-    _batch_input_grad[(c, programs)](grad, x, mean, invstd, weight, parts, dx, dw, db, x.shape[0], c, hw,
-                                     samples_per_program, programs,
-                                     BLOCK=_pixel_block(hw), BLOCK_P=triton.next_power_of_2(programs))
+    _grad_sums[(c, programs)](grad, x, keep, mean, parts, x.shape[0], c, hw, samples_per_program, 0, 1, scale,
+                              BLOCK=_pixel_block(hw), RELU=relu, DROPOUT=kept is not None)
+    _batch_input_grad[(c, programs)](grad, x, keep, mean, invstd, weight, parts, dx, dw, db, x.shape[0], c, hw,
+                                     samples_per_program, programs, scale,
+                                     BLOCK=_pixel_block(hw), BLOCK_P=triton.next_power_of_2(programs), RELU=relu,
+                                     DROPOUT=kept is not None)
     return dx, dw, db
 
 
@@ -292,47 +346,64 @@ def _group_block(channels: int, groups: int) -> int:
     return max(2, triton.next_power_of_2(channels // groups))
 
 
-def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float
+def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float, relu: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, 1/std per (sample, group)) of GroupNorm."""
+    """(y, mean, 1/std per (sample, group)) of GroupNorm of x (of ReLU(x) with ``relu``)."""
     n, c, h, w = x.shape
     parts = torch.empty((n, 2, c), device=x.device, dtype=torch.float32)
     y = torch.empty_like(x)
     mean, invstd = x.new_empty(n * groups), x.new_empty(n * groups)
-    _moments[(c, n)](x, parts, n, c, h * w, 1, BLOCK=_pixel_block(h * w))
+    _moments[(c, n)](x, parts, n, c, h * w, 1, BLOCK=_pixel_block(h * w), RELU=relu)
     _group_normalize[(c, n)](x, weight, bias, parts, y, mean, invstd, c, h * w, groups, eps,
-                             BLOCK=_pixel_block(h * w), BLOCK_G=_group_block(c, groups))
+                             BLOCK=_pixel_block(h * w), BLOCK_G=_group_block(c, groups), RELU=relu)
     return y, mean, invstd
 
 
 def group_norm_grads(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
-                     weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d x, d weight, d bias) of GroupNorm with its statistics ``mean``, ``invstd`` per (sample, group)."""
+                     weight: torch.Tensor, groups: int, relu: bool = False, kept: torch.Tensor | None = None,
+                     p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d x, d weight, d bias) of GroupNorm with its statistics ``mean``, ``invstd`` per (sample,
+    group); ``relu``, ``kept`` and ``p`` as for batch_norm_grads."""
     grad = grad.contiguous()
     n, c, h, w = x.shape
+    keep, scale = _dropout_args(grad, kept, p)
     parts = torch.empty((n, 2, c), device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x)
     dw, db = torch.empty_like(weight), torch.empty_like(weight)
-    _grad_sums[(c, n)](grad, x, mean, parts, n, c, h * w, 1, groups, c // groups, BLOCK=_pixel_block(h * w))
-    _group_input_grad[(c, n)](grad, x, weight, mean, invstd, parts, dx, dw, db, n, c, h * w, groups,
-                              BLOCK=_pixel_block(h * w), BLOCK_G=_group_block(c, groups), BLOCK_N=128)
+    _grad_sums[(c, n)](grad, x, keep, mean, parts, n, c, h * w, 1, groups, c // groups, scale,
+                       BLOCK=_pixel_block(h * w), RELU=relu, DROPOUT=kept is not None)
+    _group_input_grad[(c, n)](grad, x, keep, weight, mean, invstd, parts, dx, dw, db, n, c, h * w, groups, scale,
+                              BLOCK=_pixel_block(h * w), BLOCK_G=_group_block(c, groups), BLOCK_N=128, RELU=relu,
+                              DROPOUT=kept is not None)
     return dx, dw, db
 
 
+def _dropped(ctx, y: torch.Tensor, p: float) -> torch.Tensor:
+    """y through a training dropout of rate p (none at 0), as nn.Dropout draws it on a GPU
+    (torch's native_dropout: the same masks from the same generator); keeps its mask in ctx."""
+    ctx.p, ctx.kept = p, None
+    if p == 0:
+        return y
+    y, ctx.kept = torch.native_dropout(y, p, True)
+    return y
+
+
 class _BatchNormKernels(torch.autograd.Function):
-    """A training BatchNorm as these kernels, forward (with the running statistics' update) and backward."""
+    """A training BatchNorm as these kernels, forward (with the running statistics' update) and
+    backward; with ``relu``, a ReLU before it, and with ``p``, a dropout after it."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
-        y, mean, invstd = batch_norm_training(x, weight, bias, running_mean, running_var, momentum, eps)
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, relu, p):
+        y, mean, invstd = batch_norm_training(x, weight, bias, running_mean, running_var, momentum, eps, relu)
         ctx.save_for_backward(x, mean, invstd, weight)
-        return y
+        ctx.relu = relu
+        return _dropped(ctx, y, p)
 
     @staticmethod
     def backward(ctx, grad):
         x, mean, invstd, weight = ctx.saved_tensors
-        dx, dw, db = batch_norm_grads(grad, x, mean, invstd, weight)
-        return dx, dw, db, None, None, None, None
+        dx, dw, db = batch_norm_grads(grad, x, mean, invstd, weight, ctx.relu, ctx.kept, ctx.p)
+        return dx, dw, db, None, None, None, None, None, None
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -343,27 +414,32 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     triton_kernels = True
 
+    def runs_kernels(self, x: torch.Tensor) -> bool:
+        return self.triton_kernels and self.training and usable(x, self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.triton_kernels and self.training and usable(x, self)):
-            return super().forward(x)
+        return self.kernels(x) if self.runs_kernels(x) else super().forward(x)
+
+    def kernels(self, x: torch.Tensor, relu: bool = False, p: float = 0.0) -> torch.Tensor:
+        """The norm of x (of ReLU(x) with ``relu``, then a dropout of rate ``p``) as the kernels."""
         self.num_batches_tracked.add_(1)  # as nn.BatchNorm2d counts its training batches
         return _BatchNormKernels.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                        self.momentum, self.eps)
+                                        self.momentum, self.eps, relu, p)
 
 
 class _GroupNormKernels(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps):
-        y, mean, invstd = group_norm(x, weight, bias, groups, eps)
+    def forward(ctx, x, weight, bias, groups, eps, relu, p):
+        y, mean, invstd = group_norm(x, weight, bias, groups, eps, relu)
         ctx.save_for_backward(x, mean, invstd, weight)
-        ctx.groups = groups
-        return y
+        ctx.groups, ctx.relu = groups, relu
+        return _dropped(ctx, y, p)
 
     @staticmethod
     def backward(ctx, grad):
         x, mean, invstd, weight = ctx.saved_tensors
-        dx, dw, db = group_norm_grads(grad, x, mean, invstd, weight, ctx.groups)
-        return dx, dw, db, None, None
+        dx, dw, db = group_norm_grads(grad, x, mean, invstd, weight, ctx.groups, ctx.relu, ctx.kept, ctx.p)
+        return dx, dw, db, None, None, None, None
 
 
 class GroupNorm(nn.GroupNorm):
@@ -373,10 +449,31 @@ class GroupNorm(nn.GroupNorm):
 
     triton_kernels = True
 
+    def runs_kernels(self, x: torch.Tensor) -> bool:
+        return self.triton_kernels and usable(x, self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.triton_kernels and usable(x, self)):
-            return super().forward(x)
-        return _GroupNormKernels.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+        return self.kernels(x) if self.runs_kernels(x) else super().forward(x)
+
+    def kernels(self, x: torch.Tensor, relu: bool = False, p: float = 0.0) -> torch.Tensor:
+        """The norm of x (of ReLU(x) with ``relu``, then a dropout of rate ``p``) as the kernels."""
+        return _GroupNormKernels.apply(x, self.weight, self.bias, self.num_groups, self.eps, relu, p)
+
+
+class ConvBlock(nn.Sequential):
+    """conv, ReLU, norm, dropout: ``nn.Sequential`` of the four, with its layers, names and
+    state. Where the norm runs as these kernels, the ReLU runs inside them (the norm reads
+    ReLU(x) and its backward zeroes the gradient where x <= 0), and so does the dropout's
+    backward (its gradient read through the mask): three kernels fewer a block and step
+    than the layers one by one. The dropout's forward stays torch's, so its masks are the ones
+    nn.Dropout draws."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, relu, norm, dropout = self
+        x = conv(x)
+        if type(relu) is nn.ReLU and isinstance(norm, (BatchNorm2d, GroupNorm)) and norm.runs_kernels(x):
+            return norm.kernels(x, relu=True, p=dropout.p if dropout.training else 0.0)
+        return dropout(norm(relu(x)))
 
 
 def use_triton_norms(model: nn.Module, on: bool) -> None:
