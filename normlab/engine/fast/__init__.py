@@ -57,7 +57,12 @@ class Speedups:
     # 0.200 s, LN 0.257 -> 0.187 s, GN 0.254 -> 0.189 s; end to end, `normlab train --norm ln`
     # 1.10x, `mlflow run` 1.06x, the classic sweep 1.04x. Not when compiled: Inductor's own norm
     # kernels, fused with their neighbours, are faster (BN epochs 0.148 s; these kernels traced
-    # into a compiled step 0.200 s: h200-2026-12-01b-concurrency-bn.txt)
+    # into a compiled step 0.200 s: h200-2026-12-01b-concurrency-bn.txt). With them each block's
+    # ReLU and its dropout's backward run inside the norms' kernels (triton_norms.ConvBlock): 18
+    # kernels fewer a step, LN epochs 0.184 -> 0.173 s (profiled on two machines), 20 epochs in
+    # 3.54-3.58 s instead of 3.81-3.88 s (stamped, alternately); end to end not shown: `normlab
+    # train` 0.89x in one A/B of three pairs, 1.02x and 1.10x in two stamped pairs, its end
+    # there mostly bound by the results process (docs/speed.md, twenty-first session)
     triton_norms: bool = False
     # test images per forward pass: 2,000 instead of 1,000 took evaluation from 2.0 to 1.2 ms
     eval_batch_size: int = 500
