@@ -27,7 +27,7 @@ def _conv_block(c_in: int, c_out: int, norm: str, groups: int, dropout: float, p
     layer = NORMS[norm].make(c_out, groups)
     if before_pooling and normalizes_each_channel_alone(layer):
         layer = nn.Identity()
-    return ConvBlock(  # nn.Sequential; on a GPU the ReLU runs in the norm's kernels (triton_norms.py)
+    return ConvBlock(  # nn.Sequential; on a GPU the norm's kernels also run the ReLU and the dropout's backward
         Conv2d(c_in, c_out, 3, padding=padding, bias=False),
         nn.ReLU(),
         layer,
