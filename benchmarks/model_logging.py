@@ -43,7 +43,7 @@ def main() -> None:
     config = TrainConfig(norm=args.norm, epochs=1)
     model = Trainer(config, data).model
     architecture = architecture_key(config)
-    results_log.warm_up_results_logging()  # the first call's one-time imports and package scan
+    results_log.warm_up_results_logging()  # the first call's one-time imports
     times: dict[str, list[float]] = {"reusing the graph": [], "tracing anew": []}
     with mlflow.start_run():
         results_log.log_model(model, data, architecture=architecture)  # keeps the program

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -65,28 +66,55 @@ def test_the_results_warm_up_is_paid_once_and_a_run_ending_meanwhile_waits_for_i
     import threading
     import time
 
-    from mlflow.utils import requirements_utils
-
     from normlab.tracking import results_log
 
-    scans, scanning = [], threading.Event()
+    warm_ups, warming = [], threading.Event()
 
-    def slow_scan(requirements):
-        scanning.set()
+    def slow_warm_up():
+        warming.set()
         time.sleep(0.3)
-        scans.append(list(requirements))
+        warm_ups.append(1)
 
-    monkeypatch.setattr(requirements_utils, "warn_dependency_requirement_mismatches", slow_scan)
+    monkeypatch.setattr(results_log, "warm_up_model_saving", slow_warm_up)
     monkeypatch.setattr(results_log, "_results_logging_warmed", False)
     exported = threading.Event()
     monkeypatch.setattr(results_log, "export_ahead", lambda config, example: exported.set())
     results_log.warm_up_results_logging_in_background(TrainConfig(norm="ln"), SimpleNamespace(example_input=list))
-    assert scanning.wait(30)
+    assert warming.wait(30)
     results_log.warm_up_results_logging()  # what log_results calls first
-    assert scans == [results_log.model_requirements()]  # done, and only once
+    assert warm_ups == [1]  # done, and only once
     results_log.warm_up_results_logging()
-    assert len(scans) == 1
+    assert warm_ups == [1]
     assert exported.wait(30)  # then the run's architecture, on the same thread
+
+
+def test_a_logged_model_requires_this_torch_and_mlflow_without_scanning_the_installed_packages(
+        tracking_uri, small_mnist_dir, monkeypatch):
+    """MLflow's saving checks the requirements it writes against every installed distribution
+    (a scan of 0.7 s, once per process); normlab's are this process's torch and MLflow, which
+    that check passes, so saving skips it: the logged requirements are those, and no scan ran."""
+    import mlflow
+    import torch
+    from mlflow.utils import requirements_utils
+
+    from normlab.engine.config import architecture_key
+    from normlab.engine.data import DeviceData, load_raw
+    from normlab.engine.models import Net
+    from normlab.tracking import results_log
+
+    data = DeviceData(load_raw("mnist", str(small_mnist_dir)), torch.device("cpu"))
+    config = TrainConfig(norm="ln", epochs=1)
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)  # as in a new process
+    monkeypatch.setattr(requirements_utils, "_PACKAGES_TO_MODULES", None)
+    with mlflow.start_run():
+        model_id = results_log.log_model(Net(config.dataset, config.norm, config.groups, config.dropout), data,
+                                         architecture=architecture_key(config))
+    assert requirements_utils._MODULES_TO_PACKAGES is None  # nothing scanned
+    logged = Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}")) / "requirements.txt"
+    version = torch.__version__.split("+")[0]
+    assert logged.read_text().split() == [f"torch=={version}", f"mlflow=={mlflow.__version__}"]
+    # what the skipped check would have found, scanning: nothing to warn of
+    assert [requirements_utils._check_requirement_satisfied(r) for r in results_log.model_requirements()] == [None, None]
 
 
 def test_a_model_exported_ahead_is_logged_with_its_own_weights_and_traced_no_more(tracking_uri, small_mnist_dir,

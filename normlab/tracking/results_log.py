@@ -36,9 +36,8 @@ def warm_up_results_logging() -> None:
     """Pay what the first log_results of a process costs beyond later ones, ahead of it: on a
     background thread while the run trains on a GPU and the host is idle. Measured on the
     2-core CPU: importing torch.export's tracer (torch.export.export imports it on first
-    call) 2.3 s, MLflow's scan of every installed package before it writes the model's
-    requirements 1.2 s (then cached in the process), matplotlib 0.8 s. Each is paid once per
-    process; a later caller waits for a warm-up in progress rather than paying it again.
+    call) 2.3 s, matplotlib 0.8 s. Each is paid once per process; a later caller waits for a
+    warm-up in progress rather than paying it again.
     (The host is idle only on a GPU: lifecycle warms up there.) Nothing here in a command
     whose results processes do this work: they warm themselves up."""
     global _results_logging_warmed
@@ -54,12 +53,9 @@ def warm_up_results_logging() -> None:
 
 
 def warm_up_model_saving() -> None:
-    """log_model's first-time costs: torch.export's tracer imported, MLflow's package scan done."""
+    """log_model's first-time cost: torch.export's tracer imported."""
     with TRACING_LOCK:  # imports torch's tracing modules: not while another thread traces
         import torch.export._trace  # noqa: F401
-    from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
-
-    warn_dependency_requirement_mismatches(model_requirements())
 
 
 def warm_up_results_logging_in_background(config: TrainConfig, data: DeviceData) -> None:
@@ -233,8 +229,26 @@ def _model_saving(architecture: tuple | None) -> Iterator[None]:
     """How MLflow saves a model here: holding TRACING_LOCK (torch.export traces), reusing the
     program kept for ``architecture``, checking the input example on the CPU."""
     reusing = _exports_reusing_graphs(architecture) if architecture is not None else nullcontext()
-    with TRACING_LOCK, reusing, _environment(CHECK_ON_CPU, keep_users=True):
+    with TRACING_LOCK, reusing, _requirements_not_checked(), _environment(CHECK_ON_CPU, keep_users=True):
         yield
+
+
+@contextmanager
+def _requirements_not_checked() -> Iterator[None]:
+    """Within, holding TRACING_LOCK: MLflow's saving does not check the model's requirements
+    against the installed packages. That check only warns, and ours (model_requirements) are
+    this process's own torch and MLflow, met by construction; its first call in a process scans
+    every installed distribution, 0.7 s on the 2-core CPU and on the critical path of a short
+    GPU run, whose models process is the last to be ready (docs/speed.md, twenty-second
+    session)."""
+    from mlflow.utils import environment
+
+    check = environment.warn_dependency_requirement_mismatches
+    environment.warn_dependency_requirement_mismatches = lambda requirements: None
+    try:
+        yield
+    finally:
+        environment.warn_dependency_requirement_mismatches = check
 
 
 def _save_options(example) -> dict:
