@@ -84,17 +84,23 @@ def _torch_has_cuda() -> bool:
     return bool(spec and spec.origin and any((Path(spec.origin).parent / "lib").glob("libtorch_cuda*")))
 
 
+def _cuda_driver() -> ctypes.CDLL | None:
+    """CUDA's driver library, initialized; None where there is none (no driver, or no GPU it
+    can start). Imports no torch."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+        return driver if driver.cuInit(0) == 0 else None
+    except (OSError, AttributeError):
+        return None
+
+
 def _cuda_devices() -> int:
     """How many GPUs CUDA's driver sees (0 without one), through the driver library itself:
     about a millisecond, where `torch.cuda.is_available()` first needs torch's 1.4 s import."""
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-        count = ctypes.c_int(0)
-        if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-        return count.value
-    except (OSError, AttributeError):
+    driver, count = _cuda_driver(), ctypes.c_int(0)
+    if driver is None or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
         return 0
+    return count.value
 
 
 def start_beside_torch_import(device: str) -> None:
@@ -114,13 +120,9 @@ def _make_cuda_context(device: str) -> None:
     beside an import of 1.2-1.4 s (h200-2026-12-02b-cuda-context.txt). A failure here is met
     again, and reported, by torch."""
     index = int(device[5:]) if device.startswith("cuda:") and device[5:].isdigit() else 0  # auto, cuda: torch's 0
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-        handle, context = ctypes.c_int(0), ctypes.c_void_p()
-        if driver.cuInit(0) == 0 and driver.cuDeviceGet(ctypes.byref(handle), index) == 0:
-            driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), handle)
-    except (OSError, AttributeError):
-        pass
+    driver, handle, context = _cuda_driver(), ctypes.c_int(0), ctypes.c_void_p()
+    if driver is not None and driver.cuDeviceGet(ctypes.byref(handle), index) == 0:
+        driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), handle)
 
 
 class EngineCrashed(RuntimeError):
