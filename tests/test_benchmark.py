@@ -162,6 +162,26 @@ def test_stamped_benchmark_puts_the_engines_and_the_commands_events_on_one_time_
     assert "NORMLAB_T0" not in (ROOT / "normlab" / "cli.py").read_text()
 
 
+def test_results_start_benchmark_times_the_models_process_against_a_baseline_folder(small_mnist_dir, tmp_path):
+    """benchmarks/results_start.py: the command's models process, from its start to its warm-up
+    and to its export ahead done, in fresh processes, this checkout against another's folder,
+    and the ratio of their readies."""
+    baseline = tmp_path / "baseline"
+    shutil.copytree(ROOT / "normlab", baseline / "normlab", ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run([sys.executable, "benchmarks/results_start.py", "--data-dir", str(small_mnist_dir),
+                           "--repeats", "1", "--baseline", str(baseline)],
+                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {m.group(1): (float(m.group(2)), float(m.group(3)))
+            for m in re.finditer(r"^(command's imports and data|warm|ready) +([\d.]+) +([\d.]+)$", proc.stdout, re.M)}
+    assert set(rows) == {"command's imports and data", "warm", "ready"}, proc.stdout
+    for column in (0, 1):  # the process warms up beside the command's imports, then exports
+        assert 0 < rows["command's imports and data"][column] and 0 < rows["warm"][column] < rows["ready"][column]
+    ratio = float(re.search(r"ready: this checkout ([\d.]+)x the baseline's speed", proc.stdout).group(1))
+    ours, theirs = rows["ready"]
+    assert (theirs - 0.005) / (ours + 0.005) - 0.005 <= ratio <= (theirs + 0.005) / (ours - 0.005) + 0.005
+
+
 @pytest.mark.parametrize("given", ["folder", "commit"])
 def test_engine_start_benchmark_times_each_phase_against_a_baseline_checkout(small_mnist_dir, tmp_path, given):
     """benchmarks/engine_start.py: an engine's start phase by phase, in fresh processes, this

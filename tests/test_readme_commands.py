@@ -72,7 +72,7 @@ SKIPPED = [
      "more on CI's 2 cores; the training tests run the same engine and tracking calls"),
     (r"benchmarks/model_logging\.py", "tests/test_benchmark.py runs it with --repeats 1"),
     (r"benchmarks/stamped\.py", "tests/test_benchmark.py runs it over `normlab train` and `mlflow run`"),
-    (r"benchmarks/engine_start\.py", "tests/test_benchmark.py runs it on the CPU against a baseline folder"),
+    (r"benchmarks/(engine|results)_start\.py", "tests/test_benchmark.py runs it on the CPU against a baseline folder"),
     (r"benchmarks/step_profile\.py",
      "a profile of whole epochs and steps, each variant in turn: it reports, and checks nothing a test "
      "does not (tests/test_step.py and tests/test_train.py train the same steps)"),
