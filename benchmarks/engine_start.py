@@ -23,7 +23,6 @@ import pstats
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -98,25 +97,11 @@ def main() -> None:
         seconds = measure(args.child or ROOT, args.data_dir, args.device, args.norm, args.profile, args.epochs)
         print(json.dumps(seconds))
         return
-    checkouts = {"this checkout": ROOT}
-    worktree = None
-    if args.baseline:
-        sys.path.insert(0, str(ROOT))
-        from benchmarks.processes import baseline_checkout
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.processes import alternately
 
-        baseline, made = baseline_checkout(args.baseline, Path(tempfile.mkdtemp()) / "baseline")
-        checkouts["baseline"] = baseline
-        worktree = baseline if made else None
-    times: dict[str, list[dict[str, float]]] = {name: [] for name in checkouts}
-    try:
-        for _ in range(args.repeats):  # alternately
-            for name, root in checkouts.items():
-                times[name].append(time_start(root, args))
-    finally:
-        if worktree:
-            from benchmarks.processes import remove_worktree
-
-            remove_worktree(worktree)
+    times = alternately(args.baseline, args.repeats, lambda root: time_start(root, args))
+    checkouts = list(times)
     print(f"{'phase (median s)':<18}" + "".join(f"{name:>16}" for name in checkouts))
     medians = {}
     measured = list(times["this checkout"][0])

@@ -1,7 +1,7 @@
 """Timing normlab's commands as processes, as users run them: a fresh tracking store of the
 benchmark's own, each command's wall time and the time from its last line to its exit, and
-another commit checked out to time against. Shared by exit_cost.py, data_cache.py,
-commands.py, engine_start.py and e2e.py."""
+another commit checked out to time against, alternately. Shared by exit_cost.py, data_cache.py,
+commands.py, engine_start.py, results_start.py and e2e.py."""
 
 from __future__ import annotations
 
@@ -77,3 +77,23 @@ def baseline_checkout(baseline: str, folder: Path) -> tuple[Path, bool]:
 
 def remove_worktree(folder: Path) -> None:
     subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=ROOT, capture_output=True)
+
+
+def alternately(baseline: str | None, repeats: int, measure: Callable[[Path], dict]) -> dict[str, list[dict]]:
+    """``measure(root)`` ``repeats`` times for this checkout and, with ``baseline`` (as
+    baseline_checkout takes it), for that one too, alternately: each checkout's results, keyed
+    "this checkout" and "baseline"."""
+    checkouts = {"this checkout": ROOT}
+    worktree = None
+    if baseline:
+        checkouts["baseline"], made = baseline_checkout(baseline, Path(tempfile.mkdtemp()) / "baseline")
+        worktree = checkouts["baseline"] if made else None
+    times: dict[str, list[dict]] = {name: [] for name in checkouts}
+    try:
+        for _ in range(repeats):
+            for name, root in checkouts.items():
+                times[name].append(measure(root))
+    finally:
+        if worktree:
+            remove_worktree(worktree)
+    return times

@@ -69,22 +69,10 @@ def main() -> None:
         print(json.dumps(measure(args.data_dir, args.norm)))
         return
     sys.path.insert(0, str(ROOT))
-    from benchmarks.processes import baseline_checkout, remove_worktree
+    from benchmarks.processes import alternately
 
-    checkouts = {"this checkout": ROOT}
-    worktree = None
-    if args.baseline:
-        baseline, made = baseline_checkout(args.baseline, Path(tempfile.mkdtemp()) / "baseline")
-        checkouts["baseline"] = baseline
-        worktree = baseline if made else None
-    times: dict[str, list[dict[str, float]]] = {name: [] for name in checkouts}
-    try:
-        for _ in range(args.repeats):  # alternately
-            for name, root in checkouts.items():
-                times[name].append(time_start(root, args))
-    finally:
-        if worktree:
-            remove_worktree(worktree)
+    times = alternately(args.baseline, args.repeats, lambda root: time_start(root, args))
+    checkouts = list(times)
     print(f"{'seconds (median)':<28}" + "".join(f"{name:>16}" for name in checkouts))
     medians = {}
     for phase in times["this checkout"][0]:
