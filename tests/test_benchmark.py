@@ -162,24 +162,19 @@ def test_stamped_benchmark_puts_the_engines_and_the_commands_events_on_one_time_
     assert "NORMLAB_T0" not in (ROOT / "normlab" / "cli.py").read_text()
 
 
-def test_results_start_benchmark_times_the_models_process_against_a_baseline_folder(small_mnist_dir, tmp_path):
+def test_results_start_benchmark_times_the_models_process_from_the_commands_start(small_mnist_dir):
     """benchmarks/results_start.py: the command's models process, from its start to its warm-up
-    and to its export ahead done, in fresh processes, this checkout against another's folder,
-    and the ratio of their readies."""
-    baseline = tmp_path / "baseline"
-    shutil.copytree(ROOT / "normlab", baseline / "normlab", ignore=shutil.ignore_patterns("__pycache__"))
+    and to its export ahead done, in a fresh process. (Its --baseline is processes.alternately,
+    which the engine start's test below runs against a folder and a commit.)"""
     proc = subprocess.run([sys.executable, "benchmarks/results_start.py", "--data-dir", str(small_mnist_dir),
-                           "--repeats", "1", "--baseline", str(baseline)],
-                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+                           "--repeats", "1"], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    rows = {m.group(1): (float(m.group(2)), float(m.group(3)))
-            for m in re.finditer(r"^(command's imports and data|warm|ready) +([\d.]+) +([\d.]+)$", proc.stdout, re.M)}
+    rows = {m.group(1): float(m.group(2))
+            for m in re.finditer(r"^(command's imports and data|warm|ready) +([\d.]+)$", proc.stdout, re.M)}
     assert set(rows) == {"command's imports and data", "warm", "ready"}, proc.stdout
-    for column in (0, 1):  # the process warms up beside the command's imports, then exports
-        assert 0 < rows["command's imports and data"][column] and 0 < rows["warm"][column] < rows["ready"][column]
-    ratio = float(re.search(r"ready: this checkout ([\d.]+)x the baseline's speed", proc.stdout).group(1))
-    ours, theirs = rows["ready"]
-    assert (theirs - 0.005) / (ours + 0.005) - 0.005 <= ratio <= (theirs + 0.005) / (ours - 0.005) + 0.005
+    # the process warms up beside the command's imports, then exports
+    assert 0 < rows["command's imports and data"] and 0 < rows["warm"] < rows["ready"], rows
+    assert f"this checkout ready: {rows['ready']:.2f}" in proc.stdout
 
 
 @pytest.mark.parametrize("given", ["folder", "commit"])
