@@ -210,9 +210,14 @@ def main() -> None:
     # on a GPU, not only the sweep's, has the warm-up before it.
     on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     warm_rows = {"sweep1", "sweep10", "train", "mlflow-run"} if on_gpu else {"sweep1"}
+    mlflow_run = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-P", "norm=ln",
+                  "-P", f"data_dir={data}", "-P", f"epochs={args.epochs}"]
     for suffix, checkout in checkouts.items():  # fill the warm caches, as an earlier study on the machine would have
         if warm_rows & set(rows) and not prewarmed:
             time_row(f"warm-up{suffix}", normlab + ["sweep", *common, *epochs], runs=3, checkout=checkout)
+        if "mlflow-run" in rows:  # a machine's first `mlflow run` took 14.8 s, its next three 12.3-13.4 s
+            # (h200-2026-12-02d-e2e-no-requirements-scan.txt), though sweeps and `normlab train` had run before
+            time_row(f"warm-up-mlflow-run{suffix}", mlflow_run, checkout=checkout)
         if "sweep10" in rows and args.device != "cpu":  # nothing is compiled on a CPU
             # The 10-seed study compiles its steps (normlab.engine.fast.COMPILE_PAYS_FROM_EPOCHS)
             time_row(f"warm-up-compiled{suffix}", normlab + ["sweep", *common, "--epochs", "1"], runs=3,
@@ -236,9 +241,7 @@ def main() -> None:
                 if "train" in rows:
                     row(f"train{variant}", normlab + ["train", "--norm", "ln", *common, *epochs], setting=setting)
                 if "mlflow-run" in rows:
-                    row(f"mlflow-run{variant}", [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager",
-                                                 "local", "-P", "norm=ln", "-P", f"data_dir={data}",
-                                                 "-P", f"epochs={args.epochs}"], setting=setting)
+                    row(f"mlflow-run{variant}", mlflow_run, setting=setting)
     if args.repeats > 1 or len(checkouts) > 1 or settings:
         print_medians(results, [suffix for suffix in checkouts if suffix], list(settings))
     notebook = None
