@@ -114,7 +114,8 @@ def test_a_logged_model_requires_this_torch_and_mlflow_without_scanning_the_inst
     version = torch.__version__.split("+")[0]
     assert logged.read_text().split() == [f"torch=={version}", f"mlflow=={mlflow.__version__}"]
     # what the skipped check would have found, scanning: nothing to warn of
-    assert [requirements_utils._check_requirement_satisfied(r) for r in results_log.model_requirements()] == [None, None]
+    met = [requirements_utils._check_requirement_satisfied(r) for r in results_log.model_requirements()]
+    assert met == [None, None]
 
 
 def test_a_model_exported_ahead_is_logged_with_its_own_weights_and_traced_no_more(tracking_uri, small_mnist_dir,
