@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import os
 import pstats
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -75,11 +73,11 @@ def measure(root: Path, data_dir: str, device: str, norm: str, profile: bool, ep
 
 def time_start(root: Path, args: argparse.Namespace) -> dict[str, float]:
     """One fresh process's phases with ``root``'s normlab."""
+    from benchmarks.processes import child_result
+
     command = [sys.executable, __file__, "--child", str(root), "--data-dir", args.data_dir,
                "--device", args.device, "--norm", args.norm, "--epochs", str(args.epochs)]
-    proc = subprocess.run(command, capture_output=True, text=True, check=True,
-                          env=dict(os.environ, PYTHONPATH=str(root)))
-    return json.loads(proc.stdout.splitlines()[-1])
+    return child_result(command, root)
 
 
 def main() -> None:

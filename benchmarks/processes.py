@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import subprocess
 import sys
@@ -77,6 +78,15 @@ def baseline_checkout(baseline: str, folder: Path) -> tuple[Path, bool]:
 
 def remove_worktree(folder: Path) -> None:
     subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=ROOT, capture_output=True)
+
+
+def child_result(command: list[str], root: Path, cwd: str | None = None) -> dict:
+    """The JSON that ``command``, a measurement's fresh process with ``root``'s normlab first on
+    its path (the caller's PYTHONPATH after it), prints as its last line."""
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run(command, capture_output=True, text=True, check=True, cwd=cwd,
+                          env=dict(os.environ, PYTHONPATH=path))
+    return json.loads(proc.stdout.splitlines()[-1])
 
 
 def alternately(baseline: str | None, repeats: int, measure: Callable[[Path], dict]) -> dict[str, list[dict]]:

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,11 +48,10 @@ def measure(data_dir: str, norm: str) -> dict[str, float]:
 
 def time_start(root: Path, args: argparse.Namespace) -> dict[str, float]:
     """One fresh process's times with ``root``'s normlab."""
+    from benchmarks.processes import child_result
+
     command = [sys.executable, __file__, "--child", "--data-dir", args.data_dir, "--norm", args.norm]
-    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))  # root's normlab first
-    proc = subprocess.run(command, capture_output=True, text=True, check=True, cwd=tempfile.gettempdir(),
-                          env=dict(os.environ, PYTHONPATH=path))
-    return json.loads(proc.stdout.splitlines()[-1])
+    return child_result(command, root, cwd=tempfile.gettempdir())
 
 
 def main() -> None:
