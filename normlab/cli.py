@@ -78,6 +78,7 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
                          batch_size=batch_size, lr=lr, seed=seed)
     with _reported():
         config.validate()  # before torch and MLflow are even imported
+        engine_process.refuse_a_missing_gpu(device)
         compile_choice(), kernel_helpers()  # the speed settings the engine reads
         own_process = not resume_run and engine_process.wanted(device)
         results_elsewhere = results_process.wanted(own_process)
@@ -349,6 +350,8 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
     address = address or os.environ.get("RAY_ADDRESS") or None
     with _reported():
         configs = grid.validate()  # before torch and MLflow are even imported
+        if not address:  # a cluster's GPUs are its own
+            engine_process.refuse_a_missing_gpu(device)
         one_engine = not address and engine_process.wanted_for_sweep(device, workers)
         results_elsewhere = results_process.wanted(one_engine)
     with contextlib.ExitStack() as stack:

@@ -6,6 +6,18 @@ class ConfigError(ValueError):
     """A user-supplied setting that cannot work; raised before any expensive work."""
 
 
+class NoGpuHere(ConfigError):
+    """--device names a CUDA GPU this machine does not have."""
+
+    def __init__(self, requested: str, gpus: int):
+        if gpus == 0:
+            super().__init__(f"--device {requested} was requested but no CUDA GPU is available here; "
+                             f"use --device cpu or auto")
+        else:
+            super().__init__(f"--device {requested} was requested but this machine has {gpus} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{gpus - 1}; use one of them, cuda, cpu or auto")
+
+
 class DataError(RuntimeError):
     """Data that is missing, unreadable or corrupt; the message says how to fix it."""
 

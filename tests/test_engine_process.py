@@ -29,6 +29,7 @@ from normlab.engine.checkpoint import load
 from normlab.engine.config import TrainConfig
 from normlab.engine.fast import engine_process
 from normlab.engine.train import Trainer, fit
+from normlab.errors import NoGpuHere
 from normlab.tracking import results_process
 from tests.conftest import cli_env, run_cli
 from tests.process_output import Lines
@@ -281,6 +282,21 @@ def test_the_switch_names_its_choices_and_auto_means_a_gpu(monkeypatch):
         assert engine_process._cuda_devices() == torch.cuda.device_count()
     monkeypatch.setenv("NORMLAB_ENGINE_PROCESS", "never")
     assert not engine_process.wanted("cuda")
+
+
+def test_a_missing_gpu_is_named_from_the_drivers_count_and_a_rocm_torch_is_left_to_torch(monkeypatch):
+    monkeypatch.setattr(engine_process, "_torch_library", lambda pattern: pattern == "libtorch_cuda*")
+    monkeypatch.setattr(engine_process, "_cuda_devices", lambda: 2)
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:1"):
+        engine_process.refuse_a_missing_gpu(device)
+    with pytest.raises(NoGpuHere, match=r"^--device cuda:2 was requested but this machine has 2 CUDA GPU\(s\), "
+                                        r"cuda:0 to cuda:1; use one of them, cuda, cpu or auto$"):
+        engine_process.refuse_a_missing_gpu("cuda:2")
+    monkeypatch.setattr(engine_process, "_cuda_devices", lambda: 0)
+    with pytest.raises(NoGpuHere, match="no CUDA GPU is available here"):
+        engine_process.refuse_a_missing_gpu("cuda")
+    monkeypatch.setattr(engine_process, "_torch_library", lambda pattern: pattern == "libtorch_hip*")
+    engine_process.refuse_a_missing_gpu("cuda")  # ROCm: its GPUs are torch's to count
 
 
 def test_a_bad_switch_is_refused_before_anything_starts(tmp_path):

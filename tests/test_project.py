@@ -224,9 +224,16 @@ def test_normlab_train_creates_its_own_named_run(tracking_uri, small_mnist_dir):
     assert run.data.params["seed"] == "4"
 
 
-def test_cuda_without_a_gpu_is_refused(tracking_uri, small_mnist_dir):
-    proc = run_cli("train", "--device", "cuda", "--data-dir", str(small_mnist_dir))
-    assert proc.returncode == 2 and "no CUDA GPU is available" in proc.stderr
+@pytest.mark.parametrize("command,device", [("train", "cuda"), ("sweep", "cuda:1")])
+def test_cuda_without_a_gpu_is_refused_before_anything_starts(command, device, small_mnist_dir, tmp_path):
+    """No GPU visible (the CLI tests' CUDA_VISIBLE_DEVICES=""): refused from CUDA's driver,
+    before torch or MLflow is imported, a process started or a store made."""
+    proc = run_cli_noting_imports(command, "--device", device, "--data-dir", str(small_mnist_dir), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (f"Error: --device {device} was requested but no CUDA GPU is available here; use --device cpu or auto"
+            in proc.stderr)
+    assert "imported: []" in proc.stdout
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_every_mlproject_parameter_is_declared_typed_and_defaulted_and_reaches_the_command():

@@ -26,7 +26,7 @@ from normlab.engine.fast.triton_norms import use_triton_norms
 from normlab.engine.models import Net
 from normlab.engine.rng import RunRNG
 from normlab.engine.step import TrainStep
-from normlab.errors import ConfigError, NonFiniteLoss
+from normlab.errors import ConfigError, NoGpuHere, NonFiniteLoss
 
 # Dynamo, AOTAutograd and torch.export share process-wide tracing state, and a CUDA graph
 # must not capture another thread's work: runs side by side in one process (engine/fast/trainer_pool.py)
@@ -42,9 +42,10 @@ def resolve_device(requested: str) -> torch.device:
         raise ConfigError(f"unknown --device {requested!r}; valid choices: {', '.join(choices)} or cuda:N")
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {requested} was requested but no CUDA GPU is available here; "
-                          f"use --device cpu or auto")
+    if requested.startswith("cuda"):
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (torch.device(requested).index or 0) >= gpus:
+            raise NoGpuHere(requested, gpus)
     return torch.device(requested)
 
 
