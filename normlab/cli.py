@@ -216,9 +216,9 @@ def _main_failing_launched_run() -> None:
 
 def _fail_launched_run(run_id: str | None, reason: str) -> None:
     if run_id:
-        from normlab.tracking import run_log
+        from normlab.tracking import run_ending  # no torch: a refused command ends at once
 
-        run_log.fail_run_if_open(run_id, reason)
+        run_ending.fail_run_if_open(run_id, reason)
 
 
 @main.command("explain")

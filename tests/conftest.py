@@ -141,13 +141,14 @@ entry()
 """
 
 
-def run_cli_noting_imports(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli_noting_imports(*args: str, cwd: Path | None = None, timeout: float = 300,
+                           **env: str) -> subprocess.CompletedProcess:
     """`normlab ARGS` through its entry in a fresh process that prints, last, which of torch,
     MLflow and torchvision it imported ("imported: ['mlflow']"), from an atexit handler (the
     entry ends the process itself, after running them)."""
     return subprocess.run(
         [sys.executable, "-c", IMPORT_PROBE, "normlab", *args],
-        cwd=cwd or tempfile.mkdtemp(prefix="normlab-cli-"), env=cli_env(), capture_output=True, text=True,
+        cwd=cwd or tempfile.mkdtemp(prefix="normlab-cli-"), env=cli_env(**env), capture_output=True, text=True,
         timeout=timeout,
     )
 

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from normlab.cli import main
 from normlab.tracking import run_query
-from tests.conftest import ROOT, cli_env, no_runs_logged, run_cli
+from tests.conftest import ROOT, cli_env, no_runs_logged, run_cli, run_cli_noting_imports
 from tests.mlflow_server import free_port
 
 
@@ -146,12 +146,14 @@ def test_unreachable_tracking_server_fails_in_seconds_before_loading_data(tmp_pa
 
 def test_bad_input_fails_the_run_mlflow_run_created(small_mnist_dir, tracking_uri):
     """`mlflow run` creates the run and passes MLFLOW_RUN_ID; a command refused by normlab's
-    checks fails it (click's own parse errors: the `mlflow run` test below)."""
+    checks fails it (click's own parse errors: the `mlflow run` test below), importing MLflow
+    for that but not torch."""
     client = MlflowClient()
     run_id = client.create_run(client.create_experiment("launched")).info.run_id
-    proc = run_cli("train", "--data-dir", str(small_mnist_dir), "--norm", "gn", "--groups", "3",
-                   MLFLOW_RUN_ID=run_id)
+    proc = run_cli_noting_imports("train", "--data-dir", str(small_mnist_dir), "--norm", "gn", "--groups", "3",
+                                  MLFLOW_RUN_ID=run_id)
     assert proc.returncode == 2, proc.stderr
+    assert "imported: ['mlflow']" in proc.stdout
     run = client.get_run(run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["normlab.status"] == "failed"

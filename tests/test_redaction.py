@@ -2,7 +2,7 @@
 
 import pytest
 
-from normlab.tracking import run_log
+from normlab.tracking import run_ending
 from normlab.tracking.redaction import redact, secret_values
 
 
@@ -56,8 +56,8 @@ def test_reasons_normlab_records_in_tags_are_redacted(tracking_uri, monkeypatch)
     ended, failed = (client.create_run(experiment).info.run_id for _ in range(2))
     reason = ("MLflow failed during training: API request to http://alice:s3cret@10.0.0.5:5000/api/2.0/mlflow/"
               "runs/log-batch failed (Authorization: Bearer tok-0123456789)")
-    assert run_log.record_ending(ended, "failed", reason)
-    run_log.fail_run_if_open(failed, reason)
+    assert run_ending.record_ending(ended, "failed", reason)
+    run_ending.fail_run_if_open(failed, reason)
     for run_id in (ended, failed):
         recorded = client.get_run(run_id).data.tags["normlab.reason"]
         assert recorded == ("MLflow failed during training: API request to http://***@10.0.0.5:5000/api/2.0/mlflow/"

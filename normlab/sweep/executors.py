@@ -86,7 +86,7 @@ def _first_stop(executor, signum: int) -> bool:
 def _worker_died(request: RunRequest, run_id: str | None, why: str, device: str) -> RunResult:
     """Its run FAILED with the reason and its lease broken, so a retry may resume it at once."""
     from normlab.tracking.lease import break_lease
-    from normlab.tracking.run_log import fail_run_if_open
+    from normlab.tracking.run_ending import fail_run_if_open
 
     if run_id:
         break_lease(run_id)
@@ -578,7 +578,8 @@ def _abandon(run_id: str | None, reason: str) -> None:
     if not run_id:
         return
     from normlab.tracking.lease import break_lease
-    from normlab.tracking.run_log import record_ending, run_outcome
+    from normlab.tracking.run_ending import record_ending
+    from normlab.tracking.run_log import run_outcome
 
     try:
         if run_outcome(run_id) == "running":

@@ -27,7 +27,7 @@ from normlab.engine.config import TrainConfig
 from normlab.engine.fast.engine_process import EngineCrashed, EngineDied, EngineProcess
 from normlab.engine.fast.trainer_pool import TrainerPool
 from normlab.errors import ConfigError, DataError, ResumeError
-from normlab.tracking import run_log
+from normlab.tracking import run_ending, run_log
 from normlab.tracking.lifecycle import Ending, train_tracked
 from normlab.tracking.redaction import redact
 
@@ -215,7 +215,7 @@ class Worker:
         except (ConfigError, DataError, ResumeError) as exc:
             say(f"Error: {exc}", err=True)
             if request.run_id and not request.resume:
-                run_log.fail_run_if_open(request.run_id, str(exc))
+                run_ending.fail_run_if_open(request.run_id, str(exc))
             return result("FAILED", str(exc))
         except Exception as exc:  # a bug, a broken capture, a dead engine: train_tracked recorded it
             say("".join(traceback.format_exception(exc)), err=True)

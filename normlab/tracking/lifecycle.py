@@ -17,7 +17,7 @@ from typing import Callable
 import click
 
 from normlab.engine.train import Callbacks, EpochRecord
-from normlab.tracking import results_log, results_process, run_log
+from normlab.tracking import results_log, results_process, run_ending, run_log
 
 Echo = Callable[..., None]  # echo(message, err=False)
 
@@ -51,7 +51,7 @@ class Progress(Callbacks):
 
 @dataclass(frozen=True)
 class Ending:
-    """How a run ended: ``outcome`` is finished, interrupted or failed (run_log.RUN_STATUS)."""
+    """How a run ended: ``outcome`` is finished, interrupted or failed (run_ending.RUN_STATUS)."""
 
     run_id: str
     outcome: str
@@ -62,7 +62,7 @@ class Ending:
 
     @property
     def status(self) -> str:
-        return run_log.RUN_STATUS[self.outcome]
+        return run_ending.RUN_STATUS[self.outcome]
 
 
 def train_tracked(trainer, point, data_dir: str, experiment: str, checkpoint_dir: str,
@@ -141,28 +141,28 @@ def _train_in_run(trainer, point, run_id: str, data_dir: str, checkpoint_dir: st
         else:
             reason = f"{exc}; no epoch completed, so there is nothing to resume: train it again"
             echo(f"interrupted: {reason}", err=True)
-        run_log.record_ending(run_id, "interrupted", reason)
+        run_ending.record_ending(run_id, "interrupted", reason)
         return Ending(run_id, "interrupted", reason)
     except KeyboardInterrupt:
         reason = f"aborted by a second Ctrl-C; epochs up to the last checkpoint are kept; {resume_hint}"
-        run_log.record_ending(run_id, "interrupted", reason)
+        run_ending.record_ending(run_id, "interrupted", reason)
         echo(f"aborted: {reason}", err=True)
         return Ending(run_id, "interrupted", reason, aborted=True)
     except NonFiniteLoss as exc:
         _close_quietly(uploads)
-        run_log.record_ending(run_id, "failed", str(exc))
+        run_ending.record_ending(run_id, "failed", str(exc))
         echo(f"Error: {exc}", err=True)
         return Ending(run_id, "failed", str(exc))
     except MlflowException as exc:
         reason = f"MLflow failed during training: {redact(str(exc).splitlines()[0])}"
-        run_log.record_ending(run_id, "failed", f"{reason}; {resume_hint}")
+        run_ending.record_ending(run_id, "failed", f"{reason}; {resume_hint}")
         message = f"{reason}\nCompleted epochs are checkpointed in {local}; {resume_hint}"
         echo(f"Error: {message}", err=True)
         return Ending(run_id, "failed", message)
     except BaseException as exc:
-        run_log.record_ending(run_id, "failed", redact(f"{type(exc).__name__}: {exc}"))
+        run_ending.record_ending(run_id, "failed", redact(f"{type(exc).__name__}: {exc}"))
         raise
-    if run_log.record_ending(run_id, "finished"):
+    if run_ending.record_ending(run_id, "finished"):
         shutil.rmtree(local.parent, ignore_errors=True)  # the artifact keeps the final checkpoint
     final = checkpointer.records[-1] if checkpointer.records else None
     if final is None:

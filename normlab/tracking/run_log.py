@@ -8,7 +8,6 @@ import logging
 import os
 import platform
 import queue
-import sys
 import tempfile
 import threading
 import time
@@ -28,14 +27,13 @@ from normlab.engine.data import DeviceData
 from normlab.engine.train import Callbacks, EpochRecord
 from normlab.tracking import EXPERIMENT
 from normlab.tracking.connection import (
-    _environment,
     experiment_id,
     git_commit,
-    hide_credentialed_links,
     mark_model_training,
     run_id_from_env,
 )
 from normlab.tracking.redaction import redact
+from normlab.tracking.run_ending import REASON_TAG, STATUS_TAG
 from normlab.tracking.run_query import SPEEDUPS_TAG
 
 
@@ -63,18 +61,6 @@ def _system_metrics() -> bool | None:
     the 2-core CPU: ~20 ms per run and ~18 ms of CPU per 10-s sample, under 0.3% of a run."""
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not 3 INFO lines a run
     return None if "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING" in os.environ else True
-
-
-def _stop_system_metrics(run_id: str, wait: float = 5.0) -> None:
-    """Stop the run's system-metrics sampler, waiting at most `wait` s: MLflow's own stop (in
-    end_run) waits for the sampler's store call, minutes when the tracking server is down."""
-    from mlflow.tracking.fluent import run_id_to_system_metrics_monitor
-
-    monitor = run_id_to_system_metrics_monitor.pop(run_id, None)
-    if monitor is not None:
-        stopper = threading.Thread(target=monitor.finish, name=f"stop-system-metrics-{run_id[:8]}", daemon=True)
-        stopper.start()
-        stopper.join(wait)
 
 
 def _same_value(logged: str, ours: str) -> bool:
@@ -264,63 +250,7 @@ class MetricLogger(Callbacks):
         self.uploads.submit(self.uploads.client.log_batch, self.uploads.run_id, metrics=metrics)
 
 
-STATUS_TAG = "normlab.status"  # running | finished | interrupted | failed: the truth `mlflow run` cannot overwrite
-
-REASON_TAG = "normlab.reason"  # why a run was interrupted or failed, in words
-
-RUN_STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
-
 CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
-
-# MLflow HTTP calls that try twice with a short timeout: for recording an ending, which must
-# not hang for minutes when the server is the reason the run is ending.
-FEW_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-
-
-def record_ending(run_id: str, outcome: str, reason: str | None = None) -> bool:
-    """Tag how the run ended (normlab.status, normlab.reason) and set its MLflow status.
-
-    Ends the active run when it is this one. When MLflow cannot be reached, says so on
-    stderr and returns False instead of hanging or raising: the reason is already
-    on the console and the local checkpoint is intact.
-    """
-    tags = {STATUS_TAG: outcome}
-    if reason:
-        tags[REASON_TAG] = redact(reason)[:4000]
-    hide_credentialed_links()  # a refused command's ending may come before use_command_defaults
-    _stop_system_metrics(run_id)
-    with _environment(FEW_RETRIES):
-        try:
-            client = MlflowClient()
-            for key, value in tags.items():
-                client.set_tag(run_id, key, value)
-            active = mlflow.active_run()
-            if active is not None and active.info.run_id == run_id:
-                mlflow.end_run(RUN_STATUS[outcome])
-            else:
-                client.set_terminated(run_id, RUN_STATUS[outcome])
-            return True
-        except Exception as exc:  # the store is what failed; report and let the caller exit
-            print(redact(f"warning: could not record that run {run_id} {outcome} in MLflow ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})"), file=sys.stderr)
-            if mlflow.active_run() is not None:  # drop it, so MLflow's atexit hook does not retry
-                try:
-                    mlflow.end_run(RUN_STATUS[outcome])
-                except Exception:
-                    pass
-            return False
-
-
-def fail_run_if_open(run_id: str, reason: str) -> None:
-    """Mark a run FAILED with the reason, unless it already records how it ended (a run
-    `mlflow run` created, whose command failed before or outside training)."""
-    with _environment(FEW_RETRIES):
-        try:
-            tags = MlflowClient().get_run(run_id).data.tags
-        except Exception:
-            tags = {}
-    if tags.get(STATUS_TAG, "running") == "running":
-        record_ending(run_id, "failed", reason)
 
 
 def local_checkpoint_path(checkpoint_dir: str | Path, run_id: str) -> Path:

@@ -20,7 +20,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from normlab.engine.config import TrainConfig
 from normlab.tracking import connection, lease
-from normlab.tracking.run_log import STATUS_TAG
+from normlab.tracking.run_ending import STATUS_TAG
 
 # tags
 SWEEP_HASH = "sweep_hash"
