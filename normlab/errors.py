@@ -14,8 +14,9 @@ class NoGpuHere(ConfigError):
             super().__init__(f"--device {requested} was requested but no CUDA GPU is available here; "
                              f"use --device cpu or auto")
         else:
-            super().__init__(f"--device {requested} was requested but this machine has {gpus} CUDA GPU(s), "
-                             f"cuda:0 to cuda:{gpus - 1}; use one of them, cuda, cpu or auto")
+            which = "1 CUDA GPU (cuda:0)" if gpus == 1 else f"{gpus} CUDA GPUs (cuda:0 to cuda:{gpus - 1})"
+            super().__init__(f"--device {requested} was requested but this machine has {which}; "
+                             f"use one of them, cuda, cpu or auto")
 
 
 class DataError(RuntimeError):

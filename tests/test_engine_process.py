@@ -289,9 +289,12 @@ def test_a_missing_gpu_is_named_from_the_drivers_count_and_a_rocm_torch_is_left_
     monkeypatch.setattr(engine_process, "_cuda_devices", lambda: 2)
     for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:1"):
         engine_process.refuse_a_missing_gpu(device)
-    with pytest.raises(NoGpuHere, match=r"^--device cuda:2 was requested but this machine has 2 CUDA GPU\(s\), "
-                                        r"cuda:0 to cuda:1; use one of them, cuda, cpu or auto$"):
+    with pytest.raises(NoGpuHere, match=r"^--device cuda:2 was requested but this machine has 2 CUDA GPUs "
+                                        r"\(cuda:0 to cuda:1\); use one of them, cuda, cpu or auto$"):
         engine_process.refuse_a_missing_gpu("cuda:2")
+    monkeypatch.setattr(engine_process, "_cuda_devices", lambda: 1)
+    with pytest.raises(NoGpuHere, match=r"has 1 CUDA GPU \(cuda:0\); use one of them"):
+        engine_process.refuse_a_missing_gpu("cuda:1")
     monkeypatch.setattr(engine_process, "_cuda_devices", lambda: 0)
     with pytest.raises(NoGpuHere, match="no CUDA GPU is available here"):
         engine_process.refuse_a_missing_gpu("cuda")
