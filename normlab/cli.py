@@ -417,6 +417,8 @@ def compare(experiment, filter_string, parent_run_id, run_ids, out_dir, include_
     from normlab.tracking import connection
 
     connection.use_command_defaults()
+    with _reported():
+        connection.check_tracking_reachable()
     ids = [i.strip() for value in run_ids for i in value.split(",") if i.strip()]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -144,6 +144,20 @@ def test_unreachable_tracking_server_fails_in_seconds_before_loading_data(tmp_pa
     assert not data.exists()
 
 
+@pytest.mark.parametrize("command", [("train", "--epochs", "1", "--data-dir"), ("sweep", "--epochs", "1", "--data-dir"),
+                                     ("compare", "--out")])
+def test_a_tracking_uri_no_store_serves_is_named_before_any_data_loads(command, tmp_path):
+    """A typo in MLFLOW_TRACKING_URI's scheme, as typed: named, with MLflow's valid schemes,
+    before the data loads (MLflow's own traceback came where the run started, after it)."""
+    folder = tmp_path / "never-created"  # the data (or compare's --out): loading or writing would create it
+    proc = run_cli(*command, str(folder), cwd=tmp_path, MLFLOW_TRACKING_URI="sqllite:///mlflow.db")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert ("Error: the tracking URI 'sqllite:///mlflow.db' (MLFLOW_TRACKING_URI) names no kind of store MLflow "
+            "knows; valid schemes: ") in proc.stderr
+    assert "sqlite://, " in proc.stderr and "http://, https://, " in proc.stderr and "Traceback" not in proc.stderr
+    assert not folder.exists() and not list(tmp_path.glob("*.db"))
+
+
 def test_bad_input_fails_the_run_mlflow_run_created(small_mnist_dir, tracking_uri):
     """`mlflow run` creates the run and passes MLFLOW_RUN_ID; a command refused by normlab's
     checks fails it (click's own parse errors: the `mlflow run` test below), importing MLflow

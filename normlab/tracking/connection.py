@@ -14,7 +14,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 import normlab
-from normlab.errors import TrackingUnreachable
+from normlab.errors import ConfigError, TrackingUnreachable
 from normlab.tracking.redaction import redact
 
 PACKAGE_DIR = Path(normlab.__file__).parent
@@ -173,6 +173,7 @@ def check_tracking_reachable(timeout: float = 5.0) -> None:
     from mlflow.utils.rest_utils import http_request
 
     uri = mlflow.get_tracking_uri()
+    _check_store_scheme(uri)
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -191,6 +192,21 @@ def check_tracking_reachable(timeout: float = 5.0) -> None:
         raise TrackingUnreachable(redact(
             f"the MLflow tracking server {uri} refuses normlab's requests: HTTP {response.status_code} "
             f"{reason!r}; {advice}"))
+
+
+def _check_store_scheme(uri: str) -> None:
+    """A tracking URI whose scheme no MLflow store serves (a typo: `sqllite:///`, `htp://`),
+    refused before any data loads: MLflow itself finds it only where the run starts, after
+    the data and the model, with a traceback. Asks MLflow's own registry of stores."""
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry as stores
+
+    try:
+        stores.get_store_builder(uri)
+    except Exception:
+        schemes = ", ".join(f"{scheme}://" for scheme in sorted(stores._registry) if scheme)
+        raise ConfigError(f"the tracking URI {redact(uri)!r} (MLFLOW_TRACKING_URI) names no kind of store MLflow "
+                          f"knows; valid schemes: {schemes}, or a folder path (unset it for the default, "
+                          f"sqlite:///mlflow.db)") from None
 
 
 def create_store_safely() -> None:
