@@ -42,7 +42,7 @@ EVENTS = [
      "engine: run prepared, training"),
     ("normlab/engine/fast/engine_process.py", "indices = [m.index for m in result.mistakes]",
      "engine: run trained"),
-    ("normlab/cli.py", "run_log.check_checkpoint_dir(checkpoint_dir)", "tracking: imports done"),
+    ("normlab/cli.py", 'folders.check_writable(checkpoint_dir, "--checkpoint-dir")', "tracking: imports done"),
     ("normlab/cli.py", "connection.create_store_safely()", "tracking: opening the store"),
     ("normlab/tracking/lifecycle.py", "progress = Progress(config.epochs, echo, bars)",
      "tracking: run set up, training followed from here"),

@@ -17,6 +17,7 @@ from click.core import ParameterSource
 
 from normlab.engine.config import TrainConfig
 from normlab.engine.fast import compile_choice, engine_process, kernel_helpers
+from normlab import folders
 from normlab.engine.registry import DATASETS, NORMS
 from normlab.errors import ConfigError, DataError, ResumeError, TrackingUnreachable
 from normlab.sweep.driver import LR_SCALINGS, REFERENCE_BATCH, Grid, epochs_per_worker, run_sweep, training_order
@@ -101,7 +102,7 @@ def _train(ctx, config: TrainConfig, remote: engine_process.RemoteTrainer | None
 
     with _reported():
         torch_device = resolve_device(device) if remote is None else None  # the engine process resolves its own
-        run_log.check_checkpoint_dir(checkpoint_dir)
+        folders.check_writable(checkpoint_dir, "--checkpoint-dir")
         connection.use_command_defaults()
         connection.check_tracking_reachable()
         point = None
@@ -418,6 +419,7 @@ def compare(experiment, filter_string, parent_run_id, run_ids, out_dir, include_
 
     connection.use_command_defaults()
     with _reported():
+        folders.check_writable(out_dir, "--out")
         connection.check_tracking_reachable()
     ids = [i.strip() for value in run_ids for i in value.split(",") if i.strip()]
     with warnings.catch_warnings(record=True) as caught:

@@ -52,13 +52,19 @@ def test_resume_into_another_experiment_is_refused(small_mnist_dir, tracking_uri
     assert f"run {run_id} is in experiment 'normlab'" in refused.stderr
 
 
-def test_an_unwritable_out_is_refused_before_any_run(small_mnist_dir, tracking_uri, tmp_path):
+@pytest.mark.parametrize("command,option", [("sweep", "--out"), ("sweep", "--checkpoint-dir"), ("compare", "--out")])
+def test_an_unwritable_folder_is_refused_before_any_run(command, option, small_mnist_dir, tracking_uri, tmp_path):
+    """A folder under a file, as typed: named before the data loads or a run is made. A sweep's
+    children found their --checkpoint-dir unwritable only at their first epoch, each FAILED
+    under a parent run; compare found its --out after reading the runs, with a traceback."""
     blocker = tmp_path / "file"
-    blocker.write_text("a file where --out wants a folder")
-    result = run_cli("sweep", "--norms", "ln", "--epochs", "1", "--data-dir", str(small_mnist_dir),
-                     "--out", str(blocker / "results"))
-    assert result.returncode == 2
-    assert "--out" in result.stderr and "not a writable folder" in result.stderr
+    blocker.write_text("a file where a folder is wanted")
+    folder = blocker / "results"
+    args = ("--norms", "ln", "--epochs", "1", "--data-dir", str(small_mnist_dir)) if command == "sweep" else ()
+    result = run_cli(command, *args, option, str(folder))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert (f"Error: {option} {folder} is not writable (Not a directory); choose another {option} or make it "
+            f"writable") in result.stderr
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("normlab")
     assert experiment is None or not client.search_runs([experiment.experiment_id])

@@ -26,6 +26,7 @@ from normlab.analysis.renderers import figure_renderers
 from normlab.engine.config import TrainConfig
 from normlab.engine.registry import NORMS
 from normlab.errors import ConfigError
+from normlab.folders import check_writable
 
 
 # How a child's learning rate follows its batch size. "linear" keeps lr / batch size fixed
@@ -170,6 +171,8 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     check_resources(configs, data_dir, device)
     if out_dir is not None:
         check_writable(out_dir, "--out")
+    if not address:  # a cluster's nodes write their own
+        check_writable(checkpoint_dir, "--checkpoint-dir")
     connection.create_store_safely()
     records = st.SweepRecords(experiment, grid.sweep_hash())
     settings = WorkerSettings(str(data_dir), records.experiment_name(), checkpoint_dir, connection.tracking_uri())
@@ -287,16 +290,6 @@ def _since_process_start() -> float:
     import normlab
 
     return time.time() - normlab.IMPORTED_AT
-
-
-def check_writable(folder: Path, option: str) -> None:
-    """Create ``folder`` now and check it takes files, before any training."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"{option} {folder} is not a writable folder ({exc.strerror or exc}); choose another")
 
 
 def compare_children(records, configs: list[TrainConfig], done: dict[str, str], out_dir: Path | None,

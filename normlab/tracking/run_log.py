@@ -8,7 +8,6 @@ import logging
 import os
 import platform
 import queue
-import tempfile
 import threading
 import time
 from dataclasses import asdict
@@ -255,22 +254,6 @@ CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
 
 def local_checkpoint_path(checkpoint_dir: str | Path, run_id: str) -> Path:
     return Path(checkpoint_dir).expanduser() / run_id / Path(CHECKPOINT_ARTIFACT).name
-
-
-def check_checkpoint_dir(checkpoint_dir: str | Path) -> None:
-    """Refuse a --checkpoint-dir where no file can be written, before data loads: otherwise
-    the first epoch trains and then fails at its checkpoint. Creates the folder, as the
-    first checkpoint would."""
-    from normlab.errors import ConfigError
-
-    folder = Path(checkpoint_dir).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"--checkpoint-dir {folder} is not writable ({exc.strerror or exc}); choose "
-                          f"another --checkpoint-dir or make it writable") from exc
 
 
 class Checkpointer(Callbacks):
