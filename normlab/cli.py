@@ -8,6 +8,7 @@ import gc
 import os
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import NoReturn
@@ -17,7 +18,6 @@ from click.core import ParameterSource
 
 from normlab.engine.config import TrainConfig
 from normlab.engine.fast import compile_choice, engine_process, kernel_helpers
-from normlab import folders
 from normlab.engine.registry import DATASETS, NORMS
 from normlab.errors import ConfigError, DataError, ResumeError, TrackingUnreachable
 from normlab.sweep.driver import LR_SCALINGS, REFERENCE_BATCH, Grid, epochs_per_worker, run_sweep, training_order
@@ -50,6 +50,25 @@ def main() -> None:
     """normlab: normalization experiments on small CNNs, tracked in MLflow."""
 
 
+def _check_writable(folder: str, option: str, keep: bool = True) -> None:
+    """A folder the user names, made and checked to take files before any data loads or run
+    starts (a typo in it was found after the training, or after reading the runs); with
+    ``keep=False`` the folders made for the check are removed again."""
+    folder = Path(folder).expanduser()
+    made = [path for path in (folder, *folder.parents) if not path.exists()]  # the deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".normlab-write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{option} {folder} is not writable ({exc.strerror or exc}); choose another {option} "
+                          f"or make it writable") from exc
+    finally:
+        for path in made if not keep else ():
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
 @main.command()
 @click.option("--norm", type=click.Choice(list(NORMS)), default=DEFAULTS.norm,
               help="Normalization after each 3x3 conv: batch, layer, group, instance or none.")
@@ -80,6 +99,7 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
     with _reported():
         config.validate()  # before torch and MLflow are even imported
         engine_process.refuse_a_missing_gpu(device)
+        _check_writable(checkpoint_dir, "--checkpoint-dir")
         compile_choice(), kernel_helpers()  # the speed settings the engine reads
         own_process = not resume_run and engine_process.wanted(device)
         results_elsewhere = results_process.wanted(own_process)
@@ -102,7 +122,6 @@ def _train(ctx, config: TrainConfig, remote: engine_process.RemoteTrainer | None
 
     with _reported():
         torch_device = resolve_device(device) if remote is None else None  # the engine process resolves its own
-        folders.check_writable(checkpoint_dir, "--checkpoint-dir")
         connection.use_command_defaults()
         connection.check_tracking_reachable()
         point = None
@@ -351,8 +370,11 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
     address = address or os.environ.get("RAY_ADDRESS") or None
     with _reported():
         configs = grid.validate()  # before torch and MLflow are even imported
-        if not address:  # a cluster's GPUs are its own
+        if out:
+            _check_writable(out, "--out")
+        if not address:  # a cluster's GPUs and disks are its own
             engine_process.refuse_a_missing_gpu(device)
+            _check_writable(checkpoint_dir, "--checkpoint-dir")
         one_engine = not address and engine_process.wanted_for_sweep(device, workers)
         results_elsewhere = results_process.wanted(one_engine)
     with contextlib.ExitStack() as stack:
@@ -419,7 +441,7 @@ def compare(experiment, filter_string, parent_run_id, run_ids, out_dir, include_
 
     connection.use_command_defaults()
     with _reported():
-        folders.check_writable(out_dir, "--out")
+        _check_writable(out_dir, "--out", keep=False)  # a comparison that finds no runs leaves no folder
         connection.check_tracking_reachable()
     ids = [i.strip() for value in run_ids for i in value.split(",") if i.strip()]
     with warnings.catch_warnings(record=True) as caught:

@@ -26,7 +26,6 @@ from normlab.analysis.renderers import figure_renderers
 from normlab.engine.config import TrainConfig
 from normlab.engine.registry import NORMS
 from normlab.errors import ConfigError
-from normlab.folders import check_writable
 
 
 # How a child's learning rate follows its batch size. "linear" keeps lr / batch size fixed
@@ -169,10 +168,6 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
 
     configs = grid.validate()
     check_resources(configs, data_dir, device)
-    if out_dir is not None:
-        check_writable(out_dir, "--out")
-    if not address:  # a cluster's nodes write their own
-        check_writable(checkpoint_dir, "--checkpoint-dir")
     connection.create_store_safely()
     records = st.SweepRecords(experiment, grid.sweep_hash())
     settings = WorkerSettings(str(data_dir), records.experiment_name(), checkpoint_dir, connection.tracking_uri())
