@@ -39,6 +39,27 @@ METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 NODE_ARGS = ("--num-cpus=1", "--num-gpus=0", "--object-store-memory=100000000", "--disable-usage-stats", "--block")
 
 
+def test_address_auto_without_a_cluster_on_this_machine_is_refused_before_any_run(small_mnist_dir, tmp_path):
+    """`normlab sweep --address auto` where no Ray runs: Ray's ConnectionError was a traceback.
+    First in this file, before its tests start their cluster (auto finds any running one)."""
+    from ray._private.services import find_gcs_addresses
+
+    if find_gcs_addresses():
+        pytest.skip("a Ray cluster runs on this machine, and --address auto would find it")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run([sys.executable, "-m", "normlab", "sweep", "--address", "auto", "--epochs", "1",
+                           "--data-dir", str(small_mnist_dir)], cwd=tmp_path, capture_output=True, text=True,
+                          env=cli_env(MLFLOW_TRACKING_URI=uri), timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert ("Error: no Ray cluster answers at --address auto (Could not find any running Ray instance. "
+            "Please specify the one to connect to by setting `--address` flag or `RAY_ADDRESS` environment "
+            "variable.); start one with `ray start --head` (then --address auto, on a node of it) or give the "
+            "head node's HOST:PORT") in proc.stderr
+    assert "Traceback" not in proc.stderr
+    client = MlflowClient(uri)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
 def _tree(pid: int) -> list[int]:
     """pid and every process below it (Ray's workers start their own sessions, so a process
     group does not hold them; the tree from the `ray start` we ran does)."""

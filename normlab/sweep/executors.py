@@ -447,7 +447,12 @@ class RayExecutor:
                                 checkpoint_dir=os.path.abspath(os.path.expanduser(settings.checkpoint_dir)),
                                 secrets=secrets)
         self.echo = echo
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": plain})
+        try:
+            ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": plain})
+        except ConnectionError as exc:  # auto with no cluster on this machine, a ray:// nobody serves
+            raise ConfigError(f"no Ray cluster answers at --address {address} ({str(exc).splitlines()[0]}); start "
+                              f"one with `ray start --head` (then --address auto, on a node of it) or give the "
+                              f"head node's HOST:PORT") from None
         nodes = [n for n in ray.nodes() if n["Alive"]]
         check_store_for_cluster(settings.tracking_uri, len(nodes))
         # whole devices per node: 1.5 CPUs on each of two nodes is two workers, not three
