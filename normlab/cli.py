@@ -44,6 +44,16 @@ def _reported():
         raise click.ClickException(str(exc)) from exc
 
 
+def _experiment_name(ctx, param, name: str) -> str:
+    """A name MLflow accepts for an experiment: it refused '' only where the run started,
+    after the data and the model, with a traceback."""
+    if not name.strip():
+        raise click.BadParameter(f"an experiment needs a name; leave --experiment out for {EXPERIMENT!r}")
+    if len(name) > 500:  # MLflow's MAX_EXPERIMENT_NAME_LENGTH
+        raise click.BadParameter(f"{len(name)} characters; MLflow takes at most 500")
+    return name
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="normlab", message="normlab %(version)s")
 def main() -> None:
@@ -84,7 +94,8 @@ def _check_writable(folder: str, option: str, keep: bool = True) -> None:
 @click.option("--lr", type=float, default=DEFAULTS.lr, help="Peak learning rate of the one-cycle schedule.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, help="Seed for weights, shuffling, augmentation, dropout.")
 @click.option("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N.")
-@click.option("--experiment", default=EXPERIMENT, help="MLflow experiment (ignored under `mlflow run`).")
+@click.option("--experiment", default=EXPERIMENT, callback=_experiment_name,
+              help="MLflow experiment (ignored under `mlflow run`).")
 @click.option("--resume", "resume_run", default="", metavar="RUN_ID",
               help="Continue this run from its last checkpoint; options left out come from the checkpoint "
                    "(--data-dir from the run).")
@@ -353,7 +364,8 @@ def _seeds(ctx, param, value: str) -> tuple[int, ...]:
               help="Worker processes on a machine without a GPU, sharing its cores (with GPUs: one per GPU).")
 @click.option("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR,
               help="Local copy of each unfinished child's last checkpoint: DIR/RUN_ID/last.pt.")
-@click.option("--experiment", default=EXPERIMENT, help="MLflow experiment (ignored under `mlflow run`).")
+@click.option("--experiment", default=EXPERIMENT, callback=_experiment_name,
+              help="MLflow experiment (ignored under `mlflow run`).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Also keep the comparison files in this folder (they are logged on the parent anyway).")
 def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epochs, lr, lr_scaling, device, address,
@@ -414,7 +426,8 @@ def _sweep(grid: Grid, experiment: str, data_dir: str, device: str, checkpoint_d
 
 
 @main.command()
-@click.option("--experiment", default=EXPERIMENT, help="MLflow experiment holding the training runs.")
+@click.option("--experiment", default=EXPERIMENT, callback=_experiment_name,
+              help="MLflow experiment holding the training runs.")
 @click.option("--filter", "filter_string", default="",
               help="MLflow search filter, e.g. \"params.dataset = 'mnist' and params.epochs = '20'\".")
 @click.option("--parent", "parent_run_id", default="", help="Only the child runs of this (sweep) run.")
