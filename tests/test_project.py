@@ -176,7 +176,8 @@ def test_mlflow_run_as_typed_then_ctrl_c_then_the_printed_resume_then_compare(tr
     (["train", "--norm", "gn", "--groups", "3"], "--groups 3 does not divide"),
     (["train", "--experiment", ""], "Invalid value for '--experiment': an experiment needs a name; leave "
                                     "--experiment out for 'normlab'"),  # was MLflow's traceback after the data
-    (["sweep", "--experiment", "x" * 501], "Invalid value for '--experiment': 501 characters; MLflow takes at most 500"),
+    (["sweep", "--experiment", "x" * 501],
+     "Invalid value for '--experiment': 501 characters; MLflow takes at most 500"),
     (["compare", "--experiment", " "], "an experiment needs a name"),
 ])
 def test_help_and_mistyped_options_answer_without_importing_torch_or_mlflow(args, shown):
