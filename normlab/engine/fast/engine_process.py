@@ -80,9 +80,9 @@ def wanted_for_sweep(device: str, cpu_workers: int) -> bool:
 def refuse_a_missing_gpu(device: str) -> None:
     """NoGpuHere at once where ``--device cuda`` (or cuda:N) names a GPU this machine lacks: a
     torch without CUDA, or too few GPUs for CUDA's driver. resolve_device says the same after
-    torch's import, but by then the engine and results processes have started: 5.5-7.7 s of
-    a refusal on the 2-core CPU instead of 0.3 s. A ROCm torch, whose GPUs CUDA's driver does
-    not see, is left to resolve_device."""
+    torch's import, but by then the engine and results processes had started: 5.5-7.7 s of a
+    refusal on the 2-core CPU instead of 0.1 s (0.3 s on an H200 host). A ROCm torch, whose
+    GPUs CUDA's driver does not see, is left to resolve_device."""
     if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
         return
     if _torch_library("libtorch_hip*"):
