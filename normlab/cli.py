@@ -17,6 +17,7 @@ import click
 from click.core import ParameterSource
 
 from normlab.engine.config import TrainConfig
+from normlab.engine import devices
 from normlab.engine.fast import compile_choice, engine_process, kernel_helpers
 from normlab.engine.registry import DATASETS, NORMS
 from normlab.errors import ConfigError, DataError, ResumeError, TrackingUnreachable
@@ -109,7 +110,7 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
                          batch_size=batch_size, lr=lr, seed=seed)
     with _reported():
         config.validate()  # before torch and MLflow are even imported
-        engine_process.refuse_a_missing_gpu(device)
+        devices.refuse_a_missing_gpu(device)
         _check_writable(checkpoint_dir, "--checkpoint-dir")
         compile_choice(), kernel_helpers()  # the speed settings the engine reads
         own_process = not resume_run and engine_process.wanted(device)
@@ -385,7 +386,7 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
         if out:
             _check_writable(out, "--out")
         if not address:  # a cluster's GPUs and disks are its own
-            engine_process.refuse_a_missing_gpu(device)
+            devices.refuse_a_missing_gpu(device)
             _check_writable(checkpoint_dir, "--checkpoint-dir")
         one_engine = not address and engine_process.wanted_for_sweep(device, workers)
         results_elsewhere = results_process.wanted(one_engine)

@@ -26,6 +26,7 @@ import torch
 from mlflow import MlflowClient
 
 from normlab.engine.checkpoint import load
+from normlab.engine import devices
 from normlab.engine.config import TrainConfig
 from normlab.engine.fast import engine_process
 from normlab.engine.train import Trainer, fit
@@ -276,30 +277,30 @@ def test_the_switch_names_its_choices_and_auto_means_a_gpu(monkeypatch):
     monkeypatch.setenv("NORMLAB_ENGINE_PROCESS", "auto")
     assert engine_process.wanted("cuda") and engine_process.wanted("cuda:1")
     assert not engine_process.wanted("cpu")
-    assert engine_process.wanted("auto") == (torch.version.cuda is not None and engine_process._cuda_devices() > 0)
-    assert engine_process._torch_has_cuda() == (torch.version.cuda is not None)  # the installed build, unimported
+    assert engine_process.wanted("auto") == (torch.version.cuda is not None and devices.cuda_devices() > 0)
+    assert devices.torch_has_cuda() == (torch.version.cuda is not None)  # the installed build, unimported
     if "CUDA_VISIBLE_DEVICES" not in os.environ:  # both honour it, but torch may read it before this test sets it
-        assert engine_process._cuda_devices() == torch.cuda.device_count()
+        assert devices.cuda_devices() == torch.cuda.device_count()
     monkeypatch.setenv("NORMLAB_ENGINE_PROCESS", "never")
     assert not engine_process.wanted("cuda")
 
 
 def test_a_missing_gpu_is_named_from_the_drivers_count_and_a_rocm_torch_is_left_to_torch(monkeypatch):
-    monkeypatch.setattr(engine_process, "_torch_library", lambda pattern: pattern == "libtorch_cuda*")
-    monkeypatch.setattr(engine_process, "_cuda_devices", lambda: 2)
+    monkeypatch.setattr(devices, "_torch_library", lambda pattern: pattern == "libtorch_cuda*")
+    monkeypatch.setattr(devices, "cuda_devices", lambda: 2)
     for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:1"):
-        engine_process.refuse_a_missing_gpu(device)
+        devices.refuse_a_missing_gpu(device)
     with pytest.raises(NoGpuHere, match=r"^--device cuda:2 was requested but this machine has 2 CUDA GPUs "
                                         r"\(cuda:0 to cuda:1\); use one of them, cuda, cpu or auto$"):
-        engine_process.refuse_a_missing_gpu("cuda:2")
-    monkeypatch.setattr(engine_process, "_cuda_devices", lambda: 1)
+        devices.refuse_a_missing_gpu("cuda:2")
+    monkeypatch.setattr(devices, "cuda_devices", lambda: 1)
     with pytest.raises(NoGpuHere, match=r"has 1 CUDA GPU \(cuda:0\); use one of them"):
-        engine_process.refuse_a_missing_gpu("cuda:1")
-    monkeypatch.setattr(engine_process, "_cuda_devices", lambda: 0)
+        devices.refuse_a_missing_gpu("cuda:1")
+    monkeypatch.setattr(devices, "cuda_devices", lambda: 0)
     with pytest.raises(NoGpuHere, match="no CUDA GPU is available here"):
-        engine_process.refuse_a_missing_gpu("cuda")
-    monkeypatch.setattr(engine_process, "_torch_library", lambda pattern: pattern == "libtorch_hip*")
-    engine_process.refuse_a_missing_gpu("cuda")  # ROCm: its GPUs are torch's to count
+        devices.refuse_a_missing_gpu("cuda")
+    monkeypatch.setattr(devices, "_torch_library", lambda pattern: pattern == "libtorch_hip*")
+    devices.refuse_a_missing_gpu("cuda")  # ROCm: its GPUs are torch's to count
 
 
 def test_a_bad_switch_is_refused_before_anything_starts(tmp_path):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib.util
 import io
 import itertools
 import multiprocessing
@@ -37,11 +36,11 @@ import signal
 import threading
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from normlab.engine import devices
 from normlab.engine.config import TrainConfig
 from normlab.engine.registry import DatasetSpec
-from normlab.errors import ConfigError, DataError, NoGpuHere, NonFiniteLoss
+from normlab.errors import ConfigError, DataError, NonFiniteLoss
 
 CHOICES = ("auto", "always", "never")
 STEPS_PER_REPORT = 8  # steps the engine process reports at once (a CUDA graph's chunk)
@@ -63,7 +62,7 @@ def trains_on_gpu(device: str) -> bool:
     """Whether ``--device DEVICE`` trains on a GPU here, decided without importing torch."""
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         return True
-    return device == "auto" and _torch_has_cuda() and _cuda_devices() > 0
+    return device == "auto" and devices.torch_has_cuda() and devices.cuda_devices() > 0
 
 
 def wanted_for_sweep(device: str, cpu_workers: int) -> bool:
@@ -71,57 +70,10 @@ def wanted_for_sweep(device: str, cpu_workers: int) -> bool:
     and there is one device to train on (one GPU visible, or one CPU worker)."""
     if not wanted(device):
         return False
-    gpus = _cuda_devices() if device in ("auto", "cuda") and _torch_has_cuda() else 0
+    gpus = devices.cuda_devices() if device in ("auto", "cuda") and devices.torch_has_cuda() else 0
     if gpus:
         return gpus == 1
     return device.startswith("cuda") or cpu_workers == 1
-
-
-def refuse_a_missing_gpu(device: str) -> None:
-    """NoGpuHere at once where ``--device cuda`` (or cuda:N) names a GPU this machine lacks: a
-    torch without CUDA, or too few GPUs for CUDA's driver. resolve_device says the same after
-    torch's import, but by then the engine and results processes had started: 5.5-7.7 s of a
-    refusal on the 2-core CPU instead of 0.1 s (0.3 s on an H200 host). A ROCm torch, whose
-    GPUs CUDA's driver does not see, is left to resolve_device."""
-    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
-        return
-    if _torch_library("libtorch_hip*"):
-        return
-    gpus = _cuda_devices() if _torch_has_cuda() else 0
-    if (int(device[5:]) if device != "cuda" else 0) >= gpus:
-        raise NoGpuHere(device, gpus)
-
-
-def _torch_has_cuda() -> bool:
-    """Whether the installed torch is a CUDA build (a CPU-only wheel on a GPU machine would
-    train on the CPU)."""
-    return _torch_library("libtorch_cuda*")
-
-
-def _torch_library(pattern: str) -> bool:
-    """Whether the installed torch ships a library matching ``pattern``, from its files:
-    finding a package does not import it."""
-    spec = importlib.util.find_spec("torch")
-    return bool(spec and spec.origin and any((Path(spec.origin).parent / "lib").glob(pattern)))
-
-
-def _cuda_driver() -> ctypes.CDLL | None:
-    """CUDA's driver library, initialized; None where there is none (no driver, or no GPU it
-    can start). Imports no torch."""
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-        return driver if driver.cuInit(0) == 0 else None
-    except (OSError, AttributeError):
-        return None
-
-
-def _cuda_devices() -> int:
-    """How many GPUs CUDA's driver sees (0 without one), through the driver library itself:
-    about a millisecond, where `torch.cuda.is_available()` first needs torch's 1.4 s import."""
-    driver, count = _cuda_driver(), ctypes.c_int(0)
-    if driver is None or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
 
 
 def start_beside_torch_import(device: str) -> None:
@@ -141,7 +93,7 @@ def _make_cuda_context(device: str) -> None:
     beside an import of 1.2-1.4 s (h200-2026-12-02b-cuda-context.txt). A failure here is met
     again, and reported, by torch."""
     index = int(device[5:]) if device.startswith("cuda:") and device[5:].isdigit() else 0  # auto, cuda: torch's 0
-    driver, handle, context = _cuda_driver(), ctypes.c_int(0), ctypes.c_void_p()
+    driver, handle, context = devices.cuda_driver(), ctypes.c_int(0), ctypes.c_void_p()
     if driver is not None and driver.cuDeviceGet(ctypes.byref(handle), index) == 0:
         driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), handle)
 
