@@ -3,7 +3,10 @@ and a helper that runs the real command line in a subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -98,10 +101,24 @@ def server(tmp_path_factory):
     srv.stop()
 
 
+@pytest.fixture(scope="session")
+def migrated_store(tmp_path_factory) -> Path:
+    """A sqlite store as MLflow creates it, for tracking_uri to copy: creating one (its schema's
+    migrations) costs the process that opens it first 1.1-1.4 s on CI's CPU, about 50 times in
+    a run of the suite. The stores the commands create themselves are tested where that is
+    the point (the README's commands, a fresh_tracking_uri, the Ray and server tests)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("migrated-store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def tracking_uri(tmp_path, monkeypatch) -> str:
-    """A fresh sqlite store (and artifact folder) for this test, also for subprocesses. The
-    test runs in tmp_path: a sqlite store puts new experiments' artifacts in ./mlruns."""
+def fresh_tracking_uri(tmp_path, monkeypatch) -> str:
+    """A new sqlite store (and artifact folder) for this test, also for subprocesses, created by
+    whatever opens it first. The test runs in tmp_path: a sqlite store puts new experiments'
+    artifacts in ./mlruns."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
@@ -110,6 +127,18 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def tracking_uri(migrated_store, tmp_path, fresh_tracking_uri) -> str:
+    """fresh_tracking_uri's store, already created: a copy of migrated_store whose Default
+    experiment keeps its artifacts in tmp_path/mlruns/0, as if created here."""
+    store = tmp_path / "mlflow.db"
+    shutil.copy(migrated_store, store)
+    with contextlib.closing(sqlite3.connect(store)) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                   (str(tmp_path / "mlruns" / "0"),))
+    return fresh_tracking_uri
 
 
 def no_runs_logged(tracking_uri: str) -> bool:

@@ -27,7 +27,8 @@ def test_a_damaged_checkpoint_is_passed_over_for_a_good_one(tmp_path):
         checkpoint.newest(damaged)
 
 
-def test_two_identical_sweeps_started_together_on_a_fresh_store_both_end_cleanly(small_mnist_dir, tracking_uri, tmp_path):
+def test_two_identical_sweeps_started_together_on_a_fresh_store_both_end_cleanly(small_mnist_dir,
+                                                                                 fresh_tracking_uri):
     command = [sys.executable, "-m", "normlab", "sweep", "--norms", "ln", "--epochs", "1",
                "--data-dir", str(small_mnist_dir)]
     processes = [subprocess.Popen(command, cwd=tempfile.mkdtemp(), env=cli_env(), stdout=subprocess.PIPE,
@@ -36,7 +37,7 @@ def test_two_identical_sweeps_started_together_on_a_fresh_store_both_end_cleanly
     for process, output in zip(processes, outputs):
         assert "OperationalError" not in output and "Traceback" not in output, output
         assert process.returncode == 0, output
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(fresh_tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("normlab").experiment_id])
     finished = [r for r in runs if r.data.tags.get("config_hash") and r.info.status == "FINISHED"]
     assert len(finished) == 1  # one child for the one config, trained once
