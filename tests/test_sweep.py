@@ -101,7 +101,7 @@ def test_bad_grids_fail_with_the_reason(grid, message):
         grid.validate()
 
 
-def test_cli_rejects_bad_options_before_creating_anything(tmp_path, tracking_uri):
+def test_cli_rejects_bad_options_before_creating_anything(tmp_path, fresh_tracking_uri):
     runner = CliRunner()
     for args, message in [
         (("--seeds", "two"), "give a count"),
