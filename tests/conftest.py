@@ -104,8 +104,8 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def migrated_store(tmp_path_factory) -> Path:
     """A sqlite store as MLflow creates it, for tracking_uri to copy: creating one (its schema's
-    migrations) costs the process that opens it first 1.1-1.4 s on CI's CPU, about 50 times in
-    a run of the suite. The stores the commands create themselves are tested where that is
+    migrations) costs the process that opens it first 1.1-1.4 s on CI's CPU, once for every
+    test that uses tracking_uri. The stores the commands create themselves are tested where that is
     the point (the README's commands, a fresh_tracking_uri, the Ray and server tests)."""
     from mlflow import MlflowClient
 
