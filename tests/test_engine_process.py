@@ -286,6 +286,7 @@ def test_the_switch_names_its_choices_and_auto_means_a_gpu(monkeypatch):
 
 
 def test_a_missing_gpu_is_named_from_the_drivers_count_and_a_rocm_torch_is_left_to_torch(monkeypatch):
+    assert [devices.cuda_index(d) for d in ("cuda", "cuda:2", "auto", "cpu", "cuda:x")] == [0, 2, None, None, None]
     monkeypatch.setattr(devices, "_torch_library", lambda pattern: pattern == "libtorch_cuda*")
     monkeypatch.setattr(devices, "cuda_devices", lambda: 2)
     for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:1"):

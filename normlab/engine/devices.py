@@ -18,13 +18,20 @@ def refuse_a_missing_gpu(device: str) -> None:
     torch's import, but by then the engine and results processes had started: 5.5-7.7 s of a
     refusal on the 2-core CPU instead of 0.1 s (0.3 s on an H200 host). A ROCm torch, whose
     GPUs CUDA's driver does not see, is left to resolve_device."""
-    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
-        return
-    if _torch_library("libtorch_hip*"):
+    index = cuda_index(device)
+    if index is None or _torch_library("libtorch_hip*"):
         return
     gpus = cuda_devices() if torch_has_cuda() else 0
-    if (int(device[5:]) if device != "cuda" else 0) >= gpus:
+    if index >= gpus:
         raise NoGpuHere(device, gpus)
+
+
+def cuda_index(device: str) -> int | None:
+    """The GPU a ``--device`` names: N for cuda:N, torch's 0 for cuda; None for auto, cpu or
+    anything else (resolve_device judges those)."""
+    if device == "cuda":
+        return 0
+    return int(device[5:]) if device.startswith("cuda:") and device[5:].isdigit() else None
 
 
 def torch_has_cuda() -> bool:

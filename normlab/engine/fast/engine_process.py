@@ -60,7 +60,7 @@ def wanted(device: str) -> bool:
 
 def trains_on_gpu(device: str) -> bool:
     """Whether ``--device DEVICE`` trains on a GPU here, decided without importing torch."""
-    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+    if devices.cuda_index(device) is not None:
         return True
     return device == "auto" and devices.torch_has_cuda() and devices.cuda_devices() > 0
 
@@ -92,7 +92,7 @@ def _make_cuda_context(device: str) -> None:
     start after torch's import took 0.02 s instead of 0.25-0.34 s on an H200, the thread 0.5 s
     beside an import of 1.2-1.4 s (h200-2026-12-02b-cuda-context.txt). A failure here is met
     again, and reported, by torch."""
-    index = int(device[5:]) if device.startswith("cuda:") and device[5:].isdigit() else 0  # auto, cuda: torch's 0
+    index = devices.cuda_index(device) or 0  # auto: torch's 0
     driver, handle, context = devices.cuda_driver(), ctypes.c_int(0), ctypes.c_void_p()
     if driver is not None and driver.cuDeviceGet(ctypes.byref(handle), index) == 0:
         driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), handle)
