@@ -127,15 +127,20 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
 def _train(ctx, config: TrainConfig, remote: engine_process.RemoteTrainer | None, data_dir: str, device: str,
            experiment: str, resume_run: str, checkpoint_dir: str) -> None:
     """`normlab train` once its options are valid: the trainer here, or ``remote``, the run in an engine process."""
+    from normlab.tracking import connection, run_query
+
+    with _reported():
+        connection.use_command_defaults()
+        connection.check_tracking_reachable()
+        if resume_run:  # a mistyped id, a sweep's parent or a comparison: refused before torch's import
+            run_query.check_resumable(resume_run)
     from normlab.engine.data import DeviceData, load_raw
     from normlab.engine.train import Trainer, resolve_device
-    from normlab.tracking import connection, resume, run_log
+    from normlab.tracking import resume, run_log
     from normlab.tracking.lifecycle import train_tracked
 
     with _reported():
         torch_device = resolve_device(device) if remote is None else None  # the engine process resolves its own
-        connection.use_command_defaults()
-        connection.check_tracking_reachable()
         point = None
         if resume_run:
             explicit = {name for name in CONFIG_OPTIONS if ctx.get_parameter_source(name)

@@ -18,7 +18,9 @@ from mlflow import MlflowClient
 
 from normlab.cli import main
 from normlab.engine.checkpoint import load
-from tests.conftest import cli_env
+from normlab.tracking.run_query import COMPARED_RUNS_TAG
+from normlab.tracking.sweep_records import SWEEP_ROLE
+from tests.conftest import cli_env, run_cli_noting_imports
 from tests.mlflow_server import MlflowServer
 from tests.mnist_fixture import write_mnist
 from tests.process_output import Lines
@@ -194,6 +196,25 @@ def test_ctrl_c_before_the_first_epoch_ends_says_there_is_nothing_to_resume(smal
     refused = resume(run_id, small_mnist_dir, tmp_path / "ck")
     assert refused.exit_code == 1
     assert f"run {run_id} has no checkpoint" in refused.output
+
+
+def test_a_resume_of_no_training_run_is_refused_saying_what_to_do(small_mnist_dir, tmp_path, tracking_uri):
+    """A mistyped run id is refused as typed, in a process that imported MLflow and not torch;
+    a sweep's parent and a comparison are refused with what to do instead of "no checkpoint"."""
+    typo = run_cli_noting_imports("train", "--resume", "0123456789abcdef", "--data-dir", str(small_mnist_dir))
+    assert typo.returncode == 1, typo.stdout + typo.stderr
+    assert f"Error: no run '0123456789abcdef' in the tracking store {tracking_uri}" in typo.stderr
+    assert typo.stdout.splitlines()[-1] == "imported: ['mlflow']"
+    client = MlflowClient()
+    experiment = client.create_experiment("normlab")
+    parent = client.create_run(experiment, tags={SWEEP_ROLE: "parent"}).info.run_id
+    comparison = client.create_run(experiment, tags={COMPARED_RUNS_TAG: "3"}).info.run_id
+    for run_id, says in ((parent, "is a sweep's parent run, not a training run: run the same `normlab sweep` "
+                                  "command again, which resumes its unfinished children"),
+                         (comparison, "is a comparison (`normlab compare`), not a training run: --resume takes "
+                                      "the id of one of the runs it compared")):
+        refused = resume(run_id, small_mnist_dir, tmp_path / "ck")
+        assert refused.exit_code == 1 and f"Error: run {run_id} {says}" in refused.output, refused.output
 
 
 def test_a_second_ctrl_c_during_model_logging_leaves_a_run_the_resume_completes(small_mnist_dir, tmp_path,

@@ -14,6 +14,7 @@ from normlab.engine import checkpoint
 from normlab.engine.config import TrainConfig
 from normlab.errors import ConfigError, ResumeError
 from normlab.tracking import run_log
+from normlab.tracking.run_query import check_resumable
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,10 @@ def find(run_id: str, given: TrainConfig, explicit: set[str], checkpoint_dir: st
     from normlab.errors import LeaseHeld
     from normlab.tracking.lease import check_free
 
+    check_resumable(run_id)
     try:
-        run_log.require_run(run_id)
         check_free(run_id)
-    except (LookupError, LeaseHeld) as exc:
+    except LeaseHeld as exc:
         raise ResumeError(str(exc)) from exc
     local = run_log.local_checkpoint_path(checkpoint_dir, run_id)
     with tempfile.TemporaryDirectory() as tmp:

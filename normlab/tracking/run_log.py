@@ -290,8 +290,6 @@ def attach_log(run_id: str, text: str) -> None:
     """Keep a run's last lines of output as its artifact normlab.log (credentials redacted),
     so a failed or stopped sweep child can be read in MLflow; best effort, since a store
     that fails now is usually why the run ended."""
-    from normlab.tracking.redaction import redact
-
     try:
         MlflowClient().log_text(run_id, redact(text) + "\n", LOG_ARTIFACT)
     except Exception:
@@ -370,17 +368,6 @@ def logged_data_dir(run_id: str) -> str | None:
     else its data_dir param (runs from before that tag); None when it logged neither."""
     data = MlflowClient().get_run(run_id).data
     return data.tags.get("normlab.data_dir") or data.params.get("data_dir")
-
-
-def require_run(run_id: str) -> None:
-    """Raise a clear error when the tracking store has no such run."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        MlflowClient().get_run(run_id)
-    except MlflowException as exc:
-        raise LookupError(redact(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()} "
-                                 f"({str(exc).splitlines()[0]})")) from exc
 
 
 def mark_running() -> None:

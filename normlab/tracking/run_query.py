@@ -11,12 +11,14 @@ from mlflow.tracking import MlflowClient
 
 from normlab.engine.config import METRICS
 from normlab.engine.registry import NORMS, variant_label
-from normlab.errors import SelectionError
+from normlab.errors import ResumeError, SelectionError
 from normlab.tracking import EXPERIMENT
 from normlab.tracking.connection import hide_credentialed_links, run_id_from_env
 from normlab.tracking.redaction import redact
+from normlab.tracking.sweep_records import SWEEP_ROLE
 
 TRAINING_RUN_TAG = "variant"  # set by log_run_setup; sweep parents and comparison runs lack it
+COMPARED_RUNS_TAG = "compared_runs"  # on a comparison run: how many runs it compared
 SPEEDUPS_TAG = "normlab.speedups"  # the engine's techniques a run trained with (run_log.log_run_setup)
 
 COMPARISON_ARTIFACT_DIR = "comparison"
@@ -94,6 +96,24 @@ def select_runs(experiment: str = EXPERIMENT, filter_string: str | None = None,
         detail = f" ({len(left_out)} matched but are not FINISHED: use --include-unfinished)" if left_out else ""
         raise SelectionError(f"no training runs to compare in {searched}{detail}")
     return Selection(runs, left_out, searched)
+
+
+def check_resumable(run_id: str) -> None:
+    """Refuses a `--resume` of a run the store does not have, a sweep's parent or a comparison,
+    saying what to do instead. It needs MLflow only: a mistyped id is refused before torch's import."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = MlflowClient().get_run(run_id).data.tags
+    except MlflowException as exc:
+        raise ResumeError(redact(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()} "
+                                 f"({str(exc).splitlines()[0]})")) from exc
+    if tags.get(SWEEP_ROLE) == "parent":
+        raise ResumeError(f"run {run_id} is a sweep's parent run, not a training run: run the same "
+                          f"`normlab sweep` command again, which resumes its unfinished children")
+    if COMPARED_RUNS_TAG in tags:
+        raise ResumeError(f"run {run_id} is a comparison (`normlab compare`), not a training run: "
+                          f"--resume takes the id of one of the runs it compared")
 
 
 def _get_run(client: MlflowClient, run_id: str, what: str):
@@ -265,7 +285,7 @@ def log_comparison(files: list[Path], compared_run_ids: list[str], params: dict[
 
     client = MlflowClient()
     ids = ",".join(compared_run_ids)
-    tags = {"compared_runs": str(len(compared_run_ids)),
+    tags = {COMPARED_RUNS_TAG: str(len(compared_run_ids)),
             # MLflow caps tag values at 8,000 characters; runs.csv always lists every id
             "compared_run_ids": ids if len(ids) <= 8000 else "see comparison/runs.csv"}
     run_id = log_to_run_id or run_id_from_env()
