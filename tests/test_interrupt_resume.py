@@ -200,11 +200,20 @@ def test_ctrl_c_before_the_first_epoch_ends_says_there_is_nothing_to_resume(smal
 
 def test_a_resume_of_no_training_run_is_refused_saying_what_to_do(small_mnist_dir, tmp_path, tracking_uri):
     """A mistyped run id is refused as typed, in a process that imported MLflow and not torch;
-    a sweep's parent and a comparison are refused with what to do instead of "no checkpoint"."""
+    so is one in a folder without the store, which is not created. A sweep's parent and a
+    comparison are refused with what to do instead of "no checkpoint"."""
     typo = run_cli_noting_imports("train", "--resume", "0123456789abcdef", "--data-dir", str(small_mnist_dir))
     assert typo.returncode == 1, typo.stdout + typo.stderr
     assert f"Error: no run '0123456789abcdef' in the tracking store {tracking_uri}" in typo.stderr
     assert typo.stdout.splitlines()[-1] == "imported: ['mlflow']"
+    elsewhere = tmp_path / "elsewhere"  # MLflow's default store, ./mlflow.db, is not in this folder
+    elsewhere.mkdir()
+    no_store = run_cli_noting_imports("train", "--resume", "0123456789abcdef", cwd=elsewhere, MLFLOW_TRACKING_URI="")
+    assert no_store.returncode == 1, no_store.stdout + no_store.stderr
+    assert (f"Error: no run '0123456789abcdef': there is no tracking store at sqlite:///{elsewhere}/mlflow.db; run "
+            f"the command in the folder the run was trained in, or set MLFLOW_TRACKING_URI to its store"
+            in no_store.stderr), no_store.stderr
+    assert list(elsewhere.iterdir()) == []  # no empty store made
     client = MlflowClient()
     experiment = client.create_experiment("normlab")
     parent = client.create_run(experiment, tags={SWEEP_ROLE: "parent"}).info.run_id

@@ -215,9 +215,9 @@ def create_store_safely() -> None:
     import fcntl
 
     uri = mlflow.get_tracking_uri()
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_file(uri)
+    if db is None:
         return
-    db = Path(uri[len("sqlite:///"):].split("?")[0])
     try:
         lock = open(db.with_name(db.name + ".lock"), "w")
     except OSError as exc:
@@ -226,6 +226,11 @@ def create_store_safely() -> None:
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         MlflowClient().search_experiments(max_results=1)  # creates and migrates the schema
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite tracking URI; None for other stores."""
+    return Path(uri[len("sqlite:///"):].split("?")[0]) if uri.startswith("sqlite:///") else None
 
 
 def tracking_uri() -> str:
