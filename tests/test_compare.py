@@ -599,6 +599,17 @@ def test_compare_command_never_imports_torch(tmp_path, store):
     assert (tmp_path / "out" / "test_accuracy.png").stat().st_size > 10_000
 
 
+def test_compare_in_a_folder_without_the_default_store_says_so_and_creates_none(tmp_path):
+    """As typed where nothing was trained (MLFLOW_TRACKING_URI unset): MLflow would create an
+    empty ./mlflow.db and the comparison would find no runs in it."""
+    done = run_cli_noting_imports("compare", cwd=tmp_path, MLFLOW_TRACKING_URI="")
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (f"Error: there is no tracking store at sqlite:///{tmp_path}/mlflow.db, so no runs to compare; run this "
+            f"in the folder the runs were trained in, or set MLFLOW_TRACKING_URI to their store") in done.stderr
+    assert list(tmp_path.iterdir()) == []  # neither a store nor the results folder
+    assert done.stdout.splitlines()[-1] == "imported: ['mlflow']"
+
+
 def test_compare_draws_no_progress_bar_per_downloaded_gallery_unless_the_user_asks(tmp_path, store):
     """The comparison downloads each run's misclassified.png and .json; with tqdm installed
     (the test extras install it, as many environments have it) MLflow would draw a progress

@@ -233,6 +233,14 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):].split("?")[0]) if uri.startswith("sqlite:///") else None
 
 
+def missing_store() -> str | None:
+    """The tracking URI when it names a sqlite file that is not there (MLflow's default,
+    ./mlflow.db, in a folder where nothing was trained): reading it would create an empty one."""
+    uri = mlflow.get_tracking_uri()
+    store = sqlite_file(uri)
+    return uri if store is not None and not store.exists() else None
+
+
 def tracking_uri() -> str:
     """The store this process logs to (MLFLOW_TRACKING_URI, else MLflow's default)."""
     return mlflow.get_tracking_uri()

@@ -13,7 +13,7 @@ from normlab.engine.config import METRICS
 from normlab.engine.registry import NORMS, variant_label
 from normlab.errors import ResumeError, SelectionError
 from normlab.tracking import EXPERIMENT
-from normlab.tracking.connection import hide_credentialed_links, run_id_from_env, sqlite_file
+from normlab.tracking.connection import hide_credentialed_links, missing_store, run_id_from_env
 from normlab.tracking.redaction import redact
 from normlab.tracking.sweep_records import SWEEP_ROLE
 
@@ -55,6 +55,10 @@ def select_runs(experiment: str = EXPERIMENT, filter_string: str | None = None,
     from mlflow.entities import ViewType
     from mlflow.exceptions import MlflowException
 
+    if missing := missing_store():
+        raise SelectionError(redact(f"there is no tracking store at {missing}, so no runs to compare; run this "
+                                    f"in the folder the runs were trained in, or set MLFLOW_TRACKING_URI to "
+                                    f"their store"))
     client = MlflowClient()
     clauses = [filter_string] if filter_string else []  # MLflow filters have AND only, no parentheses
     if run_ids:
@@ -103,15 +107,13 @@ def check_resumable(run_id: str) -> None:
     saying what to do instead. It needs MLflow only: a mistyped id is refused before torch's import."""
     from mlflow.exceptions import MlflowException
 
-    uri = mlflow.get_tracking_uri()
-    store = sqlite_file(uri)
-    if store is not None and not store.exists():  # asking MLflow would create an empty one
-        raise ResumeError(redact(f"no run {run_id!r}: there is no tracking store at {uri}; run the command "
+    if missing := missing_store():
+        raise ResumeError(redact(f"no run {run_id!r}: there is no tracking store at {missing}; run the command "
                                  f"in the folder the run was trained in, or set MLFLOW_TRACKING_URI to its store"))
     try:
         tags = MlflowClient().get_run(run_id).data.tags
     except MlflowException as exc:
-        raise ResumeError(redact(f"no run {run_id!r} in the tracking store {uri} "
+        raise ResumeError(redact(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()} "
                                  f"({str(exc).splitlines()[0]})")) from exc
     if tags.get(SWEEP_ROLE) == "parent":
         raise ResumeError(f"run {run_id} is a sweep's parent run, not a training run: run the same "
