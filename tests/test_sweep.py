@@ -317,7 +317,21 @@ def test_a_sweep_ends_with_one_finished_child_per_config_under_its_parent_and_th
         assert row.final_test_acc == pytest.approx(children[row.run_id].data.metrics["test_acc"])
 
 
-def test_runs_after_others_in_one_worker_log_exactly_what_each_logs_alone(sweep_twice, small_mnist_dir):
+@pytest.fixture(scope="module")
+def ln_s2_alone(tmp_path_factory, small_mnist_dir) -> dict:
+    """`normlab train` of the sweeps' ln-s2 config alone, in a fresh process and a store of its
+    own: what ln-s2 of each sweep_twice (both ways) must equal."""
+    tmp = tmp_path_factory.mktemp("ln-s2-alone")
+    uri = store_uri(tmp)
+    alone = run_cli("train", "--norm", "ln", "--seed", "2", "--epochs", "2", "--data-dir", str(small_mnist_dir),
+                    "--checkpoint-dir", str(tmp / "ck"), cwd=tmp, MLFLOW_TRACKING_URI=uri)
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("normlab").experiment_id])
+    return dict(client=client, run=run, tmp=tmp)
+
+
+def test_runs_after_others_in_one_worker_log_exactly_what_each_logs_alone(sweep_twice, ln_s2_alone, small_mnist_dir):
     """ln-s2 is the third run of the second invocation's warm worker (after a resume and
     another run), and trains on the model and steps ln-s1 left (Trainer's warm); `normlab
     train` of its config alone, in a fresh process, logs the same numbers bit for bit and ends
@@ -325,24 +339,21 @@ def test_runs_after_others_in_one_worker_log_exactly_what_each_logs_alone(sweep_
     own weights (results_log._exports_reusing_graphs), predicts what the one exported alone does."""
     client, tmp = sweep_twice["client"], sweep_twice["tmp"]
     assert "[ln-s2] takes over the model and steps of ln-s1" in sweep_twice["again"].stdout
-    alone = run_cli("train", "--norm", "ln", "--seed", "2", "--epochs", "2", "--data-dir", str(small_mnist_dir),
-                    "--experiment", "alone", "--checkpoint-dir", str(tmp / "ck-alone"), cwd=tmp,
-                    MLFLOW_TRACKING_URI=sweep_twice["uri"])
-    assert alone.returncode == 0, alone.stdout + alone.stderr
-    [alone_run] = client.search_runs([client.get_experiment_by_name("alone").experiment_id])
     ln2 = SMALL_GRID.configs()[3]
     assert (ln2.norm, ln2.seed) == ("ln", 2)
     _, children = sweep_runs(client)
     [child] = [r for r in children.values() if r.data.tags[st.CONFIG_HASH] == ln2.config_hash()]
-    assert alone_run.data.tags["config_hash"] == ln2.config_hash()
-    assert histories(client, child.info.run_id) == histories(client, alone_run.info.run_id)
-    weights = [load(Path(client.download_artifacts(r.info.run_id, "checkpoint/last.pt", str(tmp / r.info.run_id))))
-               for r in (child, alone_run)]
+    alone, alone_client = ln_s2_alone["run"], ln_s2_alone["client"]
+    assert alone.data.tags["config_hash"] == ln2.config_hash()
+    assert histories(client, child.info.run_id) == histories(alone_client, alone.info.run_id)
+    runs = ((client, child), (alone_client, alone))
+    weights = [load(Path(c.download_artifacts(r.info.run_id, "checkpoint/last.pt", str(tmp / r.info.run_id))))
+               for c, r in runs]
     assert weights[0]["model"].keys() == weights[1]["model"].keys()
     for name, tensor in weights[0]["model"].items():
         assert torch.equal(tensor, weights[1]["model"][name]), name
-    mistakes = [Path(client.download_artifacts(r.info.run_id, "misclassified.json", str(tmp / r.info.run_id)))
-                .read_text() for r in (child, alone_run)]
+    mistakes = [Path(c.download_artifacts(r.info.run_id, "misclassified.json", str(tmp / r.info.run_id))).read_text()
+                for c, r in runs]
     assert mistakes[0] == mistakes[1]
     import mlflow.pytorch
 
@@ -350,8 +361,8 @@ def test_runs_after_others_in_one_worker_log_exactly_what_each_logs_alone(sweep_
 
     images = DeviceData(load_raw("mnist", small_mnist_dir), "cpu").test_x[:100]
     with torch.no_grad():
-        predicted = [mlflow.pytorch.load_model(client.get_logged_model(
-            r.data.tags["model_uri"].removeprefix("models:/")).artifact_location)(images) for r in (child, alone_run)]
+        predicted = [mlflow.pytorch.load_model(c.get_logged_model(
+            r.data.tags["model_uri"].removeprefix("models:/")).artifact_location)(images) for c, r in runs]
     assert torch.equal(predicted[0], predicted[1])
 
 
