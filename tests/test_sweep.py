@@ -663,6 +663,54 @@ def test_two_worker_processes_share_the_sweep_and_a_killed_one_has_its_run_resum
     assert {r.data.tags[st.DEVICE] for r in children.values()} == {"cpu worker 1", "cpu worker 2"}
 
 
+# `normlab sweep` with a worker process per GPU where the machine has one GPU: both workers
+# pinned to it (CUDA_VISIBLE_DEVICES cannot name a GPU twice), the one-GPU engine process off
+TWO_WORKERS_ON_ONE_GPU = """
+import sys
+from normlab.cli import entry
+from normlab.sweep import executors
+executors.local_devices = lambda device, cpu_workers=1: [("cuda", {"CUDA_VISIBLE_DEVICES": "0"})] * 2
+sys.argv[1:] = sys.argv[2:]
+entry()
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_gpus_a_worker_process_per_gpu_trains_the_sweep(tmp_path, small_mnist_dir):
+    """The sweep as on a machine with several GPUs: a worker process per GPU, each pinned to
+    its GPU with CUDA_VISIBLE_DEVICES, without the one-GPU engine process; as typed there. On a
+    machine with one GPU, the same path with two worker processes pinned to it
+    (TWO_WORKERS_ON_ONE_GPU). Eight children, as a GPU worker takes six at once: at least two
+    workers train, every child finishes once on a GPU, and each one's training loss falls."""
+    uri = store_uri(tmp_path)
+    grid = Grid(norms=("bn", "ln"), seeds=(1, 2, 3, 4), epochs=2)
+    args = ("sweep", "--norms", "bn,ln", "--seeds", "4", "--epochs", "2", "--data-dir", str(small_mnist_dir), "--checkpoint-dir", str(tmp_path / "ck"),
+            "--out", str(tmp_path / "out"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
+    if "," in visible:
+        gpus = visible.split(",")
+        done = run_cli(*args, cwd=tmp_path, MLFLOW_TRACKING_URI=uri, CUDA_VISIBLE_DEVICES=visible)
+    else:
+        gpus = ["0", "0"]
+        done = subprocess.run([sys.executable, "-c", TWO_WORKERS_ON_ONE_GPU, "normlab", *args], cwd=tmp_path,
+                              env=cli_env(MLFLOW_TRACKING_URI=uri, CUDA_VISIBLE_DEVICES=visible,
+                                          NORMLAB_ENGINE_PROCESS="never"),
+                              capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    where = ", ".join(f"GPU {gpu}" for gpu in gpus)
+    assert f"{len(gpus)} local worker process(es) ({where})" in done.stdout, done.stdout
+    pids = set(re.findall(r"\] started on GPU \S+ \(pid (\d+)\)", done.stdout))
+    assert len(pids) >= 2, done.stdout
+    client = MlflowClient(uri)
+    parents, children = sweep_runs(client)
+    assert parents[0].info.status == "FINISHED"
+    assert_one_finished_child_per_config(client, grid, children)
+    for run in children.values():
+        assert re.fullmatch(rf"cuda:({'|'.join(gpus)}) \(.+\)", run.data.tags[st.DEVICE]), run.data.tags[st.DEVICE]
+        losses = [loss for _, loss in histories(client, run.info.run_id)["train_loss"]]
+        assert losses[1] < losses[0], (run.info.run_name, losses)  # it learns (2 epochs of 1,000 digits)
+
+
 def test_a_dead_workers_run_is_failed_then_resumed_from_a_checkpoint_or_trained_anew(tracking_uri, tmp_path):
     """What the executors do with the run of a worker that died, on a real store: FAILED with
     the reason and its lease broken; retried as a resume when the run has a checkpoint (the
