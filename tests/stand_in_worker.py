@@ -2,12 +2,13 @@
 nothing and imports nothing heavy, so that a test can start, kill and restart worker
 processes in seconds. It speaks the worker's protocol: requests from its own task queue
 until a None, and ("started" | "done", config hash, value) messages on its pipe; each
-request "trains" by sleeping for its config's seconds. The real worker under the same
-executor is tested with real runs in tests/test_sweep.py."""
+request "trains" by sleeping for its config's seconds, on a thread of its own. The real
+worker under the same executor is tested with real runs in tests/test_sweep.py."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -41,8 +42,23 @@ class Result:
 
 
 def serve(index: int, device: str, settings: Settings, tasks, results) -> None:
-    while (request := tasks.get()) is not None:
+    """Each request on a thread of its own, as a GPU worker trains several runs at once (the
+    executor gives a CPU worker one at a time)."""
+    sending = threading.Lock()
+
+    def send(message: tuple) -> None:
+        with sending:
+            results.send(message)
+
+    def run(request: Request) -> None:
         key = request.config.config_hash()
-        results.send(("started", key, None))
+        send(("started", key, None))
         time.sleep(request.config.seconds)
-        results.send(("done", key, Result(request.config, "FINISHED", os.getpid())))
+        send(("done", key, Result(request.config, "FINISHED", os.getpid())))
+
+    threads = []
+    while (request := tasks.get()) is not None:
+        threads.append(threading.Thread(target=run, args=(request,)))
+        threads[-1].start()
+    for thread in threads:
+        thread.join()

@@ -581,6 +581,28 @@ def test_a_worker_killed_while_it_waits_for_work_does_not_keep_the_others_from_t
     assert len(re.findall(r"^\[long\] started on", text, re.M)) == 2
 
 
+@pytest.mark.parametrize("runs, gpus, spread", [(9, 2, [5, 4]), (9, 4, [3, 2, 2, 2]), (4, 2, [2, 2]),
+                                                (14, 2, [6, 6])])
+def test_a_sweep_on_several_gpus_spreads_its_runs_over_them(monkeypatch, runs, gpus, spread):
+    """The local executor with a worker process per GPU, each taking six runs at once
+    (stand-ins that sleep, tests/stand_in_worker.py): each run goes to the worker with the
+    fewest, so a sweep with fewer runs than places trains on every GPU. Given in order, the
+    first worker took six and left the others three or none (the README's study, 9 runs, on
+    four GPUs: two of them idle). Beyond the places, the rest wait for the first to finish."""
+    from normlab.sweep import executors
+    from tests import stand_in_worker as stand_in
+
+    monkeypatch.setattr(executors, "_local_worker", stand_in.serve)
+    monkeypatch.setenv("NORMLAB_RUNS_PER_GPU", "6")
+    devices = [("cuda", {"CUDA_VISIBLE_DEVICES": str(gpu)}) for gpu in range(gpus)]
+    lines, results = [], []
+    executor = executors.LocalExecutor(devices, stand_in.Settings(), lines.append)
+    executor.run([stand_in.Request(stand_in.Config(f"run{i}", 1.0)) for i in range(runs)], results.append)
+    assert sorted(r.config.run_name for r in results) == sorted(f"run{i}" for i in range(runs))
+    first = [re.match(r"\[run\d+\] started on (GPU \d)", line)[1] for line in lines if "started on" in line]
+    assert [first[:sum(spread)].count(f"GPU {gpu}") for gpu in range(gpus)] == spread, lines
+
+
 def test_an_engine_process_is_handed_the_runs_in_the_sweeps_order_however_long_each_takes_to_hand_over():
     """The in-process executor with an engine process: four threads hand runs over to two
     places. Here a run's hand-over takes longer the earlier it is in the sweep (as one that

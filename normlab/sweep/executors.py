@@ -226,8 +226,10 @@ class _LocalWorker:
 
 
 class LocalExecutor:
-    """One worker process per device of this machine, each given a run whenever it has a free
-    place (so a worker that finishes early takes the next run), with no service to start."""
+    """One worker process per device of this machine, with no service to start. The next run
+    goes to the worker with the fewest runs, while one has a free place: a sweep with fewer
+    runs than places spreads over the GPUs (9 runs on two GPUs train 5 and 4 at once, not 6
+    and 3; on four, 3, 2, 2 and 2), and a worker that finishes early takes the next run."""
 
     def __init__(self, devices: list[tuple[str, dict[str, str]]], settings: WorkerSettings,
                  echo: Callable[[str], None]):
@@ -285,11 +287,15 @@ class LocalExecutor:
                         on_result(RunResult(request.config, request.run_id, "KILLED",
                                             "not started: the sweep was stopped"))
                         outstanding -= 1
-                for index, worker in self.processes.items():
-                    while waiting and len(worker.given) < self.concurrent and worker.process.is_alive():
-                        request = waiting.popleft()
-                        worker.given[request.config.config_hash()] = request
-                        worker.tasks.put(request)
+                while waiting:  # to the living worker with the fewest runs, as RayExecutor does
+                    free = [w for w in self.processes.values()
+                            if len(w.given) < self.concurrent and w.process.is_alive()]
+                    if not free:
+                        break
+                    worker = min(free, key=lambda w: len(w.given))
+                    request = waiting.popleft()
+                    worker.given[request.config.config_hash()] = request
+                    worker.tasks.put(request)
                 pipes = {w.results: index for index, w in self.processes.items()}
                 for pipe in multiprocessing.connection.wait(list(pipes), timeout=0.5):
                     try:
