@@ -118,7 +118,7 @@ def check_resumable(run_id: str) -> None:
     if tags.get(SWEEP_ROLE) == "parent":
         raise ResumeError(f"run {run_id} is a sweep's parent run, not a training run: run the same "
                           f"`normlab sweep` command again, which resumes its unfinished children")
-    if COMPARED_RUNS_TAG in tags:
+    if COMPARED_RUNS_TAG in tags and TRAINING_RUN_TAG not in tags:  # --log-to-run can put one in a training run
         raise ResumeError(f"run {run_id} is a comparison (`normlab compare`), not a training run: "
                           f"--resume takes the id of one of the runs it compared")
 
