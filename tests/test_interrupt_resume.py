@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from normlab.cli import main
 from normlab.engine.checkpoint import load
-from normlab.tracking.run_query import COMPARED_RUNS_TAG
+from normlab.tracking.run_query import COMPARED_RUNS_TAG, TRAINING_RUN_TAG
 from normlab.tracking.sweep_records import SWEEP_ROLE
 from tests.conftest import cli_env, run_cli_noting_imports
 from tests.mlflow_server import MlflowServer
@@ -224,6 +224,10 @@ def test_a_resume_of_no_training_run_is_refused_saying_what_to_do(small_mnist_di
                                       "the id of one of the runs it compared")):
         refused = resume(run_id, small_mnist_dir, tmp_path / "ck")
         assert refused.exit_code == 1 and f"Error: run {run_id} {says}" in refused.output, refused.output
+    # a training run that a comparison was logged into (--log-to-run) is looked at as a training run
+    trained = client.create_run(experiment, tags={COMPARED_RUNS_TAG: "3", TRAINING_RUN_TAG: "LN"}).info.run_id
+    refused = resume(trained, small_mnist_dir, tmp_path / "ck")
+    assert refused.exit_code == 1 and f"Error: run {trained} has no checkpoint" in refused.output, refused.output
 
 
 def test_a_second_ctrl_c_during_model_logging_leaves_a_run_the_resume_completes(small_mnist_dir, tmp_path,
