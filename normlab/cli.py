@@ -61,6 +61,14 @@ def main() -> None:
     """normlab: normalization experiments on small CNNs, tracked in MLflow."""
 
 
+def _note_auto_on_the_cpu(device: str) -> None:
+    """Say so where --device auto would quietly train on the CPU of a GPU machine (its GPUs
+    hidden by CUDA_VISIBLE_DEVICES): a run many times slower than the user expects."""
+    note = devices.auto_on_the_cpu_note(device)
+    if note:
+        click.echo(f"note: {note}", err=True)
+
+
 def _check_writable(folder: str, option: str, keep: bool = True) -> None:
     """A folder the user names, made and checked to take files before any data loads or run
     starts (a typo in it was found after the training, or after reading the runs); with
@@ -111,6 +119,7 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
     with _reported():
         config.validate()  # before torch and MLflow are even imported
         devices.refuse_a_missing_gpu(device)
+        _note_auto_on_the_cpu(device)
         _check_writable(checkpoint_dir, "--checkpoint-dir")
         compile_choice(), kernel_helpers()  # the speed settings the engine reads
         own_process = not resume_run and engine_process.wanted(device)
@@ -392,6 +401,7 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
             _check_writable(out, "--out")
         if not address:  # a cluster's GPUs and disks are its own
             devices.refuse_a_missing_gpu(device)
+            _note_auto_on_the_cpu(device)
             _check_writable(checkpoint_dir, "--checkpoint-dir")
         one_engine = not address and engine_process.wanted_for_sweep(device, workers)
         results_elsewhere = results_process.wanted(one_engine)

@@ -9,13 +9,15 @@ class ConfigError(ValueError):
 class NoGpuHere(ConfigError):
     """--device names a CUDA GPU this machine does not have."""
 
-    def __init__(self, requested: str, gpus: int):
+    def __init__(self, requested: str, gpus: int, hidden_note: str = ""):
+        why = f" ({hidden_note})" if hidden_note else ""
         if gpus == 0:
-            super().__init__(f"--device {requested} was requested but no CUDA GPU is available here; "
+            super().__init__(f"--device {requested} was requested but no CUDA GPU is available here{why}; "
                              f"use --device cpu or auto")
         else:
             which = "1 CUDA GPU (cuda:0)" if gpus == 1 else f"{gpus} CUDA GPUs (cuda:0 to cuda:{gpus - 1})"
-            super().__init__(f"--device {requested} was requested but this machine has {which}; "
+            where = "CUDA sees" if hidden_note else "this machine has"
+            super().__init__(f"--device {requested} was requested but {where} {which}{why}; "
                              f"use one of them, cuda, cpu or auto")
 
 

@@ -11,6 +11,7 @@ stopped-and-resumed sweep runs both ways too.)
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from normlab.engine.fast import engine_process
 from normlab.engine.train import Trainer, fit
 from normlab.errors import NoGpuHere
 from normlab.tracking import results_process
-from tests.conftest import cli_env, run_cli
+from tests.conftest import cli_env, run_cli, run_cli_noting_imports
 from tests.process_output import Lines
 from tests.test_sweep import sweep_runs
 
@@ -304,6 +305,36 @@ def test_a_missing_gpu_is_named_from_the_drivers_count_and_a_rocm_torch_is_left_
     devices.refuse_a_missing_gpu("cuda")  # ROCm: its GPUs are torch's to count
 
 
+def test_gpus_hidden_by_cuda_visible_devices_are_named_in_the_refusal_and_for_auto(monkeypatch):
+    """The machine's count comes from the NVIDIA driver's listing, here stood in for: CI has
+    no GPU (the GPU test below checks it as typed on one)."""
+    monkeypatch.setattr(devices, "_torch_library", lambda pattern: pattern == "libtorch_cuda*")
+    monkeypatch.setattr(devices, "machine_gpus", lambda: 2)
+    monkeypatch.setattr(devices, "cuda_devices", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,0")
+    hidden = ("CUDA_VISIBLE_DEVICES='0,0' shows CUDA 0 of this machine's 2 GPUs: name each of 0 to 1 at most once, "
+              "or unset it for all")
+    with pytest.raises(NoGpuHere) as refused:
+        devices.refuse_a_missing_gpu("cuda")
+    assert str(refused.value) == (f"--device cuda was requested but no CUDA GPU is available here ({hidden}); "
+                                  f"use --device cpu or auto")
+    assert devices.auto_on_the_cpu_note("auto") == f"--device auto trains on the CPU: {hidden}"
+    assert devices.auto_on_the_cpu_note("cpu") == ""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.setattr(devices, "cuda_devices", lambda: 1)
+    with pytest.raises(NoGpuHere, match=r"^--device cuda:1 was requested but CUDA sees 1 CUDA GPU \(cuda:0\) "
+                                        r"\(CUDA_VISIBLE_DEVICES='1' shows CUDA 1 of this machine's 2 GPUs"):
+        devices.refuse_a_missing_gpu("cuda:1")
+    assert devices.auto_on_the_cpu_note("auto") == ""  # it trains on the GPU CUDA sees
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(devices, "cuda_devices", lambda: 2)
+    assert devices.hidden_gpus_note(2) == ""
+    monkeypatch.setattr(devices, "machine_gpus", lambda: 0)  # no NVIDIA driver: nothing is hidden
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(devices, "cuda_devices", lambda: 0)
+    assert devices.hidden_gpus_note(0) == "" and devices.auto_on_the_cpu_note("auto") == ""
+
+
 def test_a_bad_switch_is_refused_before_anything_starts(tmp_path):
     result = run_cli("train", "--epochs", "1", NORMLAB_ENGINE_PROCESS="sometimes", cwd=tmp_path)
     assert result.returncode == 2
@@ -393,6 +424,22 @@ def test_on_a_gpu_train_has_an_engine_process_by_default_and_logs_what_one_proce
     ours_state, theirs_state = final_state(ours.info.run_id), final_state(theirs.info.run_id)
     for name, weights in theirs_state["model"].items():
         assert torch.equal(ours_state["model"][name], weights), name
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_machine_gpus_hidden_by_cuda_visible_devices_are_named(small_mnist_dir, tmp_path, tracking_uri):
+    """As typed with a GPU named twice, which CUDA cannot start on: --device cuda is refused
+    saying why, and auto says it trains on the CPU, then does."""
+    hidden = r"CUDA_VISIBLE_DEVICES='0,0' shows CUDA 0 of this machine's \d+ GPUs?: name each of 0 to \d+ at most once"
+    refused = run_cli_noting_imports("train", "--device", "cuda", cwd=tmp_path, CUDA_VISIBLE_DEVICES="0,0")
+    assert refused.returncode == 2 and "imported: []" in refused.stdout, refused.stdout + refused.stderr
+    assert re.search(rf"no CUDA GPU is available here \({hidden}.*\); use --device cpu or auto", refused.stderr)
+    auto = run_cli("train", "--epochs", "1", "--data-dir", str(small_mnist_dir), "--checkpoint-dir", str(tmp_path),
+                   cwd=tmp_path, CUDA_VISIBLE_DEVICES="0,0")
+    assert auto.returncode == 0, auto.stdout + auto.stderr
+    assert re.search(rf"^note: --device auto trains on the CPU: {hidden}", auto.stderr, re.M), auto.stderr
+    assert only_run(MlflowClient(), "normlab").data.tags["normlab.device"] == "cpu"
 
 
 LOCK_THEN_EXIT = """

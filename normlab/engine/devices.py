@@ -1,12 +1,14 @@
 """What GPUs this machine has, known without importing torch (1.4-2.7 s): CUDA's driver
-library and the installed torch's build. The engine process decides from it where the
-engine runs, and the commands refuse a `--device` that names no GPU here before anything
-starts (resolve_device, in engine/train.py, is the same check after torch's import)."""
+library, NVML (which also counts the GPUs CUDA_VISIBLE_DEVICES hides) and the installed
+torch's build. The engine process decides from it where the engine runs, and the commands
+refuse a `--device` that names no GPU here before anything starts (resolve_device, in
+engine/train.py, is the same check after torch's import)."""
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 from pathlib import Path
 
 from normlab.errors import NoGpuHere
@@ -23,7 +25,44 @@ def refuse_a_missing_gpu(device: str) -> None:
         return
     gpus = cuda_devices() if torch_has_cuda() else 0
     if index >= gpus:
-        raise NoGpuHere(device, gpus)
+        raise NoGpuHere(device, gpus, hidden_gpus_note(gpus))
+
+
+def hidden_gpus_note(cuda_gpus: int) -> str:
+    """Where CUDA_VISIBLE_DEVICES shows CUDA fewer GPUs than the machine has, a sentence
+    saying so ('' otherwise): a value naming a GPU twice (0,0) or one that is not there
+    leaves CUDA none, and `auto` would quietly train on the CPU."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    machine = machine_gpus() if value is not None else 0
+    if machine <= cuda_gpus:
+        return ""
+    return (f"CUDA_VISIBLE_DEVICES={value!r} shows CUDA {cuda_gpus} of this machine's {machine} "
+            f"GPU{'s' if machine > 1 else ''}: name each of 0 to {machine - 1} at most once, or unset it for all")
+
+
+def auto_on_the_cpu_note(device: str) -> str:
+    """For ``--device auto`` where CUDA_VISIBLE_DEVICES hides every GPU of a machine that has
+    some, a sentence saying that this trains on the CPU, and why ('' otherwise)."""
+    if device != "auto" or "CUDA_VISIBLE_DEVICES" not in os.environ or not torch_has_cuda() or cuda_devices():
+        return ""
+    hidden = hidden_gpus_note(0)
+    return f"--device auto trains on the CPU: {hidden}" if hidden else ""
+
+
+def machine_gpus() -> int:
+    """How many NVIDIA GPUs the machine has, from NVML (the library nvidia-smi reads), which
+    ignores CUDA_VISIBLE_DEVICES; 0 without the NVIDIA driver."""
+    count = ctypes.c_uint(0)
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        if nvml.nvmlInit_v2() != 0:
+            return 0
+    except (OSError, AttributeError):
+        return 0
+    try:
+        return count.value if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0 else 0
+    finally:
+        nvml.nvmlShutdown()
 
 
 def cuda_index(device: str) -> int | None:

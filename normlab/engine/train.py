@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from normlab.engine.config import METRICS, TrainConfig, steps_key
 from normlab.engine.data import DeviceData, batch_slices
+from normlab.engine.devices import hidden_gpus_note
 from normlab.engine.fast import Speedups
 from normlab.engine.fast.chunked_steps import EpochSteps
 from normlab.engine.fast.deferred_dynamo import defer_dynamo_imports
@@ -45,10 +46,8 @@ def resolve_device(requested: str) -> torch.device:
     if requested.startswith("cuda"):
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (torch.device(requested).index or 0) >= gpus:
-            raise NoGpuHere(requested, gpus)
+            raise NoGpuHere(requested, gpus, hidden_gpus_note(gpus))
     return torch.device(requested)
-
-
 
 
 @dataclass(frozen=True)
