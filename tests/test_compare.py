@@ -188,23 +188,25 @@ def test_nothing_to_compare_is_a_clear_error(store, kwargs, message):
         compare.load_comparison(**kwargs)
 
 
+def copy_run(client: MlflowClient, source, experiment: str, status: str, with_history: bool, seed: int) -> str:
+    """The source run's tags, params (but the seed) and (optionally) histories, as a new run of
+    the experiment; no artifacts."""
+    run_id = client.create_run(experiment, tags=source.data.tags).info.run_id
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in source.data.params.items()
+                                     if k != "seed"] + [mlflow.entities.Param("seed", str(seed))])
+    if with_history:
+        for metric in source.data.metrics:
+            client.log_batch(run_id, metrics=client.get_metric_history(source.info.run_id, metric))
+    client.set_terminated(run_id, status)
+    return run_id
+
+
 def test_unfinished_runs_and_runs_without_history_are_named_and_left_out(tmp_path, store):
     client = MlflowClient()
     source = client.get_run(store.run("ln", 1).run_id)
     experiment = client.get_experiment_by_name("odd").experiment_id
-
-    def copy_run(status: str, with_history: bool, seed: int) -> str:
-        """The source run's tags, params and (optionally) histories; no artifacts."""
-        run_id = client.create_run(experiment, tags=source.data.tags).info.run_id
-        client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in source.data.params.items()
-                                         if k != "seed"] + [mlflow.entities.Param("seed", str(seed))])
-        if with_history:
-            for metric in source.data.metrics:
-                client.log_batch(run_id, metrics=client.get_metric_history(source.info.run_id, metric))
-        client.set_terminated(run_id, status)
-        return run_id
-
-    failed, empty = copy_run("FAILED", True, seed=0), copy_run("FINISHED", False, seed=7)
+    failed = copy_run(client, source, experiment, "FAILED", True, seed=0)
+    empty = copy_run(client, source, experiment, "FINISHED", False, seed=7)
     ids = [source.info.run_id, failed, empty]
     with pytest.warns(compare.SkippedRunsWarning) as caught:
         kept = compare.load_comparison(run_ids=ids)
@@ -226,6 +228,29 @@ def test_unfinished_runs_and_runs_without_history_are_named_and_left_out(tmp_pat
         compare.load_comparison(run_ids=[empty])
     with pytest.raises(SelectionError, match=r"1 matched but are not FINISHED: use --include-unfinished"):
         compare.load_comparison(experiment="odd", filter_string="attributes.status = 'FAILED'")
+
+
+def test_a_variant_and_seed_trained_twice_counts_once_the_newest_run(tmp_path, store):
+    """The same study twice in one store (a sweep, then the same sweep through `mlflow run`)
+    had each seed counted twice: n doubled and intervals narrowed by about 1/sqrt(2) with no
+    new information. As typed: `normlab compare` keeps the newest run of each variant and
+    seed and names the ones left out."""
+    client = MlflowClient()
+    experiment = client.create_experiment("repeats", artifact_location=str(tmp_path / "artifacts"))
+    ln1, ln2 = (client.get_run(store.run("ln", seed).run_id) for seed in (1, 2))
+    older = [copy_run(client, source, experiment, "FINISHED", True, seed) for source, seed in ((ln1, 1), (ln2, 2))]
+    newer = copy_run(client, ln1, experiment, "FINISHED", True, seed=1)  # LN seed 1 again
+    out = tmp_path / "out"
+    done = CliRunner().invoke(main, ["compare", "--experiment", "repeats", "--out", str(out)])
+    assert done.exit_code == 0, done.output[-3000:]
+    assert (f"warning: 1 run(s) left out because a newer run has the same variant and seed (a seed is one sample: "
+            f"counting its repeats as more seeds would narrow the intervals falsely): {older[0]} (LN, seed 1, "
+            f"FINISHED)") in done.output
+    assert "compared 2 runs, 1 variant" in done.output and "| LN | 7,750 | 2 (1 2) |" in done.output
+    assert sorted(pd.read_csv(out / "runs.csv")["run_id"]) == sorted([older[1], newer])
+    accuracies = [store.run("ln", seed).printed["test_acc"].iloc[-1] for seed in (1, 2)]
+    [row] = pd.read_csv(out / "results.csv").to_dict("records")
+    assert row["n"] == 2 and row["final_test_acc_std"] == pytest.approx(pd.Series(accuracies).std(), abs=0.01)
 
 
 # --- figures -------------------------------------------------------------------------

@@ -31,7 +31,8 @@ CURVE_FILES = {  # file name: (metrics, one per row; title)
 
 
 class SkippedRunsWarning(UserWarning):
-    """Some matching runs are not in the comparison (unfinished, or no metric history)."""
+    """Some matching runs are not in the comparison (unfinished, no metric history, or a
+    repeat of a variant and seed)."""
 
 
 @dataclass
@@ -129,11 +130,28 @@ def load_comparison(experiment: str = EXPERIMENT, filter_string: str | None = No
     if not complete_ids:
         raise SelectionError(f"none of the {len(selection.runs)} runs selected in {selection.searched} "
                                       f"has a metric history to compare")
-    runs = _drop_unused_variants(runs[runs["run_id"].isin(complete_ids)])
-    history = _drop_unused_variants(history[history["run_id"].isin(complete_ids)])
+    runs, repeats = newest_run_per_seed(runs[runs["run_id"].isin(complete_ids)])
+    if repeats:
+        by_id = {r.info.run_id: r for r in selection.runs}
+        warnings.warn(SkippedRunsWarning(
+            f"{len(repeats)} run(s) left out because a newer run has the same variant and seed (a seed is one "
+            f"sample: counting its repeats as more seeds would narrow the intervals falsely): "
+            + "; ".join(run_query.describe_run(by_id[run_id]) for run_id in repeats)))
+    runs = _drop_unused_variants(runs)
+    history = _drop_unused_variants(history[history["run_id"].isin(runs["run_id"])])
     runs_metrics = results.per_run(history, runs)
     table = results.summary_table(runs_metrics, history)
     return Comparison(runs, history, runs_metrics, table, selection.searched)
+
+
+def newest_run_per_seed(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The runs with one per variant and seed, the newest (by start), and the ids of the
+    repeats left out: the same study run twice into one store (a sweep, then the same sweep
+    through `mlflow run`) or a variant trained again would otherwise count each seed twice."""
+    newest_first = runs.sort_values("start_time", ascending=False, kind="stable")
+    repeated = newest_first["seed"].notna() & newest_first.duplicated(["variant", "seed"])
+    repeats = list(newest_first.loc[repeated, "run_id"])
+    return runs[~runs["run_id"].isin(repeats)], repeats
 
 
 def _drop_unused_variants(frame: pd.DataFrame) -> pd.DataFrame:
