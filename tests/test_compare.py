@@ -232,8 +232,7 @@ def test_unfinished_runs_and_runs_without_history_are_named_and_left_out(tmp_pat
 
 def test_a_variant_and_seed_trained_twice_counts_once_the_newest_run(tmp_path, store):
     """The same study twice in one store (a sweep, then the same sweep through `mlflow run`)
-    had each seed counted twice: n doubled and intervals narrowed by about 1/sqrt(2) with no
-    new information. As typed: `normlab compare` keeps the newest run of each variant and
+    had each seed counted twice: n doubled, and intervals narrowed, with no new information. As typed: `normlab compare` keeps the newest run of each variant and
     seed and names the ones left out."""
     client = MlflowClient()
     experiment = client.create_experiment("repeats", artifact_location=str(tmp_path / "artifacts"))
