@@ -188,12 +188,12 @@ def test_nothing_to_compare_is_a_clear_error(store, kwargs, message):
         compare.load_comparison(**kwargs)
 
 
-def copy_run(client: MlflowClient, source, experiment: str, status: str, with_history: bool, seed: int) -> str:
-    """The source run's tags, params (but the seed) and (optionally) histories, as a new run of
-    the experiment; no artifacts."""
+def copy_run(client: MlflowClient, source, experiment: str, status: str, with_history: bool, **params) -> str:
+    """The source run's tags, params (those given replaced) and (optionally) histories, as a
+    new run of the experiment; no artifacts."""
     run_id = client.create_run(experiment, tags=source.data.tags).info.run_id
-    client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in source.data.params.items()
-                                     if k != "seed"] + [mlflow.entities.Param("seed", str(seed))])
+    params = {**source.data.params, **{k: str(v) for k, v in params.items()}}
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
     if with_history:
         for metric in source.data.metrics:
             client.log_batch(run_id, metrics=client.get_metric_history(source.info.run_id, metric))
@@ -232,12 +232,13 @@ def test_unfinished_runs_and_runs_without_history_are_named_and_left_out(tmp_pat
 
 def test_a_variant_and_seed_trained_twice_counts_once_the_newest_run(tmp_path, store):
     """The same study twice in one store (a sweep, then the same sweep through `mlflow run`)
-    had each seed counted twice: n doubled, and intervals narrowed, with no new information. As typed: `normlab compare` keeps the newest run of each variant and
-    seed and names the ones left out."""
+    had each seed counted twice: n doubled, and intervals narrowed, with no new information.
+    As typed: `normlab compare` keeps the newest run of each variant and seed and names the
+    ones left out."""
     client = MlflowClient()
     experiment = client.create_experiment("repeats", artifact_location=str(tmp_path / "artifacts"))
     ln1, ln2 = (client.get_run(store.run("ln", seed).run_id) for seed in (1, 2))
-    older = [copy_run(client, source, experiment, "FINISHED", True, seed) for source, seed in ((ln1, 1), (ln2, 2))]
+    older = [copy_run(client, run, experiment, "FINISHED", True, seed=seed) for run, seed in ((ln1, 1), (ln2, 2))]
     newer = copy_run(client, ln1, experiment, "FINISHED", True, seed=1)  # LN seed 1 again
     out = tmp_path / "out"
     done = CliRunner().invoke(main, ["compare", "--experiment", "repeats", "--out", str(out)])
@@ -250,6 +251,20 @@ def test_a_variant_and_seed_trained_twice_counts_once_the_newest_run(tmp_path, s
     accuracies = [store.run("ln", seed).printed["test_acc"].iloc[-1] for seed in (1, 2)]
     [row] = pd.read_csv(out / "results.csv").to_dict("records")
     assert row["n"] == 2 and row["final_test_acc_std"] == pytest.approx(pd.Series(accuracies).std(), abs=0.01)
+
+
+def test_runs_on_other_data_sizes_are_other_variants_not_more_seeds(tmp_path, store):
+    """LN on the 1,000 digits and LN on a 500-digit subset (a quick try, then the real study
+    into one experiment) are two variants, each with its own seed, not one variant of two
+    seeds."""
+    client = MlflowClient()
+    experiment = client.create_experiment("subsets", artifact_location=str(tmp_path / "artifacts"))
+    ln1, ln2 = (client.get_run(store.run("ln", seed).run_id) for seed in (1, 2))
+    copy_run(client, ln1, experiment, "FINISHED", True)
+    copy_run(client, ln2, experiment, "FINISHED", True, train_size=500)
+    compared = compare.load_comparison("subsets")
+    assert compared.table[["variant", "n", "seeds"]].values.tolist() == [
+        ["LN, 500 train images", 1, "2"], ["LN, 1000 train images", 1, "1"]]
 
 
 # --- figures -------------------------------------------------------------------------

@@ -25,7 +25,8 @@ COMPARISON_ARTIFACT_DIR = "comparison"
 
 # Settings that are not part of a variant's name; when they differ between the selected
 # runs, the variant label says so ("LN, batch 64") rather than averaging unlike runs as seeds.
-DISTINGUISHING = {"dataset": "{}".format, "epochs": lambda n: f"{n} epoch{'' if n == 1 else 's'}",
+DISTINGUISHING = {"dataset": "{}".format, "train_size": "{} train images".format,
+                  "test_size": "{} test images".format, "epochs": lambda n: f"{n} epoch{'' if n == 1 else 's'}",
                   "batch_size": "batch {}".format, "lr": "lr {:g}".format, "momentum": "momentum {:g}".format,
                   "dropout": "dropout {:g}".format}
 
