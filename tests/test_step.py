@@ -97,7 +97,10 @@ def test_channels_last_trains_what_channels_first_trains_to_float_rounding(data,
     """Speedups.channels_last (on by default on the CPU for these) changes only the memory
     order, so the convolutions' rounding: the same run in the default channels-first order
     ends its epochs with the same losses to 1e-3 and weights as close as a flipped ReLU tie
-    allows (test_engine_trains_what_the_plain_loop_trains)."""
+    allows (test_engine_trains_what_the_plain_loop_trains). How close depends on torch's
+    thread count: LN's largest weight difference here was 0.00245 with one thread and 0.00008
+    with two (GN's 0.00200 with either), so the bound is 5e-3; a wrong memory order would
+    already change the losses."""
     config = TrainConfig(norm=norm, epochs=2, batch_size=48, seed=3)
     last = Trainer(config, data)
     first = Trainer(config, data, speedups=replace(last.speedups, channels_last=False))
@@ -109,7 +112,7 @@ def test_channels_last_trains_what_channels_first_trains_to_float_rounding(data,
         assert ours.test_loss == pytest.approx(theirs.test_loss, rel=1e-3)
         assert abs(ours.test_acc - theirs.test_acc) <= 2.0  # two of 100 digits: 8 steps leave many near a tie
     for ours, theirs in zip(last.model.state_dict().values(), first.model.state_dict().values()):
-        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=2e-3)
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=5e-3)
 
 
 def test_channels_last_is_on_by_default_only_on_the_cpu_for_the_models_it_measured_faster_for():
