@@ -251,6 +251,10 @@ def test_a_variant_and_seed_trained_twice_counts_once_the_newest_run(tmp_path, s
     accuracies = [store.run("ln", seed).printed["test_acc"].iloc[-1] for seed in (1, 2)]
     [row] = pd.read_csv(out / "results.csv").to_dict("records")
     assert row["n"] == 2 and row["final_test_acc_std"] == pytest.approx(pd.Series(accuracies).std(), abs=0.01)
+    failed = copy_run(client, ln2, experiment, "FAILED", True, seed=2)  # newer, but a finished seed 2 is kept
+    with pytest.warns(compare.SkippedRunsWarning, match=f"{older[0]} .*; {failed} "):
+        everything = compare.load_comparison("repeats", include_unfinished=True)
+    assert sorted(everything.runs["run_id"]) == sorted([older[1], newer])
 
 
 def test_runs_on_other_data_sizes_are_other_variants_not_more_seeds(tmp_path, store):

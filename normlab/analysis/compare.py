@@ -145,10 +145,12 @@ def load_comparison(experiment: str = EXPERIMENT, filter_string: str | None = No
 
 
 def newest_run_per_seed(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """The runs with one per variant and seed, the newest (by start), and the ids of the
-    repeats left out: the same study run twice into one store (a sweep, then the same sweep
-    through `mlflow run`) or a variant trained again would otherwise count each seed twice."""
-    newest_first = runs.sort_values("start_time", ascending=False, kind="stable")
+    """The runs with one per variant and seed, the newest finished one (by start; the newest
+    of any status where none finished), and the ids of the repeats left out: the same study
+    run twice into one store (a sweep, then the same sweep through `mlflow run`) or a variant
+    trained again would otherwise count each seed twice."""
+    newest_first = (runs.assign(finished=runs["status"] == "FINISHED")
+                    .sort_values(["finished", "start_time"], ascending=False, kind="stable"))
     repeated = newest_first["seed"].notna() & newest_first.duplicated(["variant", "seed"])
     repeats = list(newest_first.loc[repeated, "run_id"])
     return runs[~runs["run_id"].isin(repeats)], repeats
