@@ -306,7 +306,7 @@ def test_a_missing_gpu_is_named_from_the_drivers_count_and_a_rocm_torch_is_left_
 
 
 def test_gpus_hidden_by_cuda_visible_devices_are_named_in_the_refusal_and_for_auto(monkeypatch):
-    """The machine's count comes from the NVIDIA driver's listing, here stood in for: CI has
+    """The machine's count comes from NVML (the NVIDIA driver's library), here stood in for: CI has
     no GPU (the GPU test below checks it as typed on one)."""
     monkeypatch.setattr(devices, "_torch_library", lambda pattern: pattern == "libtorch_cuda*")
     monkeypatch.setattr(devices, "machine_gpus", lambda: 2)
