@@ -706,8 +706,8 @@ def test_on_gpus_a_worker_process_per_gpu_trains_the_sweep(tmp_path, small_mnist
     workers train, every child finishes once on a GPU, and each one's training loss falls."""
     uri = store_uri(tmp_path)
     grid = Grid(norms=("bn", "ln"), seeds=(1, 2, 3, 4), epochs=2)
-    args = ("sweep", "--norms", "bn,ln", "--seeds", "4", "--epochs", "2", "--data-dir", str(small_mnist_dir), "--checkpoint-dir", str(tmp_path / "ck"),
-            "--out", str(tmp_path / "out"))
+    args = ("sweep", "--norms", "bn,ln", "--seeds", "4", "--epochs", "2", "--data-dir", str(small_mnist_dir),
+            "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "out"))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
     if "," in visible:
         gpus = visible.split(",")
