@@ -271,6 +271,28 @@ def test_runs_on_other_data_sizes_are_other_variants_not_more_seeds(tmp_path, st
         ["LN, 500 train images", 1, "2"], ["LN, 1000 train images", 1, "1"]]
 
 
+def test_runs_picked_by_id_from_other_code_are_other_variants_not_repeats(tmp_path, store):
+    """One seed before and after a code change, named by --run-id as typed: both compared, each
+    labelled with the commit that trained it (the older code first). Found by experiment, the
+    same two runs stay one study whose newest run of the seed counts."""
+    client = MlflowClient()
+    experiment = client.create_experiment("code", artifact_location=str(tmp_path / "artifacts"))
+    ln1 = client.get_run(store.run("ln", 1).run_id)
+    before, after = (copy_run(client, ln1, experiment, "FINISHED", True) for _ in range(2))
+    client.set_tag(before, "git_commit", "1a2b3c4" + "0" * 33)
+    client.set_tag(after, "git_commit", "5d6e7f8" + "0" * 33 + "-dirty")
+    out = tmp_path / "out"
+    done = CliRunner().invoke(main, ["compare", "--run-id", after, "--run-id", before, "--out", str(out)])
+    assert done.exit_code == 0, done.output[-3000:]
+    assert "left out" not in done.output and "compared 2 runs, 2 variants" in done.output
+    runs = pd.read_csv(out / "runs.csv")
+    assert dict(zip(runs["run_id"], runs["variant"])) == {before: "LN, code 1a2b3c4", after: "LN, code 5d6e7f8-dirty"}
+    assert pd.read_csv(out / "results.csv")["variant"].tolist() == ["LN, code 1a2b3c4", "LN, code 5d6e7f8-dirty"]
+    with pytest.warns(compare.SkippedRunsWarning, match=f"{before} "):
+        found = compare.load_comparison("code")
+    assert found.runs["run_id"].tolist() == [after] and found.table["variant"].tolist() == ["LN"]
+
+
 # --- figures -------------------------------------------------------------------------
 
 

@@ -118,7 +118,7 @@ def load_comparison(experiment: str = EXPERIMENT, filter_string: str | None = No
         warnings.warn(SkippedRunsWarning(
             f"{len(selection.left_out)} matching run(s) left out because they are not FINISHED "
             f"(--include-unfinished keeps them): " + "; ".join(map(run_query.describe_run, selection.left_out))))
-    runs = run_query.runs_frame(selection.runs)
+    runs = run_query.runs_frame(selection.runs, by_code=bool(run_ids))
     history = run_query.load_histories(runs)
     complete = history.groupby("run_id")["metric"].nunique() == len(METRICS)
     complete_ids = set(complete[complete].index)

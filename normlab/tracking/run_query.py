@@ -30,6 +30,12 @@ DISTINGUISHING = {"dataset": "{}".format, "train_size": "{} train images".format
                   "batch_size": "batch {}".format, "lr": "lr {:g}".format, "momentum": "momentum {:g}".format,
                   "dropout": "dropout {:g}".format}
 
+# Runs picked one by one (`--run-id`) are also told apart by the code that trained them (their
+# tag git_commit), so one seed before and after a change compares as two variants ("LN, code
+# 1a2b3c4"). Selected by experiment, filter or parent they are one study whatever its commits: a
+# variant and seed trained again counts its newest run (analysis.compare.newest_run_per_seed).
+BY_CODE = {"code": "code {}".format}
+
 RUN_COLUMNS = ("run_id", "variant", "norm", "l1", "groups", "batch_size", "seed", "status")
 
 
@@ -150,11 +156,12 @@ def describe_run(run) -> str:
     return f"{run.info.run_id} ({tags.get(TRAINING_RUN_TAG, '?')}, seed {params.get('seed', '?')}, {run.info.status})"
 
 
-def runs_frame(runs: list):
+def runs_frame(runs: list, by_code: bool = False):
     """One row per run: id, variant label, settings, status, timing (params parsed to numbers).
 
     The variant label comes from the norm, groups and L1 params, plus any other setting
-    that differs between these runs; `variant` is a categorical in a stable reading order.
+    that differs between these runs (and, ``by_code``, the commit that trained them, BY_CODE);
+    `variant` is a categorical in a stable reading order.
     """
     import pandas as pd
 
@@ -185,21 +192,32 @@ def runs_frame(runs: list):
             "end_time": pd.to_datetime(end, unit="ms", utc=True) if end else pd.NaT,
             "duration_s": (end - start) / 1000 if end else float("nan"),
             "speedups": run.data.tags.get(SPEEDUPS_TAG),  # how it computed: compiled or not, say
+            "code": _short_commit(run.data.tags.get("git_commit")),
             "base_label": _base_label(norm, p, run.data.tags),
         })
     frame = pd.DataFrame(rows)
     for column in ("groups", "batch_size", "seed", "epochs", "parameters", "train_size", "test_size"):
         frame[column] = frame[column].astype("Int64")
-    differing = [k for k in DISTINGUISHING if frame[k].nunique(dropna=True) > 1]
+    settings = {**DISTINGUISHING, **(BY_CODE if by_code else {})}
+    differing = [k for k in settings if frame[k].nunique(dropna=True) > 1]
     frame["variant"] = [
-        ", ".join([row.base_label] + [DISTINGUISHING[k](getattr(row, k)) for k in differing])
+        ", ".join([row.base_label] + [settings[k](getattr(row, k)) for k in differing])
         for row in frame.itertuples()
     ]
-    order = frame.assign(norm_rank=frame["norm"].map({n: i for i, n in enumerate(NORMS)}).fillna(len(NORMS)))
+    order = frame.assign(norm_rank=frame["norm"].map({n: i for i, n in enumerate(NORMS)}).fillna(len(NORMS)),
+                         code=frame.groupby("code", dropna=False)["start_time"].transform("min"))  # older code first
     order = order.sort_values(["norm_rank", "groups", "l1", *differing, "seed"], na_position="first")
     frame["variant"] = pd.Categorical(frame["variant"], categories=list(dict.fromkeys(order["variant"])),
                                       ordered=True)
     return frame.drop(columns="base_label").sort_values(["variant", "seed"]).reset_index(drop=True)
+
+
+def _short_commit(commit: str | None) -> str | None:
+    """'1a2b3c4' of a full commit id, keeping connection.git_commit's '-dirty'."""
+    if not commit:
+        return None
+    sha, dirty, _ = commit.partition("-dirty")
+    return sha[:7] + dirty
 
 
 def _base_label(norm: str, params: dict, tags: dict) -> str:
