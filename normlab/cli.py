@@ -88,6 +88,17 @@ def _check_writable(folder: str, option: str, keep: bool = True) -> None:
                 path.rmdir()
 
 
+def _check_data_folder(data_dir: str) -> None:
+    """--data-dir names a folder, made by the download where missing; a file there or on its
+    path was reported through torchvision's failed download ("Not a directory"), after torch's
+    import and the engine's start."""
+    folder = Path(data_dir).expanduser()
+    blocking = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"--data-dir {folder}: {blocking} is a file, not a folder; give the folder that holds "
+                          f"the datasets (or will receive them)")
+
+
 @main.command()
 @click.option("--norm", type=click.Choice(list(NORMS)), default=DEFAULTS.norm,
               help="Normalization after each 3x3 conv: batch, layer, group, instance or none.")
@@ -121,6 +132,9 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
         devices.refuse_a_missing_gpu(device)
         _note_auto_on_the_cpu(device)
         _check_writable(checkpoint_dir, "--checkpoint-dir")
+        if not resume_run or ctx.get_parameter_source("data_dir") not in (ParameterSource.DEFAULT,
+                                                                           ParameterSource.DEFAULT_MAP):
+            _check_data_folder(data_dir)  # a resume without it trains on the data folder the run logged
         compile_choice(), kernel_helpers()  # the speed settings the engine reads
         own_process = not resume_run and engine_process.wanted(device)
         results_elsewhere = results_process.wanted(own_process)
@@ -403,6 +417,7 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
             devices.refuse_a_missing_gpu(device)
             _note_auto_on_the_cpu(device)
             _check_writable(checkpoint_dir, "--checkpoint-dir")
+            _check_data_folder(data_dir)
         one_engine = not address and engine_process.wanted_for_sweep(device, workers)
         results_elsewhere = results_process.wanted(one_engine)
     with contextlib.ExitStack() as stack:

@@ -217,6 +217,22 @@ def test_unwritable_checkpoint_dir_is_refused_before_data_loads(tmp_path, tracki
     assert no_runs_logged(tracking_uri)
 
 
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_data_dir_that_is_a_file_is_refused_before_anything_starts(command, tmp_path, fresh_tracking_uri):
+    """A file as --data-dir, or on its path, was reported through torchvision's failed download
+    ("Not a directory") after torch's import, 4-5 s in; as typed it is now refused at once, with
+    nothing imported, no store and no run."""
+    archive = tmp_path / "mnist.zip"
+    archive.write_bytes(b"PK")
+    for given in (archive, archive / "digits"):
+        proc = run_cli_noting_imports(command, "--data-dir", str(given))
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert (f"Error: --data-dir {given}: {archive} is a file, not a folder; give the folder that holds the "
+                f"datasets") in proc.stderr
+        assert "imported: []" in proc.stdout
+    assert not Path(fresh_tracking_uri.removeprefix("sqlite:///")).exists()
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, small_mnist_dir) -> tuple[str, str, Path]:
     """(tracking URI, run id, folder) of one real 1-epoch run in a sqlite store of its own.
