@@ -20,6 +20,11 @@ from normlab.tracking.redaction import redact
 PACKAGE_DIR = Path(normlab.__file__).parent
 
 
+# The tag holding git_commit() on each training run: a sweep reuses only runs of its own code,
+# and `compare --run-id` tells codes apart.
+GIT_COMMIT_TAG = "git_commit"
+
+
 def git_commit() -> str | None:
     """The commit of the normlab checkout, with '-dirty' when it has local changes."""
     try:

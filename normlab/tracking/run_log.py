@@ -26,6 +26,7 @@ from normlab.engine.data import DeviceData
 from normlab.engine.train import Callbacks, EpochRecord
 from normlab.tracking import EXPERIMENT
 from normlab.tracking.connection import (
+    GIT_COMMIT_TAG,
     experiment_id,
     git_commit,
     mark_model_training,
@@ -142,7 +143,7 @@ def _log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module
     }
     commit = git_commit()
     if commit:
-        tags["git_commit"] = commit
+        tags[GIT_COMMIT_TAG] = commit
     mlflow.set_tags(tags)
     try:
         mlflow.log_input(dataset_input(data), context="training")

@@ -13,7 +13,7 @@ from normlab.engine.config import METRICS
 from normlab.engine.registry import NORMS, variant_label
 from normlab.errors import ResumeError, SelectionError
 from normlab.tracking import EXPERIMENT
-from normlab.tracking.connection import hide_credentialed_links, missing_store, run_id_from_env
+from normlab.tracking.connection import GIT_COMMIT_TAG, hide_credentialed_links, missing_store, run_id_from_env
 from normlab.tracking.redaction import redact
 from normlab.tracking.sweep_records import SWEEP_ROLE
 
@@ -31,7 +31,7 @@ DISTINGUISHING = {"dataset": "{}".format, "train_size": "{} train images".format
                   "dropout": "dropout {:g}".format}
 
 # Runs picked one by one (`--run-id`) are also told apart by the code that trained them (their
-# tag git_commit), so one seed before and after a change compares as two variants ("LN, code
+# tag GIT_COMMIT_TAG), so one seed before and after a change compares as two variants ("LN, code
 # 1a2b3c4"). Selected by experiment, filter or parent they are one study whatever its commits: a
 # variant and seed trained again counts its newest run (analysis.compare.newest_run_per_seed).
 BY_CODE = {"code": "code {}".format}
@@ -192,7 +192,7 @@ def runs_frame(runs: list, by_code: bool = False):
             "end_time": pd.to_datetime(end, unit="ms", utc=True) if end else pd.NaT,
             "duration_s": (end - start) / 1000 if end else float("nan"),
             "speedups": run.data.tags.get(SPEEDUPS_TAG),  # how it computed: compiled or not, say
-            "code": _short_commit(run.data.tags.get("git_commit")),
+            "code": _short_commit(run.data.tags.get(GIT_COMMIT_TAG)),
             "base_label": _base_label(norm, p, run.data.tags),
         })
     frame = pd.DataFrame(rows)

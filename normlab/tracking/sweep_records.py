@@ -160,7 +160,7 @@ class SweepRecords:
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_id, SWEEP_PARENT: self.parent_id, SWEEP_HASH: self.sweep_hash,
                 CONFIG_HASH: config.config_hash()}
         if commit:
-            tags["git_commit"] = commit
+            tags[connection.GIT_COMMIT_TAG] = commit
         return tags
 
     def mark_failed(self, run_id: str, status: str, reason: str) -> None:
@@ -200,7 +200,7 @@ def _alive(run, now: float) -> bool:
 
 def _same_code(run, commit: str | None) -> bool:
     """A child counts for this sweep when it ran this code (or either side has no commit)."""
-    theirs = run.data.tags.get("git_commit")
+    theirs = run.data.tags.get(connection.GIT_COMMIT_TAG)
     return not commit or not theirs or theirs == commit
 
 
@@ -217,7 +217,7 @@ def create_child_run(experiment_id: str, config: TrainConfig, tags: dict[str, st
     run = client.create_run(experiment_id, run_name=config.run_name, tags=tags)
     rivals = [r for r in client.search_runs([experiment_id], filter_string=_same_config(tags))
         if r.info.status in ("RUNNING", "FINISHED") and r.info.run_id != run.info.run_id
-        and _same_code(r, tags.get("git_commit"))
+        and _same_code(r, tags.get(connection.GIT_COMMIT_TAG))
         and (r.info.status == "FINISHED" or (_alive(r, time.time()) and _order(r) < _order(run)))]
     if rivals:
         client.delete_run(run.info.run_id)
