@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 import re
+import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -656,12 +657,21 @@ def test_compare_command(tmp_path, store):
     assert not (tmp_path / "none").exists()
 
 
-def test_compare_command_never_imports_torch(tmp_path, store):
-    """The comparison reads MLflow and draws; torch (2-3 s to import) has no part in it."""
-    done = run_cli_noting_imports("compare", "--parent", store.parent_id, "--out", str(tmp_path / "out"), cwd=tmp_path)
+@pytest.fixture(scope="module")
+def compare_as_typed(store, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`normlab compare --parent P --out OUT` in a fresh process, as typed, noting what it
+    imported: one process for the tests that read its imports and its output."""
+    folder = tmp_path_factory.mktemp("compare-as-typed")
+    done = run_cli_noting_imports("compare", "--parent", store.parent_id, "--out", str(folder / "out"), cwd=folder)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done, folder / "out"
+
+
+def test_compare_command_never_imports_torch(compare_as_typed):
+    """The comparison reads MLflow and draws; torch (2-3 s to import) has no part in it."""
+    done, out = compare_as_typed
     assert "'torch'" not in done.stdout.splitlines()[-1]
-    assert (tmp_path / "out" / "test_accuracy.png").stat().st_size > 10_000
+    assert (out / "test_accuracy.png").stat().st_size > 10_000
 
 
 def test_compare_in_a_folder_without_the_default_store_says_so_and_creates_none(tmp_path):
@@ -675,14 +685,14 @@ def test_compare_in_a_folder_without_the_default_store_says_so_and_creates_none(
     assert done.stdout.splitlines()[-1] == "imported: ['mlflow']"
 
 
-def test_compare_draws_no_progress_bar_per_downloaded_gallery_unless_the_user_asks(tmp_path, store):
+def test_compare_draws_no_progress_bar_per_downloaded_gallery_unless_the_user_asks(tmp_path, store,
+                                                                                    compare_as_typed):
     """The comparison downloads each run's misclassified.png and .json; with tqdm installed
     (the test extras install it, as many environments have it) MLflow would draw a progress
     bar for each. `normlab compare` as typed draws none; a user who sets
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true gets them."""
     pytest.importorskip("tqdm")
-    quiet = run_cli("compare", "--parent", store.parent_id, "--out", str(tmp_path / "quiet"), cwd=tmp_path)
-    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    quiet, _ = compare_as_typed
     assert "Downloading artifacts" not in quiet.stdout + quiet.stderr
     asked = run_cli("compare", "--parent", store.parent_id, "--out", str(tmp_path / "asked"), cwd=tmp_path,
                     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="true")
@@ -691,8 +701,6 @@ def test_compare_draws_no_progress_bar_per_downloaded_gallery_unless_the_user_as
 
 
 def test_mlproject_compare_entry_point(tmp_path, store):
-    import subprocess
-
     out = tmp_path / "out"
     env = cli_env(PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     done = subprocess.run(
