@@ -107,7 +107,7 @@ def test_end_to_end_benchmark_times_a_command_from_this_checkout_a_baseline_and_
         (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, baseline / part)
     out = tmp_path / "e2e.json"
     proc = subprocess.run([sys.executable, "benchmarks/e2e.py", "--rows", "train", "--epochs", "1", "--device", "cpu",
-                           "--train-images", "1000", "--data-dir", str(tmp_path / "no-mnist-here"),
+                           "--train-images", "256", "--data-dir", str(tmp_path / "no-mnist-here"),
                            "--baseline", str(baseline), "--also-with", "NORMLAB_ENGINE_PROCESS=always",
                            "--out", str(out)],
                           cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
