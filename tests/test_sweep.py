@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,7 +185,10 @@ def assert_one_finished_child_per_config(client, grid: Grid, children: dict) -> 
     return finished
 
 
-def store_uri(folder: Path) -> str:
+def store_uri(folder: Path, migrated_store: Path) -> str:
+    """A store of the folder's own, a copy of conftest's migrated_store (the store a first command
+    creates is the README commands' test)."""
+    shutil.copy(migrated_store, folder / "mlflow.db")
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
@@ -195,7 +199,7 @@ SMALL_GRID = Grid(norms=("bn", "ln"), seeds=(1, 2), epochs=2)
 
 
 @pytest.fixture(scope="module", params=["as typed", "engine process"])
-def sweep_twice(request, tmp_path_factory, small_mnist_dir):
+def sweep_twice(request, tmp_path_factory, small_mnist_dir, migrated_store):
     """`normlab sweep --norms bn,ln --seeds 2 --epochs 2 --out OUT` in its own store, stopped by
     SIGINT once the second child's first epoch is printed (what the store held then is kept), and the same
     command run again to its end. Without git (GIT_DIR points nowhere) both invocations count
@@ -203,7 +207,7 @@ def sweep_twice(request, tmp_path_factory, small_mnist_dir):
     CPU, the runs train in the sweep's process) and once with the runs in an engine process,
     as on one GPU (NORMLAB_ENGINE_PROCESS=always)."""
     tmp = tmp_path_factory.mktemp("sweep-twice")
-    uri = store_uri(tmp)
+    uri = store_uri(tmp, migrated_store)
     client = MlflowClient(uri)
     args = ("sweep", *SMALL, "--data-dir", str(small_mnist_dir), "--checkpoint-dir", str(tmp / "ck"),
             "--out", str(tmp / "out"))
@@ -318,11 +322,11 @@ def test_a_sweep_ends_with_one_finished_child_per_config_under_its_parent_and_th
 
 
 @pytest.fixture(scope="module")
-def ln_s2_alone(tmp_path_factory, small_mnist_dir) -> dict:
+def ln_s2_alone(tmp_path_factory, small_mnist_dir, migrated_store) -> dict:
     """`normlab train` of the sweeps' ln-s2 config alone, in a fresh process and a store of its
     own: what ln-s2 of each sweep_twice (both ways) must equal."""
     tmp = tmp_path_factory.mktemp("ln-s2-alone")
-    uri = store_uri(tmp)
+    uri = store_uri(tmp, migrated_store)
     alone = run_cli("train", "--norm", "ln", "--seed", "2", "--epochs", "2", "--data-dir", str(small_mnist_dir),
                     "--checkpoint-dir", str(tmp / "ck"), cwd=tmp, MLFLOW_TRACKING_URI=uri)
     assert alone.returncode == 0, alone.stdout + alone.stderr
@@ -439,9 +443,10 @@ def test_runs_side_by_side_in_one_worker_log_exactly_what_each_logs_alone(sweep_
 
 # -- failing, and workers that die ----------------------------------------------------------
 
-def test_a_failing_child_is_reported_with_its_reason_and_log_and_the_others_finish(tmp_path, small_mnist_dir):
+def test_a_failing_child_is_reported_with_its_reason_and_log_and_the_others_finish(
+        tmp_path, small_mnist_dir, migrated_store):
     """L1 at 1e30 on BN alone: its loss becomes infinite in the first epoch, LN trains as usual."""
-    uri = store_uri(tmp_path)
+    uri = store_uri(tmp_path, migrated_store)
     proc = run_cli("sweep", "--norms", "bn,ln", "--l1", "1e30", "--epochs", "1", "--data-dir", str(small_mnist_dir),
                    "--checkpoint-dir", str(tmp_path / "ck"), cwd=tmp_path, MLFLOW_TRACKING_URI=uri)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -639,12 +644,13 @@ def test_an_engine_process_is_handed_the_runs_in_the_sweeps_order_however_long_e
         (name, "FAILED" if name == "run2" else "FINISHED") for name in names]
 
 
-def test_two_worker_processes_share_the_sweep_and_a_killed_one_has_its_run_resumed(tmp_path, small_mnist_dir):
+def test_two_worker_processes_share_the_sweep_and_a_killed_one_has_its_run_resumed(
+        tmp_path, small_mnist_dir, migrated_store):
     """--workers 2 on the CPU: both processes train children. A worker that has finished one
     child is killed (SIGKILL, as the OOM killer does) in its next child's second epoch: that run
     is marked FAILED, resumed from its checkpoint in the same run, and the sweep ends with every
     child FINISHED exactly once with each epoch logged once."""
-    uri = store_uri(tmp_path)
+    uri = store_uri(tmp_path, migrated_store)
     client = MlflowClient(uri)
     proc, out = start(("sweep", *SMALL, "--workers", "2", "--data-dir", str(small_mnist_dir),
                        "--checkpoint-dir", str(tmp_path / "ck")), tmp_path, MLFLOW_TRACKING_URI=uri)
@@ -698,13 +704,13 @@ entry()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_gpus_a_worker_process_per_gpu_trains_the_sweep(tmp_path, small_mnist_dir):
+def test_on_gpus_a_worker_process_per_gpu_trains_the_sweep(tmp_path, small_mnist_dir, migrated_store):
     """The sweep as on a machine with several GPUs: a worker process per GPU, each pinned to
     its GPU with CUDA_VISIBLE_DEVICES, without the one-GPU engine process; as typed there. On a
     machine with one GPU, the same path with two worker processes pinned to it
     (TWO_WORKERS_ON_ONE_GPU). Eight children, as a GPU worker takes six at once: at least two
     workers train, every child finishes once on a GPU, and each one's training loss falls."""
-    uri = store_uri(tmp_path)
+    uri = store_uri(tmp_path, migrated_store)
     grid = Grid(norms=("bn", "ln"), seeds=(1, 2, 3, 4), epochs=2)
     args = ("sweep", "--norms", "bn,ln", "--seeds", "4", "--epochs", "2", "--data-dir", str(small_mnist_dir),
             "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "out"))
