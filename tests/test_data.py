@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -19,6 +18,7 @@ from normlab.cli import main
 from normlab.engine.data import DeviceData, batch_slices, load_raw, parsed_cache_path, random_crop_flip, random_rotation
 from normlab.engine.registry import DATASETS
 from normlab.errors import DataError
+from tests.cifar_fixture import accept_in_process, write_cifar10_digits
 from tests.conftest import no_runs_logged
 from tests.mlflow_server import free_port
 from tests.mnist_fixture import FILES, REPO_MNIST, mnist_t10k, official_md5s, write_idx, write_mnist
@@ -221,26 +221,9 @@ def test_truncated_idx_file_is_named(tmp_path):
 
 
 def _write_cifar(root, monkeypatch, n_train=50, n_test=20, first_test_label=None):
-    """CIFAR-10 in its own pickle format; torchvision's md5 list pointed at these files."""
-    import torchvision
-
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    train_list, test_list = [], []
-    for name, n, target in [(f"data_batch_{i}", n_train // 5, train_list) for i in range(1, 6)] + [("test_batch", n_test, test_list)]:
-        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
-        if name == "test_batch" and first_test_label is not None:
-            batch["labels"][0] = first_test_label
-        path = folder / name
-        path.write_bytes(pickle.dumps(batch))
-        target.append([name, hashlib.md5(path.read_bytes()).hexdigest()])
-    meta = folder / "batches.meta"
-    meta.write_bytes(pickle.dumps({"label_names": list(DATASETS["cifar10"].classes)}))
-    monkeypatch.setattr(torchvision.datasets.CIFAR10, "train_list", train_list)
-    monkeypatch.setattr(torchvision.datasets.CIFAR10, "test_list", test_list)
-    monkeypatch.setitem(torchvision.datasets.CIFAR10.meta, "md5", hashlib.md5(meta.read_bytes()).hexdigest())
-    return folder
+    """Real digits in CIFAR-10's own pickle format; torchvision's md5 lists pointed at these files."""
+    accept_in_process(write_cifar10_digits(root, n_train, n_test, first_test_label), monkeypatch)
+    return root / "cifar-10-batches-py"
 
 
 def test_cifar10_parses_through_torchvision_and_its_md5_checks(tmp_path, monkeypatch):
