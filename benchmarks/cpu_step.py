@@ -40,7 +40,7 @@ VARIANTS = {  # name -> (normlab's dropout, malloc keeps freed memory)
 
 def time_steps(variant: str, warmup: int, steps: int) -> float:
     """Median milliseconds per step over 5 blocks of ``steps`` steps, in this process."""
-    from speed import with_torch_dropout
+    from benchmarks.notebook_layers import with_torch_dropout
 
     ours, reuse = VARIANTS[variant]
     if reuse:
@@ -91,5 +91,4 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

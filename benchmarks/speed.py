@@ -40,12 +40,10 @@ sys.path.insert(0, str(ROOT))
 from normlab.engine.config import TrainConfig  # noqa: E402
 from normlab.engine.data import DeviceData, load_raw  # noqa: E402
 from normlab.engine.fast import Speedups  # noqa: E402
-from normlab.engine.fast.cpu_dropout import Dropout  # noqa: E402
-from normlab.engine.fast.triton_conv import use_triton_convs
-from normlab.engine.fast.triton_norms import use_triton_norms
 from normlab.engine.models import Net
 from normlab.engine.train import Callbacks, Trainer, resolve_device  # noqa: E402
 from normlab.tracking import results_log, run_log
+from benchmarks.notebook_layers import as_notebook_model, with_torch_dropout  # noqa: E402
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 STUDY = (TrainConfig(norm="bn", l1=1e-5), TrainConfig(norm="ln"), TrainConfig(norm="gn", groups=2))
@@ -470,22 +468,6 @@ def ablation_variants(device: torch.device, compiled_cpu: bool) -> list[tuple[st
                  replace(default, cuda_graphs=False, compile=False, triton_convs=False), False)]
     return [("engine: CPU defaults, torch's dropout", default, True)] + (
         [("engine: CPU defaults, compiled", replace(default, compile=True), False)] if compiled_cpu else [])
-
-
-def with_torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
-    """The model with torch's nn.Dropout in place of normlab's (what the CPU dropout saves)."""
-    for block in model.modules():
-        for name, layer in block.named_children():
-            if isinstance(layer, Dropout):
-                setattr(block, name, torch.nn.Dropout(layer.p))
-    return model
-
-
-def as_notebook_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model as the notebooks have it: torch's own nn.Dropout, convolutions (cuDNN) and norms."""
-    use_triton_convs(with_torch_dropout(model), False)
-    use_triton_norms(model, False)
-    return model
 
 
 def plain_device_runs(root: Path, device: torch.device, config: TrainConfig) -> Runs:
