@@ -221,7 +221,7 @@ def test_the_entry_ends_the_process_as_python_would(tmp_path, args, status, stre
 
 def test_normlab_train_creates_its_own_named_run(tracking_uri, small_mnist_dir):
     proc = run_cli("train", "--norm", "bn", "--epochs", "1", "--seed", "4", "--data-dir", str(small_mnist_dir),
-                   "--device", "cpu", "--experiment", "direct")
+                   "--experiment", "direct")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"epoch +1/1 +train_loss \d\.\d{4} +train_acc +\d+\.\d\d% +test_loss", proc.stdout)
     [run] = runs_of("direct")
