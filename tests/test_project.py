@@ -45,7 +45,7 @@ def runs_of(experiment: str):
 
 
 def test_mlflow_run_trains_one_fully_recorded_run(tracking_uri, small_mnist_dir, tmp_path):
-    proc = mlflow_run("norm=gn", "epochs=2", "l1=1e-5", f"data_dir={small_mnist_dir}", "device=cpu")
+    proc = mlflow_run("norm=gn", "epochs=2", "l1=1e-5", f"data_dir={small_mnist_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     [run] = runs_of("project-test")
     client = MlflowClient()
