@@ -102,8 +102,8 @@ def test_end_to_end_benchmark_times_a_command_from_this_checkout_a_baseline_and_
     """benchmarks/e2e.py --baseline FOLDER --also-with NAME=VALUE: `normlab train` run as a
     process from this checkout, from the baseline's and with the setting, each finished, and
     the medians compared (how docs/speed.md's before/after tables are measured). The setting is
-    two CPU threads (the tests' processes have one): it reaches the command, which starts no
-    more processes with it than without."""
+    two CPU threads (the tests' processes have one): a real setting, under which the command
+    starts no more processes than without it."""
     baseline = tmp_path / "base"
     for part in ("normlab", "MLproject", "pyproject.toml", "conda.yaml"):
         (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, baseline / part)
