@@ -2,12 +2,13 @@
 
 Every command in the ```bash blocks of README.md, then of the pages it links in docs/
 (docs/*.md, where its longer parts moved), runs in order, each in a fresh copy of this
-checkout (the folder a user has cloned), with two things supplied: a real-digit MNIST
-folder at ./data (the tests' 1,000/500-digit split, in torchvision's layout) and
+checkout (the folder a user has cloned), with two things supplied: a real-digit MNIST folder
+at ./data (the tests' 1,000/500-digit split, in torchvision's layout) and
 MLFLOW_TRACKING_URI pointing at one sqlite store for the whole test, so later commands see
-what earlier ones made (and a sweep run again resumes). About 4-5 minutes on CI's 2 cores. The only change to a command is a shorter
-training: `--epochs 1` appended to `normlab train|sweep`, `-P epochs=1` to `mlflow run` of
-the `main` and `sweep` entry points (the last value given wins).
+what earlier ones made (and a sweep run again resumes). About 3-4 minutes on 2 cores
+(198-213 s in the suite, 2026-12-04). The only change to a command is a shorter training:
+`--epochs 1` appended to `normlab train|sweep`, `-P epochs=1` to `mlflow run` of the `main`
+and `sweep` entry points (the last value given wins).
 
 Setup before `&&` (creating and activating a virtual environment, `pip install`) is dropped:
 the tests run in an environment made the same way (.ci/run), and what follows is run.
