@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.notebook_layers import with_torch_dropout  # noqa: E402
 from normlab.engine.fast.host_memory import keep_freed_memory  # noqa: E402
 from normlab.engine.models import Net  # noqa: E402
 from normlab.engine.rng import RunRNG  # noqa: E402
@@ -40,8 +41,6 @@ VARIANTS = {  # name -> (normlab's dropout, malloc keeps freed memory)
 
 def time_steps(variant: str, warmup: int, steps: int) -> float:
     """Median milliseconds per step over 5 blocks of ``steps`` steps, in this process."""
-    from benchmarks.notebook_layers import with_torch_dropout
-
     ours, reuse = VARIANTS[variant]
     if reuse:
         keep_freed_memory()
