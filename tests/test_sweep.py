@@ -228,7 +228,7 @@ def sweep_twice(request, tmp_path_factory, small_mnist_dir, migrated_store):
     stopped = dict(returncode=proc.returncode, output=out.text, parents=parents, children=children,
                    histories={run_id: histories(client, run_id) for run_id in children})
     again = run_cli(*args, cwd=tmp, **env)
-    return dict(stopped=stopped, again=again, client=client, tmp=tmp, uri=uri)
+    return dict(mode=request.param, stopped=stopped, again=again, client=client, tmp=tmp, uri=uri)
 
 
 def test_ctrl_c_stops_the_running_child_and_marks_it_and_the_parent_killed(sweep_twice):
@@ -237,6 +237,8 @@ def test_ctrl_c_stops_the_running_child_and_marks_it_and_the_parent_killed(sweep
     assert stopped["returncode"] == 130, stopped["output"]
     assert "SIGINT received: stopping after the current step" in stopped["output"]
     assert "sweep interrupted; run the same command again to resume" in stopped["output"]
+    if sweep_twice["mode"] == "engine process":
+        assert "1 worker in an engine process, tracked in this one, 1 run(s) at once" in stopped["output"]
     [parent] = stopped["parents"]
     assert parent.info.status == "KILLED"
     by_config = {r.data.tags[st.CONFIG_HASH]: r for r in stopped["children"].values()}
@@ -321,41 +323,56 @@ def test_a_sweep_ends_with_one_finished_child_per_config_under_its_parent_and_th
         assert row.final_test_acc == pytest.approx(children[row.run_id].data.metrics["test_acc"])
 
 
+# the sweeps' first run, and the third of the second invocation's warm worker
+COMPARED_ALONE = {"bn-l1_1e-05-s1": ("--norm", "bn", "--l1", "1e-5", "--seed", "1"),
+                  "ln-s2": ("--norm", "ln", "--seed", "2")}
+
+
 @pytest.fixture(scope="module")
-def ln_s2_alone(tmp_path_factory, small_mnist_dir, migrated_store) -> dict:
-    """`normlab train` of the sweeps' ln-s2 config alone, in a fresh process and a store of its
-    own: what ln-s2 of each sweep_twice (both ways) must equal."""
-    tmp = tmp_path_factory.mktemp("ln-s2-alone")
+def trained_alone(tmp_path_factory, small_mnist_dir, migrated_store) -> dict:
+    """`normlab train` of the sweeps' bn-l1_1e-05-s1 and ln-s2 configs alone, each in a fresh
+    process, in a store of their own: what those children of each sweep_twice (both ways) must
+    equal. Runs by name, with their client and folder."""
+    tmp = tmp_path_factory.mktemp("trained-alone")
     uri = store_uri(tmp, migrated_store)
-    alone = run_cli("train", "--norm", "ln", "--seed", "2", "--epochs", "2", "--data-dir", str(small_mnist_dir),
-                    "--checkpoint-dir", str(tmp / "ck"), cwd=tmp, MLFLOW_TRACKING_URI=uri)
-    assert alone.returncode == 0, alone.stdout + alone.stderr
+    for options in COMPARED_ALONE.values():
+        alone = run_cli("train", *options, "--epochs", "2", "--data-dir", str(small_mnist_dir),
+                        "--checkpoint-dir", str(tmp / "ck"), cwd=tmp, MLFLOW_TRACKING_URI=uri)
+        assert alone.returncode == 0, alone.stdout + alone.stderr
     client = MlflowClient(uri)
-    [run] = client.search_runs([client.get_experiment_by_name("normlab").experiment_id])
-    return dict(client=client, run=run, tmp=tmp)
+    runs = client.search_runs([client.get_experiment_by_name("normlab").experiment_id])
+    return dict(client=client, runs={r.info.run_name: r for r in runs}, tmp=tmp)
 
 
-def test_runs_after_others_in_one_worker_log_exactly_what_each_logs_alone(sweep_twice, ln_s2_alone, small_mnist_dir):
-    """ln-s2 is the third run of the second invocation's warm worker (after a resume and
-    another run), and trains on the model and steps ln-s1 left (Trainer's warm); `normlab
-    train` of its config alone, in a fresh process, logs the same numbers bit for bit and ends
-    with the same weights and mistakes. Its logged model, exported as ln-s1's program with its
-    own weights (results_log._exports_reusing_graphs), predicts what the one exported alone does."""
+@pytest.mark.parametrize("name", COMPARED_ALONE)
+def test_runs_in_a_warm_worker_log_exactly_what_each_logs_alone(sweep_twice, trained_alone, small_mnist_dir, name):
+    """bn-l1_1e-05-s1 is the sweep's first run: with an engine process, the one it trained
+    early, on the model it prepared while the sweep started, before the command handed the run
+    over. ln-s2 is the third run of the second invocation's warm worker (after a resume and
+    another run), and trains on the model and steps ln-s1 left (Trainer's warm). `normlab
+    train` of each config alone, in a fresh process, logs the same numbers bit for bit, with
+    the same params, and ends with the same weights and mistakes. ln-s2's logged model,
+    exported as ln-s1's program with its own weights (results_log._exports_reusing_graphs),
+    predicts what the one exported alone does."""
     client, tmp = sweep_twice["client"], sweep_twice["tmp"]
-    assert "[ln-s2] takes over the model and steps of ln-s1" in sweep_twice["again"].stdout
-    ln2 = SMALL_GRID.configs()[3]
-    assert (ln2.norm, ln2.seed) == ("ln", 2)
+    if name == "ln-s2":
+        assert "[ln-s2] takes over the model and steps of ln-s1" in sweep_twice["again"].stdout
+    elif sweep_twice["mode"] == "engine process":
+        assert ("[bn-l1_1e-05-s1] takes over the model and steps of the warm-up of bn-l1_1e-05-s1"
+                in sweep_twice["stopped"]["output"])
+    [config] = [c for c in SMALL_GRID.configs() if c.run_name == name]
     _, children = sweep_runs(client)
-    [child] = [r for r in children.values() if r.data.tags[st.CONFIG_HASH] == ln2.config_hash()]
-    alone, alone_client = ln_s2_alone["run"], ln_s2_alone["client"]
-    assert alone.data.tags["config_hash"] == ln2.config_hash()
+    [child] = [r for r in children.values() if r.data.tags[st.CONFIG_HASH] == config.config_hash()]
+    alone, alone_client = trained_alone["runs"][name], trained_alone["client"]
+    assert alone.data.tags["config_hash"] == config.config_hash()
     assert histories(client, child.info.run_id) == histories(alone_client, alone.info.run_id)
+    assert child.data.params == alone.data.params
     runs = ((client, child), (alone_client, alone))
     weights = [load(Path(c.download_artifacts(r.info.run_id, "checkpoint/last.pt", str(tmp / r.info.run_id))))
                for c, r in runs]
     assert weights[0]["model"].keys() == weights[1]["model"].keys()
-    for name, tensor in weights[0]["model"].items():
-        assert torch.equal(tensor, weights[1]["model"][name]), name
+    for layer, tensor in weights[0]["model"].items():
+        assert torch.equal(tensor, weights[1]["model"][layer]), layer
     mistakes = [Path(c.download_artifacts(r.info.run_id, "misclassified.json", str(tmp / r.info.run_id))).read_text()
                 for c, r in runs]
     assert mistakes[0] == mistakes[1]
@@ -390,8 +407,8 @@ print(json.dumps({key: [r.status, r.run_id] for key, r in results.items()}))
 """
 
 
-# against the one-process sweep only: the engine process's sweep logs what that one does
-# (tests/test_engine_process.py), and this script starts no engine process of its own
+# against the one-process sweep only: the engine process's sweep logs what each run logs alone
+# (above), and this script starts no engine process of its own
 @pytest.mark.parametrize("sweep_twice", ["as typed"], indirect=True)
 def test_runs_side_by_side_in_one_worker_log_exactly_what_each_logs_alone(sweep_twice, small_mnist_dir):
     """The logic a GPU worker runs several at once with (NORMLAB_RUNS_PER_GPU), on the CPU:
