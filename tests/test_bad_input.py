@@ -199,7 +199,7 @@ def test_mlflow_run_with_a_non_numeric_parameter_ends_failed_with_the_reason(tra
 def test_non_finite_rates_and_huge_seeds_are_refused_as_typed(args, expected, small_mnist_dir, tracking_uri):
     """As a user types them: `--l1 nan` trained a FINISHED "BN" run without L1, `--lr inf`
     diverged and advised `--lr inf`, a seed beyond 64 bits was a traceback."""
-    proc = run_cli("train", "--device", "cpu", "--data-dir", str(small_mnist_dir), *args)
+    proc = run_cli("train", "--data-dir", str(small_mnist_dir), *args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert expected in proc.stderr and "Traceback" not in proc.stderr
     assert "epoch " not in proc.stdout
@@ -240,7 +240,7 @@ def trained_run(tmp_path_factory, small_mnist_dir) -> tuple[str, str, Path]:
     such runs failed after their last epoch until the model got a name of its own."""
     root = tmp_path_factory.mktemp("trained")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    proc = run_cli("train", "--l1", "1e-4", "--epochs", "1", "--device", "cpu", "--data-dir", str(small_mnist_dir),
+    proc = run_cli("train", "--l1", "1e-4", "--epochs", "1", "--data-dir", str(small_mnist_dir),
                    cwd=root, MLFLOW_TRACKING_URI=uri)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return uri, next(l for l in proc.stdout.splitlines() if l.startswith("MLflow run ")).split()[2], root

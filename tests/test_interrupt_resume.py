@@ -63,8 +63,8 @@ def interrupted(small_mnist_dir, tmp_path_factory):
     """A 3-epoch run stopped by SIGTERM during epoch 2, in its own sqlite store."""
     tmp = tmp_path_factory.mktemp("interrupted")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "normlab", "train", "--data-dir", str(small_mnist_dir), "--device", "cpu",
-           "--epochs", "3", "--checkpoint-dir", str(tmp / "checkpoints")]
+    cmd = [sys.executable, "-m", "normlab", "train", "--data-dir", str(small_mnist_dir), "--epochs", "3",
+           "--checkpoint-dir", str(tmp / "checkpoints")]
     proc, waited = signal_after_first_epoch(cmd, tmp, signal.SIGTERM, MLFLOW_TRACKING_URI=uri)
     run_id = next(l for l in proc.stdout.splitlines() if l.startswith("MLflow run ")).split()[2]
     return dict(uri=uri, run_id=run_id, checkpoints=tmp / "checkpoints", proc=proc, waited=waited)
@@ -141,7 +141,7 @@ def test_nan_loss_stops_the_run_as_failed_with_advice(small_mnist_dir, tmp_path,
 
 def start_training(cwd: Path, *args: str, **env) -> tuple[subprocess.Popen, Lines]:
     """`normlab train ARGS` on the CPU, its stdout and stderr merged and read line by line."""
-    proc = subprocess.Popen([sys.executable, "-m", "normlab", "train", "--device", "cpu", *args], cwd=cwd,
+    proc = subprocess.Popen([sys.executable, "-m", "normlab", "train", *args], cwd=cwd,
                             env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, Lines(proc.stdout)
 

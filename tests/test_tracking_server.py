@@ -41,7 +41,7 @@ def checkpoint_artifacts(client: MlflowClient, run_id: str) -> list[str]:
 
 def start_training(data_dir, tmp_path, *args, **env) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "normlab", "train", "--data-dir", str(data_dir), "--device", "cpu",
+        [sys.executable, "-m", "normlab", "train", "--data-dir", str(data_dir),
          "--checkpoint-dir", str(tmp_path / "checkpoints"), *args],
         cwd=tmp_path, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
