@@ -351,9 +351,9 @@ def test_runs_in_a_warm_worker_log_exactly_what_each_logs_alone(sweep_twice, tra
     over. ln-s2 is the third run of the second invocation's warm worker (after a resume and
     another run), and trains on the model and steps ln-s1 left (Trainer's warm). `normlab
     train` of each config alone, in a fresh process, logs the same numbers bit for bit, with
-    the same params, and ends with the same weights and mistakes. ln-s2's logged model,
-    exported as ln-s1's program with its own weights (results_log._exports_reusing_graphs),
-    predicts what the one exported alone does."""
+    the same params, and ends with the same weights and mistakes; each logged model predicts
+    what the one exported alone does (ln-s2's is exported as ln-s1's program with its own
+    weights: results_log._exports_reusing_graphs)."""
     client, tmp = sweep_twice["client"], sweep_twice["tmp"]
     if name == "ln-s2":
         assert "[ln-s2] takes over the model and steps of ln-s1" in sweep_twice["again"].stdout
