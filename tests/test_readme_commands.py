@@ -5,8 +5,8 @@ Every command in the ```bash blocks of README.md, then of the pages it links in 
 checkout (the folder a user has cloned), with two things supplied: a real-digit MNIST folder
 at ./data (the tests' 1,000/500-digit split, in torchvision's layout) and
 MLFLOW_TRACKING_URI pointing at one sqlite store for the whole test, so later commands see
-what earlier ones made (and a sweep run again resumes). About 3-4 minutes on 2 cores
-(198-213 s in the suite, 2026-12-04). The only change to a command is a shorter training:
+what earlier ones made (and a sweep run again resumes). About 2.5-3.5 minutes on 2 cores
+(146-213 s in the suite, 2026-12-04). The only change to a command is a shorter training:
 `--epochs 1` appended to `normlab train|sweep`, `-P epochs=1` to `mlflow run` of the `main`
 and `sweep` entry points (the last value given wins).
 
