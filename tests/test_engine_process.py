@@ -36,9 +36,8 @@ from normlab.errors import NoGpuHere
 from normlab.tracking import results_process
 from tests.conftest import cli_env, run_cli, run_cli_noting_imports
 from tests.process_output import Lines
-from tests.test_sweep import sweep_runs
+from tests.test_sweep import histories, sweep_runs
 
-METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")  # what each run logs per epoch
 SPLIT = {"NORMLAB_ENGINE_PROCESS": "always"}
 
 
@@ -79,10 +78,6 @@ def kill_then_wait(child: psutil.Process, proc: subprocess.Popen, out: Lines) ->
 def only_run(client: MlflowClient, experiment: str):
     [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     return run
-
-
-def histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    return {m: [(x.step, x.value) for x in client.get_metric_history(run_id, m)] for m in METRICS}
 
 
 def final_state(run_id: str) -> dict:
