@@ -343,11 +343,18 @@ def summary_command(norm, dataset, groups) -> None:
 # -- sweep ------------------------------------------------------------------------------
 
 def _comma_list(kind: type):
-    """A click callback turning 'a,b,c' into a tuple of `kind`, naming the bad item."""
+    """A click callback turning 'a,b,c' into a tuple of `kind`, naming the bad item.
+
+    An empty item ('bn,ln,' or 'bn,,ln') is refused: it is more likely a value left out
+    than a stray comma, and a sweep without it would run for minutes before anyone noticed.
+    """
     def parse(ctx, param, value: str):
-        items = [v.strip() for v in value.split(",") if v.strip()]
+        items = [v.strip() for v in value.split(",")]
+        if value.strip() and "" in items:
+            raise click.BadParameter(f"{value!r} has an empty item; give a comma-separated list without "
+                                     f"a comma at either end or two together")
         try:
-            return tuple(kind(v) for v in items)
+            return tuple(kind(v) for v in items if v)
         except ValueError:
             raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__}s") from None
     return parse
@@ -363,7 +370,13 @@ def _seeds(ctx, param, value: str) -> tuple[int, ...]:
         if count < 1:
             raise click.BadParameter(f"{value!r}: the seed count must be at least 1")
         return tuple(range(1, count + 1))
-    return _comma_list(int)(ctx, param, value)
+    single = value.strip().removesuffix(",")
+    return _comma_list(int)(ctx, param, single if "," not in single else value)
+
+
+def _l1_on(ctx, param, value: str) -> str | tuple[str, ...]:
+    """'all', or the comma list of norms that get --l1."""
+    return "all" if value.strip() == "all" else _comma_list(str)(ctx, param, value)
 
 
 @main.command()
@@ -371,7 +384,7 @@ def _seeds(ctx, param, value: str) -> tuple[int, ...]:
               help=f"Comma-separated norms, from: {', '.join(NORMS)}.")
 @click.option("--l1", default="1e-5", callback=_comma_list(float),
               help="Comma-separated L1 weights (an axis) for the norms in --l1-on; 1e-5 is the classic BN + L1.")
-@click.option("--l1-on", default="bn", help="Comma-separated norms that get --l1, or 'all'.")
+@click.option("--l1-on", default="bn", callback=_l1_on, help="Comma-separated norms that get --l1, or 'all'.")
 @click.option("--groups", default=str(DEFAULTS.groups), callback=_comma_list(int),
               help="Comma-separated group counts for gn (an axis of the grid).")
 @click.option("--batch-sizes", default=str(DEFAULTS.batch_size), callback=_comma_list(int),
@@ -405,7 +418,7 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
     Ray cluster with --address. Re-running the same command resumes: finished children are
     kept, interrupted and failed ones continue from their checkpoints, missing ones train.
     """
-    l1_norms = norms if l1_on.strip() == "all" else tuple(v.strip() for v in l1_on.split(",") if v.strip())
+    l1_norms = norms if l1_on == "all" else l1_on
     grid = Grid(norms=norms, l1=l1, l1_on=l1_norms, groups=groups, batch_sizes=batch_sizes, seeds=seeds,
                 dataset=dataset, epochs=epochs, lr=lr, lr_scaling=lr_scaling)
     address = address or os.environ.get("RAY_ADDRESS") or None

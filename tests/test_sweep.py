@@ -111,6 +111,11 @@ def test_cli_rejects_bad_options_before_creating_anything(tmp_path, fresh_tracki
         (("--workers", "0"), "0 is not in the range x>=1"),
         (("--l1", "1e-5,big"), "comma-separated list of floats"),
         (("--lr-scaling", "cubic"), "'cubic' is not one of 'none', 'linear', 'sqrt'"),
+        (("--norms", "bn,ln,"), "'--norms': 'bn,ln,' has an empty item"),  # a third norm left out
+        (("--batch-sizes", "32,,64"), "'--batch-sizes': '32,,64' has an empty item"),
+        (("--seeds", "1,5,"), "'--seeds': '1,5,' has an empty item"),
+        (("--l1-on", "bn,"), "'--l1-on': 'bn,' has an empty item"),
+        (("--norms", "gn", "--groups", "3", "--seeds", "7,"), "child gn3-s7"),  # '7,' is seed 7 alone
     ]:
         result = runner.invoke(main, ["sweep", *args, "--data-dir", str(tmp_path)])
         assert result.exit_code == 2, result.output
