@@ -70,6 +70,17 @@ def test_welch_equals_scipy_and_is_antisymmetric():
     assert flipped.ci == pytest.approx((-d.ci[1], -d.ci[0]), rel=1e-12)
 
 
+def test_a_side_whose_seeds_all_agree_is_tested_by_hand_and_without_scipys_cancellation_warning(recwarn):
+    # BN stuck at one class on a tiny split: 12.0 at both seeds. Its variance is exactly 0, so
+    # se² = 0.5 / 2 (the other side's alone), t = -27.1 / 0.5 and df = 1 (Welch-Satterthwaite).
+    d = welch([12.0, 12.0], [38.6, 39.6], "BN", "LN")
+    assert (d.difference, d.t, d.df) == pytest.approx((-27.1, -54.2, 1.0), rel=1e-12)
+    assert d.p == pytest.approx(2 * stats.t.sf(54.2, 1), rel=1e-12)
+    assert d.ci == pytest.approx((-27.1 - stats.t.ppf(0.975, 1) * 0.5, -27.1 + stats.t.ppf(0.975, 1) * 0.5),
+                                 rel=1e-12)
+    assert [str(w.message) for w in recwarn] == []
+
+
 def test_no_test_with_one_seed_or_no_spread():
     one = welch([98.0], [97.0, 97.5], "GN", "LN")
     assert (one.ci, one.t, one.df, one.p) == (None, None, None, None)
