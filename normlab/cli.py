@@ -370,8 +370,10 @@ def _seeds(ctx, param, value: str) -> tuple[int, ...]:
         if count < 1:
             raise click.BadParameter(f"{value!r}: the seed count must be at least 1")
         return tuple(range(1, count + 1))
-    single = value.strip().removesuffix(",")
-    return _comma_list(int)(ctx, param, single if "," not in single else value)
+    first, _, rest = value.partition(",")
+    if not rest.strip():  # '7,': seed 7 alone
+        value = first
+    return _comma_list(int)(ctx, param, value)
 
 
 def _l1_on(ctx, param, value: str) -> str | tuple[str, ...]:
