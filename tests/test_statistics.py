@@ -79,6 +79,8 @@ def test_a_side_whose_seeds_all_agree_is_tested_by_hand_and_without_scipys_cance
     assert d.ci == pytest.approx((-27.1 - stats.t.ppf(0.975, 1) * 0.5, -27.1 + stats.t.ppf(0.975, 1) * 0.5),
                                  rel=1e-12)
     assert [str(w.message) for w in recwarn] == []
+    with pytest.warns(RuntimeWarning, match="Precision loss"):  # nearly, not exactly, equal: scipy's to say
+        welch([12.0 + 1e-14, 12.0], [38.6, 39.6])
 
 
 def test_no_test_with_one_seed_or_no_spread():

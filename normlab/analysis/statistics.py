@@ -107,12 +107,14 @@ def welch(a: Sequence[float], b: Sequence[float], label_a: str = "a", label_b: s
     if single:
         return replace(base, reason=f"{' and '.join(single)} {'has' if len(single) == 1 else 'have'} one seed: "
                                     f"no interval or test")
-    if x.var(ddof=1) == 0 and y.var(ddof=1) == 0:
+    constant = [v.var(ddof=1) == 0 for v in (x, y)]
+    if all(constant):
         return replace(base, reason="every seed of both variants gave the same value: no spread, no test")
     with warnings.catch_warnings():
-        # One side's seeds all gave the same value (BN stuck at one class on a tiny split): its
-        # variance is exactly 0, not lost to cancellation, so scipy's warning would be wrong.
-        warnings.filterwarnings("ignore", "Precision loss occurred in moment calculation", RuntimeWarning)
+        if any(constant):
+            # One side's seeds all gave the same value (BN stuck at one class on a tiny split): its
+            # variance is exactly 0, not lost to cancellation, so scipy's warning would be wrong.
+            warnings.filterwarnings("ignore", "Precision loss occurred in moment calculation", RuntimeWarning)
         result = stats.ttest_ind(x, y, equal_var=False)
     low, high = result.confidence_interval(CONFIDENCE)
     return replace(base, ci=(float(low), float(high)), t=float(result.statistic), df=float(result.df),
