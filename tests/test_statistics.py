@@ -232,6 +232,14 @@ def test_findings_say_n_is_too_small_below_five_seeds_and_one_seed_has_no_test()
     assert "nan" not in text.lower() and "real:" not in text
 
 
+def test_findings_with_one_seed_a_side_say_no_pair_has_a_test():
+    table, runs_metrics = hand_made({"GN": [43.4], "BN": [12.0]})
+    text = results.findings(table, runs_metrics)
+    assert "no pair has a test, which needs at least two seeds a side." in text
+    assert "Holm" not in text  # no method is described for tests that were not made
+    assert "- **GN** − **BN**: +31.40 points; GN and BN have one seed: no interval or test." in text
+
+
 def test_findings_do_not_rank_different_epoch_budgets_against_each_other():
     table, runs_metrics = hand_made({"LN, 1 epoch": [97.0, 97.2], "BN, 1 epoch": [96.0, 96.3],
                                      "LN, 3 epochs": [99.0, 99.1], "BN, 3 epochs": [98.0, 98.2]},

@@ -254,7 +254,10 @@ def findings(table: pd.DataFrame, runs_metrics: pd.DataFrame) -> str:
                   f"{statistics.MIN_SEEDS} seeds per variant are needed (`normlab sweep --seeds "
                   f"{statistics.MIN_SEEDS}`). The numbers below describe these runs; they do not say which "
                   f"variant is better.", ""]
-    if pairs and by_family:
+    if pairs and not tested:
+        lines += ["Differences in final test accuracy (higher minus lower mean, in points): no pair has a test, "
+                  "which needs at least two seeds a side.", ""]
+    elif pairs and by_family:
         lines += [f"Differences in final test accuracy (higher minus lower mean, in points) for the pairs a "
                   f"batch-size study asks about: at each batch size the norm settings against each other, and "
                   f"each norm setting's batch sizes against its largest batch; no pair of different norms at "
