@@ -376,6 +376,12 @@ def _seeds(ctx, param, value: str) -> tuple[int, ...]:
     return _comma_list(int)(ctx, param, value)
 
 
+def _run_ids(ctx, param, values: tuple[str, ...]) -> tuple[str, ...]:
+    """Every --run-id, each a run id or a comma list of them; an empty one (the MLproject's
+    default) means none given."""
+    return tuple(run_id for value in values for run_id in _comma_list(str)(ctx, param, value))
+
+
 def _l1_on(ctx, param, value: str) -> str | tuple[str, ...]:
     """'all', or the comma list of norms that get --l1."""
     return "all" if value.strip() == "all" else _comma_list(str)(ctx, param, value)
@@ -477,7 +483,7 @@ def _sweep(grid: Grid, experiment: str, data_dir: str, device: str, checkpoint_d
 @click.option("--filter", "filter_string", default="",
               help="MLflow search filter, e.g. \"params.dataset = 'mnist' and params.epochs = '20'\".")
 @click.option("--parent", "parent_run_id", default="", help="Only the child runs of this (sweep) run.")
-@click.option("--run-id", "run_ids", multiple=True,
+@click.option("--run-id", "run_ids", multiple=True, callback=_run_ids,
               help="Compare exactly these runs (repeat, or comma-separate); --experiment is then not used.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results",
               help="Folder for the figures, galleries and tables (created if missing).")
@@ -502,13 +508,12 @@ def compare(experiment, filter_string, parent_run_id, run_ids, out_dir, include_
     with _reported():
         _check_writable(out_dir, "--out", keep=False)  # a comparison that finds no runs leaves no folder
         connection.check_tracking_reachable()
-    ids = [i.strip() for value in run_ids for i in value.split(",") if i.strip()]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             result = run_comparison(Path(out_dir), experiment, filter_string or None, parent_run_id or None,
-                                    ids or None, log_to_run_id or None, include_unfinished=include_unfinished,
-                                    band=band)
+                                    list(run_ids) or None, log_to_run_id or None,
+                                    include_unfinished=include_unfinished, band=band)
         except SelectionError as exc:
             raise click.ClickException(str(exc)) from exc
         finally:

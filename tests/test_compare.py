@@ -656,6 +656,13 @@ def test_compare_command(tmp_path, store):
     assert "Error: no experiment named 'nope'" in missing.output and "normlab" in missing.output
     assert not (tmp_path / "none").exists()
 
+    a, b = store.run("ln", 1).run_id, store.run("gn", 1).run_id  # an id left out of a list is refused
+    gap = CliRunner().invoke(main, ["compare", "--run-id", f"{a},,{b}", "--out", str(tmp_path / "gap")])
+    assert gap.exit_code == 2 and f"Invalid value for '--run-id': '{a},,{b}' has an empty item" in gap.output
+    assert not (tmp_path / "gap").exists()
+    listed = CliRunner().invoke(main, ["compare", "--run-id", f"{a}, {b}", "--run-id", "", "--out", str(out)])
+    assert listed.exit_code == 0 and "compared 2 runs, 2 variants" in listed.output, listed.output[-3000:]
+
 
 @pytest.fixture(scope="module")
 def compare_as_typed(store, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
