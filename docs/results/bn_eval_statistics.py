@@ -26,6 +26,7 @@ from normlab.engine.checkpoint import load  # noqa: E402
 from normlab.engine.data import DeviceData, batch_slices, load_raw  # noqa: E402
 from normlab.engine.models import Net  # noqa: E402
 from normlab.engine.train import evaluate  # noqa: E402
+from normlab.tracking.connection import use_command_defaults  # noqa: E402
 
 
 def accuracy_with_batch_statistics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    use_command_defaults()  # no progress bar per downloaded checkpoint, as in normlab's commands
     data = DeviceData(load_raw("mnist", args.data_dir, download=False), "cpu")
     runs = mlflow.search_runs(experiment_names=[args.experiment],
                               filter_string="params.norm = 'bn' and attributes.status = 'FINISHED'")
