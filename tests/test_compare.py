@@ -752,6 +752,34 @@ def test_notebook_runs_top_to_bottom_against_the_store(store, monkeypatch):
     assert "Differences in final test accuracy:" in text
 
 
+def test_bn_eval_statistics_reproduces_the_logged_accuracy_and_shows_short_runs_running_statistics_lag(
+        store, small_mnist_dir, tmp_path, monkeypatch, capsys):
+    """docs/results/bn_eval_statistics.py (README's batch-size finding, docs/troubleshooting.md)
+    over the store's two BN + L1 runs: evaluated from its last checkpoint with the running
+    statistics, each run scores exactly the test_acc it logged; with each test batch's own
+    statistics, after 4 epochs of 8 steps, far more (the lag troubleshooting.md describes)."""
+    import runpy
+
+    from normlab.tracking.connection import HTTP_RETRY_DEFAULTS, QUIET_DOWNLOAD_DEFAULTS
+
+    for name in {**HTTP_RETRY_DEFAULTS, **QUIET_DOWNLOAD_DEFAULTS}:  # the script sets them; undone after the test
+        monkeypatch.delenv(name, raising=False)
+    script = runpy.run_path(str(ROOT / "docs" / "results" / "bn_eval_statistics.py"))
+    out = tmp_path / "bn.csv"
+    monkeypatch.setattr(sys, "argv", ["bn_eval_statistics.py", "--experiment", "normlab", "--data-dir",
+                                      str(small_mnist_dir), "--out", str(out)])
+    script["main"]()
+    assert "Downloading artifacts" not in capsys.readouterr().err
+    frame = pd.read_csv(out)
+    bn = {store.run("bn", seed).run_id: seed for seed in (1, 2)}
+    assert sorted(frame["run_id"]) == sorted(bn) and set(frame["epoch"]) == {EPOCHS}
+    client = MlflowClient()
+    for row in frame.itertuples():
+        assert row.seed == bn[row.run_id] and row.batch_size == 128 and row.l1 == 1e-5
+        assert row.test_acc_running_statistics == pytest.approx(client.get_run(row.run_id).data.metrics["test_acc"])
+        assert row.test_acc_batch_statistics > row.test_acc_running_statistics + 10, row
+
+
 def test_a_runs_misclassified_grid_shows_each_image_under_its_predicted_and_true_class(small_mnist_dir):
     """The run's 5x2 grid (misclassified.png): real digits in reading order, each labelled
     just above it; fewer than ten mistakes leave the rest of the grid blank."""
