@@ -189,6 +189,16 @@ def test_nothing_to_compare_is_a_clear_error(store, kwargs, message):
         compare.load_comparison(**kwargs)
 
 
+def test_a_parent_searched_in_another_experiment_is_an_error_naming_the_parents_experiment(store):
+    """A sweep run with --experiment classic, compared with --parent alone (experiment normlab)."""
+    with pytest.raises(SelectionError, match=re.escape(
+            f"no training runs to compare in experiment 'odd', parent run {store.parent_id}; the parent run is "
+            f"in experiment 'normlab': give that as --experiment")):
+        compare.load_comparison(experiment="odd", parent_run_id=store.parent_id)
+    assert {r.run_id for r in compare.load_comparison(parent_run_id=store.parent_id).runs.itertuples()} \
+        == store.children  # in its own experiment the same parent is found
+
+
 def copy_run(client: MlflowClient, source, experiment: str, status: str, with_history: bool, **params) -> str:
     """The source run's tags, params (those given replaced) and (optionally) histories, as a
     new run of the experiment; no artifacts."""

@@ -87,8 +87,12 @@ def select_runs(experiment: str = EXPERIMENT, filter_string: str | None = None,
             names = sorted(e.name for e in client.search_experiments())
             raise SelectionError(f"no experiment named {experiment!r} in {redact(mlflow.get_tracking_uri())}; "
                                  f"experiments there: {', '.join(names) or 'none'}")
+    hint = ""
     if parent_run_id:
-        _get_run(client, parent_run_id, "parent run")
+        parent = _get_run(client, parent_run_id, "parent run")
+        if parent.info.experiment_id not in experiment_ids:  # a sweep's children live in its parent's experiment
+            hint = (f"; the parent run is in experiment "
+                    f"{client.get_experiment(parent.info.experiment_id).name!r}: give that as --experiment")
         clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
         searched += f", parent run {parent_run_id}"
     if filter_string:
@@ -105,7 +109,7 @@ def select_runs(experiment: str = EXPERIMENT, filter_string: str | None = None,
         left_out = [r for r in training if r.info.status != "FINISHED"]
     if not runs:
         detail = f" ({len(left_out)} matched but are not FINISHED: use --include-unfinished)" if left_out else ""
-        raise SelectionError(f"no training runs to compare in {searched}{detail}")
+        raise SelectionError(f"no training runs to compare in {searched}{detail}{hint}")
     return Selection(runs, left_out, searched)
 
 
