@@ -321,7 +321,8 @@ def test_test_accuracy_figure_has_a_line_per_variant_and_bands_for_seeds(store, 
     for ax in (full, zoom):
         assert (ax.get_xlabel(), ax.get_ylabel()) == ("epoch", "accuracy (%)")
         assert all(float(t).is_integer() for t in ax.get_xticks())
-    legend = full.get_legend()
+    [legend] = figure.legends  # under the panels, over no line
+    assert full.get_legend() is None and zoom.get_legend() is None
     assert [t.get_text() for t in legend.get_texts()] == ["BN + L1 (1e-05) (n=2)", "LN (n=2)", "GN (2 groups) (n=1)"]
     assert legend.get_title().get_text() == "line: mean over seeds, band: min–max over seeds"
     lines = {line.get_label(): line for line in full.get_lines()}
@@ -351,7 +352,8 @@ def t_interval(values) -> tuple[float, float]:
 def test_confidence_band_is_the_t_interval_of_each_epochs_seeds(store, comparison):
     figures = comparison.figures(band="ci")
     full = figures["test_accuracy.png"].axes[0]
-    assert full.get_legend().get_title().get_text() == "line: mean over seeds, band: 95% CI of the mean (Student t)"
+    [legend] = figures["test_accuracy.png"].legends
+    assert legend.get_title().get_text() == "line: mean over seeds, band: 95% CI of the mean (Student t)"
     bands = [c for c in full.collections if isinstance(c, PolyCollection)]
     assert len(bands) == 2  # GN has one seed: no band
     for variant, band in zip(["BN + L1 (1e-05)", "LN"], bands):
@@ -394,6 +396,76 @@ def test_final_accuracy_figure_shows_every_seed(store, comparison):
     printed = sorted(r.printed["test_acc"].iloc[-1] for r in store.runs)
     np.testing.assert_allclose(sorted(points), printed, atol=6e-3)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["one seed", "mean", "min–max over seeds"]
+    plt.close("all")
+
+
+def batch_size_study_frames(batch_sizes=(2, 8, 32, 128), seeds=(1, 2), epochs=4):
+    """(history, runs_metrics) of a made-up batch-size study: BN, LN and GN at each batch size,
+    each run's accuracy a known function of its norm, batch, seed and epoch."""
+    history, finals = [], []
+    for norm, groups in (("bn", None), ("ln", None), ("gn", 2)):
+        for batch in batch_sizes:
+            variant = f"{results.norm_setting_label(norm, groups)}, batch {batch}"
+            for seed in seeds:
+                run_id = f"{norm}-{batch}-{seed}"
+                for epoch in range(1, epochs + 1):
+                    value = 90 + epoch + batch / 100 + seed / 10 + (0.5 if norm == "gn" else 0)
+                    history.append(dict(run_id=run_id, variant=variant, seed=seed, norm=norm, groups=groups, l1=0.0,
+                                        batch_size=batch, metric="test_acc", epoch=epoch, value=value))
+                finals.append(dict(run_id=run_id, variant=variant, seed=seed, norm=norm, groups=groups, l1=0.0,
+                                   batch_size=batch, final_test_acc=value))
+    return pd.DataFrame(history), pd.DataFrame(finals)
+
+
+def test_a_batch_size_studys_many_variants_keep_their_figures_readable():
+    """12 variants (3 norms x 4 batch sizes): the curves' final values move from beside the
+    lines (12 labels do not fit apart) into the legend under the panels; each norm keeps one
+    hue, darker with the batch size; final_accuracy.png gives each variant a row."""
+    from matplotlib.colors import rgb_to_hsv
+
+    from normlab.analysis import plots
+
+    history, runs_metrics = batch_size_study_frames()
+    variants = list(dict.fromkeys(runs_metrics["variant"]))
+    figure = plots.curves_figure(history, ["test_acc"], "Test accuracy")
+    [legend] = figure.legends
+    finals = history[history["epoch"] == 4].groupby("variant", sort=False)["value"].mean()
+    assert [t.get_text() for t in legend.get_texts()] == [f"{v} (n=2): {finals[v]:.2f}%" for v in variants]
+    assert legend._ncols == 3  # as many columns as the two panels' width holds
+    assert not [t for ax in figure.axes for t in ax.texts]  # no end labels stacked past the axes
+    colors = plots.variant_colors(history)
+    hues = {v: rgb_to_hsv(colors[v][:3]) for v in variants}
+    for norm in ("BN", "LN", "GN (2 groups)"):
+        family = [hues[f"{norm}, batch {b}"] for b in (2, 8, 32, 128)]
+        assert max(h[0] for h in family) - min(h[0] for h in family) < 0.1  # one hue
+        assert [h[2] for h in family] == sorted((h[2] for h in family), reverse=True)  # darker with the batch
+    assert abs(hues["BN, batch 2"][0] - hues["LN, batch 2"][0]) > 0.2
+    line_colors = {bars.get_label(): bars.lines[0].get_color() for bars in plots.batch_size_figure(history).axes[0].containers}
+    assert rgb_to_hsv(line_colors["BN (2 seeds)"][:3])[0] == pytest.approx(hues["BN, batch 128"][0], abs=0.05)
+
+    figure = plots.final_accuracy_figure(runs_metrics, "Final test accuracy per seed")
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == variants and ax.get_xlabel() == "final test accuracy (%)"
+    assert ax.yaxis_inverted()  # the first variant on top, as in the tables
+    points = np.concatenate([c.get_offsets() for c in ax.collections if isinstance(c, PathCollection)])
+    for slot, variant in enumerate(variants):  # every seed's dot on its variant's row
+        seeds = runs_metrics.loc[runs_metrics["variant"] == variant, "final_test_acc"]
+        on_row = points[np.abs(points[:, 1] - slot) < 0.2][:, 0]
+        np.testing.assert_allclose(sorted(on_row), sorted(seeds))
+    summaries = [t.get_text() for t in ax.texts]
+    means = runs_metrics.groupby("variant", sort=False)["final_test_acc"].agg(["mean", "std"])
+    assert summaries == [f"{means.loc[v, 'mean']:.2f} ± {means.loc[v, 'std']:.2f}% (n=2)" for v in variants]
+    plt.close("all")
+
+
+def test_long_variant_names_are_wrapped_under_their_columns():
+    from normlab.analysis import plots
+
+    _, runs_metrics = batch_size_study_frames(batch_sizes=(64, 256), seeds=(1, 2))
+    runs_metrics = runs_metrics[runs_metrics["norm"] != "ln"]
+    ax = plots.final_accuracy_figure(runs_metrics, "Final test accuracy per seed").axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "BN, batch 64", "BN, batch 256", "GN (2 groups),\nbatch 64", "GN (2 groups),\nbatch 256"]
     plt.close("all")
 
 

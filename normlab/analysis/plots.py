@@ -109,16 +109,18 @@ def batch_size_figure(df, metric: str = "test_acc", band: str = "range") -> Figu
 
     check_band(band)
     final = final_values(df, metric)
-    keys = [c for c in ("norm", "groups", "l1") if c in final.columns]
+    settings = norm_settings(final)
+    families = list(dict.fromkeys(settings.values()))  # in the variants' order, as variant_colors
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for key, runs in final.groupby(keys, sort=False, observed=True, dropna=False):  # groups is NA but for gn
-        key = key if isinstance(key, tuple) else (key,)
+    for i, setting in enumerate(families):
+        runs = final[final["variant"].astype(str).map(settings) == setting]
         stats = spread_stats(runs.groupby("batch_size")["value"], band).sort_index()
         stats = stats.fillna({"low": stats["mean"], "high": stats["mean"]})  # one seed: no bar
+        color = plt.get_cmap(FAMILIES[i])(0.8) if i < len(FAMILIES) else None
         line = ax.errorbar(stats.index, stats["mean"],
                            yerr=[stats["mean"] - stats["low"], stats["high"] - stats["mean"]],
-                           marker="o", capsize=3,
-                           label=f"{norm_setting_label(*key)} ({runs['seed'].nunique()} seeds)")
+                           marker="o", capsize=3, color=color,
+                           label=f"{norm_setting_label(*setting)} ({runs['seed'].nunique()} seeds)")
         ax.scatter(runs["batch_size"], runs["value"], s=10, alpha=0.4, color=line[0].get_color())
     sizes = sorted(final["batch_size"].unique())
     ax.set_xscale("log", base=2)
@@ -174,10 +176,45 @@ def spread_stats(grouped, band: str):
     return pd.DataFrame({"mean": grouped.mean(), "low": bounds[:, 0], "high": bounds[:, 1]})
 
 
-def variant_colors(variants: Sequence[str]) -> dict[str, tuple]:
-    """One color per variant, the same in every figure of a comparison."""
-    cmap = plt.get_cmap("tab10")
-    return {v: cmap(i % 10) for i, v in enumerate(variants)}
+# A batch-size study's norm settings, each a family of shades of one hue, hues far apart in order.
+FAMILIES = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys")
+MAX_END_LABELS = 8  # more final values than this do not fit apart beside the lines: the legend carries them
+MAX_COLUMNS = 8  # more variants than this: final_accuracy.png gives each a row, not a column
+
+
+def norm_settings(frame) -> dict[str, tuple]:
+    """Each variant's norm setting: (norm, groups, l1), None where missing (groups but for GN),
+    whatever its batch size."""
+    import pandas as pd
+
+    keys = [c for c in ("norm", "groups", "l1") if c in frame.columns]
+    first = frame.assign(variant=frame["variant"].astype(str)).drop_duplicates("variant").set_index("variant")
+    return {v: tuple(None if pd.isna(x) else x for x in first.loc[v, keys]) for v in _variants(frame)}
+
+
+def variant_colors(frame) -> dict[str, tuple]:
+    """One color per variant, the same in every figure of a comparison. Across batch sizes each
+    norm setting keeps one hue, light at its smallest batch and dark at its largest, so that a
+    study's 28 lines read as 4 families (batch_size.png draws each family's line in its hue)."""
+    variants = _variants(frame)
+    settings = norm_settings(frame)
+    families = list(dict.fromkeys(settings.values()))
+    if "batch_size" in frame.columns and frame["batch_size"].nunique() > 1 and len(families) <= len(FAMILIES):
+        sizes = sorted(frame["batch_size"].unique())
+        batch = frame.assign(variant=frame["variant"].astype(str)).groupby("variant", observed=True)["batch_size"].first()
+        return {v: plt.get_cmap(FAMILIES[families.index(settings[v])])(
+                    0.4 + 0.55 * sizes.index(batch[v]) / (len(sizes) - 1)) for v in variants}
+    cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
+    return {v: cmap(i % cmap.N) for i, v in enumerate(variants)}
+
+
+def legend_below(fig: Figure, handles: list, labels: list[str], title: str | None = None) -> None:
+    """The figure's legend under its panels, where it covers no line, band or label (the saved
+    file is trimmed to its content, legend included); as many columns as fit its width."""
+    widest = max(len(label) for label in labels) * 0.075 + 0.6  # inches at fontsize 8, with the handle
+    columns = max(1, min(len(labels), int(fig.get_figwidth() // widest)))
+    fig.legend(handles, labels, title=title, fontsize=8, title_fontsize=8, ncol=columns,
+               loc="upper center", bbox_to_anchor=(0.5, 0.0), frameon=False)
 
 
 def _variants(history) -> list[str]:
@@ -199,23 +236,26 @@ def _format_value(metric: str, value: float) -> str:
 
 
 def _draw_curves(ax, history, metric: str, colors: dict, epochs: tuple[int, int], annotate: bool,
-                 band: str) -> None:
-    """Each variant's mean line (+ band for several seeds) over the epoch range.
+                 band: str) -> dict[str, float]:
+    """Each variant's mean line (+ band for several seeds) over the epoch range; returns each
+    variant's final mean, by line label.
 
     A single epoch has no width for a band: its mean is a marker and the band a whisker.
     """
     from matplotlib.ticker import MaxNLocator
 
     first, last = epochs
-    lows, highs, ends = [], [], []
+    lows, highs, ends, finals = [], [], [], {}
     for variant in _variants(history):
         stats, n = _curve_stats(history, metric, variant, band)
         stats = stats.loc[first:last]
         if stats.empty:
             continue
         color = colors[variant]
+        label = f"{variant} (n={n})"
         ax.plot(stats.index, stats["mean"], color=color, marker="o" if len(stats) < 12 else None,
-                markersize=6 if len(stats) == 1 else 3, label=f"{variant} (n={n})")
+                markersize=6 if len(stats) == 1 else 3, label=label)
+        finals[label] = stats["mean"].iloc[-1]
         if n > 1 and len(stats) == 1:
             mean, low, high = stats.iloc[0][["mean", "low", "high"]]
             ax.errorbar(stats.index, [mean], yerr=[[mean - low], [high - mean]], fmt="none", color=color, capsize=5,
@@ -225,6 +265,7 @@ def _draw_curves(ax, history, metric: str, colors: dict, epochs: tuple[int, int]
         lows.append(stats[["mean", "low"]].min().min())
         highs.append(stats[["mean", "high"]].max().max())
         ends.append((stats.index[-1], stats["mean"].iloc[-1], color))
+    annotate = annotate and len(ends) <= MAX_END_LABELS
     ax.set_xlim(first - 0.3, last + 0.3 + (0.25 * (last - first) + 0.5 if annotate else 0))
     low, high = min(lows), max(highs)
     pad = (high - low) * 0.08 or abs(high) * 0.01 or 0.01
@@ -235,6 +276,7 @@ def _draw_curves(ax, history, metric: str, colors: dict, epochs: tuple[int, int]
     ax.set_xlabel("epoch")
     ax.set_ylabel(METRIC_NAMES[metric][1])
     ax.grid(alpha=0.3)
+    return finals
 
 
 def _annotate_ends(ax, metric: str, ends: list[tuple[int, float, tuple]], min_gap: float) -> None:
@@ -260,60 +302,94 @@ def curves_figure(history, metrics: Sequence[str], title: str, band: str = "rang
     band spans the seeds' min–max (`range`) or the 95% t interval of the mean (`ci`).
     """
     check_band(band)
-    colors = variant_colors(_variants(history))
+    colors = variant_colors(history)
     first, last = int(history["epoch"].min()), int(history["epoch"].max())
     zoom = last - first >= 3
     cols = 2 if zoom else 1
     fig, axes = plt.subplots(len(metrics), cols, figsize=(6.2 * cols, 4.2 * len(metrics)), squeeze=False)
     for row, metric in zip(axes, metrics):
         name = METRIC_NAMES[metric][0]
-        _draw_curves(row[0], history, metric, colors, (first, last), annotate=not zoom, band=band)
+        finals = _draw_curves(row[0], history, metric, colors, (first, last), annotate=not zoom, band=band)
         row[0].set_title(f"{name}, {_epoch_range(first, last)}")
         if zoom:
             start = (first + last + 1) // 2
             _draw_curves(row[1], history, metric, colors, (start, last), annotate=True, band=band)
             row[1].set_title(f"{name}, {_epoch_range(start, last)} (zoom)")
-        # where late epochs leave room (loc="best" searched for it: a sixth of the comparison's time)
-        row[0].legend(title=BANDS[band], fontsize=8, title_fontsize=8,
-                      loc="lower right" if metric.endswith("_acc") else "upper right")
     fig.suptitle(title, fontsize=12)
     fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if len(labels) > MAX_END_LABELS:  # no final values beside the lines: they go with the names
+        labels = [f"{label}: {_format_value(metrics[0], finals[label])}" if len(metrics) == 1 else label
+                  for label in labels]
+    legend_below(fig, handles, labels, title=BANDS[band])
     return fig
 
 
 def final_accuracy_figure(runs_metrics, title: str, band: str = "range") -> Figure:
     """Each variant's last-epoch test accuracy: one dot per seed, mean bar, and a whisker
-    spanning the seeds' min–max (`range`) or the 95% t interval of the mean (`ci`)."""
+    spanning the seeds' min–max (`range`) or the 95% t interval of the mean (`ci`).
+
+    A column per variant, its name wrapped under it; beyond MAX_COLUMNS variants (a
+    batch-size study has 28) a row each instead, named on the left and summed up on the right.
+    """
+    import textwrap
+
+    from matplotlib.transforms import blended_transform_factory
+
     check_band(band)
     variants = _variants(runs_metrics)
-    colors = variant_colors(variants)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.9 * len(variants) + 1.5), 4.6))
+    colors = variant_colors(runs_metrics)
+    rows = len(variants) > MAX_COLUMNS
+    if rows:
+        fig, ax = plt.subplots(figsize=(7.0, 0.38 * len(variants) + 1.2))
+    else:
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.9 * len(variants) + 1.5), 4.6))
+
+    def at(slot, value):
+        """(x, y) of an accuracy at a variant's slot: the slot is y in rows, x in columns."""
+        return (value, slot) if rows else (slot, value)
+
     drawn = False  # the whisker's legend entry, once
     lows, highs = [runs_metrics["final_test_acc"].min()], [runs_metrics["final_test_acc"].max()]
-    for x, variant in enumerate(variants):
+    for slot, variant in enumerate(variants):
         values = runs_metrics.loc[runs_metrics["variant"].astype(str) == variant, "final_test_acc"].to_numpy()
         offsets = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
-        ax.scatter(x + offsets, values, color=colors[variant], s=28, zorder=3,
-                   label="one seed" if x == 0 else None)
+        ax.scatter(*at(slot + offsets, values), color=colors[variant], s=28, zorder=3,
+                   label="one seed" if slot == 0 else None)
         mean = values.mean()
-        ax.hlines(mean, x - 0.25, x + 0.25, color="black", lw=2, zorder=4, label="mean" if x == 0 else None)
+        (ax.vlines if rows else ax.hlines)(mean, slot - 0.25, slot + 0.25, color="black", lw=2, zorder=4,
+                                           label="mean" if slot == 0 else None)
         low, high = spread(values, band)
         if not np.isnan(low):
-            ax.vlines(x, low, high, color="gray", lw=1, zorder=2, label=SPREADS[band] if not drawn else None)
+            (ax.hlines if rows else ax.vlines)(slot, low, high, color="gray", lw=1, zorder=2,
+                                               label=SPREADS[band] if not drawn else None)
             drawn = True
             lows.append(low)
             highs.append(high)
         std = f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else ""
-        ax.annotate(f"{mean:.2f}{std}%\nn={len(values)}", xy=(x + 0.28, mean), fontsize=8, va="center")
-    ax.set_xticks(range(len(variants)), variants, rotation=15 if len(variants) > 4 else 0)
-    ax.set_xlim(-0.6, len(variants) - 0.1)
+        if rows:  # right of the axes, on the variant's row
+            ax.text(1.01, slot, f"{mean:.2f}{std}% (n={len(values)})", fontsize=8, va="center",
+                    transform=blended_transform_factory(ax.transAxes, ax.transData))
+        else:
+            ax.annotate(f"{mean:.2f}{std}%\nn={len(values)}", xy=(slot + 0.28, mean), fontsize=8, va="center")
     low, high = min(lows), max(highs)
     pad = (high - low) * 0.15 or 0.1
-    ax.set_ylim(low - pad, high + pad)
-    ax.set_ylabel("final test accuracy (%)")
-    ax.set_xlabel("variant")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    if rows:
+        ax.set_yticks(range(len(variants)), variants, fontsize=8)
+        ax.set_ylim(len(variants) - 0.4, -0.6)  # the first variant on top, as in the tables
+        ax.set_xlim(low - pad, high + pad)
+        ax.set_xlabel("final test accuracy (%)")
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.6 / fig.get_figheight()), ncol=3,
+                  frameon=False)
+    else:
+        ax.set_xticks(range(len(variants)), [textwrap.fill(v, 18) for v in variants])
+        ax.set_xlim(-0.6, len(variants) - 0.1)
+        ax.set_ylim(low - pad, high + pad)
+        ax.set_ylabel("final test accuracy (%)")
+        ax.set_xlabel("variant")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
     ax.set_title(title, fontsize=11)
     fig.tight_layout()
     return fig
