@@ -862,6 +862,34 @@ def test_bn_eval_statistics_reproduces_the_logged_accuracy_and_shows_short_runs_
         assert row.test_acc_batch_statistics > row.test_acc_running_statistics + 10, row
 
 
+def test_redraw_draws_from_a_studys_csvs_the_figures_compare_drew_from_the_store(
+        tmp_path, comparison, monkeypatch, capsys):
+    """docs/results/redraw.py (how the committed studies' figures follow the plotting code):
+    from runs.csv, as compare wrote it, and histories.csv, as the study folders hold it, the
+    same files byte for byte as compare drew from the MLflow store."""
+    import runpy
+    import shutil
+
+    drawn = compare.write_outputs(comparison, tmp_path / "compare")
+    study = tmp_path / "study"
+    study.mkdir()
+    shutil.copy(drawn["runs.csv"], study / "runs.csv")
+    comparison.history[["run_id", "variant", "seed", "metric", "epoch", "value"]].to_csv(
+        study / "histories.csv", index=False)
+    script = runpy.run_path(str(ROOT / "docs" / "results" / "redraw.py"))
+    monkeypatch.setattr(sys, "argv", ["redraw.py", str(study)])
+    script["main"]()
+    figures = ["test_loss.png", "test_accuracy.png", "train_curves.png", "final_accuracy.png"]
+    assert capsys.readouterr().out.split() == [str(study / name) for name in figures]
+    for name in figures:
+        assert (study / name).read_bytes() == drawn[name].read_bytes(), name
+    (study / "histories.csv").unlink()
+    monkeypatch.setattr(sys, "argv", ["redraw.py", str(study)])
+    with pytest.raises(SystemExit) as refused:
+        script["main"]()
+    assert refused.value.code == 2 and f"{study} has no histories.csv" in capsys.readouterr().err
+
+
 def test_a_runs_misclassified_grid_shows_each_image_under_its_predicted_and_true_class(small_mnist_dir):
     """The run's 5x2 grid (misclassified.png): real digits in reading order, each labelled
     just above it; fewer than ten mistakes leave the rest of the grid blank."""
