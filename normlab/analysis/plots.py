@@ -103,7 +103,9 @@ def batch_size_figure(df, metric: str = "test_acc", band: str = "range") -> Figu
     The line is the mean over seeds, the bars span the lowest to highest seed (`range`) or
     the 95% t interval of the mean (`ci`), and every seed is a dot: the small-model analogue
     of the GroupNorm paper's Figure 1. Lines are keyed by norm (and groups and L1 when the
-    frame has them), not by the variant label, which may itself name the batch size.
+    frame has them), not by the variant label, which may itself name the batch size. Each
+    setting's points sit a little apart from the others' at the same batch size (at most a
+    tenth of the way to the next power of two), so that overlapping bars stay apart.
     """
     from normlab.analysis.results import norm_setting_label  # scipy: only for this figure
 
@@ -117,11 +119,12 @@ def batch_size_figure(df, metric: str = "test_acc", band: str = "range") -> Figu
         stats = spread_stats(runs.groupby("batch_size")["value"], band).sort_index()
         stats = stats.fillna({"low": stats["mean"], "high": stats["mean"]})  # one seed: no bar
         color = plt.get_cmap(FAMILIES[i])(0.8) if i < len(FAMILIES) else None
-        line = ax.errorbar(stats.index, stats["mean"],
+        apart = 2 ** (0.2 * (i - (len(families) - 1) / 2) / max(len(families) - 1, 1))  # x factor, log scale
+        line = ax.errorbar(stats.index * apart, stats["mean"],
                            yerr=[stats["mean"] - stats["low"], stats["high"] - stats["mean"]],
                            marker="o", capsize=3, color=color,
                            label=f"{norm_setting_label(*setting)} ({runs['seed'].nunique()} seeds)")
-        ax.scatter(runs["batch_size"], runs["value"], s=10, alpha=0.4, color=line[0].get_color())
+        ax.scatter(runs["batch_size"] * apart, runs["value"], s=10, alpha=0.4, color=line[0].get_color())
     sizes = sorted(final["batch_size"].unique())
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
@@ -130,8 +133,8 @@ def batch_size_figure(df, metric: str = "test_acc", band: str = "range") -> Figu
     ax.set_ylabel("final test accuracy (%)" if metric == "test_acc" else f"final {metric}")
     ax.set_title(f"Final test accuracy vs batch size (mean, bars: {SPREADS[band]})")
     ax.grid(alpha=0.3)
-    ax.legend()
     fig.tight_layout()
+    legend_below(fig, *ax.get_legend_handles_labels())
     return fig
 
 
