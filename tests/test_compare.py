@@ -364,7 +364,7 @@ def test_confidence_band_is_the_t_interval_of_each_epochs_seeds(store, compariso
         np.testing.assert_allclose(corners[:, 1].max(), intervals[:, 1].max(), atol=0.05)
         assert intervals[:, 1].max() - intervals[:, 0].min() > per_epoch.max().max() - per_epoch.min().min()
     whiskers = figures["final_accuracy.png"].axes[0]
-    assert "95% CI of the mean" in [t.get_text() for t in whiskers.get_legend().get_texts()]
+    assert "95% CI of the mean" in [t.get_text() for t in figures["final_accuracy.png"].legends[0].get_texts()]
     [lines] = [c for c in whiskers.collections if c.get_label() == "95% CI of the mean"]  # BN's, drawn first
     bn = [r.printed["test_acc"].iloc[-1] for r in store.runs if r.variant == "BN + L1 (1e-05)"]
     np.testing.assert_allclose(sorted(lines.get_segments()[0][:, 1]), t_interval(bn), atol=0.01)
@@ -395,7 +395,8 @@ def test_final_accuracy_figure_shows_every_seed(store, comparison):
     points = np.concatenate([c.get_offsets()[:, 1] for c in ax.collections if isinstance(c, PathCollection)])
     printed = sorted(r.printed["test_acc"].iloc[-1] for r in store.runs)
     np.testing.assert_allclose(sorted(points), printed, atol=6e-3)
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["one seed", "mean", "min–max over seeds"]
+    [legend] = figure.legends  # under the axes, over no dot
+    assert [t.get_text() for t in legend.get_texts()] == ["one seed", "mean", "min–max over seeds"]
     plt.close("all")
 
 

@@ -185,13 +185,18 @@ MAX_END_LABELS = 8  # more final values than this do not fit apart beside the li
 MAX_COLUMNS = 8  # more variants than this: final_accuracy.png gives each a row, not a column
 
 
+def _first_rows(frame):
+    """The frame's first row of each variant, indexed by the variant's label."""
+    return frame.assign(variant=frame["variant"].astype(str)).drop_duplicates("variant").set_index("variant")
+
+
 def norm_settings(frame) -> dict[str, tuple]:
     """Each variant's norm setting: (norm, groups, l1), None where missing (groups but for GN),
     whatever its batch size."""
     import pandas as pd
 
     keys = [c for c in ("norm", "groups", "l1") if c in frame.columns]
-    first = frame.assign(variant=frame["variant"].astype(str)).drop_duplicates("variant").set_index("variant")
+    first = _first_rows(frame)
     return {v: tuple(None if pd.isna(x) else x for x in first.loc[v, keys]) for v in _variants(frame)}
 
 
@@ -204,7 +209,7 @@ def variant_colors(frame) -> dict[str, tuple]:
     families = list(dict.fromkeys(settings.values()))
     if "batch_size" in frame.columns and frame["batch_size"].nunique() > 1 and len(families) <= len(FAMILIES):
         sizes = sorted(frame["batch_size"].unique())
-        batch = frame.assign(variant=frame["variant"].astype(str)).groupby("variant", observed=True)["batch_size"].first()
+        batch = _first_rows(frame)["batch_size"]
         return {v: plt.get_cmap(FAMILIES[families.index(settings[v])])(
                     0.4 + 0.55 * sizes.index(batch[v]) / (len(sizes) - 1)) for v in variants}
     cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
@@ -383,8 +388,6 @@ def final_accuracy_figure(runs_metrics, title: str, band: str = "range") -> Figu
         ax.set_xlim(low - pad, high + pad)
         ax.set_xlabel("final test accuracy (%)")
         ax.grid(axis="x", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.6 / fig.get_figheight()), ncol=3,
-                  frameon=False)
     else:
         ax.set_xticks(range(len(variants)), [textwrap.fill(v, 18) for v in variants])
         ax.set_xlim(-0.6, len(variants) - 0.1)
@@ -392,9 +395,9 @@ def final_accuracy_figure(runs_metrics, title: str, band: str = "range") -> Figu
         ax.set_ylabel("final test accuracy (%)")
         ax.set_xlabel("variant")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
     ax.set_title(title, fontsize=11)
     fig.tight_layout()
+    legend_below(fig, *ax.get_legend_handles_labels())
     return fig
 
 
