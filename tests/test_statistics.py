@@ -187,6 +187,9 @@ def test_table_has_mean_std_and_interval_of_final_and_best_accuracy_and_loss():
         in markdown
     assert "nan" not in markdown.lower()
     assert "2 of 2 variants have fewer than 5 seeds" in results.table_note(table)
+    assert "below 0 or above 100%" not in results.table_note(table)
+    wide, _ = hand_made({"BN": [40.0, 60.0]})  # two seeds: 50 ± t 12.71 x standard error 10 = [-77, 177]
+    assert "Some accuracy intervals reach below 0 or above 100%" in results.table_note(wide)
 
 
 def test_findings_with_five_seeds_give_verdicts_with_holm():

@@ -122,6 +122,10 @@ def table_note(table: pd.DataFrame) -> str:
     if len(few):
         note += (f" {len(few)} of {len(table)} variants have fewer than {statistics.MIN_SEEDS} seeds: "
                  f"their intervals are wide, and findings.md gives no verdict on them.")
+    accuracy = [f"{name}_ci_{end}" for name in ("final_test_acc", "best_test_acc") for end in ("low", "high")]
+    if ((table[accuracy] < 0) | (table[accuracy] > 100)).any(axis=None):
+        note += (" Some accuracy intervals reach below 0 or above 100%: a t interval of few seeds assumes "
+                 "normally spread seeds and is not clipped; more seeds narrow it.")
     return note
 
 
