@@ -819,8 +819,12 @@ def test_notebook_runs_top_to_bottom_against_the_store(store, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
+    from normlab.tracking.connection import HTTP_RETRY_DEFAULTS, QUIET_DOWNLOAD_DEFAULTS
+
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("NORMLAB_EXPERIMENT", "normlab")
+    for name in {**HTTP_RETRY_DEFAULTS, **QUIET_DOWNLOAD_DEFAULTS}:  # a user's kernel: the notebook sets them
+        monkeypatch.delenv(name, raising=False)
     notebook = nbformat.read(ROOT / "analysis.ipynb", as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(store.root)}}).execute()
@@ -833,6 +837,7 @@ def test_notebook_runs_top_to_bottom_against_the_store(store, monkeypatch):
     assert "| GN (2 groups) | 7,750 | 1 (1) |" in text
     assert "**n is too small for a verdict**" in text
     assert "Differences in final test accuracy:" in text
+    assert "Downloading artifacts" not in text  # no progress bar per gallery image, as from `normlab compare`
 
 
 def test_bn_eval_statistics_reproduces_the_logged_accuracy_and_shows_short_runs_running_statistics_lag(
