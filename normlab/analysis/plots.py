@@ -306,7 +306,8 @@ def curves_figure(history, metrics: Sequence[str], title: str, band: str = "rang
     """One row per metric: all epochs on the left, the last half zoomed on the right.
 
     The zoom is where variants separate (late epochs differ by tenths of a percent); the
-    final value of each variant (mean over seeds) is written at the end of its line. The
+    final value of each variant (mean over seeds) is written at the end of its line, or,
+    beyond MAX_END_LABELS variants, after its name in the legend under the panels. The
     band spans the seeds' min–max (`range`) or the 95% t interval of the mean (`ci`).
     """
     check_band(band)
