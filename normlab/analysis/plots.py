@@ -307,7 +307,8 @@ def curves_figure(history, metrics: Sequence[str], title: str, band: str = "rang
 
     The zoom is where variants separate (late epochs differ by tenths of a percent); the
     final value of each variant (mean over seeds) is written at the end of its line, or,
-    beyond MAX_END_LABELS variants, after its name in the legend under the panels. The
+    beyond MAX_END_LABELS variants, after its name in the legend under the panels (in a
+    figure of one metric; train_curves.png, of two, then gives none). The
     band spans the seeds' min–max (`range`) or the 95% t interval of the mean (`ci`).
     """
     check_band(band)
