@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.processes import scratch_folder  # noqa: E402
 from benchmarks.speed import STUDY, prepare_mnist  # noqa: E402
 from normlab.engine.data import DeviceData, load_raw  # noqa: E402
 from normlab.engine.fast import Speedups  # noqa: E402
@@ -40,7 +40,7 @@ def main() -> None:
     epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 4
     digits = next(p for p in (ROOT / "tests" / "data" / "mnist-t10k", ROOT.parent / "shared" / "data" / "mnist-t10k")
                   if p.exists())
-    root, source = prepare_mnist(ROOT / "data", digits, Path(tempfile.mkdtemp()) / "d", None, None, holdout=2000)
+    root, source = prepare_mnist(ROOT / "data", digits, Path(scratch_folder("normlab-compile-rule-")) / "d", None, None, holdout=2000)
     data = DeviceData(load_raw("mnist", root, download=False), "cuda")
     report = []
     for name, speedups in SETS.items():

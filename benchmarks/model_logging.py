@@ -14,12 +14,12 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.processes import scratch_folder  # noqa: E402
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     data_dir = Path(args.data_dir).resolve()
-    work = tempfile.mkdtemp(prefix="normlab-logging-")
+    work = scratch_folder("normlab-logging-")
     os.chdir(work)  # a sqlite store keeps the Default experiment's artifacts in ./mlruns
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
     import mlflow

@@ -6,9 +6,11 @@ commands.py, engine_start.py, results_start.py and e2e.py."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,10 +30,17 @@ def train_benchmark_args(description: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def scratch_folder(prefix: str) -> str:
+    """A new temporary folder, removed when the benchmark exits."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def isolated_store(prefix: str) -> tuple[str, dict[str, str]]:
     """A new working folder and the environment whose sqlite store lives there, with this
     checkout importable (a sqlite store also keeps artifacts in the working folder's ./mlruns)."""
-    work = tempfile.mkdtemp(prefix=prefix)
+    work = scratch_folder(prefix)
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db", PYTHONUNBUFFERED="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return work, env
@@ -96,7 +105,7 @@ def alternately(baseline: str | None, repeats: int, measure: Callable[[Path], di
     checkouts = {"this checkout": ROOT}
     worktree = None
     if baseline:
-        checkouts["baseline"], made = baseline_checkout(baseline, Path(tempfile.mkdtemp()) / "baseline")
+        checkouts["baseline"], made = baseline_checkout(baseline, Path(scratch_folder("normlab-baseline-")) / "baseline")
         worktree = checkouts["baseline"] if made else None
     times: dict[str, list[dict]] = {name: [] for name in checkouts}
     try:

@@ -46,6 +46,9 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\nerror: the tests wrote {', '.join(written)} into the repository {ROOT}")
 
 
+_scratch: list[Path] = []  # the session's folder for scratch_folder, set by work_outside_the_repository
+
+
 @pytest.fixture(scope="session", autouse=True)
 def work_outside_the_repository(tmp_path_factory):
     """Tests run from a temporary folder: a store first opened in this process (an
@@ -53,6 +56,14 @@ def work_outside_the_repository(tmp_path_factory):
     working directory, and runs that a command logs there (`mlflow run` without an
     experiment name) would otherwise write into the checkout."""
     os.chdir(tmp_path_factory.mktemp("cwd"))
+    _scratch.append(tmp_path_factory.mktemp("scratch"))
+
+
+def scratch_folder(prefix: str) -> str:
+    """A new folder for a subprocess to work in, under pytest's temporary folders (which
+    pytest removes after a few sessions), not loose in /tmp where each run of the suite left
+    a few hundred."""
+    return tempfile.mkdtemp(prefix=prefix, dir=_scratch[0])
 
 
 @pytest.fixture(scope="session")
@@ -177,7 +188,7 @@ def run_cli_noting_imports(*args: str, cwd: Path | None = None, timeout: float =
     entry ends the process itself, after running them)."""
     return subprocess.run(
         [sys.executable, "-c", IMPORT_PROBE, "normlab", *args],
-        cwd=cwd or tempfile.mkdtemp(prefix="normlab-cli-"), env=cli_env(**env), capture_output=True, text=True,
+        cwd=cwd or scratch_folder("normlab-cli-"), env=cli_env(**env), capture_output=True, text=True,
         timeout=timeout,
     )
 
@@ -188,6 +199,6 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, **env: st
     stays out of the repository); returns the finished process."""
     return subprocess.run(
         [sys.executable, "-m", "normlab", *args],
-        cwd=cwd or tempfile.mkdtemp(prefix="normlab-cli-"), env=cli_env(**env), capture_output=True, text=True,
+        cwd=cwd or scratch_folder("normlab-cli-"), env=cli_env(**env), capture_output=True, text=True,
         timeout=timeout,
     )

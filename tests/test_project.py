@@ -6,7 +6,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import tomllib
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, cli_env, run_cli, run_cli_noting_imports
+from tests.conftest import ROOT, cli_env, run_cli, run_cli_noting_imports, scratch_folder
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 
@@ -35,7 +34,7 @@ def mlflow_run(*params: str, experiment: str | None = "project-test", entry: str
         args += ["-P", p]
     env = cli_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     env.pop("PYTHONPATH")
-    return subprocess.run(args, env=env, cwd=Path(tempfile.gettempdir()), capture_output=True, text=True,
+    return subprocess.run(args, env=env, cwd=scratch_folder("mlflow-run-"), capture_output=True, text=True,
                           timeout=timeout)
 
 

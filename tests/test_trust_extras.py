@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from normlab.engine import checkpoint
 from normlab.errors import DataError
-from tests.conftest import cli_env, run_cli
+from tests.conftest import cli_env, run_cli, scratch_folder
 
 
 def test_a_damaged_checkpoint_is_passed_over_for_a_good_one(tmp_path):
@@ -31,7 +30,7 @@ def test_two_identical_sweeps_started_together_on_a_fresh_store_both_end_cleanly
                                                                                  fresh_tracking_uri):
     command = [sys.executable, "-m", "normlab", "sweep", "--norms", "ln", "--epochs", "1",
                "--data-dir", str(small_mnist_dir)]
-    processes = [subprocess.Popen(command, cwd=tempfile.mkdtemp(), env=cli_env(), stdout=subprocess.PIPE,
+    processes = [subprocess.Popen(command, cwd=scratch_folder("normlab-cli-"), env=cli_env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     for process, output in zip(processes, outputs):
