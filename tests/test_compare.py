@@ -434,6 +434,11 @@ def test_a_batch_size_studys_many_variants_keep_their_figures_readable():
     assert [t.get_text() for t in legend.get_texts()] == [f"{v} (n=2): {finals[v]:.2f}%" for v in variants]
     assert legend._ncols == 3  # as many columns as the two panels' width holds
     assert not [t for ax in figure.axes for t in ax.texts]  # no end labels stacked past the axes
+    losses = history.assign(metric="train_loss", value=history["value"] / 1000)
+    figure = plots.curves_figure(pd.concat([losses, history]), ["train_loss", "test_acc"], "Training")
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == [  # two metrics: each named
+        f"{v} (n=2): loss {finals[v] / 1000:.4f}, accuracy {finals[v]:.2f}%" for v in variants]
+    assert not [t for ax in figure.axes for t in ax.texts]
     colors = plots.variant_colors(history)
     hues = {v: rgb_to_hsv(colors[v][:3]) for v in variants}
     for norm in ("BN", "LN", "GN (2 groups)"):

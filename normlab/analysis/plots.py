@@ -298,6 +298,14 @@ def _annotate_ends(ax, metric: str, ends: list[tuple[int, float, tuple]], min_ga
         ax.text(x + 0.4, text_y, _format_value(metric, y), color=color, fontsize=8, va="center")
 
 
+def _final_values(metrics: Sequence[str], finals: dict[str, dict[str, float]], label: str) -> str:
+    """A line's final values for its legend entry: the value alone for one metric, else each
+    named by what it measures ("loss 0.0312, accuracy 99.12%")."""
+    if len(metrics) == 1:
+        return _format_value(metrics[0], finals[metrics[0]][label])
+    return ", ".join(f"{METRIC_NAMES[m][0].split()[-1]} {_format_value(m, finals[m][label])}" for m in metrics)
+
+
 def _epoch_range(first: int, last: int) -> str:
     return f"epoch {first}" if first == last else f"epochs {first}–{last}"
 
@@ -307,8 +315,8 @@ def curves_figure(history, metrics: Sequence[str], title: str, band: str = "rang
 
     The zoom is where variants separate (late epochs differ by tenths of a percent); the
     final value of each variant (mean over seeds) is written at the end of its line, or,
-    beyond MAX_END_LABELS variants, after its name in the legend under the panels (in a
-    figure of one metric; train_curves.png, of two, then gives none). The
+    beyond MAX_END_LABELS variants, after its name in the legend under the panels (each
+    metric's, named, in a figure of several, such as train_curves.png). The
     band spans the seeds' min–max (`range`) or the 95% t interval of the mean (`ci`).
     """
     check_band(band)
@@ -317,9 +325,10 @@ def curves_figure(history, metrics: Sequence[str], title: str, band: str = "rang
     zoom = last - first >= 3
     cols = 2 if zoom else 1
     fig, axes = plt.subplots(len(metrics), cols, figsize=(6.2 * cols, 4.2 * len(metrics)), squeeze=False)
+    finals = {}  # metric -> line label -> final mean
     for row, metric in zip(axes, metrics):
         name = METRIC_NAMES[metric][0]
-        finals = _draw_curves(row[0], history, metric, colors, (first, last), annotate=not zoom, band=band)
+        finals[metric] = _draw_curves(row[0], history, metric, colors, (first, last), annotate=not zoom, band=band)
         row[0].set_title(f"{name}, {_epoch_range(first, last)}")
         if zoom:
             start = (first + last + 1) // 2
@@ -329,8 +338,7 @@ def curves_figure(history, metrics: Sequence[str], title: str, band: str = "rang
     fig.tight_layout()
     handles, labels = axes[0][0].get_legend_handles_labels()
     if len(labels) > MAX_END_LABELS:  # no final values beside the lines: they go with the names
-        labels = [f"{label}: {_format_value(metrics[0], finals[label])}" if len(metrics) == 1 else label
-                  for label in labels]
+        labels = [f"{label}: {_final_values(metrics, finals, label)}" for label in labels]
     legend_below(fig, handles, labels, title=BANDS[band])
     return fig
 
