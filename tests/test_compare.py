@@ -400,15 +400,16 @@ def test_final_accuracy_figure_shows_every_seed(store, comparison):
     plt.close("all")
 
 
-def batch_size_study_frames(batch_sizes=(2, 8, 32, 128), seeds=(1, 2), epochs=4):
-    """(history, runs_metrics) of a made-up batch-size study: BN, LN and GN at each batch size,
-    each run's accuracy a known function of its norm, batch, seed and epoch."""
+def batch_size_study_frames(batch_sizes=(2, 8, 32, 128), seeds=(1, 2), epochs=4,
+                            settings=(("bn", None), ("ln", None), ("gn", 2))):
+    """(history, runs_metrics) of a made-up batch-size study: each (norm, groups) setting at
+    each batch size, each run's accuracy a known function of its norm, batch, seed and epoch."""
     history, finals = [], []
-    for norm, groups in (("bn", None), ("ln", None), ("gn", 2)):
+    for norm, groups in settings:
         for batch in batch_sizes:
             variant = f"{results.norm_setting_label(norm, groups)}, batch {batch}"
             for seed in seeds:
-                run_id = f"{norm}-{batch}-{seed}"
+                run_id = f"{norm}{groups or ''}-{batch}-{seed}"
                 for epoch in range(1, epochs + 1):
                     value = 90 + epoch + batch / 100 + seed / 10 + (0.5 if norm == "gn" else 0)
                     history.append(dict(run_id=run_id, variant=variant, seed=seed, norm=norm, groups=groups, l1=0.0,
@@ -461,6 +462,26 @@ def test_a_batch_size_studys_many_variants_keep_their_figures_readable():
     summaries = [t.get_text() for t in ax.texts]
     means = runs_metrics.groupby("variant", sort=False)["final_test_acc"].agg(["mean", "std"])
     assert summaries == [f"{means.loc[v, 'mean']:.2f} ± {means.loc[v, 'std']:.2f}% (n=2)" for v in variants]
+    plt.close("all")
+
+
+def test_a_batch_size_study_of_more_norm_settings_than_hue_families_keeps_its_lines_apart():
+    """Seven norm settings, one more than plots.FAMILIES: every line of batch_size.png, and its
+    seeds' dots, in a color clearly its own (the seventh had taken matplotlib's first default,
+    a blue next to the first family's)."""
+    from itertools import combinations
+
+    from matplotlib.colors import to_hex, to_rgb
+
+    from normlab.analysis import plots
+
+    settings = [("bn", None), ("ln", None), ("in", None), ("none", None), ("gn", 1), ("gn", 2), ("gn", 5)]
+    history, _ = batch_size_study_frames(batch_sizes=(32, 128), settings=settings)
+    ax = plots.batch_size_figure(history).axes[0]
+    lines = [to_hex(bars.lines[0].get_color()) for bars in ax.containers]
+    dots = [to_hex(dots.get_facecolor()[0]) for dots in ax.collections if isinstance(dots, PathCollection)]
+    assert len(lines) == 7 and dots == lines
+    assert min(np.linalg.norm(np.subtract(to_rgb(a), to_rgb(b))) for a, b in combinations(lines, 2)) > 0.2
     plt.close("all")
 
 

@@ -113,18 +113,18 @@ def batch_size_figure(df, metric: str = "test_acc", band: str = "range") -> Figu
     final = final_values(df, metric)
     settings = norm_settings(final)
     families = list(dict.fromkeys(settings.values()))  # in the variants' order, as variant_colors
+    colors = _setting_colors(len(families))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, setting in enumerate(families):
         runs = final[final["variant"].astype(str).map(settings) == setting]
         stats = spread_stats(runs.groupby("batch_size")["value"], band).sort_index()
         stats = stats.fillna({"low": stats["mean"], "high": stats["mean"]})  # one seed: no bar
-        color = plt.get_cmap(FAMILIES[i])(0.8) if i < len(FAMILIES) else None
         apart = 2 ** (0.2 * (i - (len(families) - 1) / 2) / max(len(families) - 1, 1))  # x factor, log scale
-        line = ax.errorbar(stats.index * apart, stats["mean"],
+        ax.errorbar(stats.index * apart, stats["mean"],
                            yerr=[stats["mean"] - stats["low"], stats["high"] - stats["mean"]],
-                           marker="o", capsize=3, color=color,
+                           marker="o", capsize=3, color=colors[i],
                            label=f"{norm_setting_label(*setting)} ({runs['seed'].nunique()} seeds)")
-        ax.scatter(runs["batch_size"] * apart, runs["value"], s=10, alpha=0.4, color=line[0].get_color())
+        ax.scatter(runs["batch_size"] * apart, runs["value"], s=10, alpha=0.4, color=colors[i])
     sizes = sorted(final["batch_size"].unique())
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
@@ -214,6 +214,15 @@ def variant_colors(frame) -> dict[str, tuple]:
                     0.4 + 0.55 * sizes.index(batch[v]) / (len(sizes) - 1)) for v in variants}
     cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
     return {v: cmap(i % cmap.N) for i, v in enumerate(variants)}
+
+
+def _setting_colors(count: int) -> list[tuple]:
+    """batch_size.png's line colors, one per norm setting: each its family's hue (as
+    variant_colors gives its curves), or, beyond the families, distinct qualitative colors."""
+    if count <= len(FAMILIES):
+        return [plt.get_cmap(family)(0.8) for family in FAMILIES[:count]]
+    cmap = plt.get_cmap("tab10" if count <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(count)]
 
 
 def legend_below(fig: Figure, handles: list, labels: list[str], title: str | None = None) -> None:
