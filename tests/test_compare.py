@@ -864,6 +864,29 @@ def test_notebook_runs_top_to_bottom_against_the_store(store, monkeypatch):
     assert "**n is too small for a verdict**" in text
     assert "Differences in final test accuracy:" in text
     assert "Downloading artifacts" not in text  # no progress bar per gallery image, as from `normlab compare`
+    assert "IProgress not found" not in text  # the notebook extra's ipywidgets: no tqdm warning under the imports
+
+
+def test_the_notebook_run_over_the_classic_study_is_this_notebook_and_shows_its_numbers():
+    """docs/results/rerun-2026-12-04/classic/analysis.ipynb, analysis.ipynb executed over that
+    study's store (README): its code is this notebook's (re-run it when the notebook changes), and
+    its results table is the study's results.md, which the 8c533f8 re-run logged too."""
+    import nbformat
+
+    folder = ROOT / "docs" / "results" / "rerun-2026-12-04" / "classic"
+    executed = nbformat.read(folder / "analysis.ipynb", as_version=4)
+    template = nbformat.read(ROOT / "analysis.ipynb", as_version=4)
+    assert [c.source for c in executed.cells] == [c.source for c in template.cells]
+    outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 4 + 3
+    text = "".join(o.get("text", "") + o.get("data", {}).get("text/markdown", "") for o in outputs)
+    assert "Compared 30 runs, 3 variants; mnist (8000/2000 train/test images), 20 epochs" in text
+    rows = [line for line in (folder / "results.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 3 and all(row in text for row in rows)  # the header and a row per variant
+    without_run_time = [row.rsplit("|", 2)[0] for row in rows[1:]]  # the run times are this machine's
+    earlier = (ROOT / "docs" / "results" / "rerun-2026-12-02" / "classic" / "results.md").read_text()
+    assert all(row in earlier for row in without_run_time)
 
 
 def test_bn_eval_statistics_reproduces_the_logged_accuracy_and_shows_short_runs_running_statistics_lag(
