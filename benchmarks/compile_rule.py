@@ -40,7 +40,8 @@ def main() -> None:
     epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 4
     digits = next(p for p in (ROOT / "tests" / "data" / "mnist-t10k", ROOT.parent / "shared" / "data" / "mnist-t10k")
                   if p.exists())
-    root, source = prepare_mnist(ROOT / "data", digits, Path(scratch_folder("normlab-compile-rule-")) / "d", None, None, holdout=2000)
+    folder = Path(scratch_folder("normlab-compile-rule-")) / "d"
+    root, source = prepare_mnist(ROOT / "data", digits, folder, None, None, holdout=2000)
     data = DeviceData(load_raw("mnist", root, download=False), "cuda")
     report = []
     for name, speedups in SETS.items():

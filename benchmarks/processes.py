@@ -105,7 +105,8 @@ def alternately(baseline: str | None, repeats: int, measure: Callable[[Path], di
     checkouts = {"this checkout": ROOT}
     worktree = None
     if baseline:
-        checkouts["baseline"], made = baseline_checkout(baseline, Path(scratch_folder("normlab-baseline-")) / "baseline")
+        folder = Path(scratch_folder("normlab-baseline-")) / "baseline"
+        checkouts["baseline"], made = baseline_checkout(baseline, folder)
         worktree = checkouts["baseline"] if made else None
     times: dict[str, list[dict]] = {name: [] for name in checkouts}
     try:
