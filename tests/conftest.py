@@ -61,8 +61,8 @@ def work_outside_the_repository(tmp_path_factory):
 
 def scratch_folder(prefix: str) -> str:
     """A new folder for a subprocess to work in, under pytest's temporary folders (which
-    pytest removes after a few sessions), not loose in /tmp where each run of the suite left
-    a few hundred."""
+    pytest removes after a few sessions), not loose in /tmp, where each run of the suite left
+    about 25 and they had piled up by the hundred."""
     return tempfile.mkdtemp(prefix=prefix, dir=_scratch[0])
 
 

@@ -841,6 +841,15 @@ def test_notebook_is_committed_without_outputs():
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+def executed_notebook_text(notebook) -> str:
+    """The printed and Markdown text of an executed analysis.ipynb, once its outputs are checked:
+    no error, and 4 + 3 images (curves and final accuracy, then one gallery per variant)."""
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 4 + 3
+    return "".join(o.get("text", "") + o.get("data", {}).get("text/markdown", "") for o in outputs)
+
+
 def test_notebook_runs_top_to_bottom_against_the_store(store, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
@@ -854,11 +863,7 @@ def test_notebook_runs_top_to_bottom_against_the_store(store, monkeypatch):
     notebook = nbformat.read(ROOT / "analysis.ipynb", as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(store.root)}}).execute()
-    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 4 + 3  # curves and final accuracy, then one gallery per variant
-    text = "".join(o.get("text", "") + o.get("data", {}).get("text/markdown", "") for o in outputs)
+    text = executed_notebook_text(notebook)
     assert "Compared 5 runs, 3 variants" in text and store.uri in text
     assert "| GN (2 groups) | 7,750 | 1 (1) |" in text
     assert "**n is too small for a verdict**" in text
@@ -877,10 +882,7 @@ def test_the_notebook_run_over_the_classic_study_is_this_notebook_and_shows_its_
     executed = nbformat.read(folder / "analysis.ipynb", as_version=4)
     template = nbformat.read(ROOT / "analysis.ipynb", as_version=4)
     assert [c.source for c in executed.cells] == [c.source for c in template.cells]
-    outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 4 + 3
-    text = "".join(o.get("text", "") + o.get("data", {}).get("text/markdown", "") for o in outputs)
+    text = executed_notebook_text(executed)
     assert "Compared 30 runs, 3 variants; mnist (8000/2000 train/test images), 20 epochs" in text
     rows = [line for line in (folder / "results.md").read_text().splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 3 and all(row in text for row in rows)  # the header and a row per variant

@@ -121,9 +121,9 @@ def batch_size_figure(df, metric: str = "test_acc", band: str = "range") -> Figu
         stats = stats.fillna({"low": stats["mean"], "high": stats["mean"]})  # one seed: no bar
         apart = 2 ** (0.2 * (i - (len(families) - 1) / 2) / max(len(families) - 1, 1))  # x factor, log scale
         ax.errorbar(stats.index * apart, stats["mean"],
-                           yerr=[stats["mean"] - stats["low"], stats["high"] - stats["mean"]],
-                           marker="o", capsize=3, color=colors[i],
-                           label=f"{norm_setting_label(*setting)} ({runs['seed'].nunique()} seeds)")
+                    yerr=[stats["mean"] - stats["low"], stats["high"] - stats["mean"]],
+                    marker="o", capsize=3, color=colors[i],
+                    label=f"{norm_setting_label(*setting)} ({runs['seed'].nunique()} seeds)")
         ax.scatter(runs["batch_size"] * apart, runs["value"], s=10, alpha=0.4, color=colors[i])
     sizes = sorted(final["batch_size"].unique())
     ax.set_xscale("log", base=2)
@@ -212,8 +212,7 @@ def variant_colors(frame) -> dict[str, tuple]:
         batch = _first_rows(frame)["batch_size"]
         return {v: plt.get_cmap(FAMILIES[families.index(settings[v])])(
                     0.4 + 0.55 * sizes.index(batch[v]) / (len(sizes) - 1)) for v in variants}
-    cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
-    return {v: cmap(i % cmap.N) for i, v in enumerate(variants)}
+    return dict(zip(variants, _distinct_colors(len(variants))))
 
 
 def _setting_colors(count: int) -> list[tuple]:
@@ -221,6 +220,11 @@ def _setting_colors(count: int) -> list[tuple]:
     variant_colors gives its curves), or, beyond the families, distinct qualitative colors."""
     if count <= len(FAMILIES):
         return [plt.get_cmap(family)(0.8) for family in FAMILIES[:count]]
+    return _distinct_colors(count)
+
+
+def _distinct_colors(count: int) -> list[tuple]:
+    """count qualitative colors: tab10's, or tab20's beyond 10 (repeating beyond 20)."""
     cmap = plt.get_cmap("tab10" if count <= 10 else "tab20")
     return [cmap(i % cmap.N) for i in range(count)]
 
