@@ -465,6 +465,21 @@ def test_a_batch_size_studys_many_variants_keep_their_figures_readable():
     plt.close("all")
 
 
+def test_the_batch_size_legend_counts_the_seeds_each_point_has():
+    """Seeds 1-3 at batch 32 and 4-6 at batch 128: each point is 3 seeds (the legend said 6,
+    the distinct seeds over the line); uneven counts give their range."""
+    from normlab.analysis import plots
+
+    history, _ = batch_size_study_frames(batch_sizes=(32,), seeds=(1, 2, 3), settings=(("ln", None),))
+    later, _ = batch_size_study_frames(batch_sizes=(128,), seeds=(4, 5, 6), settings=(("ln", None),))
+    labels = plots.batch_size_figure(pd.concat([history, later])).axes[0].get_legend_handles_labels()[1]
+    assert labels == ["LN (3 seeds)"]
+    fewer = later[later["seed"] != 6]
+    labels = plots.batch_size_figure(pd.concat([history, fewer])).axes[0].get_legend_handles_labels()[1]
+    assert labels == ["LN (2-3 seeds a point)"]
+    plt.close("all")
+
+
 def test_a_batch_size_study_of_more_norm_settings_than_hue_families_keeps_its_lines_apart():
     """Seven norm settings, one more than plots.FAMILIES: every line of batch_size.png, and its
     seeds' dots, in a color clearly its own (the seventh had taken matplotlib's first default,

@@ -97,6 +97,14 @@ def final_values(df, metric: str = "test_acc"):
     return rows.loc[rows.groupby("run_id")["epoch"].idxmax()]
 
 
+def _seeds_per_point(runs) -> str:
+    """'5 seeds', or '3-5 seeds a point' where batch sizes have different counts: seeds a point
+    has, not distinct seeds over the line (seeds 1-3 at one batch size, 4-6 at another: 3)."""
+    counts = runs.groupby("batch_size")["seed"].nunique()
+    low, high = counts.min(), counts.max()
+    return f"{low} seed{'' if low == 1 else 's'}" if low == high else f"{low}-{high} seeds a point"
+
+
 def batch_size_figure(df, metric: str = "test_acc", band: str = "range") -> Figure:
     """Final test accuracy against batch size (log x), one line per norm setting.
 
@@ -123,7 +131,7 @@ def batch_size_figure(df, metric: str = "test_acc", band: str = "range") -> Figu
         ax.errorbar(stats.index * apart, stats["mean"],
                     yerr=[stats["mean"] - stats["low"], stats["high"] - stats["mean"]],
                     marker="o", capsize=3, color=colors[i],
-                    label=f"{norm_setting_label(*setting)} ({runs['seed'].nunique()} seeds)")
+                    label=f"{norm_setting_label(*setting)} ({_seeds_per_point(runs)})")
         ax.scatter(runs["batch_size"] * apart, runs["value"], s=10, alpha=0.4, color=colors[i])
     sizes = sorted(final["batch_size"].unique())
     ax.set_xscale("log", base=2)

@@ -107,13 +107,15 @@ def welch(a: Sequence[float], b: Sequence[float], label_a: str = "a", label_b: s
     if single:
         return replace(base, reason=f"{' and '.join(single)} {'has' if len(single) == 1 else 'have'} one seed: "
                                     f"no interval or test")
-    constant = [v.var(ddof=1) == 0 for v in (x, y)]
+    # equal values, not a zero variance: the mean of n equal values can be off by one rounding
+    # step, leaving a variance of 1e-30 that scipy would divide by (t ~ 1e15, p ~ 0)
+    constant = [bool(np.ptp(v) == 0) for v in (x, y)]
     if all(constant):
         return replace(base, reason="every seed of both variants gave the same value: no spread, no test")
     with warnings.catch_warnings():
         if any(constant):
             # One side's seeds all gave the same value (BN stuck at one class on a tiny split): its
-            # variance is exactly 0, not lost to cancellation, so scipy's warning would be wrong.
+            # variance is 0, not lost to cancellation, so scipy's warning would be wrong.
             warnings.filterwarnings("ignore", "Precision loss occurred in moment calculation", RuntimeWarning)
         result = stats.ttest_ind(x, y, equal_var=False)
     low, high = result.confidence_interval(CONFIDENCE)
@@ -147,7 +149,11 @@ def compare_pairs(samples: dict[str, Sequence[float]], pairs: Sequence[tuple[str
 
 
 def format_p(p: float) -> str:
-    """'= 0.013', '= 0.41', '< 0.001' (after 'p '): enough digits to read against 0.05."""
+    """'= 0.013', '= 0.41', '< 0.001' (after 'p '): enough digits to read against 0.05, also
+    next to it ('= 0.0496', not '= 0.050' beside the verdict "real")."""
     if p < 0.001:
         return "< 0.001"
-    return f"= {p:.3f}" if p < 0.1 else f"= {p:.2f}"
+    digits, threshold = (3 if p < 0.1 else 2), round(ALPHA, 9)  # 0.05, not 1 - 0.95
+    while round(p, digits) == threshold != p and digits < 6:
+        digits += 1
+    return f"= {p:.{digits}f}"
