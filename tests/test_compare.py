@@ -268,6 +268,32 @@ def test_a_variant_and_seed_trained_twice_counts_once_the_newest_run(tmp_path, s
     assert sorted(everything.runs["run_id"]) == sorted([older[1], newer])
 
 
+def test_a_run_stopped_before_its_last_epoch_is_its_own_variant_not_a_seed(tmp_path, store):
+    """`normlab compare --include-unfinished` as typed, over LN seeds 1 and 2 and a seed 3
+    killed after epoch 2 of 4: its epoch-2 accuracy was pooled as a third final one (LN n=3,
+    under "4 epochs"). It is now "LN, stopped at epoch 2", one seed of its own, and named."""
+    client = MlflowClient()
+    experiment = client.create_experiment("stopped", artifact_location=str(tmp_path / "artifacts"))
+    finished = [copy_run(client, client.get_run(store.run("ln", seed).run_id), experiment, "FINISHED", True, seed=seed)
+                for seed in (1, 2)]
+    source = client.get_run(store.run("ln", 1).run_id)
+    killed = copy_run(client, source, experiment, "KILLED", False, seed=3)
+    for metric in source.data.metrics:
+        client.log_batch(killed, metrics=[m for m in client.get_metric_history(source.info.run_id, metric)
+                                          if m.step <= 2])
+    out = tmp_path / "out"
+    done = CliRunner().invoke(main, ["compare", "--experiment", "stopped", "--include-unfinished", "--out", str(out)])
+    assert done.exit_code == 0, done.output[-3000:]
+    assert (f"warning: 1 run(s) stopped before their last epoch are compared on their own, not as seeds of their "
+            f"variant: {killed} (LN, stopped at epoch 2)") in done.output
+    table = pd.read_csv(out / "results.csv").set_index("variant")
+    assert table["n"].to_dict() == {"LN": 2, "LN, stopped at epoch 2": 1}
+    [second] = [m.value for m in client.get_metric_history(source.info.run_id, "test_acc") if m.step == 2]
+    assert table.loc["LN, stopped at epoch 2", "final_test_acc_mean"] == pytest.approx(second)  # its last epoch
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(runs.loc[runs["variant"] == "LN", "run_id"]) == sorted(finished)
+
+
 def test_runs_on_other_data_sizes_are_other_variants_not_more_seeds(tmp_path, store):
     """LN on the 1,000 digits and LN on a 500-digit subset (a quick try, then the real study
     into one experiment) are two variants, each with its own seed, not one variant of two

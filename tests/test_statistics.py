@@ -322,3 +322,33 @@ def test_a_committed_studys_findings_are_what_this_code_writes_from_its_tables(s
     re-run's "Holm-adjusted p = 0.050: not shown to differ" was p = 0.0505)."""
     table, runs_metrics = pd.read_csv(study / "results.csv"), pd.read_csv(study / "runs.csv")
     assert results.findings(table, runs_metrics) == (study / "findings.md").read_text()
+
+
+def test_a_batch_size_studys_pairs_hold_lr_equal_unless_it_follows_the_batch_size():
+    """Two batch-size sweeps of different --lr in one experiment: the norms are compared at one
+    batch size and lr, and a norm's batch sizes at one lr (same-norm and same-batch pairs, and
+    LN at lr 0.01 batch 128 against lr 0.1 batch 32, used to be tested as batch-size questions).
+    With --lr-scaling the lr follows the batch size: one family per norm, as without lr."""
+    five = {base: [base + x for x in (0, .1, .2, .05, .15)] for base in (96, 97, 98, 98.9, 99)}
+    runs = {("ln", 32, 0.01): 99, ("ln", 128, 0.01): 98.9, ("ln", 32, 0.1): 97, ("ln", 128, 0.1): 98,
+            ("bn", 32, 0.1): 96}
+    name = {"ln": "LN", "bn": "BN"}
+    table, _ = hand_made({f"{name[n]}, batch {b}, lr {lr:g}": five[v] for (n, b, lr), v in runs.items()},
+                         settings={f"{name[n]}, batch {b}, lr {lr:g}": dict(norm=n, batch_size=b, lr=lr)
+                                   for n, b, lr in runs})
+    [(_, ranked)] = results.ranked_groups(table)
+    assert dict(results.families(ranked)) == {
+        "batch 32, lr 0.1: the norms against each other": [("LN, batch 32, lr 0.1", "BN, batch 32, lr 0.1")],
+        "LN, lr 0.01: each batch size against batch 128": [("LN, batch 32, lr 0.01", "LN, batch 128, lr 0.01")],
+        "LN, lr 0.1: each batch size against batch 128": [("LN, batch 128, lr 0.1", "LN, batch 32, lr 0.1")]}
+
+    scaled = {("ln", 32, 0.0125): 99, ("ln", 128, 0.05): 98.9, ("bn", 32, 0.0125): 97, ("bn", 128, 0.05): 98}
+    table, _ = hand_made({f"{name[n]}, batch {b}": five[v] for (n, b, lr), v in scaled.items()},
+                         settings={f"{name[n]}, batch {b}": dict(norm=n, batch_size=b, lr=lr) for n, b, lr in scaled})
+    [(_, ranked)] = results.ranked_groups(table)
+    assert dict(results.families(ranked)) == {
+        "batch 32: the norms against each other": [("LN, batch 32", "BN, batch 32")],
+        "batch 128: the norms against each other": [("LN, batch 128", "BN, batch 128")],
+        "BN: each batch size against batch 128": [("BN, batch 128", "BN, batch 32")],
+        "LN: each batch size against batch 128": [("LN, batch 32", "LN, batch 128")]}
+    assert sorted(table["lr"]) == [0.0125, 0.0125, 0.05, 0.05]  # results.csv says each variant's lr

@@ -35,6 +35,11 @@ class SkippedRunsWarning(UserWarning):
     repeat of a variant and seed)."""
 
 
+class StoppedRunsWarning(SkippedRunsWarning):
+    """Some runs kept by --include-unfinished stopped before their last epoch: they are not
+    pooled with their variant's seeds but compared as variants of their own."""
+
+
 @dataclass
 class Comparison:
     """What was compared and what came out; `files` and `logged_to_run_id` once written."""
@@ -137,8 +142,9 @@ def load_comparison(experiment: str = EXPERIMENT, filter_string: str | None = No
             f"{len(repeats)} run(s) left out because a newer run has the same variant and seed (a seed is one "
             f"sample: counting its repeats as more seeds would narrow the intervals falsely): "
             + "; ".join(run_query.describe_run(by_id[run_id]) for run_id in repeats)))
-    runs = _drop_unused_variants(runs)
-    history = _drop_unused_variants(history[history["run_id"].isin(runs["run_id"])])
+    history = history[history["run_id"].isin(runs["run_id"])]
+    runs, history = _stopped_runs_apart(runs, history)
+    runs, history = _drop_unused_variants(runs), _drop_unused_variants(history)
     runs_metrics = results.per_run(history, runs)
     table = results.summary_table(runs_metrics, history)
     return Comparison(runs, history, runs_metrics, table, selection.searched)
@@ -154,6 +160,32 @@ def newest_run_per_seed(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     repeated = newest_first["seed"].notna() & newest_first.duplicated(["variant", "seed"])
     repeats = list(newest_first.loc[repeated, "run_id"])
     return runs[~runs["run_id"].isin(repeats)], repeats
+
+
+def _stopped_runs_apart(runs: pd.DataFrame, history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Runs whose last logged epoch is before their planned `epochs` (killed or failed, kept by
+    --include-unfinished) as variants of their own, "LN, stopped at epoch 2": pooled as seeds of
+    "LN", an accuracy two epochs into a ten-epoch schedule would count as a final one."""
+    reached = runs["run_id"].map(history.groupby("run_id")["epoch"].max())
+    stopped = runs["epochs"].notna() & (reached < runs["epochs"])
+    if not stopped.any():
+        return runs, history
+    where = {run_id: (variant, int(epoch)) for run_id, variant, epoch
+             in zip(runs.loc[stopped, "run_id"], runs.loc[stopped, "variant"].astype(str), reached[stopped])}
+    labels = {run_id: f"{variant}, stopped at epoch {epoch}" for run_id, (variant, epoch) in where.items()}
+    warnings.warn(StoppedRunsWarning(
+        f"{len(labels)} run(s) stopped before their last epoch are compared on their own, not as seeds of "
+        f"their variant: " + "; ".join(f"{run_id} ({label})" for run_id, label in labels.items())))
+    order = [name for variant in runs["variant"].cat.categories  # each after its variant, earliest stop first
+             for name in [variant, *dict.fromkeys(labels[r] for r in sorted(where, key=lambda r: where[r][1])
+                                                  if where[r][0] == variant)]]
+    relabelled = []
+    for frame in (runs, history):
+        frame = frame.copy()
+        names = frame["run_id"].map(labels).fillna(frame["variant"].astype(str))
+        frame["variant"] = pd.Categorical(names, categories=order, ordered=True)
+        relabelled.append(frame)
+    return relabelled[0], relabelled[1]
 
 
 def _drop_unused_variants(frame: pd.DataFrame) -> pd.DataFrame:

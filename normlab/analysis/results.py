@@ -12,9 +12,13 @@ import pandas as pd
 
 from normlab.analysis import statistics
 from normlab.engine.registry import NORMS, variant_label
+from normlab.tracking.run_query import DISTINGUISHING
 
 SETTINGS = ["norm", "groups", "l1", "batch_size", "dataset", "epochs", "train_size", "test_size", "parameters"]
 COMPARABLE = ["dataset", "train_size", "test_size", "epochs"]  # accuracies are ranked only within equal values
+# Training settings a study may vary besides the norm and batch size (run_query.DISTINGUISHING),
+# carried where the runs have them: a batch-size study's pairs hold them equal (families)
+HYPERPARAMETERS = ["lr", "momentum", "dropout"]
 INTERVAL_METRICS = ("final_test_acc", "best_test_acc", "final_test_loss", "min_test_loss")
 NAN = float("nan")
 
@@ -43,7 +47,8 @@ def per_run(history: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
             "final_gap": curves["train_acc"].loc[last] - test_acc.loc[last],
         })
     metrics = pd.DataFrame(rows)
-    columns = ["run_id", "variant", "seed", "status", "duration_s", "speedups", *SETTINGS]
+    columns = ["run_id", "variant", "seed", "status", "duration_s", "speedups", *SETTINGS,
+               *(h for h in HYPERPARAMETERS if h in runs)]
     return runs[columns].merge(metrics, on="run_id").sort_values(["variant", "seed"]).reset_index(drop=True)
 
 
@@ -59,7 +64,7 @@ def summary_table(runs_metrics: pd.DataFrame, history: pd.DataFrame) -> pd.DataF
     rows = []
     for variant, group in runs_metrics.groupby("variant", observed=True, sort=True):
         first = group.iloc[0]
-        row = {"variant": variant, **{k: first[k] for k in SETTINGS}}
+        row = {"variant": variant, **{k: first[k] for k in SETTINGS}, **{h: first[h] for h in HYPERPARAMETERS if h in group}}
         row["n"] = len(group)
         row["seeds"] = " ".join(str(s) for s in group["seed"])
         for name in INTERVAL_METRICS:
@@ -186,24 +191,42 @@ def families(ranked: pd.DataFrame) -> list[tuple[str, list[tuple[str, str]]]]:
     batch-size study, each its own family: at each batch size, the norm settings against
     each other; and for each norm setting, every batch size against its largest (does it
     lose accuracy as the batch shrinks?). Pairs of different norms at different batch sizes
-    answer no question and are not tested, so they do not dilute the correction."""
+    answer no question and are not tested, so they do not dilute the correction.
+
+    Where the runs also differ in lr, momentum or dropout (two batch-size sweeps of different
+    --lr in one experiment), a pair holds those equal: the norms are compared at one batch
+    size and lr; a norm's batch sizes at one momentum and dropout, and at one lr too unless
+    each batch size has a single lr (a scaled lr, `--lr-scaling`, follows the batch size)."""
     if ranked["batch_size"].nunique() < 2:
         return [(ALL_PAIRS, _all_pairs(list(ranked["variant"])))]
     rank = {v: i for i, v in enumerate(ranked["variant"])}
+    varying = [h for h in HYPERPARAMETERS if h in ranked and ranked[h].nunique(dropna=True) > 1]
+    fixed = [h for h in varying if h != "lr"]
+    at_one_batch = [*fixed, "lr"] if "lr" in varying and ranked.groupby("batch_size")["lr"].nunique().max() > 1 \
+        else fixed
     out = []
-    for batch, at in ranked.groupby("batch_size", sort=True):  # rows keep their ranked order
+    for key, at in ranked.groupby(["batch_size", *at_one_batch], sort=True, dropna=False):  # rows keep their order
         if len(at) > 1:
-            out.append((f"batch {batch}: the norms against each other", _all_pairs(list(at["variant"]))))
+            out.append((f"{_setting_words(['batch_size', *at_one_batch], key)}: the norms against each other",
+                        _all_pairs(list(at["variant"]))))
     settings = ranked.assign(norm_rank=ranked["norm"].map(list(NORMS).index))
-    for (_, norm, groups, l1), runs in settings.groupby(["norm_rank", "norm", "groups", "l1"], sort=True,
-                                                         dropna=False):
-        largest = runs.loc[runs["batch_size"].idxmax(), "variant"]
-        pairs = [tuple(sorted((v, largest), key=rank.get)) for v in runs.sort_values("batch_size")["variant"]
-                 if v != largest]
-        if pairs:
-            out.append((f"{norm_setting_label(norm, groups, l1)}: each batch size against batch "
-                        f"{runs['batch_size'].max()}", pairs))
+    for key, runs in settings.groupby(["norm_rank", "norm", "groups", "l1", *fixed], sort=True, dropna=False):
+        _, norm, groups, l1, *values = key
+        by_lr = "lr" in varying and bool(runs["batch_size"].duplicated().any())
+        for lr, chain in runs.groupby("lr", sort=True, dropna=False) if by_lr else [(None, runs)]:
+            largest = chain.loc[chain["batch_size"].idxmax(), "variant"]
+            pairs = [tuple(sorted((v, largest), key=rank.get)) for v in chain.sort_values("batch_size")["variant"]
+                     if v != largest]
+            held = _setting_words([*fixed, "lr"] if by_lr else fixed, [*values, lr])
+            if pairs:
+                out.append((f"{norm_setting_label(norm, groups, l1)}{', ' + held if held else ''}: each batch size "
+                            f"against batch {chain['batch_size'].max()}", pairs))
     return out
+
+
+def _setting_words(names: list[str], values) -> str:
+    """'batch 32, lr 0.1' for ['batch_size', 'lr'] and (32, 0.1), as run_query labels variants."""
+    return ", ".join(DISTINGUISHING[name](value) for name, value in zip(names, values))
 
 
 def pairwise(table: pd.DataFrame, runs_metrics: pd.DataFrame) -> list[Pair]:
