@@ -64,7 +64,7 @@ def summary_table(runs_metrics: pd.DataFrame, history: pd.DataFrame) -> pd.DataF
     rows = []
     for variant, group in runs_metrics.groupby("variant", observed=True, sort=True):
         first = group.iloc[0]
-        row = {"variant": variant, **{k: first[k] for k in SETTINGS}, **{h: first[h] for h in HYPERPARAMETERS if h in group}}
+        row = {"variant": variant, **{k: first[k] for k in [*SETTINGS, *HYPERPARAMETERS] if k in group}}
         row["n"] = len(group)
         row["seeds"] = " ".join(str(s) for s in group["seed"])
         for name in INTERVAL_METRICS:
