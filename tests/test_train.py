@@ -130,6 +130,17 @@ def test_batch_larger_than_the_training_split_is_refused(small_data):
         Trainer(TrainConfig(batch_size=5000), small_data)
 
 
+@pytest.mark.parametrize("epochs, batch_size", [(5, 1000), (1, 200)])
+def test_five_steps_in_all_are_refused_before_training_not_a_division_by_zero(small_data, epochs, batch_size):
+    """5 steps make the one-cycle warm-up (20%) one step, where torch's OneCycleLR divided by
+    zero building the schedule; 4 and 6 steps train."""
+    with pytest.raises(ConfigError, match=f"--epochs {epochs} with --batch-size {batch_size} on 1000 training images "
+                                          "is 5 steps, whose one-cycle warm-up \\(20% of them\\) would be one step"):
+        Trainer(TrainConfig(epochs=epochs, batch_size=batch_size), small_data)
+    for fine in (4, 6):
+        Trainer(TrainConfig(epochs=fine, batch_size=1000), small_data)
+
+
 def test_config_hash_ignores_groups_except_for_gn():
     assert TrainConfig(norm="ln", groups=2).config_hash() == TrainConfig(norm="ln", groups=5).config_hash()
     assert TrainConfig(norm="gn", groups=2).config_hash() != TrainConfig(norm="gn", groups=5).config_hash()

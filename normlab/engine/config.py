@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 from normlab.engine.registry import check_dataset, check_norm, variant_label
 from normlab.errors import ConfigError
 
+WARM_UP = 0.2  # the share of a run's steps over which the one-cycle lr rises to --lr
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -55,6 +57,11 @@ class TrainConfig:
         if self.batch_size > train_size:
             raise ConfigError(f"--batch-size {self.batch_size} is larger than the training split "
                               f"({train_size} images); choose at most {train_size}")
+        steps = self.epochs * math.ceil(train_size / self.batch_size)
+        if steps * WARM_UP == 1:  # torch's OneCycleLR divides by its warm-up's steps after the first: 0
+            raise ConfigError(f"--epochs {self.epochs} with --batch-size {self.batch_size} on {train_size} training "
+                              f"images is {steps} steps, whose one-cycle warm-up ({WARM_UP:.0%} of them) would be "
+                              f"one step, which torch's schedule cannot take; train more epochs or smaller batches")
 
     @property
     def label(self) -> str:

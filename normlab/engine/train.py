@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from normlab.engine.config import METRICS, TrainConfig, steps_key
+from normlab.engine.config import METRICS, WARM_UP, TrainConfig, steps_key
 from normlab.engine.data import DeviceData, batch_slices
 from normlab.engine.devices import hidden_gpus_note
 from normlab.engine.fast import Speedups
@@ -202,7 +202,7 @@ class Trainer:
         self.steps_per_epoch = -(-data.train_size // config.batch_size)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=config.lr, epochs=config.epochs,
-            steps_per_epoch=self.steps_per_epoch, pct_start=0.2,
+            steps_per_epoch=self.steps_per_epoch, pct_start=WARM_UP,
         )
         # TrainStep updates the weights itself, so the scheduler would warn that it steps
         # before the optimizer ever did. The mark optimizer.step() leaves for the scheduler says
