@@ -17,8 +17,9 @@ from normlab.tracking.run_query import DISTINGUISHING
 SETTINGS = ["norm", "groups", "l1", "batch_size", "dataset", "epochs", "train_size", "test_size", "parameters"]
 COMPARABLE = ["dataset", "train_size", "test_size", "epochs"]  # accuracies are ranked only within equal values
 # Training settings a study may vary besides the norm and batch size (run_query.DISTINGUISHING),
-# carried where the runs have them: a batch-size study's pairs hold them equal (families)
-HYPERPARAMETERS = ["lr", "momentum", "dropout"]
+# carried where the runs have them: a batch-size study's pairs hold them equal (families). Not
+# the `momentum` param: OneCycleLR cycles the momentum itself (0.95 to 0.85), whatever it says.
+HYPERPARAMETERS = ["lr", "dropout"]
 INTERVAL_METRICS = ("final_test_acc", "best_test_acc", "final_test_loss", "min_test_loss")
 NAN = float("nan")
 
@@ -193,9 +194,9 @@ def families(ranked: pd.DataFrame) -> list[tuple[str, list[tuple[str, str]]]]:
     lose accuracy as the batch shrinks?). Pairs of different norms at different batch sizes
     answer no question and are not tested, so they do not dilute the correction.
 
-    Where the runs also differ in lr, momentum or dropout (two batch-size sweeps of different
-    --lr in one experiment), a pair holds those equal: the norms are compared at one batch
-    size and lr; a norm's batch sizes at one momentum and dropout, and at one lr too unless
+    Where the runs also differ in lr or dropout (two batch-size sweeps of different --lr in
+    one experiment), a pair holds those equal: the norms are compared at one batch size and
+    lr; a norm's batch sizes at one dropout, and at one lr too unless
     each batch size has a single lr (a scaled lr, `--lr-scaling`, follows the batch size)."""
     if ranked["batch_size"].nunique() < 2:
         return [(ALL_PAIRS, _all_pairs(list(ranked["variant"])))]
