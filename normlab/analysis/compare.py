@@ -170,22 +170,22 @@ def _stopped_runs_apart(runs: pd.DataFrame, history: pd.DataFrame) -> tuple[pd.D
     stopped = runs["epochs"].notna() & (reached < runs["epochs"])
     if not stopped.any():
         return runs, history
-    where = {run_id: (variant, int(epoch)) for run_id, variant, epoch
-             in zip(runs.loc[stopped, "run_id"], runs.loc[stopped, "variant"].astype(str), reached[stopped])}
-    labels = {run_id: f"{variant}, stopped at epoch {epoch}" for run_id, (variant, epoch) in where.items()}
+    position = {variant: i for i, variant in enumerate(runs["variant"].cat.categories)}
+    labels, places = {}, {}  # run id -> its label; label -> (its variant's place, its last epoch)
+    for run_id, variant, epoch in zip(runs.loc[stopped, "run_id"], runs.loc[stopped, "variant"], reached[stopped]):
+        labels[run_id] = f"{variant}, stopped at epoch {int(epoch)}"
+        places[labels[run_id]] = (position[variant], int(epoch))
     warnings.warn(StoppedRunsWarning(
         f"{len(labels)} run(s) stopped before their last epoch are compared on their own, not as seeds of "
         f"their variant: " + "; ".join(f"{run_id} ({label})" for run_id, label in labels.items())))
-    order = [name for variant in runs["variant"].cat.categories  # each after its variant, earliest stop first
-             for name in [variant, *dict.fromkeys(labels[r] for r in sorted(where, key=lambda r: where[r][1])
-                                                  if where[r][0] == variant)]]
-    relabelled = []
-    for frame in (runs, history):
-        frame = frame.copy()
+    # each stopped run's label after its variant's, the earliest stop first
+    order = sorted([*position, *places], key=lambda name: places.get(name, (position.get(name), 0)))
+
+    def relabelled(frame: pd.DataFrame) -> pd.DataFrame:
         names = frame["run_id"].map(labels).fillna(frame["variant"].astype(str))
-        frame["variant"] = pd.Categorical(names, categories=order, ordered=True)
-        relabelled.append(frame)
-    return relabelled[0], relabelled[1]
+        return frame.assign(variant=pd.Categorical(names, categories=order, ordered=True))
+
+    return relabelled(runs), relabelled(history)
 
 
 def _drop_unused_variants(frame: pd.DataFrame) -> pd.DataFrame:

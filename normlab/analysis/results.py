@@ -203,8 +203,7 @@ def families(ranked: pd.DataFrame) -> list[tuple[str, list[tuple[str, str]]]]:
     rank = {v: i for i, v in enumerate(ranked["variant"])}
     varying = [h for h in HYPERPARAMETERS if h in ranked and ranked[h].nunique(dropna=True) > 1]
     fixed = [h for h in varying if h != "lr"]
-    at_one_batch = [*fixed, "lr"] if "lr" in varying and ranked.groupby("batch_size")["lr"].nunique().max() > 1 \
-        else fixed
+    at_one_batch = [*fixed, "lr"] if "lr" in varying and _several_lrs_at_a_batch_size(ranked) else fixed
     out = []
     for key, at in ranked.groupby(["batch_size", *at_one_batch], sort=True, dropna=False):  # rows keep their order
         if len(at) > 1:
@@ -213,7 +212,7 @@ def families(ranked: pd.DataFrame) -> list[tuple[str, list[tuple[str, str]]]]:
     settings = ranked.assign(norm_rank=ranked["norm"].map(list(NORMS).index))
     for key, runs in settings.groupby(["norm_rank", "norm", "groups", "l1", *fixed], sort=True, dropna=False):
         _, norm, groups, l1, *values = key
-        by_lr = "lr" in varying and bool(runs["batch_size"].duplicated().any())
+        by_lr = "lr" in varying and _several_lrs_at_a_batch_size(runs)
         for lr, chain in runs.groupby("lr", sort=True, dropna=False) if by_lr else [(None, runs)]:
             largest = chain.loc[chain["batch_size"].idxmax(), "variant"]
             pairs = [tuple(sorted((v, largest), key=rank.get)) for v in chain.sort_values("batch_size")["variant"]
@@ -223,6 +222,12 @@ def families(ranked: pd.DataFrame) -> list[tuple[str, list[tuple[str, str]]]]:
                 out.append((f"{norm_setting_label(norm, groups, l1)}{', ' + held if held else ''}: each batch size "
                             f"against batch {chain['batch_size'].max()}", pairs))
     return out
+
+
+def _several_lrs_at_a_batch_size(variants: pd.DataFrame) -> bool:
+    """Whether the lr is a setting of its own here, not a function of the batch size (one lr
+    at each batch size, as `--lr-scaling` gives, or one lr for all)."""
+    return bool(variants.groupby("batch_size")["lr"].nunique().max() > 1)
 
 
 def _setting_words(names: list[str], values) -> str:

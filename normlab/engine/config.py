@@ -57,11 +57,15 @@ class TrainConfig:
         if self.batch_size > train_size:
             raise ConfigError(f"--batch-size {self.batch_size} is larger than the training split "
                               f"({train_size} images); choose at most {train_size}")
-        steps = self.epochs * math.ceil(train_size / self.batch_size)
+        steps = self.epochs * self.steps_per_epoch(train_size)
         if steps * WARM_UP == 1:  # torch's OneCycleLR divides by its warm-up's steps after the first: 0
             raise ConfigError(f"--epochs {self.epochs} with --batch-size {self.batch_size} on {train_size} training "
                               f"images is {steps} steps, whose one-cycle warm-up ({WARM_UP:.0%} of them) would be "
                               f"one step, which torch's schedule cannot take; train more epochs or smaller batches")
+
+    def steps_per_epoch(self, train_size: int) -> int:
+        """Batches an epoch: the last one short where the batch size does not divide the split."""
+        return math.ceil(train_size / self.batch_size)
 
     @property
     def label(self) -> str:

@@ -199,7 +199,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
                                          foreach=True)
-        self.steps_per_epoch = -(-data.train_size // config.batch_size)
+        self.steps_per_epoch = config.steps_per_epoch(data.train_size)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=config.lr, epochs=config.epochs,
             steps_per_epoch=self.steps_per_epoch, pct_start=WARM_UP,
