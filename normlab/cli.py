@@ -19,6 +19,7 @@ from click.core import ParameterSource
 from normlab.engine.config import TrainConfig
 from normlab.engine import devices
 from normlab.engine.fast import compile_choice, engine_process, kernel_helpers
+from normlab.engine.interrupts import release_interrupted
 from normlab.engine.registry import DATASETS, NORMS
 from normlab.errors import ConfigError, DataError, ResumeError, TrackingUnreachable
 from normlab.sweep.driver import LR_SCALINGS, REFERENCE_BATCH, Grid, epochs_per_worker, run_sweep, training_order
@@ -260,7 +261,8 @@ def _main_failing_launched_run() -> None:
         if exc.code not in (0, None):
             _fail_launched_run(launched_run, f"exited with code {exc.code}")
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as abort:
+        release_interrupted(abort)
         _fail_launched_run(launched_run, "aborted (Ctrl-C)")
         sys.exit(130)
     except Exception as exc:  # a bug: its traceback, without the credentials it may quote

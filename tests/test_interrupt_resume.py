@@ -266,7 +266,7 @@ def test_a_second_ctrl_c_during_model_logging_leaves_a_run_the_resume_completes(
     assert f"aborted: aborted by a second Ctrl-C; epochs up to the last checkpoint are kept; " \
            f"resume with: normlab train --resume {run_id}" in out.text
     run = client.get_run(run_id)
-    assert (run.info.status, run.data.tags["normlab.status"]) == ("KILLED", "interrupted")
+    assert (run.info.status, run.data.tags["normlab.status"]) == ("KILLED", "interrupted"), out.text
     assert "model_uri" not in run.data.tags and models_of(client, run) == []
     assert steps(client, run_id) == {m: [1, 2] for m in METRICS}
     before = histories(client, run_id)
@@ -282,6 +282,43 @@ def test_a_second_ctrl_c_during_model_logging_leaves_a_run_the_resume_completes(
     assert {m.key: m.value for m in model.metrics} == {k: run.data.metrics[k] for k in ("test_acc", "test_loss")}
     assert load(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint/last.pt",
                                                          dst_path=str(tmp_path / "dl"))))["epoch"] == 2
+
+
+def test_an_abort_between_a_query_and_its_rows_still_records_the_run_interrupted(small_mnist_dir, tmp_path,
+                                                                                 tracking_uri, monkeypatch):
+    """The second Ctrl-C above at the moment where it made that test flaky on CI: inside the
+    store call that creates the logged model, after sqlite ran a query and before its rows
+    were read. The abort's traceback kept that read open, and on sqlite an open read is a
+    lock, so recording the ending waited 20 s, failed with "database is locked" and left the
+    run RUNNING. Raised here, in process, from SQLAlchemy's after_cursor_execute hook."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from sqlalchemy import event
+
+    create_logged_model = SqlAlchemyStore.create_logged_model
+    aborted = []
+
+    def ctrl_c_after_its_first_query(store, *args, **kwargs):
+        def ctrl_c(connection, cursor, statement, *rest):
+            if statement.lstrip().upper().startswith("SELECT") and not aborted:
+                aborted.append(statement)
+                raise KeyboardInterrupt
+        event.listen(store.engine, "after_cursor_execute", ctrl_c)
+        try:
+            return create_logged_model(store, *args, **kwargs)
+        finally:
+            event.remove(store.engine, "after_cursor_execute", ctrl_c)
+
+    monkeypatch.setattr(SqlAlchemyStore, "create_logged_model", ctrl_c_after_its_first_query)
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["train", "--data-dir", str(small_mnist_dir), "--epochs", "2",
+                                       "--checkpoint-dir", str(tmp_path / "ck")])
+    assert result.exit_code == 130 and len(aborted) == 1, result.output
+    assert "could not record" not in result.output and time.monotonic() - started < 60, result.output
+    run_id = re.search(r"^MLflow run (\w+) ", result.output, re.M).group(1)
+    run = MlflowClient().get_run(run_id)
+    assert (run.info.status, run.data.tags["normlab.status"]) == ("KILLED", "interrupted"), result.output
+    assert run.data.tags["normlab.reason"].startswith("aborted by a second Ctrl-C; epochs up to the last checkpoint")
+    assert steps(MlflowClient(), run_id) == {m: [1, 2] for m in METRICS} and models_of(MlflowClient(), run) == []
 
 
 def test_one_owner_per_run_a_dead_owners_lease_ends_and_of_two_resumes_at_once_one_trains(

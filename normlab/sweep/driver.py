@@ -24,6 +24,7 @@ from typing import Callable
 
 from normlab.analysis.renderers import figure_renderers
 from normlab.engine.config import TrainConfig
+from normlab.engine.interrupts import release_interrupted
 from normlab.engine.registry import NORMS
 from normlab.errors import ConfigError
 
@@ -225,7 +226,8 @@ def run_sweep(grid: Grid, *, experiment: str, data_dir: str, device: str, checkp
     with renderers as pool:
         try:
             executor.run(requests, settle)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as abort:
+            release_interrupted(abort)  # before the parent's ending is recorded
             outcome.interrupted = True
         outcome.interrupted = outcome.interrupted or getattr(executor, "stopping", False)
         if outcome.busy:  # what other processes were training may have finished meanwhile

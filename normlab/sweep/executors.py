@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from normlab.engine.fast.trainer_pool import runs_per_gpu
+from normlab.engine.interrupts import release_interrupted
 from normlab.sweep.worker import RunRequest, RunResult, retry_request
 from normlab.tracking import connection
 
@@ -558,7 +559,8 @@ class RayExecutor:
                         result = RunResult(request.config, _ray_run_of(actor, request), "FAILED", redact(str(exc)),
                                            device=names.get(actor, "ray"))
                     on_result(result)
-        except KeyboardInterrupt:  # a second Ctrl-C: the runs still training end KILLED here
+        except KeyboardInterrupt as abort:  # a second Ctrl-C: the runs still training end KILLED here
+            release_interrupted(abort)
             for actor, request in in_flight.values():
                 _abandon(_ray_run_of(actor, request), "the sweep was aborted by a second Ctrl-C; run it again "
                                                       "to resume")

@@ -93,6 +93,7 @@ def _train_in_run(trainer, point, run_id: str, data_dir: str, checkpoint_dir: st
                   bars: bool) -> Ending:
     from mlflow.exceptions import MlflowException
 
+    from normlab.engine.interrupts import release_interrupted
     from normlab.engine.train import CallbackList, TrainingStopped, fit
     from normlab.errors import NonFiniteLoss
     from normlab.tracking.redaction import redact
@@ -143,7 +144,8 @@ def _train_in_run(trainer, point, run_id: str, data_dir: str, checkpoint_dir: st
             echo(f"interrupted: {reason}", err=True)
         run_ending.record_ending(run_id, "interrupted", reason)
         return Ending(run_id, "interrupted", reason)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as abort:
+        release_interrupted(abort)
         reason = f"aborted by a second Ctrl-C; epochs up to the last checkpoint are kept; {resume_hint}"
         run_ending.record_ending(run_id, "interrupted", reason)
         echo(f"aborted: {reason}", err=True)
