@@ -54,11 +54,14 @@ def release_interrupted(abort: BaseException) -> None:
     """Free what the code an abort interrupted still holds through the abort's traceback.
 
     A second Ctrl-C can land inside an MLflow store call, between a query and the reading of
-    its rows. The traceback's frames then keep that query's cursor open, and on sqlite an
-    open read is a lock: recording the run's ending waited 20 s for it, failed with
-    "database is locked" and left the run RUNNING (one abort in about 20 during model
-    logging). Clearing the frames' variables, and collecting what they held in cycles,
-    closes the cursor; the traceback keeps its lines for printing.
+    its rows. The traceback's frames then keep that query's cursor open (in their variables,
+    and in the closures of the functions they run), and on sqlite an open read is a lock:
+    recording the run's ending waited 20 s for it, failed with "database is locked" and left
+    the run RUNNING (one abort in about 20 during model logging). Dropping the tracebacks, of
+    the abort and of what it interrupted, closes the cursor.
     """
-    traceback.clear_frames(abort.__traceback__)
-    gc.collect()
+    while abort is not None:
+        traceback.clear_frames(abort.__traceback__)
+        abort.__traceback__ = None
+        abort = abort.__context__
+    gc.collect()  # what the frames held in reference cycles
