@@ -474,17 +474,18 @@ def plain_device_runs(root: Path, device: torch.device, config: TrainConfig) -> 
     """Data on the device (normlab.engine.data), but the textbook step: backward, optimizer.step(),
     .item() every step. Separates what the data pipeline saves from what the step saves."""
     from normlab.engine.data import batch_slices
+    from normlab.engine.rng import data_seed
     from normlab.engine.train import evaluate
 
     runs = Runs("device data, textbook eager step")
     data = DeviceData(load_raw("mnist", root, download=False), device)
     torch.manual_seed(config.seed)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(data_seed(config.seed))
     model = as_notebook_model(Net("mnist", config.norm)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     steps = -(-data.train_size // config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, epochs=config.epochs,
-                                                    steps_per_epoch=steps, pct_start=0.2)
+                                                    steps_per_epoch=steps, pct_start=0.2, cycle_momentum=False)
     for _ in range(config.epochs):
         start = time.perf_counter()
         model.train()

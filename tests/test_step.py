@@ -21,7 +21,7 @@ from normlab.engine.data import DeviceData, batch_slices, load_raw
 from normlab.engine.fast import Speedups
 from normlab.engine.fast.chunked_steps import EpochSteps
 from normlab.engine.models import Net
-from normlab.engine.rng import RunRNG
+from normlab.engine.rng import RunRNG, data_seed
 from normlab.engine.step import TrainStep, run_and_undo
 from normlab.engine.config import TrainConfig
 from normlab.engine.train import Callbacks, Trainer, TrainingStopped, evaluate
@@ -45,7 +45,7 @@ def plain_epochs(config: TrainConfig, data: DeviceData,
     """The textbook loop: backward, torch.optim.SGD.step, OneCycleLR.step, .item() per step;
     the model in channels-last memory order if asked (as the engine's, Speedups.channels_last)."""
     torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(data_seed(config.seed))
     model = Net(config.dataset, config.norm, config.groups, config.dropout)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -53,7 +53,7 @@ def plain_epochs(config: TrainConfig, data: DeviceData,
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
     steps = -(-data.train_size // config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, epochs=config.epochs,
-                                                    steps_per_epoch=steps, pct_start=0.2)
+                                                    steps_per_epoch=steps, pct_start=0.2, cycle_momentum=False)
     history = []
     for _ in range(config.epochs):
         model.train()
@@ -92,15 +92,48 @@ def test_engine_trains_what_the_plain_loop_trains(data, norm, l1, one_thread):
         torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=2e-3)
 
 
+def test_every_step_trains_with_the_momentum_the_run_logs_and_the_lr_alone_is_cycled(data):
+    """What train_epoch hands each step is the optimizer group's lr and momentum between two
+    steps of the schedule: the lr rises to --lr and falls, the momentum stays config.momentum
+    (torch's OneCycleLR default trained 0.95 -> 0.85 -> 0.95 under a logged 0.9)."""
+    config = TrainConfig(norm="bn", epochs=3, batch_size=50)
+    trainer = Trainer(config, data)
+    group = trainer.optimizer.param_groups[0]
+    rates = []
+    for _ in range(config.epochs * trainer.steps_per_epoch):
+        rates.append((group["lr"], group["momentum"]))
+        trainer.scheduler.step()
+    lrs, momenta = zip(*rates)
+    assert set(momenta) == {config.momentum} and config.momentum == 0.9
+    assert max(lrs) == pytest.approx(config.lr, rel=0.02) and lrs[0] < config.lr / 20 and lrs[-1] < config.lr / 1000
+
+
+def test_shuffling_and_augmentation_draw_from_a_stream_of_their_own(data):
+    """The data stream and the weights' and dropout's stream both come from --seed, but not
+    as the same numbers: seeded with the seed itself, epoch 1's rotation angles were the
+    kaiming-uniform draws of the weights, 999 draws along (after the shuffle's). No three
+    consecutive draws of one appear in the first 20,000 of the other, for five seeds."""
+    for seed in range(1, 6):
+        trainer = Trainer(TrainConfig(norm="bn", seed=seed), data)
+        data_stream, weight_stream = torch.Generator(), torch.Generator()
+        data_stream.set_state(trainer.generator.get_state())  # as the run starts: no epoch drawn yet
+        weight_stream.set_state(RunRNG(seed, torch.device("cpu")).cpu)  # what the weights were drawn from
+        data_draws = torch.rand(2000, generator=data_stream).tolist()
+        weight_draws = torch.rand(20000, generator=weight_stream).tolist()
+        runs_of_three = set(zip(weight_draws, weight_draws[1:], weight_draws[2:]))
+        assert not runs_of_three & set(zip(data_draws, data_draws[1:], data_draws[2:])), seed
+    assert len({data_seed(seed) for seed in range(1000)} | set(range(1000))) == 2000  # distinct, and not seeds
+
+
 @pytest.mark.parametrize("norm", ["ln", "gn", "none"])
 def test_channels_last_trains_what_channels_first_trains_to_float_rounding(data, norm):
     """Speedups.channels_last (on by default on the CPU for these) changes only the memory
     order, so the convolutions' rounding: the same run in the default channels-first order
-    ends its epochs with the same losses to 1e-3 and weights as close as a flipped ReLU tie
-    allows (test_engine_trains_what_the_plain_loop_trains). How close depends on torch's
-    thread count: LN's largest weight difference here was 0.00245 with one thread and 0.00008
-    with two (GN's 0.00200 with either), so the bound is 5e-3; a wrong memory order would
-    already change the losses."""
+    ends its epochs with the same losses to 3e-3 and weights as close as a flipped ReLU tie
+    allows (test_engine_trains_what_the_plain_loop_trains). How close depends on the seed and
+    torch's thread count: over seeds 1-6 with one and two threads, the largest differences
+    were 2e-3 in a loss, 3 of 100 test digits and 0.0033 in a weight (most seeds agree to
+    1e-7); a wrong memory order would already change the losses."""
     config = TrainConfig(norm=norm, epochs=2, batch_size=48, seed=3)
     last = Trainer(config, data)
     first = Trainer(config, data, speedups=replace(last.speedups, channels_last=False))
@@ -108,9 +141,9 @@ def test_channels_last_trains_what_channels_first_trains_to_float_rounding(data,
     assert first.model.conv2[0].weight.is_contiguous()
     for _ in range(config.epochs):
         ours, theirs = last.run_epoch(Callbacks()), first.run_epoch(Callbacks())
-        assert ours.train_loss == pytest.approx(theirs.train_loss, rel=1e-3)
-        assert ours.test_loss == pytest.approx(theirs.test_loss, rel=1e-3)
-        assert abs(ours.test_acc - theirs.test_acc) <= 2.0  # two of 100 digits: 8 steps leave many near a tie
+        assert ours.train_loss == pytest.approx(theirs.train_loss, rel=3e-3)
+        assert ours.test_loss == pytest.approx(theirs.test_loss, rel=3e-3)
+        assert abs(ours.test_acc - theirs.test_acc) <= 3.0  # 3 of 100 digits: 10 steps leave many near a tie
     for ours, theirs in zip(last.model.state_dict().values(), first.model.state_dict().values()):
         torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=5e-3)
 

@@ -17,8 +17,7 @@ from normlab.tracking.run_query import DISTINGUISHING
 SETTINGS = ["norm", "groups", "l1", "batch_size", "dataset", "epochs", "train_size", "test_size", "parameters"]
 COMPARABLE = ["dataset", "train_size", "test_size", "epochs"]  # accuracies are ranked only within equal values
 # Training settings a study may vary besides the norm and batch size (run_query.DISTINGUISHING),
-# carried where the runs have them: a batch-size study's pairs hold them equal (families). Not
-# the `momentum` param: OneCycleLR cycles the momentum itself (0.95 to 0.85), whatever it says.
+# carried where the runs have them: a batch-size study's pairs hold them equal (families).
 HYPERPARAMETERS = ["lr", "dropout"]
 INTERVAL_METRICS = ("final_test_acc", "best_test_acc", "final_test_loss", "min_test_loss")
 NAN = float("nan")

@@ -1,5 +1,8 @@
 """Each run's own random streams, so runs trained side by side draw what they would alone.
 
+A run has two streams, both from its seed: weight initialisation and dropout (``RunRNG``,
+seeded with the seed itself), and shuffling and augmentation (seeded with ``data_seed``).
+
 Weight initialisation and dropout draw from torch's default generators, which a process
 shares. A run therefore keeps its own states of them (CPU, and CUDA on a GPU) and swaps
 them in, under one process-wide lock, whenever it draws: ``with run_rng.active(): ...``.
@@ -15,6 +18,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+import numpy as np
 import torch
 
 _LOCK = threading.RLock()
@@ -80,3 +84,11 @@ class RunRNG:
             self.cpu = state["torch"].clone()
             if self.cuda is not None:
                 self.cuda.set_state(state["cuda"])
+
+
+def data_seed(seed: int) -> int:
+    """The seed of a run's data stream (shuffling, augmentation): a child of ``seed`` by
+    numpy's SeedSequence, independent of the stream ``seed`` itself starts. Seeded alike, one
+    generator algorithm draws the same numbers: on the CPU, epoch 1's rotation angles were
+    the weights' kaiming-uniform draws, and on a GPU the first shuffle was dropout's masks."""
+    return int(np.random.SeedSequence(seed).spawn(1)[0].generate_state(1, np.uint64)[0])

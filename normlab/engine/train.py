@@ -25,7 +25,7 @@ from normlab.engine.fast.host_memory import keep_freed_memory
 from normlab.engine.fast.triton_conv import use_triton_convs
 from normlab.engine.fast.triton_norms import use_triton_norms
 from normlab.engine.models import Net
-from normlab.engine.rng import RunRNG
+from normlab.engine.rng import RunRNG, data_seed
 from normlab.engine.step import TrainStep
 from normlab.errors import ConfigError, NoGpuHere, NonFiniteLoss
 
@@ -174,7 +174,7 @@ class Trainer:
         self.config = config
         self.data = data
         device = data.device
-        self.generator = torch.Generator(device=device).manual_seed(config.seed)  # shuffle and augmentation
+        self.generator = torch.Generator(device=device).manual_seed(data_seed(config.seed))  # shuffle, augmentation
         if warm is None:
             self.rng = RunRNG(config.seed, device)  # weights and dropout
             self.speedups = speedups or Speedups.default(device, config.epochs if epochs_ahead is None else epochs_ahead,
@@ -200,9 +200,11 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
                                          foreach=True)
         self.steps_per_epoch = config.steps_per_epoch(data.train_size)
+        # The lr alone is cycled: SGD's momentum stays config.momentum, as the run logs it (torch's
+        # default, cycle_momentum=True, would train 0.95 -> 0.85 -> 0.95 whatever the config says).
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=config.lr, epochs=config.epochs,
-            steps_per_epoch=self.steps_per_epoch, pct_start=WARM_UP,
+            steps_per_epoch=self.steps_per_epoch, pct_start=WARM_UP, cycle_momentum=False,
         )
         # TrainStep updates the weights itself, so the scheduler would warn that it steps
         # before the optimizer ever did. The mark optimizer.step() leaves for the scheduler says

@@ -124,7 +124,7 @@ def _log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module
         train_size=data.train_size,
         test_size=data.test_size,
         augmentation=data.spec.augmentation,
-        optimizer="SGD momentum, OneCycleLR",
+        optimizer="SGD with constant momentum, OneCycleLR on the lr",
     )
     log_params(params)
     tags = {
