@@ -36,6 +36,7 @@ from normlab.analysis import compare, results
 from normlab.analysis.renderers import figure_renderers
 from normlab.cli import main
 from normlab.errors import SelectionError
+from normlab.engine.config import METRICS
 from tests.conftest import ROOT, cli_env, run_cli, run_cli_noting_imports
 
 EPOCHS = 4
@@ -218,12 +219,16 @@ def test_unfinished_runs_and_runs_without_history_are_named_and_left_out(tmp_pat
     experiment = client.get_experiment_by_name("odd").experiment_id
     failed = copy_run(client, source, experiment, "FAILED", True, seed=0)
     empty = copy_run(client, source, experiment, "FINISHED", False, seed=7)
-    ids = [source.info.run_id, failed, empty]
+    diverged = copy_run(client, source, experiment, "FINISHED", True, seed=8)  # as another tool logs it
+    last = max(m.step for m in client.get_metric_history(diverged, "test_acc"))
+    client.log_batch(diverged, metrics=[mlflow.entities.Metric(k, float("nan"), 0, last + 1) for k in METRICS])
+    ids = [source.info.run_id, failed, empty, diverged]
     with pytest.warns(compare.SkippedRunsWarning) as caught:
         kept = compare.load_comparison(run_ids=ids)
     messages = [str(w.message) for w in caught]
     assert any(failed in m and "FAILED" in m and "not FINISHED" in m for m in messages)
     assert any(empty in m and "lack a history" in m for m in messages)
+    assert any(diverged in m and "non-finite values (NaN or infinity" in m and empty not in m for m in messages)
     assert kept.runs["run_id"].tolist() == [source.info.run_id]
 
     with pytest.warns(compare.SkippedRunsWarning, match=empty):

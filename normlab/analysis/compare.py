@@ -15,6 +15,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -126,12 +127,19 @@ def load_comparison(experiment: str = EXPERIMENT, filter_string: str | None = No
     runs = run_query.runs_frame(selection.runs, by_code=bool(run_ids))
     history = run_query.load_histories(runs)
     complete = history.groupby("run_id")["metric"].nunique() == len(METRICS)
-    complete_ids = set(complete[complete].index)
-    incomplete = [r for r in selection.runs if r.info.run_id not in complete_ids]
+    finite = np.isfinite(history["value"].astype(float)).groupby(history["run_id"]).all()
+    incomplete = [r for r in selection.runs if not complete.get(r.info.run_id, False)]
     if incomplete:
         warnings.warn(SkippedRunsWarning(
             f"{len(incomplete)} run(s) left out because they lack a history of "
             f"{', '.join(METRICS)}: " + "; ".join(map(run_query.describe_run, incomplete))))
+    diverged = [r for r in selection.runs if complete.get(r.info.run_id, False) and not finite[r.info.run_id]]
+    if diverged:  # normlab stops a run before logging one; other tools may log them
+        warnings.warn(SkippedRunsWarning(
+            f"{len(diverged)} run(s) left out because their metric history has non-finite values (NaN or "
+            f"infinity: the run diverged), which no mean or interval can hold: "
+            + "; ".join(map(run_query.describe_run, diverged))))
+    complete_ids = set(complete[complete & finite].index)
     if not complete_ids:
         raise SelectionError(f"none of the {len(selection.runs)} runs selected in {selection.searched} "
                                       f"has a metric history to compare")
