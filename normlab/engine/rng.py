@@ -90,5 +90,6 @@ def data_seed(seed: int) -> int:
     """The seed of a run's data stream (shuffling, augmentation): a child of ``seed`` by
     numpy's SeedSequence, independent of the stream ``seed`` itself starts. Seeded alike, one
     generator algorithm draws the same numbers: on the CPU, epoch 1's rotation angles were
-    the weights' kaiming-uniform draws, and on a GPU the first shuffle was dropout's masks."""
+    the weights' kaiming-uniform draws, and on a GPU the data's and dropout's generators
+    drew one Philox stream."""
     return int(np.random.SeedSequence(seed).spawn(1)[0].generate_state(1, np.uint64)[0])
