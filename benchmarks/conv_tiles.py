@@ -23,14 +23,24 @@ import json
 import sys
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from normlab.engine.fast import triton_conv as conv  # noqa: E402
-from normlab.engine.fast.triton_conv import Conv2d  # noqa: E402
-from normlab.engine.models import Net
-from normlab.engine.registry import ARCHITECTURES
+from normlab.engine.registry import ARCHITECTURES  # noqa: E402  (torch-free: options are checked first)
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _load_torch() -> None:
+    """torch and the Triton convolutions, once the options are known good: a mistyped option
+    answers without the seconds their import takes."""
+    global torch, conv, Conv2d, Net
+    import torch
+    from normlab.engine.fast import triton_conv as conv
+    from normlab.engine.fast.triton_conv import Conv2d
+    from normlab.engine.models import Net
 
 BATCH = 128
 # (rows, reduction columns, warps) of the gather-GEMM; and of the weight gradient, with its
@@ -147,12 +157,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if args.concurrent < 1:
         p.error(f"argument --concurrent: {args.concurrent}; it counts copies, at least 1")
-    if conv.triton is None or not torch.cuda.is_available():
-        sys.exit("error: conv_tiles.py times Triton kernels on a CUDA GPU; none is available here")
     datasets = args.datasets.split(",")
     unknown = sorted(set(datasets) - set(ARCHITECTURES))
     if unknown:
         sys.exit(f"error: unknown dataset(s) {', '.join(unknown)}; valid choices: {', '.join(ARCHITECTURES)}")
+    _load_torch()
+    if conv.triton is None or not torch.cuda.is_available():
+        sys.exit("error: conv_tiles.py times Triton kernels on a CUDA GPU; none is available here")
     concurrent = args.concurrent
     gemm_tiles = [(*t, s, f) for t in GEMM_TILES for s in args.stages for f in args.by_tap]
     weight_grad_tiles = [(*t, s) for t in WEIGHT_GRAD_TILES for s in args.stages]

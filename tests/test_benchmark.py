@@ -86,6 +86,19 @@ def test_the_tile_benchmark_refuses_a_wrong_option_before_timing_anything(tmp_pa
     assert not out.exists()
 
 
+def test_the_tile_benchmark_refuses_an_unknown_dataset_before_importing_torch(tmp_path):
+    """The dataset is checked first, so the message names it (not the missing GPU) and comes
+    without torch's import."""
+    probe = ("import runpy, sys; sys.argv = ['conv_tiles.py', '--datasets', 'mnist,svhn']\n"
+             "try:\n    runpy.run_path('benchmarks/conv_tiles.py', run_name='__main__')\n"
+             "finally:\n    print('torch imported:', 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    assert "unknown dataset(s) svhn; valid choices: mnist, cifar10" in proc.stderr, proc.stderr
+    assert proc.stdout.strip() == "torch imported: False"
+
+
 def test_model_logging_benchmark_times_both_ways_and_prints_their_ratio(small_mnist_dir):
     """benchmarks/model_logging.py: log_model with the kept graph and traced anew, alternately."""
     proc = subprocess.run([sys.executable, "benchmarks/model_logging.py", "--data-dir", str(small_mnist_dir),
