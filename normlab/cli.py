@@ -253,18 +253,16 @@ def _main_failing_launched_run() -> None:
         exc.show()
         _fail_launched_run(launched_run, exc.format_message())
         sys.exit(exc.exit_code)
-    except click.Abort:
+    except (click.Abort, KeyboardInterrupt) as abort:  # click turns a Ctrl-C it meets into Abort
+        ctrl_c = isinstance(abort, KeyboardInterrupt) or isinstance(abort.__context__, KeyboardInterrupt)
+        release_interrupted(abort)  # a store write it cut short must not lock the run's ending
         click.echo("Aborted!", err=True)
-        _fail_launched_run(launched_run, "aborted")
-        sys.exit(1)
+        _fail_launched_run(launched_run, "aborted (Ctrl-C)" if ctrl_c else "aborted")
+        sys.exit(130 if ctrl_c else 1)
     except SystemExit as exc:
         if exc.code not in (0, None):
             _fail_launched_run(launched_run, f"exited with code {exc.code}")
         raise
-    except KeyboardInterrupt as abort:
-        release_interrupted(abort)
-        _fail_launched_run(launched_run, "aborted (Ctrl-C)")
-        sys.exit(130)
     except Exception as exc:  # a bug: its traceback, without the credentials it may quote
         import traceback
 

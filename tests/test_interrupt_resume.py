@@ -321,6 +321,75 @@ def test_an_abort_between_a_query_and_its_rows_still_records_the_run_interrupted
     assert steps(MlflowClient(), run_id) == {m: [1] for m in METRICS} and models_of(MlflowClient(), run) == []
 
 
+def _ctrl_c_inside_a_store_write(monkeypatch, aborted: list[float]) -> None:
+    """Make one store write (creating a logged model, as above) in this process and abort it
+    with a Ctrl-C where the test above does, noting the abort's time in ``aborted``."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from sqlalchemy.orm.context import _MapperEntity
+
+    row_processor = _MapperEntity.row_processor
+
+    def ctrl_c(entity, context, result):
+        if not aborted:
+            aborted.append(time.monotonic())
+            raise KeyboardInterrupt
+        return row_processor(entity, context, result)
+
+    store = SqlAlchemyStore(mlflow.get_tracking_uri(), "unused")
+    with monkeypatch.context() as patch:
+        patch.setattr(_MapperEntity, "row_processor", ctrl_c)
+        store.create_logged_model(store.get_experiment_by_name("Default").experiment_id)
+
+
+def test_a_sweeps_abort_inside_a_store_write_still_records_the_parent_killed(small_mnist_dir, tracking_uri,
+                                                                           monkeypatch):
+    """The abort caught by the sweep's driver, raised inside a store write on the sweep's main
+    thread (where worker processes' results are recorded), patched in as the executor's
+    first act: the parent is recorded KILLED at once. That write's open transaction is a
+    lock on sqlite for as long as the abort's traceback lives: kept alive past the driver's
+    except block (tried by hand), the parent's ending failed with "database is locked"."""
+    from normlab.sweep.executors import InProcessExecutor
+
+    run, aborted = InProcessExecutor.run, []
+
+    def ctrl_c_in_a_store_write(executor, requests, on_result):
+        _ctrl_c_inside_a_store_write(monkeypatch, aborted)
+        return run(executor, requests, on_result)
+
+    monkeypatch.setattr(InProcessExecutor, "run", ctrl_c_in_a_store_write)
+    result = CliRunner().invoke(main, ["sweep", "--norms", "ln", "--seeds", "1", "--epochs", "1",
+                                       "--data-dir", str(small_mnist_dir)])
+    assert result.exit_code == 130 and "locked" not in result.output, result.output
+    assert time.monotonic() - aborted[0] < 10, result.output  # no 20 s wait for the lock
+    [parent] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("normlab").experiment_id],
+                                          f"tags.{SWEEP_ROLE} = 'parent'")
+    assert parent.info.status == "KILLED", result.output
+
+
+def test_an_abort_inside_a_store_write_before_training_fails_the_run_mlflow_run_created(small_mnist_dir,
+                                                                                      tracking_uri, monkeypatch):
+    """A Ctrl-C of `mlflow run`'s command before its training starts (here inside a store
+    write while the command checks the store) reaches the command line's own handler (click
+    hands it over as Abort), which marks the run `mlflow run` created FAILED, says why, and
+    exits 130 as for any Ctrl-C. Handled without release_interrupted (and as a plain
+    "aborted", exit 1), that write's transaction, held by the abort being handled, locked the
+    store: the run stayed RUNNING after a 20 s wait."""
+    from normlab import cli
+    from normlab.tracking import connection
+
+    launched, aborted = MlflowClient().create_run("0").info.run_id, []
+    monkeypatch.setenv("MLFLOW_RUN_ID", launched)
+    monkeypatch.setattr(connection, "check_tracking_reachable",
+                        lambda: _ctrl_c_inside_a_store_write(monkeypatch, aborted))
+    monkeypatch.setattr(sys, "argv", ["normlab", "train", "--data-dir", str(small_mnist_dir), "--epochs", "1"])
+    with pytest.raises(SystemExit) as exited:
+        cli._main_failing_launched_run()
+    assert exited.value.code == 130 and time.monotonic() - aborted[0] < 10  # no 20 s wait for the lock
+    run = MlflowClient().get_run(launched)
+    assert (run.info.status, run.data.tags["normlab.status"], run.data.tags["normlab.reason"]) == (
+        "FAILED", "failed", "aborted (Ctrl-C)")
+
+
 def test_one_owner_per_run_a_dead_owners_lease_ends_and_of_two_resumes_at_once_one_trains(
         small_mnist_dir, tmp_path, tracking_uri, monkeypatch):
     """A run killed with SIGKILL in epoch 2 leaves its lease in the store: as that process is
