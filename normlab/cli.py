@@ -22,7 +22,7 @@ from normlab.engine.fast import compile_choice, engine_process, kernel_helpers
 from normlab.engine.interrupts import release_interrupted
 from normlab.engine.registry import DATASETS, NORMS
 from normlab.errors import ConfigError, DataError, ResumeError, TrackingUnreachable
-from normlab.sweep.driver import LR_SCALINGS, REFERENCE_BATCH, Grid, epochs_per_worker, run_sweep, training_order
+from normlab.sweep.driver import LR_SCALINGS, REFERENCE_BATCH, Grid, epochs_per_variant, run_sweep, training_order
 from normlab.tracking import EXPERIMENT, results_process
 
 # Torch and MLflow (2-5 s to import) are imported by the commands that use them, so that
@@ -444,7 +444,7 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
     with contextlib.ExitStack() as stack:
         # its torch, CUDA, the data on the GPU and the runs' steps start now, beside our MLflow
         engine = stack.enter_context(engine_process.EngineProcess(
-            data_dir, device, ahead=(training_order(configs), epochs_per_worker(configs, 1)), early=True)
+            data_dir, device, ahead=(training_order(configs), epochs_per_variant(configs)), early=True)
         ) if one_engine else None
         stack.enter_context(results_process.started(results_elsewhere))
         outcome = _sweep(grid, experiment, data_dir, device, checkpoint_dir, address, workers, out, engine)

@@ -210,6 +210,25 @@ def test_the_gpu_default_launches_8_steps_a_graph_with_a_short_switch_interval_w
         sys.setswitchinterval(before)
 
 
+def test_a_gpu_compiles_a_variants_steps_from_200_epochs_of_it_unless_told(monkeypatch):
+    """The compile rule (Speedups.default, COMPILE_PAYS_FROM_EPOCHS) that makes the classic
+    10-seed study (200 epochs of each variant) train compiled steps and a 5-seed study (100)
+    uncompiled ones with the Triton norms, which round otherwise: NORMLAB_COMPILE fixes it."""
+    from normlab.engine.fast import COMPILE_PAYS_FROM_EPOCHS
+
+    def compiled(device: str, epochs_ahead: int) -> tuple[bool, bool]:
+        speedups = Speedups.default(torch.device(device), epochs_ahead)
+        return speedups.compile, speedups.triton_norms
+
+    assert COMPILE_PAYS_FROM_EPOCHS == 200
+    assert [compiled("cuda", e) for e in (20, 100, 199, 200, 400)] == [(False, True)] * 3 + [(True, False)] * 2
+    assert compiled("cpu", 400) == (False, False)
+    monkeypatch.setenv("NORMLAB_COMPILE", "always")
+    assert compiled("cuda", 20) == (True, False) and compiled("cpu", 20) == (False, False)
+    monkeypatch.setenv("NORMLAB_COMPILE", "never")
+    assert compiled("cuda", 400) == (False, True)
+
+
 def test_a_chunk_is_launched_whole():
     steps = EpochSteps(make_step(), [slice(i, i + 8) for i in range(0, 40, 8)], chunk=2)
     with pytest.raises(ValueError, match="not one chunk of 2"):

@@ -633,6 +633,38 @@ def test_a_sweep_on_several_gpus_spreads_its_runs_over_them(monkeypatch, runs, g
     assert [first[:sum(spread)].count(f"GPU {gpu}") for gpu in range(gpus)] == spread, lines
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_every_run_of_a_variant_is_told_the_grids_epochs_of_it_however_many_workers_share_them(
+        small_mnist_dir, tracking_uri, monkeypatch, workers):
+    """What decides whether a run's steps compile on a GPU (and so how it rounds) is the
+    variant's epochs in the whole grid: 2 seeds x 3 epochs = 6 for each run here, with one
+    worker or three. It was one worker's share of what was left to train, so the same study
+    on several GPUs, or resumed, trained some runs uncompiled that it otherwise compiled
+    (the compile rule is exercised in tests/test_step.py)."""
+    from normlab.sweep import executors
+
+    handed = []
+
+    class Recorder:  # the executor's interface as the driver uses it: records, then a second Ctrl-C
+        stopping = False
+
+        def __init__(self, *args, **kwargs):
+            self.workers = workers
+
+        def describe(self):
+            return f"{workers} recording worker(s)"
+
+        def run(self, requests, on_result):
+            handed.extend((r.config.run_name, r.epochs_ahead) for r in requests)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(executors, "local_executor", Recorder)
+    result = CliRunner().invoke(main, ["sweep", "--norms", "ln,gn", "--seeds", "2", "--epochs", "3",
+                                       "--data-dir", str(small_mnist_dir)])
+    assert result.exit_code == 130, result.output
+    assert sorted(handed) == [("gn2-s1", 6), ("gn2-s2", 6), ("ln-s1", 6), ("ln-s2", 6)], result.output
+
+
 def test_an_engine_process_is_handed_the_runs_in_the_sweeps_order_however_long_each_takes_to_hand_over():
     """The in-process executor with an engine process: four threads hand runs over to two
     places. Here a run's hand-over takes longer the earlier it is in the sweep (as one that

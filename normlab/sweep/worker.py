@@ -51,7 +51,7 @@ class RunRequest:
     experiment_id: str | None = None
     run_id: str | None = None
     resume: bool = False
-    epochs_ahead: int = 0  # epochs of this variant a worker trains in this sweep (compile when it pays)
+    epochs_ahead: int = 0  # epochs of this variant in the sweep's grid (compile when they pay)
 
 
 @dataclass(frozen=True)

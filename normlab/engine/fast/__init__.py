@@ -76,7 +76,7 @@ class Speedups:
     def default(cls, device: torch.device, epochs_ahead: int = 0, config: TrainConfig | None = None) -> "Speedups":
         """On a GPU: CUDA graphs of 8 steps each and a 0.5 ms switch interval, the Triton
         convolutions, evaluation in batches of 2000, and the step compiled when ``epochs_ahead``
-        (the epochs this process will train of this variant and batch size) reach
+        (the epochs of this variant and batch size in the command: a sweep's grid) reach
         COMPILE_PAYS_FROM_EPOCHS, else the Triton norms. On the CPU:
         malloc keeps freed memory, evaluation in batches of 500 (under glibc's mmap limit), no
         compiling (it made CPU steps slower), and channels last for ``config``'s model where
