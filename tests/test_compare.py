@@ -329,10 +329,12 @@ def test_runs_picked_by_id_from_other_code_are_other_variants_not_repeats(tmp_pa
     assert "left out" not in done.output and "compared 2 runs, 2 variants" in done.output
     runs = pd.read_csv(out / "runs.csv")
     assert dict(zip(runs["run_id"], runs["variant"])) == {before: "LN, code 1a2b3c4", after: "LN, code 5d6e7f8-dirty"}
+    assert dict(zip(runs["run_id"], runs["code"])) == {before: "1a2b3c4", after: "5d6e7f8-dirty"}  # a setting here
     assert pd.read_csv(out / "results.csv")["variant"].tolist() == ["LN, code 1a2b3c4", "LN, code 5d6e7f8-dirty"]
     with pytest.warns(compare.SkippedRunsWarning, match=f"{before} "):
         found = compare.load_comparison("code")
     assert found.runs["run_id"].tolist() == [after] and found.table["variant"].tolist() == ["LN"]
+    assert "code" not in found.runs_metrics  # not a setting of a study found by experiment
 
 
 # --- figures -------------------------------------------------------------------------

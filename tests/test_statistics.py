@@ -324,6 +324,26 @@ def test_a_committed_studys_findings_are_what_this_code_writes_from_its_tables(s
     assert results.findings(table, runs_metrics) == (study / "findings.md").read_text()
 
 
+def test_a_batch_size_studys_runs_picked_from_two_commits_are_compared_within_each_commit():
+    """Runs picked by id from two commits (variants labelled "LN, batch 32, code 1a2b3c4"): the
+    norms at one batch size, and a norm's batch sizes against its largest, within one code.
+    Across codes, LN's batch 32 at the new code was tested against batch 128 at the old."""
+    five = {base: [base + x for x in (0, .1, .2, .05, .15)] for base in (96, 97, 98, 99)}
+    runs = {("ln", 32, "1a2b3c4"): 99, ("ln", 128, "1a2b3c4"): 98, ("bn", 32, "1a2b3c4"): 96,
+            ("ln", 32, "5d6e7f8"): 97}
+    name = {"ln": "LN", "bn": "BN"}
+    label = {key: f"{name[key[0]]}, batch {key[1]}, code {key[2]}" for key in runs}
+    table, runs_metrics = hand_made({label[k]: five[v] for k, v in runs.items()},
+                                    settings={label[k]: dict(norm=k[0], batch_size=k[1], code=k[2]) for k in runs})
+    assert set(runs_metrics["code"]) == {"1a2b3c4", "5d6e7f8"} and "code" in table
+    [(_, ranked)] = results.ranked_groups(table)
+    assert dict(results.families(ranked)) == {
+        "batch 32, code 1a2b3c4: the norms against each other": [("LN, batch 32, code 1a2b3c4",
+                                                                  "BN, batch 32, code 1a2b3c4")],
+        "LN, code 1a2b3c4: each batch size against batch 128": [("LN, batch 32, code 1a2b3c4",
+                                                                 "LN, batch 128, code 1a2b3c4")]}
+
+
 def test_a_batch_size_studys_pairs_hold_lr_equal_unless_it_follows_the_batch_size():
     """Two batch-size sweeps of different --lr in one experiment: the norms are compared at one
     batch size and lr, and a norm's batch sizes at one lr (same-norm and same-batch pairs, and

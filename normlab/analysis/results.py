@@ -12,13 +12,14 @@ import pandas as pd
 
 from normlab.analysis import statistics
 from normlab.engine.registry import NORMS, variant_label
-from normlab.tracking.run_query import DISTINGUISHING
+from normlab.tracking.run_query import BY_CODE, DISTINGUISHING
 
 SETTINGS = ["norm", "groups", "l1", "batch_size", "dataset", "epochs", "train_size", "test_size", "parameters"]
 COMPARABLE = ["dataset", "train_size", "test_size", "epochs"]  # accuracies are ranked only within equal values
 # Training settings a study may vary besides the norm and batch size (run_query.DISTINGUISHING),
-# carried where the runs have them: a batch-size study's pairs hold them equal (families).
-HYPERPARAMETERS = ["lr", "dropout"]
+# carried where the runs have them: a batch-size study's pairs hold them equal (families). The
+# code is one where it names variants (runs picked by id from two commits, run_query.BY_CODE).
+HYPERPARAMETERS = ["lr", "dropout", "code"]
 INTERVAL_METRICS = ("final_test_acc", "best_test_acc", "final_test_loss", "min_test_loss")
 NAN = float("nan")
 
@@ -48,7 +49,7 @@ def per_run(history: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
         })
     metrics = pd.DataFrame(rows)
     columns = ["run_id", "variant", "seed", "status", "duration_s", "speedups", *SETTINGS,
-               *(h for h in HYPERPARAMETERS if h in runs)]
+               *(h for h in HYPERPARAMETERS if h in runs and (h != "code" or runs[h].notna().any()))]
     return runs[columns].merge(metrics, on="run_id").sort_values(["variant", "seed"]).reset_index(drop=True)
 
 
@@ -231,7 +232,7 @@ def _several_lrs_at_a_batch_size(variants: pd.DataFrame) -> bool:
 
 def _setting_words(names: list[str], values) -> str:
     """'batch 32, lr 0.1' for ['batch_size', 'lr'] and (32, 0.1), as run_query labels variants."""
-    return ", ".join(DISTINGUISHING[name](value) for name, value in zip(names, values))
+    return ", ".join({**DISTINGUISHING, **BY_CODE}[name](value) for name, value in zip(names, values))
 
 
 def pairwise(table: pd.DataFrame, runs_metrics: pd.DataFrame) -> list[Pair]:

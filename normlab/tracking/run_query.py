@@ -204,6 +204,8 @@ def runs_frame(runs: list, by_code: bool = False):
         frame[column] = frame[column].astype("Int64")
     settings = {**DISTINGUISHING, **(BY_CODE if by_code else {})}
     differing = [k for k in settings if frame[k].nunique(dropna=True) > 1]
+    if "code" not in differing:  # a setting only where it names variants (analysis.results' families)
+        frame["code"] = None
     frame["variant"] = [
         ", ".join([row.base_label] + [settings[k](getattr(row, k)) for k in differing])
         for row in frame.itertuples()
