@@ -3,6 +3,7 @@ final logging was cut short), one owner per run being trained, and a loss that d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -284,6 +285,26 @@ def test_a_second_ctrl_c_during_model_logging_leaves_a_run_the_resume_completes(
                                                          dst_path=str(tmp_path / "dl"))))["epoch"] == 2
 
 
+@contextlib.contextmanager
+def _ctrl_c_as_the_first_rows_load(monkeypatch, aborted: list[float]):
+    """Within: the first store query whose rows SQLAlchemy sets up to load
+    (`_MapperEntity.row_processor`) raises KeyboardInterrupt instead, once ``aborted`` is
+    empty, noting the abort's time there."""
+    from sqlalchemy.orm.context import _MapperEntity
+
+    row_processor = _MapperEntity.row_processor
+
+    def ctrl_c(entity, context, result):
+        if not aborted:
+            aborted.append(time.monotonic())
+            raise KeyboardInterrupt
+        return row_processor(entity, context, result)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_MapperEntity, "row_processor", ctrl_c)
+        yield
+
+
 def test_an_abort_between_a_query_and_its_rows_still_records_the_run_interrupted(small_mnist_dir, tmp_path,
                                                                                  tracking_uri, monkeypatch):
     """The second Ctrl-C above where it made that test flaky on CI (twice in about 20 aborts
@@ -293,19 +314,11 @@ def test_an_abort_between_a_query_and_its_rows_still_records_the_run_interrupted
     closure its frames hold, and on sqlite an open read is a lock: recording the ending
     waited 20 s, failed with "database is locked" and left the run RUNNING."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-    from sqlalchemy.orm.context import _MapperEntity
 
-    create_logged_model, row_processor = SqlAlchemyStore.create_logged_model, _MapperEntity.row_processor
-    aborted = []
+    create_logged_model, aborted = SqlAlchemyStore.create_logged_model, []
 
     def ctrl_c_while_its_first_rows_load(store, *args, **kwargs):
-        def ctrl_c(entity, context, result):
-            if not aborted:
-                aborted.append(entity)
-                raise KeyboardInterrupt
-            return row_processor(entity, context, result)
-        with monkeypatch.context() as patch:
-            patch.setattr(_MapperEntity, "row_processor", ctrl_c)
+        with _ctrl_c_as_the_first_rows_load(monkeypatch, aborted):
             return create_logged_model(store, *args, **kwargs)
 
     monkeypatch.setattr(SqlAlchemyStore, "create_logged_model", ctrl_c_while_its_first_rows_load)
@@ -325,19 +338,9 @@ def _ctrl_c_inside_a_store_write(monkeypatch, aborted: list[float]) -> None:
     """Make one store write (creating a logged model, as above) in this process and abort it
     with a Ctrl-C where the test above does, noting the abort's time in ``aborted``."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-    from sqlalchemy.orm.context import _MapperEntity
-
-    row_processor = _MapperEntity.row_processor
-
-    def ctrl_c(entity, context, result):
-        if not aborted:
-            aborted.append(time.monotonic())
-            raise KeyboardInterrupt
-        return row_processor(entity, context, result)
 
     store = SqlAlchemyStore(mlflow.get_tracking_uri(), "unused")
-    with monkeypatch.context() as patch:
-        patch.setattr(_MapperEntity, "row_processor", ctrl_c)
+    with _ctrl_c_as_the_first_rows_load(monkeypatch, aborted):
         store.create_logged_model(store.get_experiment_by_name("Default").experiment_id)
 
 

@@ -49,7 +49,7 @@ def per_run(history: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
         })
     metrics = pd.DataFrame(rows)
     columns = ["run_id", "variant", "seed", "status", "duration_s", "speedups", *SETTINGS,
-               *(h for h in HYPERPARAMETERS if h in runs and (h != "code" or runs[h].notna().any()))]
+               *(h for h in HYPERPARAMETERS if h in runs)]
     return runs[columns].merge(metrics, on="run_id").sort_values(["variant", "seed"]).reset_index(drop=True)
 
 

@@ -204,8 +204,6 @@ def runs_frame(runs: list, by_code: bool = False):
         frame[column] = frame[column].astype("Int64")
     settings = {**DISTINGUISHING, **(BY_CODE if by_code else {})}
     differing = [k for k in settings if frame[k].nunique(dropna=True) > 1]
-    if "code" not in differing:  # a setting only where it names variants (analysis.results' families)
-        frame["code"] = None
     frame["variant"] = [
         ", ".join([row.base_label] + [settings[k](getattr(row, k)) for k in differing])
         for row in frame.itertuples()
@@ -215,7 +213,9 @@ def runs_frame(runs: list, by_code: bool = False):
     order = order.sort_values(["norm_rank", "groups", "l1", *differing, "seed"], na_position="first")
     frame["variant"] = pd.Categorical(frame["variant"], categories=list(dict.fromkeys(order["variant"])),
                                       ordered=True)
-    return frame.drop(columns="base_label").sort_values(["variant", "seed"]).reset_index(drop=True)
+    # the code is a setting only where it names variants (analysis.results' families)
+    unused = ["base_label", *(["code"] if "code" not in differing else [])]
+    return frame.drop(columns=unused).sort_values(["variant", "seed"]).reset_index(drop=True)
 
 
 def _short_commit(commit: str | None) -> str | None:
