@@ -665,6 +665,36 @@ def test_every_run_of_a_variant_is_told_the_grids_epochs_of_it_however_many_work
     assert sorted(handed) == [("gn2-s1", 6), ("gn2-s2", 6), ("ln-s1", 6), ("ln-s2", 6)], result.output
 
 
+def test_a_tree_edited_while_a_sweep_trains_does_not_relabel_its_childrens_code(small_mnist_dir, tracking_uri,
+                                                                                 monkeypatch):
+    """Every child carries the commit its sweep started with, the code its processes loaded,
+    though the checkout changes under it (here: each later look at it finds a dirty tree).
+    Each child looked again as its training began, so a commit or an edit while a sweep ran
+    split its own comparison by code (one gallery per variant and code) and made the same
+    command, run again, retrain the children it had relabelled."""
+    from normlab.tracking import connection, run_log
+
+    looks = []
+
+    def checkout_edited_after_the_first_look():
+        looks.append(len(looks))
+        return "a" * 40 if len(looks) == 1 else "b" * 40 + "-dirty"
+
+    monkeypatch.setattr(connection, "git_commit", checkout_edited_after_the_first_look)
+    monkeypatch.setattr(run_log, "git_commit", checkout_edited_after_the_first_look)
+    args = ["sweep", "--norms", "ln,gn", "--seeds", "1", "--epochs", "1", "--data-dir", str(small_mnist_dir)]
+    result = CliRunner().invoke(main, [*args, "--out", "out"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient()
+    _, children = sweep_runs(client)
+    assert sorted(r.data.tags["git_commit"] for r in children.values()) == ["a" * 40] * 2
+    table = pd.read_csv("out/results.csv")
+    assert sorted(table["variant"]) == ["GN (2 groups)", "LN"] and "code" not in table
+    looks.clear()  # the same command again, on the same code: nothing left to train
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "2 finished already, 0 to resume, 0 to start" in again.output, again.output
+
+
 def test_an_engine_process_is_handed_the_runs_in_the_sweeps_order_however_long_each_takes_to_hand_over():
     """The in-process executor with an engine process: four threads hand runs over to two
     places. Here a run's hand-over takes longer the earlier it is in the sweep (as one that

@@ -141,7 +141,10 @@ def _log_run_setup(config: TrainConfig, data: DeviceData, model: torch.nn.Module
         "mlflow_version": mlflow.__version__,
         "python_version": platform.python_version(),
     }
-    commit = git_commit()
+    # A sweep's child already carries the commit its sweep started with, the code its processes
+    # loaded: the tree edited (or committed) while it trains must not relabel it, which split the
+    # sweep's comparison by code and made a re-run retrain it.
+    commit = mlflow.active_run().data.tags.get(GIT_COMMIT_TAG) or git_commit()
     if commit:
         tags[GIT_COMMIT_TAG] = commit
     mlflow.set_tags(tags)
