@@ -659,7 +659,7 @@ def test_run_comparison_writes_stable_files_and_logs_them(tmp_path, store):
     done = compare.run_comparison(out, parent_run_id=store.parent_id)
     expected = {"test_loss.png", "test_accuracy.png", "train_curves.png", "final_accuracy.png",
                 "misclassified_bn-l1-1e-05.png", "misclassified_ln.png",
-                "results.csv", "results.md", "runs.csv", "differences.csv", "findings.md"}
+                "results.csv", "results.md", "runs.csv", "histories.csv", "differences.csv", "findings.md"}
     assert {p.name for p in out.iterdir()} == expected == set(done.files)
     written = pd.read_csv(out / "results.csv")
     assert written["variant"].tolist() == ["BN + L1 (1e-05)", "LN"]
@@ -678,6 +678,16 @@ def test_run_comparison_writes_stable_files_and_logs_them(tmp_path, store):
     assert pair["ci_low"] < pair["difference"] < pair["ci_high"] and pair["p_holm"] == pair["p"]
     assert pair["verdict"] == "n is too small for a verdict (2 and 2 seeds; at least 5 per variant are needed)"
     assert (out / "findings.md").read_text() == results.findings(done.table, done.runs_metrics)
+    histories = pd.read_csv(out / "histories.csv")  # the curves' data: each run's histories as logged
+    assert list(histories) == ["run_id", "variant", "seed", "metric", "epoch", "value"]
+    per_run = pd.read_csv(out / "runs.csv")
+    assert sorted(histories["run_id"].unique()) == sorted(per_run["run_id"])
+    for run_id, variant, seed in per_run[["run_id", "variant", "seed"]].itertuples(index=False):
+        for metric in METRICS:
+            rows = histories[(histories["run_id"] == run_id) & (histories["metric"] == metric)]
+            assert set(rows["variant"]) == {variant} and set(rows["seed"]) == {seed}
+            logged = [(m.step, m.value) for m in client.get_metric_history(run_id, metric)]
+            assert sorted(zip(rows["epoch"], rows["value"])) == sorted(logged) and len(logged) == 4
     techniques = pd.read_csv(out / "runs.csv").groupby("variant")["speedups"].agg(list).to_dict()
     assert techniques == {"BN + L1 (1e-05)": ["keep_freed_memory=True"] * 2,  # each run's, from its tag
                           "LN": ["keep_freed_memory=True, channels_last=True"] * 2}
@@ -970,17 +980,16 @@ def test_bn_eval_statistics_reproduces_the_logged_accuracy_and_shows_short_runs_
 def test_redraw_draws_from_a_studys_csvs_the_figures_compare_drew_from_the_store(
         tmp_path, comparison, monkeypatch, capsys):
     """docs/results/redraw.py (how the committed studies' figures follow the plotting code):
-    from runs.csv, as compare wrote it, and histories.csv, as the study folders hold it, the
-    same files byte for byte as compare drew from the MLflow store."""
+    from runs.csv and histories.csv, as compare wrote them, the same files byte for byte as
+    compare drew from the MLflow store."""
     import runpy
     import shutil
 
     drawn = compare.write_outputs(comparison, tmp_path / "compare")
     study = tmp_path / "study"
     study.mkdir()
-    shutil.copy(drawn["runs.csv"], study / "runs.csv")
-    comparison.history[["run_id", "variant", "seed", "metric", "epoch", "value"]].to_csv(
-        study / "histories.csv", index=False)
+    for name in ("runs.csv", "histories.csv"):
+        shutil.copy(drawn[name], study / name)
     script = runpy.run_path(str(ROOT / "docs" / "results" / "redraw.py"))
     monkeypatch.setattr(sys, "argv", ["redraw.py", str(study)])
     script["main"]()

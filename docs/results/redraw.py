@@ -1,7 +1,8 @@
 """Redraw a study's figures from its committed numbers, with this checkout's plotting code.
 
-A study folder here holds what `normlab compare --out` wrote (runs.csv among it) and
-histories.csv, the runs' per-epoch metrics (run_id, variant, seed, metric, epoch, value).
+A study folder here holds what `normlab compare --out` wrote, runs.csv and histories.csv
+among it (the runs' per-epoch metrics: run_id, variant, seed, metric, epoch, value; the
+studies compared before compare wrote it had it exported from their stores).
 From those two files this draws test_loss.png, test_accuracy.png, train_curves.png,
 final_accuracy.png (and batch_size.png for a batch-size study) as `normlab compare` draws
 them from the MLflow store, so a change to the figures reaches the studies' figures without

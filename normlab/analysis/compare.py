@@ -31,6 +31,11 @@ CURVE_FILES = {  # file name: (metrics, one per row; title)
 }
 
 
+# histories.csv: every compared run's per-epoch metrics, long form, the data behind the curves
+# (docs/results/redraw.py draws them again from it and runs.csv, joined on run_id)
+HISTORY_FILE_COLUMNS = ["run_id", "variant", "seed", "metric", "epoch", "value"]
+
+
 class SkippedRunsWarning(UserWarning):
     """Some matching runs are not in the comparison (unfinished, no metric history, or a
     repeat of a variant and seed)."""
@@ -204,8 +209,9 @@ def _drop_unused_variants(frame: pd.DataFrame) -> pd.DataFrame:
 
 def write_outputs(comparison: Comparison, out_dir: Path, band: str = "range",
                   renderers: Executor | None = None) -> dict[str, Path]:
-    """Figures, galleries, results.csv/.md, runs.csv, differences.csv and findings.md under
-    out_dir; the figures drawn by ``renderers`` (analysis/renderers.py) side by side, if given."""
+    """Figures, galleries, results.csv/.md, runs.csv, histories.csv, differences.csv and
+    findings.md under out_dir; the figures drawn by ``renderers`` (analysis/renderers.py) side
+    by side, if given."""
     plots.check_band(band)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as downloads:
@@ -213,13 +219,14 @@ def write_outputs(comparison: Comparison, out_dir: Path, band: str = "range",
         files = _drawn(jobs, out_dir, renderers)
     comparison.table.to_csv(out_dir / "results.csv", index=False)
     comparison.runs_metrics.to_csv(out_dir / "runs.csv", index=False)
+    comparison.history[HISTORY_FILE_COLUMNS].to_csv(out_dir / "histories.csv", index=False)
     results.differences_frame(results.pairwise(comparison.table, comparison.runs_metrics)).to_csv(
         out_dir / "differences.csv", index=False)
     (out_dir / "results.md").write_text(
         f"Results of {comparison.describe()}: {results.table_note(comparison.table)}\n\n"
         + results.markdown_table(comparison.table))
     (out_dir / "findings.md").write_text(results.findings(comparison.table, comparison.runs_metrics))
-    for name in ("results.csv", "runs.csv", "differences.csv", "results.md", "findings.md"):
+    for name in ("results.csv", "runs.csv", "histories.csv", "differences.csv", "results.md", "findings.md"):
         files[name] = out_dir / name
     return files
 
