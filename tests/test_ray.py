@@ -1,8 +1,9 @@
 """Sweeps on a real two-node Ray cluster on this machine: a head and a second node started
 with `ray start` (one CPU each, their own temp folders), a real `mlflow server` as the
 store, `normlab sweep --address` as a user runs it. A sweep spreads over both nodes; two
-drivers of one sweep train each child once; the second node killed mid-run loses no child;
-a sqlite store is refused for a cluster of two nodes."""
+drivers of one sweep train each child once; Ctrl-C marks the running children KILLED and
+the same command resumes them; the second node killed mid-run loses no child; a sqlite
+store is refused for a cluster of two nodes."""
 
 from __future__ import annotations
 
@@ -306,6 +307,57 @@ def test_two_drivers_of_one_sweep_train_each_child_once(cluster, server, small_m
         assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_name, r.info.status) for r in runs]
         assert runs[0].data.tags[st.SWEEP_PARENT] == parents[0].info.run_id
         _check_complete(server.uri, runs[0], epochs=1)
+
+
+def test_ctrl_c_marks_the_running_children_killed_and_the_same_command_resumes_them(
+        cluster, server, small_mnist_dir, tmp_path, monkeypatch):
+    """Ctrl-C of a sweep on Ray (SIGINT to the driver alone: a terminal's does not reach the
+    actors, which Ray's own processes started): the actors stop their runs after the current
+    step and record them KILLED, interrupted, with the epochs they completed; the driver marks
+    the parent KILLED and exits 130. The same command again resumes each child in its own run
+    from its checkpoint artifact, and every epoch is logged once."""
+    cluster.ensure_two_nodes()
+    epochs = 12
+    args = _sweep_args(cluster, small_mnist_dir, tmp_path, "--norms", "gn,ln", "--epochs", str(epochs))
+    driver = Driver(args, tmp_path, MLFLOW_TRACKING_URI=server.uri)
+    run_ids = {}
+    for _ in range(2):  # one actor per node's CPU: both children train at once
+        line = driver.wait_for(lambda x: (m := re.search(r"\[([\w.-]+)\] MLflow run (\w+) ", x)) is not None
+                               and m.group(1) not in run_ids, timeout=240)
+        name, run_id = re.search(r"\[([\w.-]+)\] MLflow run (\w+) ", line).groups()
+        run_ids[name] = run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    deadline = time.monotonic() + 120
+    while not all(map(st.has_checkpoint, run_ids.values())):  # an epoch of each is in the store
+        assert time.monotonic() < deadline and driver.proc.poll() is None, driver.output[-4000:]
+        time.sleep(0.2)
+    driver.proc.send_signal(signal.SIGINT)
+    assert driver.finish() == 130, driver.output[-6000:]
+    assert "sweep interrupted; run the same command again to resume" in driver.output
+    client = MlflowClient(server.uri)
+    stopped_at = {}
+    for name, run_id in run_ids.items():
+        run = client.get_run(run_id)
+        assert (run.info.status, run.data.tags["normlab.status"]) == ("KILLED", "interrupted"), (name, run.data.tags)
+        assert "SIGINT received" in run.data.tags[st.ERROR], run.data.tags[st.ERROR]
+        steps = [m.step for m in client.get_metric_history(run_id, "test_acc")]
+        stopped_at[name] = len(steps)
+        assert steps == list(range(1, len(steps) + 1)) and 1 <= len(steps) < epochs, (name, steps)
+    [parent] = client.search_runs([client.get_experiment_by_name(tmp_path.name).experiment_id],
+                                  filter_string=f"tags.{st.SWEEP_ROLE} = 'parent'")
+    assert parent.info.status == "KILLED"
+
+    again = Driver(args, tmp_path, MLFLOW_TRACKING_URI=server.uri)
+    assert again.finish() == 0, again.output[-6000:]
+    assert "0 finished already, 2 to resume, 0 to start" in again.output
+    for name, run_id in run_ids.items():
+        assert re.search(rf"\[{re.escape(name)}\] resuming run {run_id} after epoch {stopped_at[name]}",
+                         again.output), again.output[-6000:]
+    children = _children(server.uri, tmp_path.name)
+    assert sorted(r.info.run_id for runs in children.values() for r in runs) == sorted(run_ids.values())
+    for runs in children.values():
+        assert runs[0].info.status == "FINISHED"
+        _check_complete(server.uri, runs[0], epochs=epochs)
 
 
 def test_second_node_killed_mid_run_loses_no_child(cluster, server, small_mnist_dir, tmp_path, monkeypatch):
