@@ -524,3 +524,5 @@ def compare(experiment, filter_string, parent_run_id, run_ids, out_dir, include_
     click.echo(result.files["results.md"].read_text())
     click.echo(f"wrote {len(result.files)} files to {out_dir}/; logged under "
                f"'comparison/' of MLflow run {result.logged_to_run_id}")
+    if result.removed:
+        click.echo(result.removed_note(out_dir))

@@ -660,7 +660,8 @@ def test_run_comparison_writes_stable_files_and_logs_them(tmp_path, store):
     expected = {"test_loss.png", "test_accuracy.png", "train_curves.png", "final_accuracy.png",
                 "misclassified_bn-l1-1e-05.png", "misclassified_ln.png",
                 "results.csv", "results.md", "runs.csv", "histories.csv", "differences.csv", "findings.md"}
-    assert {p.name for p in out.iterdir()} == expected == set(done.files)
+    assert {p.name for p in out.iterdir()} == expected | {compare.MANIFEST} and set(done.files) == expected
+    assert (out / compare.MANIFEST).read_text() == "".join(f"{name}\n" for name in sorted(expected))
     written = pd.read_csv(out / "results.csv")
     assert written["variant"].tolist() == ["BN + L1 (1e-05)", "LN"]
     for metric in results.INTERVAL_METRICS:
@@ -803,6 +804,29 @@ def test_galleries_are_the_runs_logged_mistake_images(tmp_path, store, compariso
 
 
 # --- command line, MLproject entry point, notebook ---------------------------------------
+
+
+def test_a_comparison_into_the_folder_of_an_earlier_one_leaves_its_own_files_and_the_users(tmp_path, store):
+    """--out is a folder a README embeds: a second comparison there (one variant of the first
+    two) leaves its own files, not beside them the first one's gallery of a variant it does
+    not compare, and says what it removed; files the user put there stay, whatever their
+    names."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    (out / "misclassified_mine.png").write_bytes(b"mine")
+    first = CliRunner().invoke(main, ["compare", "--parent", store.parent_id, "--out", str(out)])
+    assert first.exit_code == 0 and "removed" not in first.output, first.output[-3000:]
+    assert (out / "misclassified_bn-l1-1e-05.png").is_file()
+    second = CliRunner().invoke(main, ["compare", "--filter", "params.norm = 'ln'", "--out", str(out)])
+    assert second.exit_code == 0, second.output[-3000:]
+    assert (f"removed from {out}/ the earlier comparison's files this one does not have: "
+            f"misclassified_bn-l1-1e-05.png") in second.output
+    written = set((out / compare.MANIFEST).read_text().split())
+    assert {p.name for p in out.iterdir()} == written | {compare.MANIFEST, "notes.md", "misclassified_mine.png"}
+    assert "misclassified_ln.png" in written and not any(name.startswith("misclassified_bn") for name in written)
+    assert pd.read_csv(out / "results.csv")["variant"].tolist() == ["LN"]
+    assert (out / "notes.md").read_text() == "mine" and (out / "misclassified_mine.png").read_bytes() == b"mine"
 
 
 def test_compare_command(tmp_path, store):

@@ -23,6 +23,7 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
+from normlab.analysis import compare
 from normlab.cli import main
 from normlab.engine.checkpoint import load
 from normlab.errors import ConfigError
@@ -320,7 +321,8 @@ def test_a_sweep_ends_with_one_finished_child_per_config_under_its_parent_and_th
 
     # the comparison, on the parent and in --out, says where it wrote what
     compared = {a.path for a in client.list_artifacts(parent_id, "comparison")}
-    written = sorted(p.name for p in out_dir.iterdir())
+    written = sorted(p.name for p in out_dir.iterdir() if p.name != compare.MANIFEST)
+    assert (out_dir / compare.MANIFEST).read_text().split() == written
     assert {"comparison/" + name for name in written} == compared
     assert {"results.csv", "runs.csv", "test_accuracy.png", "findings.md"} <= set(written)
     assert f"comparison: wrote {len(written)} files to {out_dir}/ ({', '.join(written)})" in again.stdout

@@ -36,6 +36,12 @@ CURVE_FILES = {  # file name: (metrics, one per row; title)
 HISTORY_FILE_COLUMNS = ["run_id", "variant", "seed", "metric", "epoch", "value"]
 
 
+# The names of the files a comparison wrote into its folder, kept beside them: the next one
+# written there removes those it does not write again (a variant's gallery, batch_size.png), so
+# the folder holds one comparison, not a mix; files it did not write are never touched.
+MANIFEST = ".normlab-comparison-files"
+
+
 class SkippedRunsWarning(UserWarning):
     """Some matching runs are not in the comparison (unfinished, no metric history, or a
     repeat of a variant and seed)."""
@@ -56,6 +62,7 @@ class Comparison:
     table: pd.DataFrame  # one row per variant: mean and std over seeds
     searched: str
     files: dict[str, Path] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)  # the earlier comparison's files no longer written
     logged_to_run_id: str | None = None
 
     def describe(self) -> str:
@@ -67,6 +74,11 @@ class Comparison:
         return (f"{len(self.runs_metrics)} run{'' if len(self.runs_metrics) == 1 else 's'}, "
                 f"{len(self.table)} variant{'' if len(self.table) == 1 else 's'}; {datasets} "
                 f"({sizes} train/test images), {', '.join(map(str, epochs))} epoch{'' if epochs == [1] else 's'}")
+
+    def removed_note(self, out_dir: Path) -> str:
+        """What writing into out_dir removed, for the command's output ('' if nothing)."""
+        return (f"removed from {out_dir}/ the earlier comparison's files this one does not have: "
+                f"{', '.join(self.removed)}" if self.removed else "")
 
     def figure_jobs(self, band: str = "range") -> dict[str, plots.FigureJob]:
         """The curve and summary figures to draw, by file name; `band` as in plots.BANDS: the
@@ -210,8 +222,9 @@ def _drop_unused_variants(frame: pd.DataFrame) -> pd.DataFrame:
 def write_outputs(comparison: Comparison, out_dir: Path, band: str = "range",
                   renderers: Executor | None = None) -> dict[str, Path]:
     """Figures, galleries, results.csv/.md, runs.csv, histories.csv, differences.csv and
-    findings.md under out_dir; the figures drawn by ``renderers`` (analysis/renderers.py) side
-    by side, if given."""
+    findings.md under out_dir, in place of the files an earlier comparison wrote there
+    (MANIFEST; those removed in comparison.removed); the figures drawn by ``renderers``
+    (analysis/renderers.py) side by side, if given."""
     plots.check_band(band)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as downloads:
@@ -228,7 +241,20 @@ def write_outputs(comparison: Comparison, out_dir: Path, band: str = "range",
     (out_dir / "findings.md").write_text(results.findings(comparison.table, comparison.runs_metrics))
     for name in ("results.csv", "runs.csv", "histories.csv", "differences.csv", "results.md", "findings.md"):
         files[name] = out_dir / name
+    comparison.removed = _replace_earlier_comparison(out_dir, set(files))
     return files
+
+
+def _replace_earlier_comparison(out_dir: Path, written: set[str]) -> list[str]:
+    """Remove the files the MANIFEST of out_dir names that this comparison did not write (only
+    plain names of that folder), then list this one's there; the names removed."""
+    manifest = out_dir / MANIFEST
+    earlier = set(manifest.read_text().splitlines()) if manifest.is_file() else set()
+    stale = sorted(name for name in earlier - written if name and Path(name).name == name and name != MANIFEST)
+    for name in stale:
+        (out_dir / name).unlink(missing_ok=True)
+    manifest.write_text("".join(f"{name}\n" for name in sorted(written)))
+    return stale
 
 
 def _drawn(jobs: dict[str, plots.FigureJob], out_dir: Path, renderers: Executor | None) -> dict[str, Path]:

@@ -313,3 +313,5 @@ def compare_children(records, configs: list[TrainConfig], done: dict[str, str], 
     if out_dir is not None:
         echo(f"comparison: wrote {len(result.files)} files to {out_dir}/ "
              f"({', '.join(sorted(p.name for p in result.files.values()))})")
+        if result.removed:
+            echo(f"comparison: {result.removed_note(out_dir)}")
