@@ -1,5 +1,6 @@
 """Datasets through torchvision's real parsing, device tensors and batched augmentation."""
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -7,11 +8,13 @@ import pickle
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
 from torchvision.datasets import MNIST
 
 from normlab.cli import main
@@ -129,6 +132,103 @@ def test_offline_train_says_what_failed_which_urls_it_tried_and_where_the_files_
     assert "point --data-dir at a folder that already holds MNIST/raw/" in message
     assert ":)" not in message and "()" not in message
     assert no_runs_logged(tracking_uri)
+
+
+@contextlib.contextmanager
+def serving(folder: Path):
+    """A real HTTP server on 127.0.0.1 for the files under folder: its base URL, and the paths
+    asked for, in a list that grows (torchvision opens each URL twice: once to follow
+    redirects)."""
+    import http.server
+
+    asked: list[str] = []
+
+    class Mirror(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, format, *args):
+            asked.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Mirror)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def trained_runs() -> list:
+    client = MlflowClient()
+    return sorted(client.search_runs([client.get_experiment_by_name("normlab").experiment_id]),
+                  key=lambda run: run.info.run_name)
+
+
+def test_with_internet_the_main_command_downloads_mnist_through_torchvision_once(tmp_path, tracking_uri,
+                                                                                 monkeypatch):
+    """`normlab train` as typed in a folder without data, on a machine that reaches a mirror:
+    torchvision's own download (md5 check, gunzip) fetches the four files into ./data, the
+    run trains on them, and the next command finds them there and asks for nothing. The
+    mirror serves the official test files (torchvision's own md5s) and, as the training
+    files, the first 1,000 of those digits (their md5s put in torchvision's list: the
+    official training files are not shipped)."""
+    mirror = tmp_path / "mirror" / "mnist"
+    mirror.mkdir(parents=True)
+    made = write_mnist(tmp_path / "made", train=1000, test=10) / "MNIST" / "raw"
+    md5s = dict(MNIST.resources)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (mirror / f"{name}.gz").write_bytes(gzip.compress((made / name).read_bytes()))
+        md5s[f"{name}.gz"] = hashlib.md5((mirror / f"{name}.gz").read_bytes()).hexdigest()
+    for name in FILES:
+        (mirror / name).write_bytes((mnist_t10k() / name).read_bytes())
+    monkeypatch.setattr(MNIST, "resources", list(md5s.items()))
+    with serving(tmp_path / "mirror") as (url, asked):
+        monkeypatch.setattr(MNIST, "mirrors", [f"{url}/mnist/"])
+        first = CliRunner().invoke(main, ["train", "--epochs", "1"])
+        assert first.exit_code == 0, first.output[-3000:]
+        assert set(asked) == {f"/mnist/{name}" for name in md5s}, asked
+        asked.clear()
+        again = CliRunner().invoke(main, ["train", "--epochs", "1", "--seed", "2"])
+        assert again.exit_code == 0 and asked == [], (asked, again.output[-3000:])
+    downloaded = load_raw("mnist", tmp_path / "data", download=False)
+    assert downloaded.train_labels.tolist() == list((made / "train-labels-idx1-ubyte").read_bytes()[8:])
+    assert downloaded.test_labels.tolist() == list(gzip.decompress((mirror / FILES[1]).read_bytes())[8:])
+    runs = trained_runs()
+    assert [r.info.run_name for r in runs] == ["bn-s1", "bn-s2"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert (run.data.params["train_size"], run.data.params["test_size"]) == ("1000", "10000")
+        assert run.data.tags["normlab.data_dir"] == str(tmp_path / "data")
+
+
+def test_with_internet_cifar10_is_downloaded_and_unpacked_through_torchvision(tmp_path, tracking_uri,
+                                                                              monkeypatch):
+    """`normlab train --dataset cifar10` without data: torchvision fetches the archive (its md5
+    checked), unpacks it into ./data and checks every batch, and the run trains on it. The
+    archive is tests/cifar_fixture.py's painted digits in CIFAR-10's format."""
+    import tarfile
+
+    import torchvision
+
+    md5s = write_cifar10_digits(tmp_path / "made", train=500, test=100)
+    (tmp_path / "mirror").mkdir()
+    archive = tmp_path / "mirror" / torchvision.datasets.CIFAR10.filename
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "made" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    accept_in_process(md5s, monkeypatch)
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "tgz_md5", hashlib.md5(archive.read_bytes()).hexdigest())
+    with serving(tmp_path / "mirror") as (url, asked):
+        monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", f"{url}/{archive.name}")
+        done = CliRunner().invoke(main, ["train", "--dataset", "cifar10", "--epochs", "1"])
+        assert done.exit_code == 0, done.output[-3000:]
+        assert set(asked) == {f"/{archive.name}"}, asked
+    for name in ("data_batch_1", "data_batch_5", "test_batch", "batches.meta"):
+        assert ((tmp_path / "data" / "cifar-10-batches-py" / name).read_bytes()
+                == (tmp_path / "made" / "cifar-10-batches-py" / name).read_bytes())
+    [run] = trained_runs()
+    assert (run.info.status, run.data.params["dataset"]) == ("FINISHED", "cifar10")
+    assert (run.data.params["train_size"], run.data.params["test_size"]) == ("500", "100")
 
 
 def _relabel(raw_folder, split, labels):
