@@ -76,9 +76,9 @@ class Comparison:
                 f"({sizes} train/test images), {', '.join(map(str, epochs))} epoch{'' if epochs == [1] else 's'}")
 
     def removed_note(self, out_dir: Path) -> str:
-        """What writing into out_dir removed, for the command's output ('' if nothing)."""
+        """The files writing into out_dir removed (self.removed), for the command's output."""
         return (f"removed from {out_dir}/ the earlier comparison's files this one does not have: "
-                f"{', '.join(self.removed)}" if self.removed else "")
+                f"{', '.join(self.removed)}")
 
     def figure_jobs(self, band: str = "range") -> dict[str, plots.FigureJob]:
         """The curve and summary figures to draw, by file name; `band` as in plots.BANDS: the
@@ -250,7 +250,7 @@ def _replace_earlier_comparison(out_dir: Path, written: set[str]) -> list[str]:
     plain names of that folder), then list this one's there; the names removed."""
     manifest = out_dir / MANIFEST
     earlier = set(manifest.read_text().splitlines()) if manifest.is_file() else set()
-    stale = sorted(name for name in earlier - written if name and Path(name).name == name and name != MANIFEST)
+    stale = sorted(name for name in earlier - written if name and Path(name).name == name)
     for name in stale:
         (out_dir / name).unlink(missing_ok=True)
     manifest.write_text("".join(f"{name}\n" for name in sorted(written)))
