@@ -316,11 +316,11 @@ def test_ctrl_c_marks_the_running_children_killed_and_the_same_command_resumes_t
     epochs = 12
     args = _sweep_args(cluster, small_mnist_dir, tmp_path, "--norms", "gn,ln", "--epochs", str(epochs))
     driver = Driver(args, tmp_path, MLFLOW_TRACKING_URI=server.uri)
-    run_ids = {}
-    for _ in range(2):  # one actor per node's CPU: both children train at once
-        line = driver.wait_for(lambda x: (m := re.search(r"\[([\w.-]+)\] MLflow run (\w+) ", x)) is not None
-                               and m.group(1) not in run_ids, timeout=240)
-        name, run_id = re.search(r"\[([\w.-]+)\] MLflow run (\w+) ", line).groups()
+    started, run_ids = re.compile(r"\[([\w.-]+)\] MLflow run (\w+) "), {}
+    while len(run_ids) < 2:  # one actor per node's CPU: both children train at once
+        line = driver.wait_for(lambda x: (m := started.search(x)) is not None and m.group(1) not in run_ids,
+                               timeout=240)
+        name, run_id = started.search(line).groups()
         run_ids[name] = run_id
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     deadline = time.monotonic() + 120
