@@ -239,6 +239,18 @@ def _node_of(run) -> str:
     return match.group(1)
 
 
+RUN_STARTED = re.compile(r"\[([\w.-]+)\] MLflow run (\w+) ")  # a child's name and run id, as its worker prints
+
+
+def _wait_for_checkpoints(driver: Driver, run_ids, timeout: float) -> None:
+    """Until each run's first checkpoint has reached the store (MLFLOW_TRACKING_URI) while the
+    driver still runs."""
+    deadline = time.monotonic() + timeout
+    while not all(map(st.has_checkpoint, run_ids)):
+        assert time.monotonic() < deadline and driver.proc.poll() is None, driver.output[-4000:]
+        time.sleep(0.2)
+
+
 def test_sqlite_store_refused_for_two_nodes_before_any_run(cluster, small_mnist_dir, tmp_path):
     cluster.ensure_two_nodes()
     store = tmp_path / "mlflow.db"
@@ -316,17 +328,14 @@ def test_ctrl_c_marks_the_running_children_killed_and_the_same_command_resumes_t
     epochs = 12
     args = _sweep_args(cluster, small_mnist_dir, tmp_path, "--norms", "gn,ln", "--epochs", str(epochs))
     driver = Driver(args, tmp_path, MLFLOW_TRACKING_URI=server.uri)
-    started, run_ids = re.compile(r"\[([\w.-]+)\] MLflow run (\w+) "), {}
+    run_ids = {}
     while len(run_ids) < 2:  # one actor per node's CPU: both children train at once
-        line = driver.wait_for(lambda x: (m := started.search(x)) is not None and m.group(1) not in run_ids,
+        line = driver.wait_for(lambda x: (m := RUN_STARTED.search(x)) is not None and m.group(1) not in run_ids,
                                timeout=240)
-        name, run_id = started.search(line).groups()
+        name, run_id = RUN_STARTED.search(line).groups()
         run_ids[name] = run_id
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
-    deadline = time.monotonic() + 120
-    while not all(map(st.has_checkpoint, run_ids.values())):  # an epoch of each is in the store
-        assert time.monotonic() < deadline and driver.proc.poll() is None, driver.output[-4000:]
-        time.sleep(0.2)
+    _wait_for_checkpoints(driver, run_ids.values(), timeout=120)  # an epoch of each is in the store
     driver.proc.send_signal(signal.SIGINT)
     assert driver.finish() == 130, driver.output[-6000:]
     assert "sweep interrupted; run the same command again to resume" in driver.output
@@ -374,12 +383,9 @@ def test_second_node_killed_mid_run_loses_no_child(cluster, server, small_mnist_
     first_node_line = driver.wait_for(started_on(cluster.head), timeout=60)
     assert "Ray: up to 2 worker actor(s), one per CPU of 2 node(s)" in driver.output
     assert re.search(r"\[([\w.-]+)\]", first_node_line).group(1) != re.search(r"\[([\w.-]+)\]", line).group(1)
-    name, run_id = re.search(r"\[([\w.-]+)\] MLflow run (\w+) ", line).groups()
+    name, run_id = RUN_STARTED.search(line).groups()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
-    deadline = time.monotonic() + 60
-    while not st.has_checkpoint(run_id):  # its first epoch's checkpoint has reached the store
-        assert time.monotonic() < deadline and driver.proc.poll() is None, driver.output[-4000:]
-        time.sleep(0.2)
+    _wait_for_checkpoints(driver, [run_id], timeout=60)  # its first epoch's checkpoint has reached the store
     cluster.second.kill()
     assert driver.finish() == 0, driver.output[-6000:]
     assert "2 of 2 children finished" in driver.output
