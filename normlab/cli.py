@@ -498,20 +498,20 @@ def compare(experiment, filter_string, parent_run_id, run_ids, out_dir, include_
             band) -> None:
     """Compare variants: curves over epochs, final accuracy per seed, mistakes, results table."""
     import warnings
-    from pathlib import Path
 
     from normlab.analysis.compare import SkippedRunsWarning, run_comparison
     from normlab.errors import SelectionError
     from normlab.tracking import connection
 
     connection.use_command_defaults()
+    folder = Path(out_dir)  # as the user typed it, less a trailing slash (named below as "results/")
     with _reported():
         _check_writable(out_dir, "--out", keep=False)  # a comparison that finds no runs leaves no folder
         connection.check_tracking_reachable()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            result = run_comparison(Path(out_dir), experiment, filter_string or None, parent_run_id or None,
+            result = run_comparison(folder, experiment, filter_string or None, parent_run_id or None,
                                     list(run_ids) or None, log_to_run_id or None,
                                     include_unfinished=include_unfinished, band=band)
         except SelectionError as exc:
@@ -522,7 +522,7 @@ def compare(experiment, filter_string, parent_run_id, run_ids, out_dir, include_
                     click.echo(f"warning: {warning.message}", err=True)
     click.echo(f"compared {result.describe()} from {result.searched}")
     click.echo(result.files["results.md"].read_text())
-    click.echo(f"wrote {len(result.files)} files to {out_dir}/; logged under "
+    click.echo(f"wrote {len(result.files)} files to {folder}/; logged under "
                f"'comparison/' of MLflow run {result.logged_to_run_id}")
     if result.removed:
-        click.echo(result.removed_note(out_dir))
+        click.echo(result.removed_note(folder))

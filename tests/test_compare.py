@@ -818,8 +818,9 @@ def test_a_comparison_into_the_folder_of_an_earlier_one_leaves_its_own_files_and
     first = CliRunner().invoke(main, ["compare", "--parent", store.parent_id, "--out", str(out)])
     assert first.exit_code == 0 and "removed" not in first.output, first.output[-3000:]
     assert (out / "misclassified_bn-l1-1e-05.png").is_file()
-    second = CliRunner().invoke(main, ["compare", "--filter", "params.norm = 'ln'", "--out", str(out)])
+    second = CliRunner().invoke(main, ["compare", "--filter", "params.norm = 'ln'", "--out", f"{out}/"])  # as typed
     assert second.exit_code == 0, second.output[-3000:]
+    assert f"files to {out}/; logged under" in second.output  # "results/", not "results//"
     assert (f"removed from {out}/ the earlier comparison's files this one does not have: "
             f"misclassified_bn-l1-1e-05.png") in second.output
     written = set((out / compare.MANIFEST).read_text().split())
