@@ -132,6 +132,23 @@ def test_offline_train_says_what_failed_which_urls_it_tried_and_where_the_files_
     assert "point --data-dir at a folder that already holds MNIST/raw/" in message
     assert ":)" not in message and "()" not in message
     assert no_runs_logged(tracking_uri)
+    assert not data.exists()  # torchvision made data/MNIST/raw for the download; left empty, it is taken back
+
+
+def test_failed_download_takes_back_only_the_empty_folders_it_made(tmp_path, monkeypatch):
+    """The user's own --data-dir stays, and so does a folder holding a file (a part downloaded)."""
+    monkeypatch.setattr(MNIST, "mirrors", [f"http://127.0.0.1:{free_port()}/mnist/"])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(DataError):
+        load_raw("mnist", mine)
+    assert mine.is_dir() and list(mine.iterdir()) == []
+    part = tmp_path / "part" / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"half")
+    with pytest.raises(DataError):
+        load_raw("mnist", tmp_path / "part")
+    assert part.read_bytes() == b"half"
 
 
 @contextlib.contextmanager

@@ -76,6 +76,17 @@ def _download_failure(spec: DatasetSpec, exc: Exception) -> tuple[str, str]:
     return reason, "".join(f"  tried {url}: {error}\n" for url, error in attempts)
 
 
+def _remove_empty(folders: list[Path]) -> None:
+    """Take back the folders a failed download created (deepest first), where it left them
+    empty: an empty ``data/MNIST/raw`` reads as data put in the wrong place. A folder with a
+    file in it (a part downloaded) stays."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def _check_writable(root: Path) -> None:
     """A download needs a writable folder; say so before torchvision fails obscurely."""
     probe = root
@@ -196,10 +207,12 @@ def _parse_with_torchvision(spec: DatasetSpec, root: Path, folder: Path, present
             check_idx_file(folder / f)
 
     cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # what a download would create, deepest first
     try:
         train = cls(str(root), train=True, download=download and not present)
         test = cls(str(root), train=False, download=False)
     except (RuntimeError, OSError) as exc:  # torchvision raises both for failed downloads/md5
+        _remove_empty(made)
         if present:
             bad = ", ".join(_files_failing_md5(cls, folder)) or "none by md5"
             raise DataError(f"{spec.name} files in {folder} failed torchvision's checks ({exc}); files whose "
