@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
-from torchvision.datasets import MNIST
+from torchvision.datasets import CIFAR10, MNIST
 
 from normlab.cli import main
 from normlab.engine.data import DeviceData, batch_slices, load_raw, parsed_cache_path, random_crop_flip, random_rotation
@@ -149,6 +149,10 @@ def test_failed_download_takes_back_only_the_empty_folders_it_made(tmp_path, mon
     with pytest.raises(DataError):
         load_raw("mnist", tmp_path / "part")
     assert part.read_bytes() == b"half"
+    monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{free_port()}/cifar-10-python.tar.gz")
+    with pytest.raises(DataError):
+        load_raw("cifar10", tmp_path / "cifar")
+    assert not (tmp_path / "cifar").exists()
 
 
 @contextlib.contextmanager

@@ -81,6 +81,8 @@ def _remove_empty(folders: list[Path]) -> None:
     empty: an empty ``data/MNIST/raw`` reads as data put in the wrong place. A folder with a
     file in it (a part downloaded) stays."""
     for folder in folders:
+        if not folder.exists():  # CIFAR-10's is made by unpacking, which a failed download never reaches
+            continue
         try:
             folder.rmdir()
         except OSError:
