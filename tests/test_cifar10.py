@@ -51,7 +51,7 @@ def test_the_classic_sweep_on_cifar10_learns_colour_images_and_draws_them(machin
         assert run.data.params["dataset"] == "cifar10" and run.data.params["batch_size"] == "32"
         assert run.data.tags["normlab.device"].startswith("cuda" if machine == "gpu" else "cpu"), name
         accuracy = [m.value for m in client.get_metric_history(run.info.run_id, "test_acc")]
-        assert len(accuracy) == 4 and accuracy[-1] >= 60.0 and accuracy[-1] > accuracy[0] + 15, (name, accuracy)
+        assert len(accuracy) == 4 and accuracy[-1] >= 60.0 and accuracy[-1] > accuracy[0] + 8, (name, accuracy)
         summary = (tmp_path / client.download_artifacts(run.info.run_id, "model_summary.txt", str(tmp_path))
                    ).read_text()
         assert "16x30x30" in summary.splitlines()[1], summary  # conv1 of the CIFAR-10 model: 3x32x32 in

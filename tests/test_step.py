@@ -74,7 +74,7 @@ def plain_epochs(config: TrainConfig, data: DeviceData,
 
 @pytest.mark.parametrize("norm,l1", [("bn", 1e-4), ("gn", 0.0)])
 def test_engine_trains_what_the_plain_loop_trains(data, norm, l1, one_thread):
-    config = TrainConfig(norm=norm, l1=l1, epochs=2, batch_size=48, seed=4)  # 200 = 4 x 48 + 8: a short last batch
+    config = TrainConfig(norm=norm, l1=l1, epochs=2, batch_size=48, seed=1)  # 200 = 4 x 48 + 8: a short last batch
     trainer = Trainer(config, data)  # the CPU defaults: channels last for GN, not for BN
     assert trainer.speedups.channels_last == (norm == "gn")
     expected, plain_model = plain_epochs(config, data, trainer.speedups.channels_last)
@@ -86,8 +86,9 @@ def test_engine_trains_what_the_plain_loop_trains(data, norm, l1, one_thread):
     # Float rounding differs (sign(w) for d|w|/dw, foreach updates); where that flips one ReLU
     # or max-pool tie, the runs part: by up to ~1e-3 in a few weights and 1.4e-4 in the losses
     # (seed 3, GN, one thread), 3e-2 and 1.4e-3 (seed 2, BN, two threads). So the thread count
-    # is fixed and the seed is one without a flip: 1e-7 apart with either count. A wrong update
-    # rule moves the weights by far more.
+    # is fixed and the seed is one without a flip: 1e-7 apart with either count (seed 4, clean
+    # before, flipped under torch 2.14.1: 5e-4 in BN's train loss; seeds 1, 5, 7 and 8 are clean
+    # for both norms there). A wrong update rule moves the weights by far more.
     for ours, theirs in zip(trainer.model.state_dict().values(), plain_model.state_dict().values()):
         torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=2e-3)
 
