@@ -22,6 +22,7 @@ from normlab.engine.fast import compile_choice, engine_process, kernel_helpers
 from normlab.engine.interrupts import release_interrupted
 from normlab.engine.registry import DATASETS, NORMS
 from normlab.errors import ConfigError, DataError, ResumeError, TrackingUnreachable
+from normlab.folders import folders_to_make, remove_if_empty
 from normlab.sweep.driver import LR_SCALINGS, REFERENCE_BATCH, Grid, epochs_per_variant, run_sweep, training_order
 from normlab.tracking import EXPERIMENT, results_process
 
@@ -75,7 +76,7 @@ def _check_writable(folder: str, option: str, keep: bool = True) -> None:
     starts (a typo in it was found after the training, or after reading the runs); with
     ``keep=False`` the folders made for the check are removed again."""
     folder = Path(folder).expanduser()
-    made = [path for path in (folder, *folder.parents) if not path.exists()]  # the deepest first
+    made = folders_to_make(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".normlab-write-test-"):
@@ -84,9 +85,8 @@ def _check_writable(folder: str, option: str, keep: bool = True) -> None:
         raise ConfigError(f"{option} {folder} is not writable ({exc.strerror or exc}); choose another {option} "
                           f"or make it writable") from exc
     finally:
-        for path in made if not keep else ():
-            with contextlib.suppress(OSError):
-                path.rmdir()
+        if not keep:
+            remove_if_empty(made)
 
 
 def _check_data_folder(data_dir: str) -> None:

@@ -37,7 +37,7 @@ def in_package(module: str, package: str) -> bool:
 
 def test_every_module_belongs_to_a_package_or_is_one_of_the_few_at_the_top():
     top = {m for m in MODULES if not any(in_package(m, p) for p in PACKAGES)}
-    assert top == {"normlab", "normlab.__main__", "normlab.cli", "normlab.errors"}
+    assert top == {"normlab", "normlab.__main__", "normlab.cli", "normlab.errors", "normlab.folders"}
 
 
 @pytest.mark.parametrize("module", [m for m in MODULES if in_package(m, "normlab.engine")])

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from normlab.engine.registry import DatasetSpec, check_dataset
 from normlab.errors import DataError
+from normlab.folders import folders_to_make, remove_if_empty
 
 
 @dataclass(frozen=True)
@@ -74,19 +75,6 @@ def _download_failure(spec: DatasetSpec, exc: Exception) -> tuple[str, str]:
     servers = "servers" if len(attempts) > 1 else "server"
     reason = f"no connection to the download {servers} (is this machine offline?)" if unreachable else "the download failed"
     return reason, "".join(f"  tried {url}: {error}\n" for url, error in attempts)
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Take back the folders a failed download created (deepest first), where it left them
-    empty: an empty ``data/MNIST/raw`` reads as data put in the wrong place. A folder with a
-    file in it (a part downloaded) stays."""
-    for folder in folders:
-        if not folder.exists():  # CIFAR-10's is made by unpacking, which a failed download never reaches
-            continue
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 def _check_writable(root: Path) -> None:
@@ -209,12 +197,12 @@ def _parse_with_torchvision(spec: DatasetSpec, root: Path, folder: Path, present
             check_idx_file(folder / f)
 
     cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]
-    made = [p for p in (folder, *folder.parents) if not p.exists()]  # what a download would create, deepest first
+    made = folders_to_make(folder)  # taken back where a failed download leaves them empty
     try:
         train = cls(str(root), train=True, download=download and not present)
         test = cls(str(root), train=False, download=False)
     except (RuntimeError, OSError) as exc:  # torchvision raises both for failed downloads/md5
-        _remove_empty(made)
+        remove_if_empty(made)
         if present:
             bad = ", ".join(_files_failing_md5(cls, folder)) or "none by md5"
             raise DataError(f"{spec.name} files in {folder} failed torchvision's checks ({exc}); files whose "
