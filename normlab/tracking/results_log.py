@@ -7,6 +7,7 @@ the model saved in the command's results process when it has one (results_proces
 from __future__ import annotations
 
 import copy
+import sys
 import tempfile
 import threading
 from contextlib import contextmanager, nullcontext
@@ -220,8 +221,27 @@ def save_pytorch_model(path: str, mlflow_model, model: torch.nn.Module, architec
                        options: dict):
     """mlflow.pytorch.save_model into ``path``, filling ``mlflow_model``, which it returns."""
     with _model_saving(architecture):
-        mlflow.pytorch.save_model(model, path, mlflow_model=mlflow_model, **options)
+        pytorch_flavor().save_model(model, path, mlflow_model=mlflow_model, **options)
     return mlflow_model
+
+
+# mlflow.pytorch imports this module at its own import, for an autologging callback normlab
+# never uses; where pytorch_lightning is installed (common beside torch) it imports it, and
+# through it torchmetrics and transformers: 2.9 s more to import mlflow.pytorch on the 2-core
+# CPU. Declined there: `normlab train` 1.30x (7.16 -> 5.50 s), `normlab sweep` 1.15x
+# (docs/speed.md, 2026-12-05, forty-sixth session).
+LIGHTNING_AUTOLOG = "mlflow.pytorch._lightning_autolog"
+
+
+def pytorch_flavor():
+    """mlflow.pytorch, imported as where pytorch_lightning is not installed: its autologging
+    callback's import is declined (None in sys.modules raises the ImportError mlflow.pytorch
+    expects of a missing pytorch_lightning). Where mlflow.pytorch was imported already, it is
+    as it was."""
+    sys.modules.setdefault(LIGHTNING_AUTOLOG, None)
+    import mlflow.pytorch
+
+    return mlflow.pytorch
 
 
 @contextmanager
@@ -275,4 +295,4 @@ def export_ahead(config: TrainConfig, example) -> None:
     with RunRNG(0, torch.device("cpu")).active():  # its initial weights draw nothing from other runs' streams
         model = Net(config.dataset, config.norm, config.groups, config.dropout).eval()
     with _model_saving(architecture), tempfile.TemporaryDirectory(prefix="normlab-export-ahead-") as folder:
-        mlflow.pytorch.save_model(model, Path(folder) / "model", **_save_options(example))
+        pytorch_flavor().save_model(model, Path(folder) / "model", **_save_options(example))
