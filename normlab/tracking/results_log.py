@@ -236,8 +236,8 @@ LIGHTNING_AUTOLOG = "mlflow.pytorch._lightning_autolog"
 def pytorch_flavor():
     """mlflow.pytorch, imported as where pytorch_lightning is not installed: its autologging
     callback's import is declined (None in sys.modules raises the ImportError mlflow.pytorch
-    expects of a missing pytorch_lightning). Where mlflow.pytorch was imported already, it is
-    as it was."""
+    expects of a missing pytorch_lightning: MLflow 3.1 to 3.17 all import it in a try whose
+    except ImportError passes). Where mlflow.pytorch was imported already, it is as it was."""
     sys.modules.setdefault(LIGHTNING_AUTOLOG, None)
     import mlflow.pytorch
 
