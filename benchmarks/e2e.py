@@ -45,6 +45,23 @@ import torch  # noqa: E402
 ROWS = ("sweep1-cold", "sweep1", "sweep10", "train", "mlflow-run", "notebook")
 
 
+# Installed beside torch, these cost a process that imports mlflow.pytorch seconds, unless it
+# declines them as normlab does (results_log.pytorch_flavor; a baseline before 91ff29f pays
+# them): said in the output, so that figures from two machines, or two setups of one, are read
+# with it.
+HEAVY_OPTIONAL = ("pytorch_lightning", "lightning", "transformers")
+
+
+def environment() -> dict:
+    """What besides the code sets a command's wall time: the cores this process may use, the
+    MLflow it imports, and which of HEAVY_OPTIONAL are importable."""
+    import importlib.metadata
+    import importlib.util
+
+    return {"cpus": len(os.sched_getaffinity(0)), "mlflow": importlib.metadata.version("mlflow"),
+            "importable": [name for name in HEAVY_OPTIONAL if importlib.util.find_spec(name)]}
+
+
 def run(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> tuple[float, str, int]:
     """Run a command as a process; (wall seconds, its output, exit status)."""
     start = time.perf_counter()
@@ -159,6 +176,9 @@ def main() -> None:
     prewarmed = "TORCHINDUCTOR_CACHE_DIR" in os.environ
     results: list[dict] = []
     epochs = ["--epochs", str(args.epochs)]
+    setup = environment()
+    print(f"environment: {setup['cpus']} CPUs, MLflow {setup['mlflow']}, importable of {', '.join(HEAVY_OPTIONAL)}: "
+          f"{', '.join(setup['importable']) or 'none'}", flush=True)
 
     def time_row(name: str, command: list[str], cold: bool = False, runs: int = 1,
                  runs_per_gpu: int = RUNS_PER_GPU, setting: dict[str, str] | None = None,
@@ -278,7 +298,8 @@ def main() -> None:
               f"test_acc histories {'identical' if same else 'differ'}")
     report = {"date": time.strftime("%Y-%m-%d"), "data": source, "epochs": args.epochs,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-              "torch": torch.__version__, "python": platform.python_version(), "rows": results, "notebook": notebook}
+              "torch": torch.__version__, "python": platform.python_version(), "environment": setup, "rows": results,
+              "notebook": notebook}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))

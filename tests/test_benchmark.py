@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import statistics
@@ -127,7 +128,16 @@ def test_end_to_end_benchmark_times_a_command_from_this_checkout_a_baseline_and_
                            "--out", str(out)],
                           cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = {row["row"]: row for row in json.loads(out.read_text())["rows"]}
+    report = json.loads(out.read_text())
+    import importlib.util
+
+    import mlflow  # the setup it ran in, said: the cores, MLflow, and which heavy optional packages
+    heavy = [name for name in ("pytorch_lightning", "lightning", "transformers") if importlib.util.find_spec(name)]
+    assert report["environment"] == {"cpus": len(os.sched_getaffinity(0)), "mlflow": mlflow.__version__,
+                                     "importable": heavy}
+    assert (f"environment: {len(os.sched_getaffinity(0))} CPUs, MLflow {mlflow.__version__}, importable of "
+            f"pytorch_lightning, lightning, transformers: {', '.join(heavy) or 'none'}") in proc.stdout
+    rows = {row["row"]: row for row in report["rows"]}
     setting = "train+OMP_NUM_THREADS=2"
     assert rows.keys() == {"train", "train@base", setting, f"{setting}@base"}, proc.stdout
     assert rows["train"]["checkout"] == str(ROOT) and rows["train@base"]["checkout"] == str(baseline)
