@@ -13,6 +13,12 @@ def folders_to_make(folder: Path) -> list[Path]:
     return [path for path in (folder, *folder.parents) if not path.exists()]
 
 
+def nearest_existing(folder: Path) -> Path:
+    """``folder`` itself where it exists, else its deepest existing parent: where making it
+    would start, so the place whose permissions decide whether it can be made."""
+    return next(path for path in (folder, *folder.parents) if path.exists())
+
+
 def remove_if_empty(folders: list[Path]) -> None:
     """Remove each folder (the deepest first) where it is empty; one holding a file, or
     already gone, is left as it is."""

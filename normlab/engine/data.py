@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from normlab.engine.registry import DatasetSpec, check_dataset
 from normlab.errors import DataError
-from normlab.folders import folders_to_make, remove_if_empty
+from normlab.folders import folders_to_make, nearest_existing, remove_if_empty
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,7 @@ def _download_failure(spec: DatasetSpec, exc: Exception) -> tuple[str, str]:
 
 def _check_writable(root: Path) -> None:
     """A download needs a writable folder; say so before torchvision fails obscurely."""
-    probe = root
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
+    if not os.access(nearest_existing(root), os.W_OK):
         raise DataError(f"data folder {root} is not writable, so data cannot be downloaded there; "
                         f"choose another --data-dir or make it writable")
 
