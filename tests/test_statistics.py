@@ -6,6 +6,7 @@ The store-backed check of the same columns and sentences is in test_compare.py.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from pathlib import Path
@@ -322,6 +323,64 @@ def test_a_committed_studys_findings_are_what_this_code_writes_from_its_tables(s
     re-run's "Holm-adjusted p = 0.050: not shown to differ" was p = 0.0505)."""
     table, runs_metrics = pd.read_csv(study / "results.csv"), pd.read_csv(study / "runs.csv")
     assert results.findings(table, runs_metrics) == (study / "findings.md").read_text()
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def readme_table(section: str) -> list[list[str]]:
+    """The cells of each row (the rule dropped) of the first table in the README's Results
+    section that starts with `section` ("### 2.")."""
+    readme = (RESULTS.parents[1] / "README.md").read_text()
+    lines = readme[readme.index(f"\n{section} "):].splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = itertools.takewhile(lambda line: line.startswith("|"), lines[first:])
+    return [[cell.strip() for cell in row.strip().strip("|").split("|")] for row in rows if not row.startswith("|---")]
+
+
+def accuracy_cell(row) -> str:
+    """Final test accuracy as the README's tables write it: mean ± std [95% CI]."""
+    return (f"{row.final_test_acc_mean:.2f} ± {row.final_test_acc_std:.2f} "
+            f"[{row.final_test_acc_ci_low:.2f}, {row.final_test_acc_ci_high:.2f}]")
+
+
+@pytest.mark.parametrize("section, study", [("### 1.", "classic"), ("### 3.", "groups"), ("### 4.", "l1")])
+def test_the_readmes_tables_are_the_committed_studys_numbers(section, study):
+    """The README's Results tables are copied by hand from each study's results.csv: a study
+    run again, or a slip of the pen, shows here."""
+    table = pd.read_csv(RESULTS / study / "results.csv").set_index("variant")
+    header, *rows = readme_table(section)
+    assert header == ["variant", "n", "final test acc (%) [95% CI]", "min test loss"]
+    assert sorted(label.split(" = ")[0] for label, *_ in rows) == sorted(table.index)  # "GN (1 group) = LN"
+    for label, n, accuracy, loss in rows:
+        variant = table.loc[[label.split(" = ")[0]]].iloc[0]
+        assert (n, accuracy) == (str(variant.n), accuracy_cell(variant)), label
+        assert loss == f"{variant.min_test_loss_mean:.4f} ± {variant.min_test_loss_std:.4f}", label
+
+
+def test_the_readmes_batch_size_grid_and_its_10_seed_check_are_the_committed_studies_numbers():
+    """Section 2's grid (the mean at every batch size, ± std at batch 2), the std range under
+    it, and section 5's batch 2 and 128 cells, against their studies' results.csv."""
+    table = pd.read_csv(RESULTS / "batch-size" / "results.csv")
+    header, *rows = readme_table("### 2.")
+    batch_sizes = [int(b) for b in header[1:]]
+    assert sorted(batch_sizes) == sorted(set(table["batch_size"])) and len(rows) * len(batch_sizes) == len(table)
+    for label, *cells in rows:
+        for batch_size, cell in zip(batch_sizes, cells, strict=True):
+            [variant] = table[table["variant"].str.startswith(f"{label}, batch {batch_size}, ")].itertuples()
+            std = f" ± {variant.final_test_acc_std:.2f}" if batch_size == min(batch_sizes) else ""
+            assert cell == f"{variant.final_test_acc_mean:.2f}{std}", (label, batch_size)
+    readme = (RESULTS.parents[1] / "README.md").read_text()
+    low, high = re.search(r"std over seeds is ([\d.]+)–([\d.]+) points in every cell", readme).groups()
+    assert (low, high) == (f"{table['final_test_acc_std'].min():.2f}", f"{table['final_test_acc_std'].max():.2f}")
+
+    ten_seeds = pd.read_csv(RESULTS / "batch-2-128" / "results.csv")
+    rows = [row for row in readme_table("### 5.") if row[0] in ("BN", "GN (2 groups)")]
+    assert len(rows) == 2
+    for label, at_2, at_128, _ in rows:
+        for batch_size, cell in ((2, at_2), (128, at_128)):
+            [variant] = ten_seeds[ten_seeds["variant"].str.startswith(f"{label}, batch {batch_size}, ")].itertuples()
+            assert cell == accuracy_cell(variant), (label, batch_size)
 
 
 def test_a_batch_size_studys_runs_picked_from_two_commits_are_compared_within_each_commit():
