@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,6 +17,7 @@ from scipy import stats
 
 from normlab.analysis import results, statistics
 from normlab.analysis.statistics import Difference, compare_pairs, holm, summarize, welch
+from tests.conftest import ROOT
 
 # --- one sample ----------------------------------------------------------------------------
 
@@ -311,7 +311,8 @@ def test_representative_run_is_the_seed_nearest_the_mean_and_says_so():
     assert picked.loc["IN", "seed"] == 3  # mean 97.3: 97.2 and 97.4 equally near, the lower
 
 
-STUDIES = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "docs" / "results").rglob("findings.md")
+RESULTS = ROOT / "docs" / "results"
+STUDIES = sorted(p.parent for p in RESULTS.rglob("findings.md")
                  if (p.parent / "results.csv").exists() and (p.parent / "runs.csv").exists())
 
 
@@ -325,17 +326,21 @@ def test_a_committed_studys_findings_are_what_this_code_writes_from_its_tables(s
     assert results.findings(table, runs_metrics) == (study / "findings.md").read_text()
 
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
-
-
 def readme_table(section: str) -> list[list[str]]:
     """The cells of each row (the rule dropped) of the first table in the README's Results
     section that starts with `section` ("### 2.")."""
-    readme = (RESULTS.parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     lines = readme[readme.index(f"\n{section} "):].splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith("|"))
     rows = itertools.takewhile(lambda line: line.startswith("|"), lines[first:])
     return [[cell.strip() for cell in row.strip().strip("|").split("|")] for row in rows if not row.startswith("|---")]
+
+
+def variant_at(table: pd.DataFrame, label: str, batch_size: int):
+    """The one row of a batch-size study's results.csv for the norm setting `label` ("BN +
+    L1 (1e-05)") at `batch_size` (its variant is labelled "BN + L1 (1e-05), batch 2, lr ...")."""
+    [row] = table[table["variant"].str.startswith(f"{label}, batch {batch_size}, ")].itertuples()
+    return row
 
 
 def accuracy_cell(row) -> str:
@@ -367,10 +372,10 @@ def test_the_readmes_batch_size_grid_and_its_10_seed_check_are_the_committed_stu
     assert sorted(batch_sizes) == sorted(set(table["batch_size"])) and len(rows) * len(batch_sizes) == len(table)
     for label, *cells in rows:
         for batch_size, cell in zip(batch_sizes, cells, strict=True):
-            [variant] = table[table["variant"].str.startswith(f"{label}, batch {batch_size}, ")].itertuples()
+            variant = variant_at(table, label, batch_size)
             std = f" ± {variant.final_test_acc_std:.2f}" if batch_size == min(batch_sizes) else ""
             assert cell == f"{variant.final_test_acc_mean:.2f}{std}", (label, batch_size)
-    readme = (RESULTS.parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     low, high = re.search(r"std over seeds is ([\d.]+)–([\d.]+) points in every cell", readme).groups()
     assert (low, high) == (f"{table['final_test_acc_std'].min():.2f}", f"{table['final_test_acc_std'].max():.2f}")
 
@@ -379,8 +384,7 @@ def test_the_readmes_batch_size_grid_and_its_10_seed_check_are_the_committed_stu
     assert len(rows) == 2
     for label, at_2, at_128, _ in rows:
         for batch_size, cell in ((2, at_2), (128, at_128)):
-            [variant] = ten_seeds[ten_seeds["variant"].str.startswith(f"{label}, batch {batch_size}, ")].itertuples()
-            assert cell == accuracy_cell(variant), (label, batch_size)
+            assert cell == accuracy_cell(variant_at(ten_seeds, label, batch_size)), (label, batch_size)
 
 
 def test_a_batch_size_studys_runs_picked_from_two_commits_are_compared_within_each_commit():
