@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.processes import baseline_checkout, remove_worktree  # noqa: E402
+from benchmarks.processes import baseline_checkout, bytecode_as_installed, remove_worktree  # noqa: E402
 from benchmarks.speed import STUDY, prepare_mnist  # noqa: E402
 from normlab.engine.fast.trainer_pool import RUNS_PER_GPU  # noqa: E402
 import torch  # noqa: E402
@@ -147,6 +147,9 @@ def main() -> None:
                              "each row runs from each of them too, alternately with this one, and the medians are "
                              "compared (rows named train@NAME, NAME the folder's name or the commit)")
     parser.add_argument("--repeats", type=int, default=1, help="times each row runs (medians are printed)")
+    parser.add_argument("--bytecode-as-is", action="store_true",
+                        help="where this Python writes no bytecode and packages have none, leave it so (every "
+                             "process then compiles torch's source; the measurements before 2026-12-05 did)")
     parser.add_argument("--also-with", default="",
                         help="comma list of NAME=VALUE settings (say NORMLAB_REUSE_STEPS=0): the warm rows run "
                              "again with each, in this invocation (rows named sweep1+REUSE_STEPS=0 and so on)")
@@ -225,6 +228,8 @@ def main() -> None:
         checkouts[f"@{baseline}" if made else f"@{Path(baseline).name}"] = checkout
         if made:
             worktrees.append(checkout)
+    setup["bytecode"] = bytecode_as_installed(list(checkouts.values()), leave=args.bytecode_as_is)
+    print(f"bytecode: {setup['bytecode']}", flush=True)
     # A GPU's Triton kernels are built by the first command that needs them (9.3 s of an
     # `mlflow run` row that came first: h200-2026-11-30i-e2e-mlflow-run.txt), so any warm row
     # on a GPU, not only the sweep's, has the warm-up before it.

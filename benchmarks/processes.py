@@ -11,6 +11,7 @@ import collections
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,38 @@ def timed(command: list[str], env: dict[str, str], cwd: str, exit_status: int = 
         sys.exit(f"{' '.join(command)} exited with {process.returncode}, not {exit_status}:\n{''.join(tail)}")
     end = time.perf_counter()
     return end - start, end - last
+
+
+def bytecode_as_installed(checkouts: list[Path], leave: bool = False) -> str:
+    """Where this Python writes no bytecode (PYTHONDONTWRITEBYTECODE, as some container images
+    set) and the installed packages have none, compile it once, as ``pip install`` does; returns
+    what was found and done, for the benchmark's output. Without it every command's processes
+    compile torch's, Dynamo's, Inductor's and MLflow's source again at each start, which no user
+    of an ordinary install pays: on an H100 machine (2026-12-05), importing torch took 3.1 s
+    instead of 1.5-1.75 s, and torch with Dynamo and Inductor 9.4 s instead of 6.0-6.7 s; the
+    ten-seed sweep's first compiled step was captured 11.5-16.8 s after its command started
+    (four runs, three machines) instead of 8.4 s, and `normlab train` took 15.1 s instead of
+    7.9 s (docs/speed.md, forty-ninth session). ``leave`` (--bytecode-as-is) keeps
+    the Python as it is, as the measurements before that session had it."""
+    import importlib.util
+
+    torch = importlib.util.find_spec("torch")  # not imported: a stamped command's timer has not started yet
+    cached = torch is not None and Path(importlib.util.cache_from_source(torch.origin)).exists()
+    if not sys.flags.dont_write_bytecode:
+        return "written by Python as it imports (the first command's imports write it)"
+    if leave:
+        return f"not written (PYTHONDONTWRITEBYTECODE), left so{'' if cached else ': torch has none'}"
+    folders = [str(Path(checkout) / "normlab") for checkout in checkouts]  # a baseline's worktree never has any
+    if not cached:  # then the install left none (pip compiles every package it installs, or none)
+        folders += [*site.getsitepackages(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *dict.fromkeys(folders)],
+                   capture_output=True)
+    seconds = time.perf_counter() - start
+    if cached:
+        return f"not written (PYTHONDONTWRITEBYTECODE); the packages have theirs, the checkouts compiled ({seconds:.0f} s)"
+    return (f"not written (PYTHONDONTWRITEBYTECODE) and torch had none: the installed packages and the "
+            f"checkouts compiled first, as pip install does ({seconds:.0f} s)")
 
 
 def git_worktree(commit: str, folder: Path) -> Path:

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.processes import bytecode_as_installed  # noqa: E402
 
 # (file, the line an event is stamped before, the event); each line must occur once in its file
 EVENTS = [
@@ -38,6 +40,19 @@ EVENTS = [
      "engine: run built"),
     ("normlab/engine/train.py", "if self.speedups.triton_convs and self.last_evaluation is None:",
      "engine: steps set up and captured, evaluation's kernels next"),
+    ("normlab/engine/fast/trainer_pool.py", "kernels = self._kernel_specs(planned)", "prepare: kernel specs next"),
+    ("normlab/engine/fast/trainer_pool.py", "ready = 0", "prepare: kernels checked (or compiled side by side)"),
+    ("normlab/engine/fast/trainer_pool.py", "trainer = Trainer(config, data, epochs_ahead=epochs_ahead, warm=warm)",
+     "built: Triton's hash ready"),
+    ("normlab/engine/fast/trainer_pool.py", "self.warm_ups.add(trainer)", "prepare: a warm-up ready"),
+    ("normlab/engine/step.py", "run_and_undo(self, x, y, rates, steps=1)", "step: a compiled shape's first step"),
+    ("normlab/engine/fast/precompiled.py", "compiled = torch.compiler.load_compiled_function(file)",
+     "precompiled: loading a file"),
+    ("normlab/engine/fast/precompiled.py", "if not compiled.guard_check(*args):", "precompiled: file loaded, guards next"),
+    ("normlab/engine/fast/precompiled.py", "self.loads += 1", "precompiled: loaded"),
+    ("normlab/engine/fast/precompiled.py", "with torch._dynamo.config.patch(enable_aot_compile=True):",
+     "precompiled: no file, compiling"),
+    ("normlab/engine/fast/chunked_steps.py", "if self.graphed:", "steps: compiled shapes ready (or none), capturing next"),
     ("normlab/engine/fast/engine_process.py", "result = fit(trainer, _Reporter(self._send_run, key, trainer))",
      "engine: run prepared, training"),
     ("normlab/engine/fast/engine_process.py", "indices = [m.index for m in result.mistakes]",
@@ -93,6 +108,7 @@ def main() -> None:
         sys.exit(USAGE)
     with tempfile.TemporaryDirectory(prefix="normlab-stamped-") as folder:
         copy = stamped_copy(Path(folder))
+        print(f"bytecode: {bytecode_as_installed([copy])}", file=sys.stderr, flush=True)  # before the time line
         if command[0] == "normlab":  # -P: the working folder's normlab (this checkout's, say) does not come first
             command = [sys.executable, "-P", "-m", "normlab", *command[1:]]
         else:  # the project's path, if given as this checkout, is the stamped copy

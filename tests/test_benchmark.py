@@ -117,18 +117,26 @@ def test_end_to_end_benchmark_times_a_command_from_this_checkout_a_baseline_and_
     process from this checkout, from the baseline's and with the setting, each finished, and
     the medians compared (how docs/speed.md's before/after tables are measured). The setting is
     two CPU threads (the tests' processes have one): a real setting, under which the command
-    starts no more processes than without it."""
+    starts no more processes than without it. Under a Python that writes no bytecode (as the
+    device machines' image), the benchmark compiles the checkouts' first, as an install would."""
     baseline = tmp_path / "base"
     for part in ("normlab", "MLproject", "pyproject.toml", "conda.yaml"):
-        (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, baseline / part)
+        if (ROOT / part).is_dir():
+            shutil.copytree(ROOT / part, baseline / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / part, baseline / part)
     out = tmp_path / "e2e.json"
     proc = subprocess.run([sys.executable, "benchmarks/e2e.py", "--rows", "train", "--epochs", "1", "--device", "cpu",
                            "--train-images", "256", "--data-dir", str(tmp_path / "no-mnist-here"),
                            "--baseline", str(baseline), "--also-with", "OMP_NUM_THREADS=2",
                            "--out", str(out)],
-                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=cli_env(PYTHONDONTWRITEBYTECODE="1"), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
+    bytecode = report["environment"].pop("bytecode")
+    assert bytecode.startswith("not written (PYTHONDONTWRITEBYTECODE)") and f"bytecode: {bytecode}\n" in proc.stdout
+    assert list((baseline / "normlab" / "__pycache__").glob("cli.*.pyc")), "the baseline's normlab not compiled"
     import importlib.util
 
     import mlflow  # the setup it ran in, said: the cores, MLflow, and which heavy optional packages
@@ -155,14 +163,17 @@ def test_end_to_end_benchmark_times_a_command_from_this_checkout_a_baseline_and_
 
 def test_stamped_benchmark_puts_the_engines_and_the_commands_events_on_one_time_line(small_mnist_dir, tmp_path):
     """benchmarks/stamped.py: `normlab train` (with its engine and results in processes of their
-    own, as on a GPU) and `mlflow run` of this project run from a stamped copy of it; every event stamped once,
-    in order, on the output's own clock, and this checkout left as it was."""
+    own, as on a GPU), `mlflow run` of this project and a one-run sweep run from a stamped copy
+    of it; each command's events stamped once (a trainer's build once per trainer), in order,
+    on the output's own clock, the sweep's warm-up step by step, and this checkout left as it was."""
     from benchmarks.stamped import EVENTS
 
+    data = ["--epochs", "1", "--data-dir", str(small_mnist_dir)]
     commands = {
-        "train": ["normlab", "train", "--norm", "ln", "--epochs", "1", "--data-dir", str(small_mnist_dir)],
+        "train": ["normlab", "train", "--norm", "ln", *data],
         "mlflow run": ["mlflow", "run", str(ROOT), "--env-manager", "local", "-P", "norm=ln", "-P", "epochs=1",
                        "-P", f"data_dir={small_mnist_dir}"],
+        "sweep": ["normlab", "sweep", "--norms", "ln", *data],
     }
     env = cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", NORMLAB_ENGINE_PROCESS="always")
     for name, command in commands.items():  # from a folder of their own: the store's artifacts land there
@@ -170,14 +181,26 @@ def test_stamped_benchmark_puts_the_engines_and_the_commands_events_on_one_time_
                               env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         lines = [re.match(r"^ *([\d.]+) (.*)$", line).groups() for line in proc.stdout.splitlines()]
-        assert lines[-1][1] == "exit 0" and any(text.startswith("done: test accuracy") for _, text in lines)
-        events = {}
+        assert lines[-1][1] == "exit 0" and any("done: test accuracy" in text for _, text in lines)
+        events, built = {}, 0
         for seconds, text in lines:
             stamp = re.match(r"^\[ *([\d.]+)\] (.*)$", text)
             if stamp:
-                assert stamp.group(2) not in events, f"{name}: {stamp.group(2)} twice"
                 assert float(stamp.group(1)) <= float(seconds) + 0.05  # one clock: stamped, then printed
+                if stamp.group(2) == "built: Triton's hash ready":
+                    built += 1
+                    continue
+                assert stamp.group(2) not in events, f"{name}: {stamp.group(2)} twice"
                 events[stamp.group(2)] = float(stamp.group(1))
+        if name == "sweep":  # its engine's warm-up, step by step, then the run that takes it over
+            prepared = ["prepare: kernel specs next", "prepare: kernels checked (or compiled side by side)",
+                        "engine: steps set up and captured, evaluation's kernels next", "prepare: a warm-up ready",
+                        "engine: run built", "engine: run prepared, training", "engine: run trained"]
+            assert [event for event in events if event in prepared] == prepared, events
+            assert [events[event] for event in prepared] == sorted(events[event] for event in prepared)
+            assert built == 2, "one build for the warm-up and one for the run"
+            continue
+        assert built == 1 and not any(event.startswith("prepare") for event in events), events  # none ahead
         for side in ("engine", "tracking", "models", "figures"):  # each side's events, all there and in order
             expected = [event for _, _, event in EVENTS if event.startswith(side)]
             assert [event for event in events if event.startswith(side)] == expected, (name, events)
