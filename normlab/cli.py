@@ -16,6 +16,7 @@ from typing import NoReturn
 import click
 from click.core import ParameterSource
 
+from normlab.engine.bytecode import uncached_source_note
 from normlab.engine.config import TrainConfig
 from normlab.engine import devices
 from normlab.engine.fast import compile_choice, engine_process, kernel_helpers
@@ -63,12 +64,13 @@ def main() -> None:
     """normlab: normalization experiments on small CNNs, tracked in MLflow."""
 
 
-def _note_auto_on_the_cpu(device: str) -> None:
-    """Say so where --device auto would quietly train on the CPU of a GPU machine (its GPUs
-    hidden by CUDA_VISIBLE_DEVICES): a run many times slower than the user expects."""
-    note = devices.auto_on_the_cpu_note(device)
-    if note:
-        click.echo(f"note: {note}", err=True)
+def _note_what_slows_it(device: str) -> None:
+    """Say so where the command would be much slower than the user expects, for a reason of this
+    machine's: --device auto quietly on the CPU of a GPU machine (its GPUs hidden by
+    CUDA_VISIBLE_DEVICES), or torch's source compiled again in every process (engine/bytecode.py)."""
+    for note in (devices.auto_on_the_cpu_note(device), uncached_source_note()):
+        if note:
+            click.echo(f"note: {note}", err=True)
 
 
 def _check_writable(folder: str, option: str, keep: bool = True) -> None:
@@ -131,7 +133,7 @@ def train(ctx, norm, groups, l1, dataset, data_dir, epochs, batch_size, lr, seed
     with _reported():
         config.validate()  # before torch and MLflow are even imported
         devices.refuse_a_missing_gpu(device)
-        _note_auto_on_the_cpu(device)
+        _note_what_slows_it(device)
         _check_writable(checkpoint_dir, "--checkpoint-dir")
         if not resume_run or ctx.get_parameter_source("data_dir") not in (ParameterSource.DEFAULT,
                                                                            ParameterSource.DEFAULT_MAP):
@@ -436,7 +438,7 @@ def sweep(norms, l1, l1_on, groups, batch_sizes, seeds, dataset, data_dir, epoch
             _check_writable(out, "--out")
         if not address:  # a cluster's GPUs and disks are its own
             devices.refuse_a_missing_gpu(device)
-            _note_auto_on_the_cpu(device)
+            _note_what_slows_it(device)
             _check_writable(checkpoint_dir, "--checkpoint-dir")
             _check_data_folder(data_dir)
         one_engine = not address and engine_process.wanted_for_sweep(device, workers)
