@@ -40,8 +40,10 @@ def scratch_folder(prefix: str) -> str:
 
 def isolated_store(prefix: str) -> tuple[str, dict[str, str]]:
     """A new working folder and the environment whose sqlite store lives there, with this
-    checkout importable (a sqlite store also keeps artifacts in the working folder's ./mlruns)."""
+    checkout importable (a sqlite store also keeps artifacts in the working folder's ./mlruns),
+    and the bytecode an install leaves (bytecode_as_installed)."""
     work = scratch_folder(prefix)
+    print(f"bytecode: {bytecode_as_installed([ROOT])}", file=sys.stderr, flush=True)
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db", PYTHONUNBUFFERED="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return work, env
@@ -133,14 +135,15 @@ def child_result(command: list[str], root: Path, cwd: str | None = None) -> dict
 
 def alternately(baseline: str | None, repeats: int, measure: Callable[[Path], dict]) -> dict[str, list[dict]]:
     """``measure(root)`` ``repeats`` times for this checkout and, with ``baseline`` (as
-    baseline_checkout takes it), for that one too, alternately: each checkout's results, keyed
-    "this checkout" and "baseline"."""
+    baseline_checkout takes it), for that one too, alternately, each with the bytecode an install
+    leaves (bytecode_as_installed): each checkout's results, keyed "this checkout" and "baseline"."""
     checkouts = {"this checkout": ROOT}
     worktree = None
     if baseline:
         folder = Path(scratch_folder("normlab-baseline-")) / "baseline"
         checkouts["baseline"], made = baseline_checkout(baseline, folder)
         worktree = checkouts["baseline"] if made else None
+    print(f"bytecode: {bytecode_as_installed(list(checkouts.values()))}", file=sys.stderr, flush=True)
     times: dict[str, list[dict]] = {name: [] for name in checkouts}
     try:
         for _ in range(repeats):
