@@ -6,7 +6,10 @@ compile caches filled and one store shared, as by a user's earlier commands, eac
 experiment of its own). The notebook pipeline (benchmarks/speed.py's DataLoader + PIL
 loop) runs as one process per study variant for --notebook-epochs epochs; its wall time for
 the full study is that process's fixed cost plus the study's epochs at its median epoch time,
-said so in the output. Per-phase times are read from the commands' own output.
+said so in the output. Per-phase times are read from the commands' own output. Where the
+Python writes no bytecode and torch has none (some container images), the installed packages'
+bytecode is compiled first, as pip install does, so no command pays for compiling torch's
+source (--bytecode-as-is: left so, as before 2026-12-05).
 
     python benchmarks/e2e.py --out benchmarks/results/e2e.json            # GPU: the full table
     python benchmarks/e2e.py --rows sweep1,sweep10 --runs-per-gpu 1,3     # GPU: 1 vs 3 runs at once per GPU
