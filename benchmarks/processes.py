@@ -80,10 +80,9 @@ def bytecode_as_installed(checkouts: list[Path], leave: bool = False) -> str:
     (four runs, three machines) instead of 8.4 s, and `normlab train` took 15.1 s instead of
     7.9 s (docs/speed.md, forty-ninth session). ``leave`` (--bytecode-as-is) keeps
     the Python as it is, as the measurements before that session had it."""
-    import importlib.util
+    from normlab.engine.bytecode import missing_bytecode  # torch-free: a stamped command's timer has not started
 
-    torch = importlib.util.find_spec("torch")  # not imported: a stamped command's timer has not started yet
-    cached = torch is not None and Path(importlib.util.cache_from_source(torch.origin)).exists()
+    cached = missing_bytecode("torch") is None
     if not sys.flags.dont_write_bytecode:
         return "written by Python as it imports (the first command's imports write it)"
     if leave:
