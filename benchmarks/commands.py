@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from processes import ROOT, git_worktree, isolated_store, remove_worktree, timed
+from processes import ROOT, bytecode_as_installed, git_worktree, isolated_store, remove_worktree, timed
 
 COMMANDS = {
     "normlab --help": ["--help"],
@@ -39,6 +39,8 @@ def main() -> None:
     args = parser.parse_args()
     work, env = isolated_store("normlab-commands-")
     baseline = git_worktree(args.baseline, Path(work) / "baseline")
+    # a new worktree has no bytecode; where Python writes none, its commands would compile normlab each time
+    print(f"bytecode, the baseline: {bytecode_as_installed([baseline])}", file=sys.stderr, flush=True)
     try:
         subprocess.run([sys.executable, "-m", "normlab", "sweep", "--seeds", "1", "--epochs", "1", "--data-dir",
                         str(Path(args.data_dir).resolve())], env=env, cwd=work,
