@@ -63,6 +63,7 @@ def epoch_parts(trainer: Trainer) -> dict[str, float]:
     rates = [(group["lr"], group["momentum"])] * steps.chunk
 
     def all_steps() -> None:
+        trainer.model.train()  # as train_epoch does: the timed run_epoch's evaluation left it in eval mode
         steps.load(*data.training_epoch(trainer.generator))
         for first in range(0, trainer.steps_per_epoch, steps.chunk):
             steps.run(first, rates[:min(steps.chunk, trainer.steps_per_epoch - first)])
@@ -85,7 +86,7 @@ def step_operations(trainer: Trainer) -> tuple[int, float, list[tuple[str, int, 
     x = trainer.data.normalize(trainer.data.train_x[:trainer.config.batch_size])
     y = trainer.data.train_y[:trainer.config.batch_size]
     rates = torch.tensor([0.01, 0.9], device=x.device)
-    trainer.model.train()  # as run_epoch does: epoch_parts' evaluation left it in eval mode
+    trainer.model.train()  # as train_epoch does: epoch_parts' evaluation left it in eval mode
     for _ in range(3):
         trainer.train_step(x, y, rates)
     synchronize()
@@ -121,15 +122,15 @@ def main() -> None:
     data = DeviceData(load_raw("mnist", args.data_dir, download=False), device)
     changes = {name: bool(int(value)) for name, _, value in
                (pair.partition("=") for pair in filter(None, args.switches.split(",")))}
-    speedups = replace(Speedups.default(device), **changes)
     print(f"{data.device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, {data.train_size:,} "
-          f"training and {data.test_size:,} test images, batch 128, the default switches"
-          f"{' with ' + args.switches if changes else ''}: {speedups}")
+          f"training and {data.test_size:,} test images, batch 128, each variant's default switches"
+          f"{' with ' + args.switches if changes else ''}")
     for config in STUDY:
+        speedups = replace(Speedups.default(device, config=config), **changes)  # as a short run of it has them
         trainer = Trainer(replace(config, epochs=40), data, speedups=speedups)  # epochs enough for the schedule
         trainer.prepare()
         trainer.run_epoch(Callbacks())
-        print(f"\n{config.label}")
+        print(f"\n{config.label}: {speedups.described()}")
         for part, seconds in epoch_parts(trainer).items():
             print(f"  {part:<32} {seconds * 1000:8.1f} ms")
         count, total_us, top = step_operations(trainer)
