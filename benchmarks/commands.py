@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from processes import ROOT, bytecode_as_installed, git_worktree, isolated_store, remove_worktree, timed
+from processes import ROOT, git_worktree, isolated_store, remove_worktree, scratch_folder, timed
 
 COMMANDS = {
     "normlab --help": ["--help"],
@@ -37,10 +37,8 @@ def main() -> None:
     parser.add_argument("--baseline", required=True, help="the commit to compare against")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    work, env = isolated_store("normlab-commands-")
-    baseline = git_worktree(args.baseline, Path(work) / "baseline")
-    # a new worktree has no bytecode; where Python writes none, its commands would compile normlab each time
-    print(f"bytecode, the baseline: {bytecode_as_installed([baseline])}", file=sys.stderr, flush=True)
+    baseline = git_worktree(args.baseline, Path(scratch_folder("normlab-baseline-")) / "baseline")
+    work, env = isolated_store("normlab-commands-", checkouts=[baseline])  # its bytecode too: a worktree has none
     try:
         subprocess.run([sys.executable, "-m", "normlab", "sweep", "--seeds", "1", "--epochs", "1", "--data-dir",
                         str(Path(args.data_dir).resolve())], env=env, cwd=work,

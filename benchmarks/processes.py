@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,12 +38,13 @@ def scratch_folder(prefix: str) -> str:
     return folder
 
 
-def isolated_store(prefix: str) -> tuple[str, dict[str, str]]:
+def isolated_store(prefix: str, checkouts: Sequence[Path] = ()) -> tuple[str, dict[str, str]]:
     """A new working folder and the environment whose sqlite store lives there, with this
     checkout importable (a sqlite store also keeps artifacts in the working folder's ./mlruns),
-    and the bytecode an install leaves (bytecode_as_installed)."""
+    and the bytecode an install leaves (bytecode_as_installed) for this checkout and ``checkouts``
+    (a baseline's worktree, say)."""
     work = scratch_folder(prefix)
-    print(f"bytecode: {bytecode_as_installed([ROOT])}", file=sys.stderr, flush=True)
+    print(f"bytecode: {bytecode_as_installed([ROOT, *checkouts])}", file=sys.stderr, flush=True)
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db", PYTHONUNBUFFERED="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return work, env
@@ -82,9 +83,9 @@ def bytecode_as_installed(checkouts: list[Path], leave: bool = False) -> str:
     the Python as it is, as the measurements before that session had it."""
     from normlab.engine.bytecode import missing_bytecode  # torch-free: a stamped command's timer has not started
 
-    cached = missing_bytecode("torch") is None
     if not sys.flags.dont_write_bytecode:
         return "written by Python as it imports (the first command's imports write it)"
+    cached = missing_bytecode("torch") is None
     if leave:
         return f"not written (PYTHONDONTWRITEBYTECODE), left so{'' if cached else ': torch has none'}"
     folders = [str(Path(checkout) / "normlab") for checkout in checkouts]  # a baseline's worktree never has any
